@@ -1,0 +1,1 @@
+"""Dev-board platforms and top wrappers for the ambert accelerator."""

@@ -1,0 +1,1 @@
+"""Amaranth generators for the ambert accelerator (no file I/O, no torch)."""

@@ -1,0 +1,1 @@
+"""ambert host software: the integer reference and quantizer (quant), and the ``ambert`` command."""

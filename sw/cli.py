@@ -1,0 +1,184 @@
+"""The ``ambert`` command: quantize a Hugging Face BERT, inspect the artifact, run it, and the demo."""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_ARTIFACT = Path("build") / "all-MiniLM-L6-v2.ambert.safetensors"
+
+DEMO_SENTENCES = [
+    "The cat sat on the mat.",
+    "A kitten was resting on the rug.",
+    "The stock market fell sharply after the central bank raised interest rates.",
+    "Investors worry that inflation will stay high next year.",
+    "How do I reset my password?",
+    "Quantized transformers run well on small FPGAs.",
+]
+
+
+def _torch_device(name):
+    import torch
+    if name == "cpu":
+        return "cpu"
+    if name in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("--device gpu: no CUDA GPU is visible to torch on this machine; use cpu or auto")
+        return "cuda"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    raise ValueError(f"unknown device {name!r}; choose cpu, gpu or auto")
+
+
+def _load_or_quantize(artifact, model_dir, progress=True):
+    """Return the QuantizedBert in ``artifact``, quantizing ``model_dir`` into it first if it is absent."""
+    from sw.quant import artifact as art
+    from sw.quant.quantize import quantize_pretrained
+    artifact = Path(artifact)
+    if artifact.exists():
+        return art.load(artifact)
+    print(f"quantizing {model_dir or 'the bundled all-MiniLM-L6-v2'} -> {artifact}", file=sys.stderr)
+    qm, _, _ = quantize_pretrained(model_dir, progress=progress)
+    art.save(qm, artifact)
+    return qm
+
+
+def cmd_quantize(args):
+    from sw.quant import artifact as art
+    from sw.quant.quantize import quantize_pretrained, read_sentences
+    calibration = read_sentences(args.calibration) if args.calibration else None
+    t0 = time.perf_counter()
+    qm, _, _ = quantize_pretrained(args.model, calibration, progress=not args.quiet)
+    path = art.save(qm, args.output)
+    cfg = qm.config
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {cfg['layers']} layers, hidden {cfg['hidden']}, "
+          f"{cfg['heads']} heads, FFN {cfg['intermediate']}; {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_info(args):
+    from sw.quant import artifact as art
+    header = art.read_header(args.artifact)
+    art.load(args.artifact)             # validate the data too, not only the header
+    cfg, src = header["config"], header["source"]
+    print(f"{args.artifact}: {header['format']} v{header['version']}, checksum ok")
+    print(f"  model   {src.get('name')} ({src.get('model')})")
+    print(f"  shape   {cfg['layers']} layers, hidden {cfg['hidden']}, {cfg['heads']} heads, FFN "
+          f"{cfg['intermediate']}, vocab {cfg['vocab']}, {cfg['max_positions']} positions")
+    print(f"  calib   {src.get('calibration_sentences')} sentences, {src.get('quant_config')}")
+    print(f"  tensors {len(header['tensors'])}, constants {len(header['constants'])}")
+    return 0
+
+
+def _embed(qm, tok, sentences, device):
+    import torch
+    from sw.quant.hf import encode, mean_pool
+    enc = encode(tok, sentences, max_length=qm.config["max_positions"])
+    q = qm if device == "cpu" else qm.to(device)
+    with torch.no_grad():
+        out = q.forward_int(enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                            enc["token_type_ids"].to(device)).cpu()
+    return out, mean_pool(out.to(torch.float32) * qm.out_scale, enc["attention_mask"]), enc
+
+
+def _similarity_table(names, sim):
+    lines = ["      " + " ".join(f"{j:>6}" for j in range(len(names)))]
+    for i, row in enumerate(sim.tolist()):
+        lines.append(f"  [{i}] " + " ".join(f"{v:6.3f}" for v in row) + f"  {names[i][:48]}")
+    return "\n".join(lines)
+
+
+def cmd_run(args):
+    from sw.quant.hf import load_tokenizer
+    device = _torch_device(args.device)
+    qm = _load_or_quantize(args.artifact, args.model)
+    tok = load_tokenizer(args.model)
+    if tok.vocab_size != qm.config["vocab"]:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but {args.artifact} was quantized for "
+                         f"{qm.config['vocab']}: pass the --model the artifact came from")
+    t0 = time.perf_counter()
+    _, emb, enc = _embed(qm, tok, args.sentences, device)
+    dt = time.perf_counter() - t0
+    print(f"device {device}: {len(args.sentences)} sentences, {int(enc['attention_mask'].sum())} tokens, "
+          f"{dt * 1e3:.0f} ms")
+    print("cosine similarity of the integer model's embeddings:")
+    print(_similarity_table(args.sentences, emb @ emb.T))
+    return 0
+
+
+def cmd_demo(args):
+    import torch
+    from sw.quant.fidelity import measure
+    from sw.quant.hf import load_bert, load_tokenizer
+    device = _torch_device(args.device)
+    qm = _load_or_quantize(args.artifact, None)
+    model, tok = load_bert(), load_tokenizer()
+    sentences = DEMO_SENTENCES
+    t0 = time.perf_counter()
+    out, emb, enc = _embed(qm, tok, sentences, device)
+    dt = time.perf_counter() - t0
+    # the CPU integer reference is the contract: whatever ran, its bits must match it
+    if device != "cpu":
+        ref_out, _, _ = _embed(qm, tok, sentences, "cpu")
+        if not torch.equal(out, ref_out):
+            raise RuntimeError(f"{device} result differs from the CPU integer reference")
+        print(f"{device} output == CPU integer reference (bit-exact)")
+    fid = measure(model, qm, tok, sentences)
+    print(f"all-MiniLM-L6-v2, integer-only ({device}, {dt * 1e3:.0f} ms for {len(sentences)} sentences)\n")
+    print("  cos(int, fp32)  sentence")
+    for s, c in zip(sentences, fid.cosines.tolist()):
+        print(f"  {c:14.5f}  {s}")
+    print("\nsimilarities, integer model:")
+    print(_similarity_table(sentences, emb @ emb.T))
+    print("\nsimilarities, FP32 model:")
+    print(_similarity_table(sentences, fid.fp32_embeddings @ fid.fp32_embeddings.T))
+    worst = min(((n, d[n], i) for i, d in enumerate(fid.sqnr) for n in d), key=lambda x: x[1])
+    print(f"\nfidelity vs FP32: mean_cos={fid.mean_cos:.5f} min_cos={fid.min_cos:.5f} "
+          f"spearman={fid.spearman:.5f}; weakest tensor: layer {worst[2]} {worst[0]} at {worst[1]:.1f} dB SQNR")
+    print("(full benchmark over 206 sentences: python benchmarks/fidelity.py)")
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="ambert", description="Integer-only BERT for FPGA accelerators.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a Hugging Face BERT folder into an ambert artifact")
+    q.add_argument("--model", type=Path, help="model folder (default: the bundled all-MiniLM-L6-v2)")
+    q.add_argument("--calibration", type=Path, help="calibration sentences, one per line")
+    q.add_argument("-o", "--output", type=Path, default=DEFAULT_ARTIFACT, help=f"default: {DEFAULT_ARTIFACT}")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=cmd_quantize)
+
+    i = sub.add_parser("info", help="validate an artifact and describe it")
+    i.add_argument("artifact", type=Path)
+    i.set_defaults(func=cmd_info)
+
+    r = sub.add_parser("run", help="embed sentences with the integer model")
+    r.add_argument("sentences", nargs="+")
+    r.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT)
+    r.add_argument("--model", type=Path, help="model folder the artifact came from (for its tokenizer)")
+    r.add_argument("--device", default="auto", help="cpu, gpu or auto (default)")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="quantize the bundled MiniLM and compare it with FP32")
+    d.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT)
+    d.add_argument("--device", default="auto", help="cpu, gpu or auto (default)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None):
+    from sw.quant.artifact import ArtifactError
+    from sw.quant.hf import ModelError
+    from sw.quant.model import InputError
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ArtifactError, ModelError, InputError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"ambert: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The quantized-model artifact: safetensors tensors plus a JSON header with every integer constant.
+
+Layout: one ``.safetensors`` file. Its metadata holds one key, ``ambert``, a JSON document::
+
+    {"format": "ambert-quantized-bert", "version": 1, "config": {...}, "source": {...},
+     "scales": {...}, "constants": {"layers.0.score_m0": ..., ...}, "tensors": {name: [dtype, shape]},
+     "sha256": "<digest of every tensor's name, dtype, shape and bytes, in name order>"}
+
+Files are written to a temporary name and renamed, so a crash never leaves half a model behind. Loading
+checks the format, version, digest, and every tensor's dtype and shape against the config, and refuses
+the file with an :class:`ArtifactError` naming the problem.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from pathlib import Path
+
+import torch
+
+from .model import QuantizedBert
+from .ref import LayerParams
+
+__all__ = ["FORMAT", "VERSION", "ArtifactError", "save", "load"]
+
+FORMAT = "ambert-quantized-bert"
+VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """A quantized-model file that cannot be used; the message names the file and the problem."""
+
+
+def _flatten(obj, prefix, tensors, constants):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().contiguous().cpu()
+        elif dataclasses.is_dataclass(value):
+            _flatten(value, key + ".", tensors, constants)
+        elif isinstance(value, int):
+            constants[key] = value
+        else:
+            raise TypeError(f"cannot store field {key} of type {type(value).__name__}")
+
+
+def _build(cls, prefix, tensors, constants):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        kind = hints[f.name]
+        if kind is torch.Tensor:
+            kwargs[f.name] = tensors.pop(key)
+        elif dataclasses.is_dataclass(kind):
+            kwargs[f.name] = _build(kind, key + ".", tensors, constants)
+        else:
+            kwargs[f.name] = int(constants.pop(key))
+    return cls(**kwargs)
+
+
+def _digest(tensors):
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _split(qm):
+    tensors, constants = {}, {}
+    top = {f.name: getattr(qm, f.name) for f in dataclasses.fields(qm)}
+    for name in ("word", "position", "token_type"):
+        tensors[name] = top[name].detach().contiguous().cpu()
+    _flatten(qm.emb_ln_x8, "emb_ln_x8.", tensors, constants)
+    _flatten(qm.emb_ln_x16, "emb_ln_x16.", tensors, constants)
+    for i, layer in enumerate(qm.layers):
+        _flatten(layer, f"layers.{i}.", tensors, constants)
+    return tensors, constants
+
+
+def save(qm, path):
+    """Write ``qm`` to ``path`` atomically; return the path."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    tensors, constants = _split(qm)
+    header = dict(format=FORMAT, version=VERSION, config=qm.config, source=qm.source, scales=qm.scales,
+                  constants=constants,
+                  tensors={k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()},
+                  sha256=_digest(tensors))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"ambert": json.dumps(header)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _expected_shapes(cfg):
+    c, ffn = cfg["hidden"], cfg["intermediate"]
+    shapes = {"word": (cfg["vocab"], c), "position": (cfg["max_positions"], c),
+              "token_type": (cfg["type_vocab"], c)}
+    for i in range(cfg["layers"]):
+        for w, (n, k) in dict(wq=(c, c), wk=(c, c), wv=(c, c), wo=(c, c), w1=(ffn, c), w2=(c, ffn)).items():
+            shapes[f"layers.{i}.{w}"] = (n, k)
+            shapes[f"layers.{i}.b{w[1]}"] = (n,)
+    return shapes
+
+
+def read_header(path):
+    """Return the JSON header of an artifact without loading its tensors."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"quantized model {path} does not exist (make one with `ambert quantize`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:     # safetensors raises its own error types for truncated/garbled files
+        raise ArtifactError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+    if "ambert" not in meta:
+        raise ArtifactError(f"{path} is a safetensors file but not an ambert quantized model")
+    try:
+        header = json.loads(meta["ambert"])
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} has a corrupted ambert header: {e}") from None
+    if header.get("format") != FORMAT:
+        raise ArtifactError(f"{path} has format {header.get('format')!r}, expected {FORMAT!r}")
+    if header.get("version") != VERSION:
+        raise ArtifactError(f"{path} was written in format version {header.get('version')}; this ambert reads "
+                            f"version {VERSION}: run `ambert quantize` again")
+    return header
+
+
+def load(path, device="cpu"):
+    """Read and validate an artifact; return the :class:`QuantizedBert` on ``device``."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    header = read_header(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise ArtifactError(f"{path}: cannot read the tensors (truncated or corrupted?): {e}") from None
+    if _digest(tensors) != header.get("sha256"):
+        raise ArtifactError(f"{path} is corrupted: its tensor data does not match the checksum in its header")
+    declared = header.get("tensors", {})
+    if set(declared) != set(tensors):
+        missing, extra = set(declared) - set(tensors), set(tensors) - set(declared)
+        raise ArtifactError(f"{path}: tensors do not match the header (missing {sorted(missing)[:5]}, "
+                            f"unexpected {sorted(extra)[:5]})")
+    cfg = header["config"]
+    for name, shape in _expected_shapes(cfg).items():
+        if name not in tensors:
+            raise ArtifactError(f"{path}: tensor {name} is missing for a {cfg['layers']}-layer model")
+        if tuple(tensors[name].shape) != shape:
+            raise ArtifactError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, the config "
+                                f"says {shape}")
+    constants = dict(header["constants"])
+    try:
+        emb_x8 = _build_ln("emb_ln_x8.", tensors, constants)
+        emb_x16 = _build_ln("emb_ln_x16.", tensors, constants)
+        layers = [_build(LayerParams, f"layers.{i}.", tensors, constants) for i in range(cfg["layers"])]
+    except KeyError as e:
+        raise ArtifactError(f"{path}: constant or tensor {e} is missing") from None
+    qm = QuantizedBert(config=cfg, source=header["source"], word=tensors.pop("word"),
+                       position=tensors.pop("position"), token_type=tensors.pop("token_type"),
+                       emb_ln_x8=emb_x8, emb_ln_x16=emb_x16, layers=layers, scales=header["scales"])
+    return qm if device == "cpu" else qm.to(device)
+
+
+def _build_ln(prefix, tensors, constants):
+    from .ref import LayerNormParams
+    return _build(LayerNormParams, prefix, tensors, constants)

@@ -1,0 +1,361 @@
+"""The integer reference: every operation of the quantized BERT layer, bit-exact.
+
+This module *is* the integer contract written down in ``docs/integer-contract.md``. Hardware blocks, the
+simulated device, the GPU fallback and the CPU path are all compared with ``==`` against these functions.
+
+Every function takes and returns integer tensors (``torch.int8``/``int16``/``int32``/``int64``) and works
+on whichever device the tensors live on. Nothing here rounds in floating point:
+
+* shifts are arithmetic (floor), so ``rshift_round(x, n) = (x + 2**(n-1)) >> n`` rounds ties toward +inf;
+* divisions are floor divisions of non-negative integers;
+* the only float arithmetic is the float64 GEMM on the CPU, which is exact because every partial sum of
+  int8 products stays below 2**53 (see :func:`ref_gemm`).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "INT8_MIN", "INT8_MAX", "INT16_MIN", "INT16_MAX", "INT32_MIN", "INT32_MAX",
+    "rshift_round", "saturate", "isqrt",
+    "ref_gemm", "ref_requant",
+    "GeluParams", "ref_gelu",
+    "SoftmaxParams", "ref_softmax",
+    "LayerNormParams", "ref_layernorm",
+    "LayerParams", "ref_attention", "ref_layer",
+]
+
+INT8_MIN, INT8_MAX = -(1 << 7), (1 << 7) - 1
+INT16_MIN, INT16_MAX = -(1 << 15), (1 << 15) - 1
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+
+_OUT_RANGE = {8: (INT8_MIN, INT8_MAX), 16: (INT16_MIN, INT16_MAX), 32: (INT32_MIN, INT32_MAX)}
+_OUT_DTYPE = {8: torch.int8, 16: torch.int16, 32: torch.int32}
+
+# float64 holds every integer below 2**53 exactly; a dot product of int8 values has |sum| <= K * 2**14.
+_F64_EXACT_K = 1 << (53 - 14)
+
+
+def rshift_round(x, n):
+    """Return ``(x + 2**(n-1)) >> n`` (round half toward +inf); ``x`` unchanged where ``n == 0``.
+
+    ``x`` is int64; ``n`` is an int or an integer tensor broadcastable to ``x`` with 0 <= n <= 62.
+    """
+    if isinstance(n, int):
+        if not 0 <= n <= 62:
+            raise ValueError(f"shift must be in [0, 62], not {n}")
+        return x if n == 0 else (x + (1 << (n - 1))) >> n
+    n = n.to(torch.int64)
+    half = torch.where(n > 0, torch.ones_like(n) << (n - 1).clamp(min=0), torch.zeros_like(n))
+    return (x + half) >> n
+
+
+def saturate(x, bits):
+    """Clamp int64 ``x`` to the signed ``bits``-bit range and return it in the matching dtype."""
+    lo, hi = _OUT_RANGE[bits]
+    return x.clamp(lo, hi).to(_OUT_DTYPE[bits])
+
+
+def isqrt(n):
+    """Return ``floor(sqrt(n))`` elementwise for an int64 tensor with 0 <= n < 2**62.
+
+    Integer Newton iteration from above, ``x <- (x + n // x) // 2`` while it decreases, which ends on the
+    unique integer square root. 40 steps take the start value 2**31 down to any result.
+    """
+    if bool((n < 0).any()):
+        raise ValueError("isqrt of a negative number")
+    x = torch.full_like(n, 1 << 31)
+    for _ in range(40):
+        nxt = (x + n // x.clamp(min=1)) >> 1
+        x = torch.where(nxt < x, nxt, x)
+    return x
+
+
+# --- GEMM and requantization -------------------------------------------------------------------------
+
+
+def _check_int8(name, t):
+    if t.dtype != torch.int8:
+        raise TypeError(f"{name} must be torch.int8, not {t.dtype}")
+
+
+def ref_gemm(a, b, bias=None):
+    """Return ``bias + a @ b.T`` as int32: int8 ``a`` [..., M, K] times int8 ``b`` [N, K] or [..., N, K].
+
+    ``bias`` is int32 [N] and initialises the accumulator, as the systolic array does. The sum is exact;
+    it must fit int32 (the quantizer sizes biases so that it does at the model's K).
+
+    On CUDA the product runs on the int8 tensor cores (``torch._int_mm``); on the CPU it runs in float64,
+    which is exact for K < 2**39. Both give the same bits.
+    """
+    _check_int8("a", a)
+    _check_int8("b", b)
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"inner dimensions differ: a has K={a.shape[-1]}, b has K={b.shape[-1]}")
+    k = a.shape[-1]
+    if k >= _F64_EXACT_K:
+        raise ValueError(f"K={k} is too large for an exact int32 accumulation")
+    if a.is_cuda:
+        acc = _gemm_cuda(a, b).to(torch.int64)
+    else:
+        acc = torch.matmul(a.to(torch.float64), b.to(torch.float64).transpose(-1, -2)).to(torch.int64)
+    if bias is not None:
+        if bias.dtype != torch.int32:
+            raise TypeError(f"bias must be torch.int32, not {bias.dtype}")
+        acc = acc + bias.to(torch.int64)
+    if bool(((acc < INT32_MIN) | (acc > INT32_MAX)).any()):
+        raise OverflowError("GEMM accumulator overflows int32")
+    return acc.to(torch.int32)
+
+
+def _gemm_cuda(a, b):
+    # torch._int_mm wants 2-D operands with M > 16 and K, N multiples of 8: pad with zeros, which add
+    # nothing to any dot product, and cut the padding off again.
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+    b = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    m, k = a.shape[-2:]
+    n = b.shape[-2]
+    mp, kp, np_ = max(17, -(-m // 8) * 8), -(-k // 8) * 8, -(-n // 8) * 8
+    out = torch.empty(a.shape[0], m, n, dtype=torch.int32, device=a.device)
+    for i in range(a.shape[0]):
+        ap = torch.zeros(mp, kp, dtype=torch.int8, device=a.device)
+        bp = torch.zeros(kp, np_, dtype=torch.int8, device=a.device)
+        ap[:m, :k] = a[i]
+        bp[:k, :n] = b[i].T
+        out[i] = torch._int_mm(ap, bp)[:m, :n]
+    return out.reshape(*batch, m, n)
+
+
+def ref_requant(acc, m0, shift, bits=8):
+    """Requantize the int32 accumulator: ``saturate((acc * m0 + 2**(shift-1)) >> shift, bits)``.
+
+    One rounding, half toward +inf. ``m0`` (0 <= m0 < 2**31) and ``shift`` (0..62) are ints or int tensors
+    broadcast along the last axis (per output channel). ``bits`` is 8 (GEMM inputs) or 16 (residual
+    stream); 32 is the bypass that only rounds. The product needs 62 bits: int64 holds it.
+    """
+    if acc.dtype != torch.int32:
+        raise TypeError(f"acc must be torch.int32, not {acc.dtype}")
+    m0 = torch.as_tensor(m0, dtype=torch.int64, device=acc.device)
+    if bool(((m0 < 0) | (m0 > INT32_MAX)).any()):
+        raise ValueError("requant multiplier must be in [0, 2**31)")
+    shift = torch.as_tensor(shift, dtype=torch.int64, device=acc.device)
+    if bool(((shift < 0) | (shift > 62)).any()):
+        raise ValueError("requant shift must be in [0, 62]")
+    return saturate(rshift_round(acc.to(torch.int64) * m0, shift), bits)
+
+
+# --- GELU ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GeluParams:
+    """Integer constants of i-GELU for an input scale S (see :func:`ref_gelu`)."""
+    b_int: int      # floor(-1.769 / (S / sqrt 2)), negative
+    c_int: int      # floor(1 / (-0.2888 * (S / sqrt 2)**2)), negative
+    shift: int      # right shift that keeps the polynomial term below 2**16
+
+
+def ref_gelu(q, p):
+    """Integer GELU of int16 ``q`` (scale S) -> int32 at scale ``S * 0.2888 * (S/sqrt 2)**2 * 2**shift / 2``.
+
+    I-BERT's second-order erf: ``erf(x/sqrt 2) ~ sgn(x) * a * S'**2 * ((min(|q|, -b) + b)**2 + c)`` with
+    ``a = -0.2888``, so ``GELU = x/2 * (1 + erf) ~ q * (-E - c) * S * |a| * S'**2 / 2`` with
+    ``E = sgn(q) * ((min(|q|, -b) + b)**2 + c)``. ``t = -E - c`` lies in [0, -2c]; it is floored by ``shift`` so the product with
+    an int16 ``q`` fits int32. At scale S the real GELU is ``q * t * S * 0.2888 * S'**2 * 2**shift / 2``.
+    """
+    if q.dtype != torch.int16:
+        raise TypeError(f"GELU input must be torch.int16, not {q.dtype}")
+    q = q.to(torch.int64)
+    mag = q.abs().clamp(max=-p.b_int)
+    poly = (mag + p.b_int) ** 2 + p.c_int                   # in [c, -0.096c]: negative
+    minus_e = torch.where(q < 0, poly, -poly)               # -E, where E = sgn(q) * poly
+    t = (minus_e - p.c_int) >> p.shift                      # -E - c, in [0, -2c]
+    return (q * t).to(torch.int32)
+
+
+# --- softmax ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SoftmaxParams:
+    """Integer constants of i-softmax for an input scale S = ln 2 / 2**m."""
+    m: int          # input fraction bits: one step of the input is ln2 / 2**m
+    b_int: int      # floor(1.353 * 2**m / ln 2)
+    c_int: int      # floor(0.344 / 0.3585 * (2**m / ln 2)**2)
+
+
+SOFTMAX_OUT_MAX = 127           # output scale is 1/127: probabilities land on the whole int8 positive range
+SOFTMAX_FACTOR_BITS = 32        # factor = floor(127 * 2**32 / sum): >= 11 bits of precision at seq 512
+
+
+def ref_softmax(s, p, mask=None):
+    """Integer softmax over the last axis: int16 scores at scale ln2/2**m -> int8 in [0, 127], scale 1/127.
+
+    ``mask`` (bool, broadcastable, True = attend) removes keys; a row with no key left is all zeros.
+
+    * ``d = s - max(s) <= 0``; ``z = (-d) >> m``; ``r = d + z * 2**m`` in (-2**m, 0], so ``e**(d*S) =
+      2**-z * e**(r*S)``.
+    * ``e**(r*S) ~ 0.3585 * S**2 * ((r + b)**2 + c)`` (I-BERT's polynomial); ``e = poly >> z`` (0 once
+      z > 30).
+    * ``out = (e * floor(127 * 2**32 / sum e) + 2**31) >> 32``, which never exceeds 127.
+    """
+    if s.dtype != torch.int16:
+        raise TypeError(f"softmax input must be torch.int16, not {s.dtype}")
+    s = s.to(torch.int64)
+    if mask is not None:
+        mask = mask.to(torch.bool).expand(s.shape)
+        s = torch.where(mask, s, torch.full_like(s, INT16_MIN))
+    d = s - s.amax(dim=-1, keepdim=True)
+    z = (-d) >> p.m
+    r = d + (z << p.m)
+    poly = (r + p.b_int) ** 2 + p.c_int
+    e = torch.where(z <= 30, poly >> z.clamp(max=30), torch.zeros_like(poly))
+    if mask is not None:
+        e = torch.where(mask, e, torch.zeros_like(e))
+    total = e.sum(dim=-1, keepdim=True)
+    factor = (SOFTMAX_OUT_MAX << SOFTMAX_FACTOR_BITS) // total.clamp(min=1)
+    out = rshift_round(e * factor, SOFTMAX_FACTOR_BITS)
+    return out.to(torch.int8)
+
+
+# --- LayerNorm ----------------------------------------------------------------------------------------
+
+
+LN_NORM_BITS = 30               # the normalised value y / std is carried at scale 2**-30
+LN_STD_EXTRA_BITS = 8           # std is taken of 2**16 * var, i.e. with 8 more bits than isqrt(var)
+
+
+@dataclass(frozen=True)
+class LayerNormParams:
+    """One LayerNorm output: per-channel ``gain`` (gamma over the output scale, fixed point with
+    ``shift`` fraction bits), ``offset`` (beta, at the same fixed-point scale), and the output width."""
+    gain: torch.Tensor      # int64 [C]
+    offset: torch.Tensor    # int64 [C]
+    shift: int
+    bits: int
+
+
+def ref_layernorm(v, outs):
+    """Integer LayerNorm over the last axis of int32 ``v``; returns one tensor per entry of ``outs``.
+
+    * ``mean = floor((2 * sum v + C) / (2C))`` (the rounded mean); ``y = v - mean``.
+    * ``std = isqrt(floor(sum(y**2) * 2**16 / C))``, i.e. sqrt(var) * 2**8, exact; at least 1.
+    * ``n = y * floor(2**(30+8) / std)``: y / std at scale 2**-30.
+    * each output: ``saturate((n * gain + offset + 2**(shift-1)) >> shift, bits)``. gamma (per channel)
+      and the output scale live in ``gain``, beta in ``offset``. Every intermediate fits int64 for
+      |v| < 2**17 and C <= 1024; the quantizer picks ``shift`` so that ``|n * gain + offset| < 2**61``.
+
+    LayerNorm's eps (1e-12 in BERT) is below one step of any input scale and is dropped.
+    """
+    if v.dtype != torch.int32:
+        raise TypeError(f"LayerNorm input must be torch.int32, not {v.dtype}")
+    c = v.shape[-1]
+    if c > 1024:
+        raise ValueError(f"LayerNorm width {c} exceeds the 1024 channels the contract is sized for")
+    v = v.to(torch.int64)
+    if bool((v.abs() >= (1 << 17)).any()):
+        raise OverflowError("LayerNorm input exceeds the 18-bit residual range")
+    mean = (2 * v.sum(dim=-1, keepdim=True) + c) // (2 * c)
+    y = v - mean
+    var = ((y * y).sum(dim=-1, keepdim=True) << (2 * LN_STD_EXTRA_BITS)) // c
+    std = isqrt(var).clamp(min=1)
+    inv = (1 << (LN_NORM_BITS + LN_STD_EXTRA_BITS)) // std
+    n = y * inv
+    return [saturate(rshift_round(n * o.gain.to(v.device) + o.offset.to(v.device), o.shift), o.bits)
+            for o in outs]
+
+
+# --- one encoder layer --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """All integer constants of one BERT encoder layer (see docs/integer-contract.md for the dataflow).
+
+    Weights are int8 [out, in]; biases int32 [out]; ``*_m0``/``*_shift`` are requant constants, int64
+    tensors [out] for per-channel ones and ints for per-tensor ones.
+    """
+    heads: int
+    wq: torch.Tensor
+    bq: torch.Tensor
+    q_m0: torch.Tensor
+    q_shift: torch.Tensor
+    wk: torch.Tensor
+    bk: torch.Tensor
+    k_m0: torch.Tensor
+    k_shift: torch.Tensor
+    wv: torch.Tensor
+    bv: torch.Tensor
+    v_m0: torch.Tensor
+    v_shift: torch.Tensor
+    score_m0: int               # Q.K^T (with 1/sqrt(d_head)) -> int16 softmax input
+    score_shift: int
+    softmax: SoftmaxParams
+    ctx_m0: torch.Tensor        # P.V (heads merged) -> int8 context, per channel
+    ctx_shift: torch.Tensor
+    wo: torch.Tensor
+    bo: torch.Tensor
+    o_m0: torch.Tensor          # attention output -> int16 at the first residual scale
+    o_shift: torch.Tensor
+    ln1_x8: LayerNormParams     # -> FFN1 input
+    ln1_x16: LayerNormParams    # -> second residual
+    w1: torch.Tensor
+    b1: torch.Tensor
+    f1_m0: torch.Tensor         # FFN1 -> int16 GELU input
+    f1_shift: torch.Tensor
+    gelu: GeluParams
+    g_m0: torch.Tensor          # GELU output -> int8 FFN2 input, per channel
+    g_shift: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    f2_m0: torch.Tensor         # FFN2 -> int16 at the second residual scale
+    f2_shift: torch.Tensor
+    ln2_x8: LayerNormParams     # -> next layer's GEMM input
+    ln2_x16: LayerNormParams    # -> next layer's residual (or the model output)
+
+
+def _split_heads(x, heads):
+    b, t, c = x.shape
+    return x.reshape(b, t, heads, c // heads).transpose(1, 2)
+
+
+def ref_attention(x8, p, mask=None, trace=None):
+    """Self-attention of int8 ``x8`` [B, T, C] up to the int8 context [B, T, C] (before the output GEMM).
+
+    ``mask`` is bool [B, T], True for real tokens. ``trace``, a dict, receives the intermediate tensors.
+    """
+    q = ref_requant(ref_gemm(x8, p.wq, p.bq), p.q_m0, p.q_shift)
+    k = ref_requant(ref_gemm(x8, p.wk, p.bk), p.k_m0, p.k_shift)
+    v = ref_requant(ref_gemm(x8, p.wv, p.bv), p.v_m0, p.v_shift)
+    qh, kh, vh = (_split_heads(t, p.heads) for t in (q, k, v))
+    scores = ref_requant(ref_gemm(qh, kh), p.score_m0, p.score_shift, bits=16)
+    probs = ref_softmax(scores, p.softmax, None if mask is None else mask[:, None, None, :])
+    pv = ref_gemm(probs, vh.transpose(-1, -2))
+    b, h, t, d = pv.shape
+    ctx = ref_requant(pv.transpose(1, 2).reshape(b, t, h * d), p.ctx_m0, p.ctx_shift)
+    if trace is not None:
+        trace.update(q=q, k=k, v=v, score=scores, probs=probs, ctx=ctx)
+    return ctx
+
+
+def ref_layer(x8, x16, p, mask=None, trace=None):
+    """Run one encoder layer on the integer stream; return the next ``(x8, x16)``.
+
+    ``x8`` int8 [B, T, C] feeds the GEMMs; ``x16`` int16 [B, T, C] is the same hidden state at the
+    residual scale of this layer's first add. ``mask`` is bool [B, T], True for real tokens. ``trace``,
+    a dict, receives every intermediate tensor (for fidelity reports and debugging hardware).
+    """
+    ctx = ref_attention(x8, p, mask, trace)
+    attn = ref_requant(ref_gemm(ctx, p.wo, p.bo), p.o_m0, p.o_shift, bits=16)
+    sum1 = attn.to(torch.int32) + x16.to(torch.int32)
+    h8, h16 = ref_layernorm(sum1, [p.ln1_x8, p.ln1_x16])
+    f1 = ref_requant(ref_gemm(h8, p.w1, p.b1), p.f1_m0, p.f1_shift, bits=16)
+    g = ref_requant(ref_gelu(f1, p.gelu), p.g_m0, p.g_shift)
+    f2 = ref_requant(ref_gemm(g, p.w2, p.b2), p.f2_m0, p.f2_shift, bits=16)
+    sum2 = f2.to(torch.int32) + h16.to(torch.int32)
+    x8, x16 = ref_layernorm(sum2, [p.ln2_x8, p.ln2_x16])
+    if trace is not None:
+        trace.update(attn=attn, sum1=sum1, h=h16, f1=f1, g=g, f2=f2, sum2=sum2, out=x16)
+    return x8, x16

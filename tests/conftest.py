@@ -1,0 +1,71 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch here)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The bundled all-MiniLM-L6-v2, quantized once per session: (QuantizedBert, FP32 model, tokenizer)."""
+    from sw.quant.quantize import quantize_pretrained
+    return quantize_pretrained(progress=False)
+
+
+@pytest.fixture(scope="session")
+def eval_sentences():
+    from sw.quant.quantize import read_sentences
+    return read_sentences(os.path.join(FIXTURES, "sentences.txt"))
+
+
+WORDS = ("the a cat dog sat on mat rug market fell rose bank rates high low what is my name how do "
+         "i reset password quick brown fox jumps over lazy river tree house car blue red green").split()
+
+
+def make_tiny_bert(folder, hidden=32, heads=4, layers=2, ffn=64, positions=24, seed=0):
+    """Write a small random BertModel with a word-level tokenizer to ``folder``; return the folder."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+    torch.manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    vocab_file = os.path.join(folder, "vocab.txt")
+    with open(vocab_file, "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    BertTokenizer(vocab_file).save_pretrained(folder)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_attention_heads=heads,
+                     num_hidden_layers=layers, intermediate_size=ffn, max_position_embeddings=positions)
+    model = BertModel(cfg).eval()
+    with torch.no_grad():     # random init has near-constant LayerNorms; give them some spread
+        for name, p in model.named_parameters():
+            if "LayerNorm.weight" in name:
+                p.uniform_(0.5, 2.0)
+            elif "LayerNorm.bias" in name or name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    return make_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_bert_dir):
+    """A tiny random BERT quantized on a few sentences: (QuantizedBert, FP32 model, tokenizer)."""
+    from sw.quant.quantize import quantize_pretrained
+    calib = [" ".join(WORDS[i:i + 7]) for i in range(0, len(WORDS) - 7, 3)]
+    return quantize_pretrained(tiny_bert_dir, calib, progress=False)

@@ -1,0 +1,137 @@
+"""The quantized-model artifact: exact round trip, and refusal of broken files."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sw.quant import artifact
+from sw.quant.artifact import ArtifactError
+
+
+def _assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    elif dataclasses.is_dataclass(a):
+        for f in dataclasses.fields(a):
+            _assert_same(getattr(a, f.name), getattr(b, f.name))
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_round_trip_is_exact(tiny, tmp_path):
+    qm = tiny[0]
+    path = artifact.save(qm, tmp_path / "m.safetensors")
+    _assert_same(qm, artifact.load(path))
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_minilm_round_trip_is_exact(minilm, tmp_path):
+    qm = minilm[0]
+    _assert_same(qm, artifact.load(artifact.save(qm, tmp_path / "minilm.safetensors")))
+
+
+@pytest.fixture()
+def saved(tiny, tmp_path):
+    return artifact.save(tiny[0], tmp_path / "m.safetensors")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ArtifactError, match="does not exist"):
+        artifact.load(tmp_path / "nope.safetensors")
+
+
+def test_truncated_file(saved):
+    data = saved.read_bytes()
+    saved.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="truncated or corrupted"):
+        artifact.load(saved)
+
+
+def test_garbage_file(tmp_path):
+    p = tmp_path / "junk.safetensors"
+    p.write_bytes(b"\x00\x01 this is not a model" * 10)
+    with pytest.raises(ArtifactError):
+        artifact.load(p)
+
+
+def test_flipped_byte_in_tensor_data(saved):
+    data = bytearray(saved.read_bytes())
+    data[-100] ^= 0x40
+    saved.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum"):
+        artifact.load(saved)
+
+
+def _rewrite(path, edit_header=None, edit_tensors=None):
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["ambert"])
+    tensors = load_file(str(path))
+    if edit_header:
+        edit_header(header)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, str(path), metadata={"ambert": json.dumps(header)})
+
+
+def test_plain_safetensors_is_not_a_model(tmp_path):
+    p = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(3)}, str(p))
+    with pytest.raises(ArtifactError, match="not an ambert"):
+        artifact.load(p)
+
+
+def test_other_format_version(saved):
+    _rewrite(saved, edit_header=lambda h: h.update(version=99))
+    with pytest.raises(ArtifactError, match="version 99"):
+        artifact.load(saved)
+
+
+def test_config_that_does_not_match_the_tensors(saved):
+    def edit(h):
+        h["config"]["hidden"] += 1
+    _rewrite(saved, edit_header=edit)
+    with pytest.raises(ArtifactError, match="shape"):
+        artifact.load(saved)
+
+
+def test_missing_tensor(saved):
+    def edit_t(t):
+        del t["layers.0.wq"]
+
+    def edit_h(h):
+        del h["tensors"]["layers.0.wq"]
+    _rewrite(saved, edit_header=edit_h, edit_tensors=edit_t)
+    with pytest.raises(ArtifactError, match="checksum"):
+        artifact.load(saved)
+
+
+def test_failed_save_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def boom(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    target = tmp_path / "m.safetensors"
+    with pytest.raises(OSError):
+        artifact.save(tiny[0], target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_save_keeps_the_previous_file(tiny, tmp_path, monkeypatch):
+    import safetensors.torch
+    target = artifact.save(tiny[0], tmp_path / "m.safetensors")
+    before = target.read_bytes()
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("full")))
+    with pytest.raises(OSError):
+        artifact.save(tiny[0], target)
+    assert target.read_bytes() == before

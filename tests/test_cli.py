@@ -1,0 +1,109 @@
+"""The ``ambert`` command end to end on a tiny model, and its refusal of bad input."""
+
+import json
+
+import pytest
+import torch
+
+from sw.cli import main
+from conftest import make_tiny_bert, WORDS
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_bert_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    calib = folder / "calib.txt"
+    calib.write_text("\n".join(" ".join(WORDS[i:i + 6]) for i in range(0, 30, 3)))
+    out = folder / "tiny.safetensors"
+    assert main(["quantize", "--model", tiny_bert_dir, "--calibration", str(calib), "-o", str(out), "-q"]) == 0
+    return out
+
+
+def test_quantize_info_run(tiny_artifact, tiny_bert_dir, capsys):
+    assert main(["info", str(tiny_artifact)]) == 0
+    assert "checksum ok" in capsys.readouterr().out
+    assert main(["run", "--artifact", str(tiny_artifact), "--model", tiny_bert_dir, "--device", "cpu",
+                 "the cat sat on the mat", "the dog sat on the rug"]) == 0
+    out = capsys.readouterr().out
+    assert "device cpu: 2 sentences" in out and "1.000" in out
+
+
+def _error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ambert: error: ")
+    return err
+
+
+def test_sequence_longer_than_the_model(tiny_artifact, tiny_bert_dir, capsys):
+    long = " ".join(["cat"] * 40)      # the tiny model has 24 positions
+    err = _error(capsys, ["run", "--artifact", str(tiny_artifact), "--model", tiny_bert_dir, long])
+    assert "tokens long" in err and "at most 24" in err
+
+
+def test_empty_sentence(tiny_artifact, tiny_bert_dir, capsys):
+    assert "empty" in _error(capsys, ["run", "--artifact", str(tiny_artifact), "--model", tiny_bert_dir, "  "])
+
+
+def test_not_a_bert(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    err = _error(capsys, ["quantize", "--model", str(tmp_path), "-o", str(tmp_path / "x.safetensors")])
+    assert "'gpt2'" in err and "BERT" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    assert "does not exist" in _error(capsys, ["quantize", "--model", str(tmp_path / "nowhere")])
+
+
+def test_folder_without_weights(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert "no weights" in _error(capsys, ["quantize", "--model", str(tmp_path)])
+
+
+def test_broken_config(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{not json")
+    assert "not valid JSON" in _error(capsys, ["quantize", "--model", str(tmp_path)])
+
+
+def test_corrupted_weights(tmp_path, capsys):
+    folder = make_tiny_bert(str(tmp_path / "m"))
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert "cannot load" in _error(capsys, ["quantize", "--model", folder, "-o", str(tmp_path / "o.st")])
+    assert not (tmp_path / "o.st").exists()
+
+
+def test_corrupted_artifact(tiny_artifact, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(tiny_artifact.read_bytes()[:-10])
+    assert "corrupted" in _error(capsys, ["info", str(bad)])
+
+
+def test_artifact_for_another_tokenizer(minilm, tiny_artifact, capsys):
+    err = _error(capsys, ["run", "--artifact", str(tiny_artifact), "hello there"])   # bundled tokenizer
+    assert "quantized for" in err
+
+
+def test_empty_calibration_file(tiny_bert_dir, tmp_path, capsys):
+    empty = tmp_path / "c.txt"
+    empty.write_text("\n# nothing\n")
+    assert "no sentences" in _error(capsys, ["quantize", "--model", tiny_bert_dir, "--calibration", str(empty)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_gpu_requested_without_one(tiny_artifact, tiny_bert_dir, capsys):
+    err = _error(capsys, ["run", "--artifact", str(tiny_artifact), "--model", tiny_bert_dir,
+                          "--device", "gpu", "the cat"])
+    assert "no CUDA GPU" in err
+
+
+def test_wrong_input_dtype(tiny):
+    from sw.quant.model import InputError
+    qm = tiny[0]
+    with pytest.raises(InputError, match="int64 or int32"):
+        qm.forward_int(torch.zeros(1, 3, dtype=torch.float32))
+    with pytest.raises(InputError, match="token ids"):
+        qm.forward_int(torch.tensor([[0, 1, 10_000]]))
+    with pytest.raises(InputError, match="empty"):
+        qm.forward_int(torch.zeros(1, 0, dtype=torch.int64))
