@@ -133,7 +133,7 @@ def cmd_demo(args):
     print("\nsimilarities, FP32 model:")
     print(_similarity_table(sentences, fid.fp32_embeddings @ fid.fp32_embeddings.T))
     worst = min(((n, d[n], i) for i, d in enumerate(fid.sqnr) for n in d), key=lambda x: x[1])
-    print(f"\nfidelity vs FP32: mean_cos={fid.mean_cos:.5f} min_cos={fid.min_cos:.5f} "
+    print(f"\nfidelity vs FP32 on these {len(sentences)} sentences: mean_cos={fid.mean_cos:.5f} min_cos={fid.min_cos:.5f} "
           f"spearman={fid.spearman:.5f}; weakest tensor: layer {worst[2]} {worst[0]} at {worst[1]:.1f} dB SQNR")
     print("(full benchmark over 206 sentences: python benchmarks/fidelity.py)")
     return 0

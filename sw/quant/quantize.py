@@ -322,6 +322,8 @@ def quantize_pretrained(model_dir=None, calibration=None, qc=QuantConfig(), prog
                              f"{limit}: {s[:60]!r}")
         batches.append(enc)
     stats = calibrate(model, batches, qc.percentile, progress)
-    source = dict(model=str(model_dir), name=getattr(model.config, "_name_or_path", "") or model_dir.name,
+    bundled = model_dir.resolve() == bundled_model_dir().resolve()
+    name = "sentence-transformers/all-MiniLM-L6-v2 (bundled)" if bundled else model_dir.name
+    source = dict(model=str(model_dir), name=name,
                   weights_sha256=weights_digest(model), calibration_sentences=len(sentences))
     return quantize(model, stats, qc, source, progress), model, tok
