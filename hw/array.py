@@ -1,0 +1,77 @@
+"""The weight-stationary systolic array."""
+
+from amaranth import Module, Signal, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from .pe import ProcessingElement
+
+__all__ = ["SystolicArray"]
+
+
+class SystolicArray(wiring.Component):
+    """``rows`` x ``cols`` int8 PEs; computes one output row per cycle: ``out[j] = psum[j] + sum_i a[i] *
+    W[i][j]`` with the weights of bank ``sel``.
+
+    Inputs, presented together each cycle (no handshake; the array never stalls):
+    ``a`` (``rows`` x int8), ``psum`` (``cols`` x int32, the partial sums to continue), ``sel`` (weight
+    bank), ``valid``. Skewing is internal: the matching ``out`` (``cols`` x int32) appears with
+    ``out_valid`` exactly ``latency = rows + cols`` cycles later, all columns aligned.
+
+    Weights: ``w_we`` writes ``w_data`` (``cols`` x int8) into row ``w_row`` of bank ``w_bank``. Writing
+    bank b is safe once every row issued with ``sel == b`` has been out for ``rows + cols`` cycles.
+    """
+
+    def __init__(self, rows, cols):
+        for name, v in (("rows", rows), ("cols", cols)):
+            if not isinstance(v, int) or not 2 <= v <= 32:
+                raise ValueError(f"{name} must be an int in [2, 32], not {v!r}")
+        self.rows, self.cols = rows, cols
+        self.latency = rows + cols
+        super().__init__({
+            "a": In(data.ArrayLayout(signed(8), rows)),
+            "psum": In(data.ArrayLayout(signed(32), cols)),
+            "sel": In(1),
+            "valid": In(1),
+            "out": Out(data.ArrayLayout(signed(32), cols)),
+            "out_valid": Out(1),
+            "w_data": In(data.ArrayLayout(signed(8), cols)),
+            "w_row": In(range(rows)),
+            "w_bank": In(1),
+            "w_we": In(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        R, C = self.rows, self.cols
+        pes = [[ProcessingElement() for _ in range(C)] for _ in range(R)]
+        for i in range(R):
+            for j in range(C):
+                m.submodules[f"pe_{i}_{j}"] = pe = pes[i][j]
+                m.d.comb += [pe.w_data.eq(self.w_data[j]), pe.w_bank.eq(self.w_bank),
+                             pe.w_we.eq(self.w_we & (self.w_row == i))]
+
+        def delay(sig, n, shape, name):
+            # n registers: the input skew of row i / column j, the output deskew
+            for k in range(n):
+                nxt = Signal(shape, name=f"{name}_d{k}")
+                m.d.sync += nxt.eq(sig)
+                sig = nxt
+            return sig
+
+        # row i of activations (with its bank select) enters i cycles late; column j's psum j cycles late
+        for i in range(R):
+            a_i = delay(self.a[i], i, signed(8), f"a{i}")
+            sel_i = delay(self.sel, i, unsigned(1), f"sel{i}")
+            m.d.comb += [pes[i][0].a_in.eq(a_i), pes[i][0].sel_in.eq(sel_i)]
+            for j in range(1, C):
+                m.d.comb += [pes[i][j].a_in.eq(pes[i][j - 1].a_out),
+                             pes[i][j].sel_in.eq(pes[i][j - 1].sel_out)]
+        for j in range(C):
+            m.d.comb += pes[0][j].psum_in.eq(delay(self.psum[j], j, signed(32), f"psum{j}"))
+            for i in range(1, R):
+                m.d.comb += pes[i][j].psum_in.eq(pes[i - 1][j].psum_out)
+            # column j leaves row R-1 at R + j; hold it C - j more cycles so all columns leave together
+            m.d.comb += self.out[j].eq(delay(pes[R - 1][j].psum_out, C - j, signed(32), f"out{j}"))
+        m.d.comb += self.out_valid.eq(delay(self.valid, self.latency, unsigned(1), "valid"))
+        return m

@@ -1,0 +1,229 @@
+"""The MATMUL engine: walks the tiles of one GEMM through the array, the accumulators and the epilogue."""
+
+from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, memory, wiring
+from amaranth.lib.wiring import In, Out
+
+from .array import SystolicArray
+from .bufpool import SUBBANKS
+from .isa import PARAM_WORDS_PER_LANE_GROUP, Mode
+from .requant import Requantizer
+
+__all__ = ["MatmulEngine"]
+
+
+class PoolRead(wiring.Signature):
+    def __init__(self, addr_bits, word_bits):
+        super().__init__({"addr": Out(addr_bits), "en": Out(1), "data": In(word_bits)})
+
+
+class PoolWrite(wiring.Signature):
+    def __init__(self, addr_bits, word_bits):
+        super().__init__({"addr": Out(addr_bits), "data": Out(data.ArrayLayout(unsigned(word_bits), SUBBANKS)),
+                          "en": Out(SUBBANKS)})
+
+
+class MatmulEngine(wiring.Component):
+    """Run ``out = requant(A @ W.T + bias)`` for operands laid out in the pool as ``hw.isa`` packs them.
+
+    On ``start`` (while idle) the engine latches the arguments and walks the tiles n-tile-major: for each
+    n-tile, for each k-tile, it streams the tile's M activation rows through the array, one per cycle,
+    continuing the partial sums held in the accumulator memory; the last k-tile's rows go through the
+    :class:`Requantizer` and are written to the output region. While a tile computes, the next tile's
+    weights (and, at an n-tile boundary, its requant parameters) are loaded into the array's idle weight
+    bank, so for M >= 3 * lanes + 20 tiles follow each other without a bubble. ``done`` pulses when the
+    last output row is written.
+
+    The arguments must already be checked (the :class:`Sequencer` does): A, W/P and O in different banks,
+    M <= ``acc_depth``, O aligned to 4 words.
+
+    Pool access: ``a_rd`` (activations), ``w_rd`` (weights and parameters), ``o_wr`` (output rows); each
+    read returns its word one cycle after ``en``. ``issuing`` is high in cycles that feed a row to the
+    array (for the performance counters).
+    """
+
+    def __init__(self, lanes, addr_bits, acc_depth):
+        self.lanes = lanes
+        self.acc_depth = acc_depth
+        self.word_bits = 8 * lanes
+        self.array = SystolicArray(lanes, lanes)
+        self.requant = Requantizer(lanes)
+        super().__init__({
+            "start": In(1),
+            "a_addr": In(addr_bits), "w_addr": In(addr_bits), "p_addr": In(addr_bits), "o_addr": In(addr_bits),
+            "m": In(16), "k_tiles": In(16), "n_tiles": In(16), "mode": In(2),
+            "busy": Out(1), "done": Out(1), "issuing": Out(1),
+            "a_rd": Out(PoolRead(addr_bits, self.word_bits)),
+            "w_rd": Out(PoolRead(addr_bits, self.word_bits)),
+            "o_wr": Out(PoolWrite(addr_bits, self.word_bits)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        L, WB = self.lanes, self.word_bits
+        P = PARAM_WORDS_PER_LANE_GROUP
+        m.submodules.array = array = self.array
+        m.submodules.requant = rq = self.requant
+        lat = array.latency
+        gap = lat + 6                   # a tile starts >= this long after the previous one (accumulator RAW)
+        load_margin = lat + 8           # the idle weight bank and param buffer are free this long after a start
+
+        def delay(sig, n, name):
+            for k in range(n):
+                nxt = Signal.like(sig, name=f"{name}_d{k}")
+                m.d.sync += nxt.eq(sig)
+                sig = nxt
+            return sig
+
+        acc_mem = memory.Memory(shape=unsigned(32 * L), depth=self.acc_depth, init=[])
+        m.submodules.acc_mem = acc_mem
+        acc_rd = acc_mem.read_port()
+        acc_wr = acc_mem.write_port()
+
+        # latched arguments
+        a_base = Signal.like(self.a_addr)
+        w_ptr, p_ptr = Signal.like(self.w_addr), Signal.like(self.p_addr)
+        rows, kt_n, nt_n, mode = Signal(16), Signal(16), Signal(16), Signal(2)
+        mode_words = Signal(3)
+        m.d.comb += mode_words.eq(Mux(mode == Mode.INT8, 1, Mux(mode == Mode.INT16, 2, 4)))
+
+        since = Signal(range(lat + 16))          # cycles since the current tile started, saturating
+        m.d.sync += since.eq(Mux(since == lat + 15, since, since + 1))
+
+        # --- the loader: the next tile's weights into the idle bank, its params at an n-tile boundary ---
+        ld_go, ld_busy, ld_ready, ld_wait, ld_pending = Signal(), Signal(), Signal(), Signal(), Signal()
+        ld_kt, ld_nt = Signal(16), Signal(16)    # the tile to load next
+        ld_bank = Signal()
+        ld_idx = Signal(range(L + P + 1))
+        ld_params = Signal()
+        ld_rd_valid, ld_rd_idx = Signal(), Signal.like(ld_idx)   # the word arriving this cycle
+        ld_rd_pbuf = Signal()
+        params = [[Signal(WB, name=f"param{b}_{w}") for w in range(P)] for b in range(2)]
+
+        m.d.sync += ld_rd_valid.eq(0)
+        with m.If(ld_go):
+            m.d.sync += [ld_busy.eq(1), ld_idx.eq(0), ld_params.eq(ld_kt == 0)]
+        with m.If(ld_busy):
+            with m.If(ld_idx < Mux(ld_params, L + P, L)):
+                m.d.comb += [self.w_rd.en.eq(1), self.w_rd.addr.eq(Mux(ld_idx < L, w_ptr, p_ptr))]
+                m.d.sync += [ld_rd_valid.eq(1), ld_rd_idx.eq(ld_idx), ld_rd_pbuf.eq(ld_nt[0]),
+                             ld_idx.eq(ld_idx + 1)]
+                with m.If(ld_idx < L):
+                    m.d.sync += w_ptr.eq(w_ptr + 1)
+                with m.Else():
+                    m.d.sync += p_ptr.eq(p_ptr + 1)
+            with m.Elif(~ld_rd_valid):
+                # the last word has landed: the tile is ready; step to the following tile
+                m.d.sync += [ld_busy.eq(0), ld_ready.eq(1), ld_bank.eq(~ld_bank)]
+                with m.If(ld_kt + 1 == kt_n):
+                    m.d.sync += [ld_kt.eq(0), ld_nt.eq(ld_nt + 1), ld_pending.eq(ld_nt + 1 != nt_n)]
+                with m.Else():
+                    m.d.sync += ld_kt.eq(ld_kt + 1)
+        m.d.comb += [array.w_data.eq(self.w_rd.data), array.w_row.eq(ld_rd_idx[:max(1, (L - 1).bit_length())]),
+                     array.w_bank.eq(ld_bank), array.w_we.eq(ld_rd_valid & (ld_rd_idx < L))]
+        for w in range(P):
+            with m.If(ld_rd_valid & (ld_rd_idx == L + w)):
+                with m.If(ld_rd_pbuf):
+                    m.d.sync += params[1][w].eq(self.w_rd.data)
+                with m.Else():
+                    m.d.sync += params[0][w].eq(self.w_rd.data)
+        with m.If(ld_wait & (since >= load_margin) & ~ld_busy):
+            m.d.comb += ld_go.eq(1)
+            m.d.sync += ld_wait.eq(0)
+
+        # --- the feeder: one activation row per cycle ---------------------------------------------------
+        fd_row, fd_kt, fd_nt = Signal(16), Signal(16), Signal(16)
+        fd_sel, fd_started, fd_last_tile = Signal(), Signal(), Signal()
+        a_tile, a_ptr = Signal.like(a_base), Signal.like(a_base)
+        o_tile, o_ptr = Signal.like(self.o_addr), Signal.like(self.o_addr)
+        drain = Signal(range(lat + Requantizer.LATENCY + 8))
+        last_k = Signal()
+        m.d.comb += last_k.eq(fd_kt + 1 == kt_n)
+
+        # stage 1: the row whose activation word and partial sums arrive from memory this cycle
+        s1_valid, s1_zero, s1_last, s1_sel, s1_pbuf = Signal(), Signal(), Signal(), Signal(), Signal()
+        s1_row, s1_optr = Signal.like(fd_row), Signal.like(o_ptr)
+        m.d.sync += s1_valid.eq(0)
+
+        with m.FSM() as fsm:
+            with m.State("IDLE"):
+                with m.If(self.start):
+                    m.d.sync += [a_base.eq(self.a_addr), w_ptr.eq(self.w_addr), p_ptr.eq(self.p_addr),
+                                 rows.eq(self.m), kt_n.eq(self.k_tiles), nt_n.eq(self.n_tiles),
+                                 mode.eq(self.mode),
+                                 ld_kt.eq(0), ld_nt.eq(0), ld_bank.eq(0), ld_ready.eq(0), ld_pending.eq(1),
+                                 fd_kt.eq(0), fd_nt.eq(0), fd_sel.eq(0), fd_started.eq(0),
+                                 a_tile.eq(self.a_addr), o_tile.eq(self.o_addr)]
+                    m.next = "LOAD_FIRST"
+            with m.State("LOAD_FIRST"):
+                m.d.comb += ld_go.eq(1)
+                m.next = "WAIT_TILE"
+            with m.State("WAIT_TILE"):
+                with m.If(ld_ready & ~ld_busy & (~fd_started | (since >= gap))):
+                    m.d.sync += [ld_ready.eq(0), fd_started.eq(1), since.eq(0), fd_row.eq(0),
+                                 a_ptr.eq(a_tile), o_ptr.eq(o_tile), ld_wait.eq(ld_pending),
+                                 fd_last_tile.eq(last_k & (fd_nt + 1 == nt_n))]
+                    m.next = "RUN"
+            with m.State("RUN"):
+                m.d.comb += [self.issuing.eq(1), self.a_rd.en.eq(1), self.a_rd.addr.eq(a_ptr),
+                             acc_rd.en.eq(1), acc_rd.addr.eq(fd_row)]
+                m.d.sync += [s1_valid.eq(1), s1_zero.eq(fd_kt == 0), s1_last.eq(last_k), s1_sel.eq(fd_sel),
+                             s1_pbuf.eq(fd_nt[0]), s1_row.eq(fd_row), s1_optr.eq(o_ptr)]
+                m.d.sync += [fd_row.eq(fd_row + 1), a_ptr.eq(a_ptr + 1), o_ptr.eq(o_ptr + mode_words)]
+                with m.If(fd_row + 1 == rows):
+                    m.d.sync += [fd_sel.eq(~fd_sel), a_tile.eq(a_tile + rows)]
+                    with m.If(last_k):
+                        m.d.sync += [fd_kt.eq(0), fd_nt.eq(fd_nt + 1), a_tile.eq(a_base),
+                                     o_tile.eq(o_tile + rows * mode_words)]
+                    with m.Else():
+                        m.d.sync += fd_kt.eq(fd_kt + 1)
+                    with m.If(fd_last_tile):
+                        m.d.sync += drain.eq(0)
+                        m.next = "DRAIN"
+                    with m.Else():
+                        m.next = "WAIT_TILE"
+            with m.State("DRAIN"):
+                m.d.sync += drain.eq(drain + 1)
+                with m.If(drain == lat + Requantizer.LATENCY + 4):
+                    m.d.comb += self.done.eq(1)
+                    m.next = "IDLE"
+        m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
+
+        m.d.comb += [array.a.eq(self.a_rd.data), array.sel.eq(s1_sel), array.valid.eq(s1_valid),
+                     array.psum.eq(Mux(s1_zero, 0, acc_rd.data))]
+
+        # --- drain: partial sums back to the accumulators, or the last k-tile through the epilogue ------
+        t_valid = array.out_valid
+        t_last = delay(s1_last, lat, "t_last")
+        t_row = delay(s1_row, lat, "t_row")
+        t_optr = delay(s1_optr, lat, "t_optr")
+        t_pbuf = delay(s1_pbuf, lat, "t_pbuf")
+        m.d.comb += [acc_wr.en.eq(t_valid & ~t_last), acc_wr.addr.eq(t_row), acc_wr.data.eq(array.out)]
+
+        def lanes_of(words, bits, j):
+            return Cat(*words)[bits * j: bits * j + bits]
+        pw = [[Mux(t_pbuf, params[1][w], params[0][w]) for w in range(P)]]
+        for j in range(L):
+            m.d.comb += [rq.bias[j].eq(lanes_of(pw[0][0:4], 32, j)), rq.m0[j].eq(lanes_of(pw[0][4:8], 32, j)),
+                         rq.shift[j].eq(lanes_of(pw[0][8:9], 8, j))]
+        m.d.comb += [rq.acc.eq(array.out), rq.valid.eq(t_valid & t_last), rq.mode.eq(mode)]
+
+        o_addr = delay(t_optr, Requantizer.LATENCY, "o_addr")
+        out = [rq.out[j] for j in range(L)]
+        w8 = Cat(*(o[:8] for o in out))
+        w16 = Cat(*(o[:16] for o in out))
+        w32 = Cat(*out)
+        m.d.comb += self.o_wr.addr.eq(o_addr)
+        for sub in range(SUBBANKS):
+            m.d.comb += self.o_wr.data[sub].eq(Mux(mode == Mode.INT8, w8,
+                                                   Mux(mode == Mode.INT16, w16.word_select(sub % 2, WB),
+                                                       w32.word_select(sub, WB))))
+        with m.If(rq.out_valid):
+            with m.Switch(mode):
+                with m.Case(Mode.INT8):
+                    m.d.comb += self.o_wr.en.eq(Const(1, 4) << o_addr[:2])
+                with m.Case(Mode.INT16):
+                    m.d.comb += self.o_wr.en.eq(Mux(o_addr[1], 0b1100, 0b0011))
+                with m.Default():
+                    m.d.comb += self.o_wr.en.eq(0b1111)
+        return m

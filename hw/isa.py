@@ -1,0 +1,218 @@
+"""The instruction set and payload layouts: the one contract between the hardware and the host.
+
+The host talks to the accelerator over a stream of 32-bit words; the accelerator answers on a stream of
+32-bit words. Every instruction starts with a header word::
+
+    [31:24] opcode    [23:16] flags (mode for MATMUL)    [15:0] count (LOAD/STORE)
+
+and is followed by a fixed number of argument words, and for LOAD by its data. All-zero words are NOPs,
+so a run of zeros flushes any half-received command. See docs/isa.md.
+
+Pool words are ``lanes`` bytes wide; the host carries each one as ``lanes // 4`` little-endian 32-bit
+words (lane 0 in the low byte of the first word).
+"""
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ISA_VERSION", "Opcode", "Mode", "Error", "STATUS_MAGIC", "ARG_WORDS", "MODE_WORDS",
+           "PARAM_WORDS_PER_LANE_GROUP", "AcceleratorConfig", "Program"]
+
+ISA_VERSION = 1
+STATUS_MAGIC = 0xA5
+MAX_COUNT = (1 << 16) - 1
+
+
+class Opcode(enum.IntEnum):
+    NOP = 0x00
+    LOAD = 0x01        # + address; + count pool words of data
+    STORE = 0x02       # + address; answers count pool words
+    MATMUL = 0x03      # + 6 words (see MatmulArgs); flags = Mode
+    SYNC = 0x04        # answers one status word, then clears the error flags
+    COUNTERS = 0x05    # answers 6 words: busy, stalled, MACs (each 64-bit, low word first)
+    INFO = 0x06        # answers 3 words: version/shape, pool words per bank, accumulator depth
+
+
+ARG_WORDS = {Opcode.NOP: 0, Opcode.LOAD: 1, Opcode.STORE: 1, Opcode.MATMUL: 6, Opcode.SYNC: 0,
+             Opcode.COUNTERS: 0, Opcode.INFO: 0}
+
+
+class Mode(enum.IntEnum):
+    """MATMUL output: requantized int8, requantized int16, or the int32 accumulator plus bias (bypass)."""
+    INT8 = 0
+    INT16 = 1
+    INT32 = 2
+
+
+MODE_WORDS = {Mode.INT8: 1, Mode.INT16: 2, Mode.INT32: 4}   # pool words per output row
+
+
+class Error(enum.IntFlag):
+    """Sticky error flags, reported (and cleared) by SYNC."""
+    OPCODE = 1 << 0     # unknown opcode: the header word is dropped
+    ADDRESS = 1 << 1    # LOAD/STORE/MATMUL range outside the pool, misaligned, or overlapping
+    SHAPE = 1 << 2      # MATMUL shape the array cannot take (M, tile counts, mode)
+    BANK = 1 << 3       # MATMUL operands sharing a bank they cannot share
+
+
+# Per n-tile, the requant parameters are 9 lane-groups... expressed in pool words: bias (int32 per lane),
+# m0 (int32 per lane), shift (uint8 per lane): 4 + 4 + 1 pool words.
+PARAM_WORDS_PER_LANE_GROUP = 9
+
+
+@dataclass(frozen=True)
+class AcceleratorConfig:
+    """Hardware parameters; the runtime reads these (and nothing copied) to compile for a device.
+
+    ``lanes`` is the array's rows and columns (square), a multiple of 4 from 4 to 32. The pool has
+    ``banks`` banks of ``bank_words`` pool words each (a multiple of 4: each bank is four interleaved
+    memories so an output row of up to four words is written in one cycle). ``acc_depth`` bounds M.
+    """
+    lanes: int = 16
+    banks: int = 4
+    bank_words: int = 4096
+    acc_depth: int = 512
+
+    def __post_init__(self):
+        if self.lanes not in (4, 8, 12, 16, 20, 24, 28, 32):
+            raise ValueError(f"lanes must be a multiple of 4 in [4, 32], not {self.lanes}")
+        if not 3 <= self.banks <= 16:
+            raise ValueError(f"banks must be in [3, 16] (MATMUL needs three), not {self.banks}")
+        if self.bank_words < 16 or self.bank_words % 4 or self.bank_words & (self.bank_words - 1):
+            raise ValueError(f"bank_words must be a power of two >= 16, not {self.bank_words}")
+        if not 1 <= self.acc_depth <= 4096:
+            raise ValueError(f"acc_depth must be in [1, 4096], not {self.acc_depth}")
+
+    @property
+    def rows(self):
+        return self.lanes
+
+    @property
+    def cols(self):
+        return self.lanes
+
+    @property
+    def pool_words(self):
+        return self.banks * self.bank_words
+
+    @property
+    def host_words_per_pool_word(self):
+        return self.lanes // 4
+
+    @property
+    def param_words(self):
+        return PARAM_WORDS_PER_LANE_GROUP
+
+    # -- payload layouts ------------------------------------------------------------------------------
+
+    def pack_activations(self, a):
+        """int8 A [M, K] -> pool words for MATMUL: K padded to lanes, K-tile-major: tile kt is M words."""
+        a = np.asarray(a, dtype=np.int8)
+        m, k = a.shape
+        kt = -(-k // self.lanes)
+        padded = np.zeros((m, kt * self.lanes), dtype=np.int8)
+        padded[:, :k] = a
+        return padded.reshape(m, kt, self.lanes).transpose(1, 0, 2).reshape(kt * m, self.lanes)
+
+    def pack_weights(self, w):
+        """int8 W [N, K] -> pool words: for each n-tile, for each k-tile, ``lanes`` words (one per k row,
+        lane j = W[n0 + j, k0 + i])."""
+        w = np.asarray(w, dtype=np.int8)
+        n, k = w.shape
+        nt, kt = -(-n // self.lanes), -(-k // self.lanes)
+        padded = np.zeros((nt * self.lanes, kt * self.lanes), dtype=np.int8)
+        padded[:n, :k] = w
+        t = padded.reshape(nt, self.lanes, kt, self.lanes)          # [nt, j, kt, i]
+        return t.transpose(0, 2, 3, 1).reshape(nt * kt * self.lanes, self.lanes)
+
+    def pack_params(self, bias, m0, shift):
+        """Per output channel int32 bias, m0 in [0, 2**31), shift in [0, 62] -> 9 pool words per n-tile."""
+        n = len(bias)
+        nt = -(-n // self.lanes)
+        out = []
+        for t in range(nt):
+            sl = slice(t * self.lanes, min(n, (t + 1) * self.lanes))
+            groups = []
+            for values, dtype in ((bias, np.int32), (m0, np.uint32)):
+                v = np.zeros(self.lanes, dtype=dtype)
+                v[: sl.stop - sl.start] = np.asarray(values)[sl]
+                groups.append(v.view(np.uint8).reshape(4, self.lanes))     # 4 pool words
+            sh = np.zeros(self.lanes, dtype=np.uint8)
+            sh[: sl.stop - sl.start] = np.asarray(shift)[sl]
+            out.append(np.concatenate([groups[0], groups[1], sh[None, :]]).view(np.int8))
+        return np.concatenate(out)
+
+    def unpack_output(self, words, m, n, mode):
+        """Pool words written by MATMUL -> int array [M, N] (int8/int16/int32 by mode)."""
+        mode = Mode(mode)
+        per = MODE_WORDS[mode]
+        nt = -(-n // self.lanes)
+        raw = np.asarray(words, dtype=np.int8).reshape(nt, m, per * self.lanes).view(np.uint8)
+        dtype = {Mode.INT8: np.int8, Mode.INT16: np.int16, Mode.INT32: np.int32}[mode]
+        vals = raw.copy().view(dtype).reshape(nt, m, self.lanes)
+        return vals.transpose(1, 0, 2).reshape(m, nt * self.lanes)[:, :n]
+
+    def words_to_host(self, words):
+        """Pool words (int8 [count, lanes]) -> 32-bit host words."""
+        return [int(x) for x in np.ascontiguousarray(np.asarray(words, dtype=np.int8)).view(np.uint32).ravel()]
+
+    def words_from_host(self, host_words):
+        """32-bit host words -> pool words (int8 [count, lanes])."""
+        return np.asarray(host_words, dtype=np.uint32).view(np.int8).reshape(-1, self.lanes)
+
+
+def header(op, count=0, flags=0):
+    return (int(op) << 24) | ((flags & 0xFF) << 16) | (count & 0xFFFF)
+
+
+class Program:
+    """Build an instruction stream for one accelerator configuration."""
+
+    def __init__(self, config):
+        self.config = config
+        self.words = []
+        self.expect = 0        # answer words this program makes the device send
+
+    def load(self, addr, pool_words):
+        pool_words = np.asarray(pool_words, dtype=np.int8).reshape(-1, self.config.lanes)
+        for start in range(0, len(pool_words), MAX_COUNT):
+            chunk = pool_words[start:start + MAX_COUNT]
+            self.words += [header(Opcode.LOAD, len(chunk)), addr + start]
+            self.words += self.config.words_to_host(chunk)
+        return self
+
+    def store(self, addr, count):
+        for start in range(0, count, MAX_COUNT):
+            n = min(MAX_COUNT, count - start)
+            self.words += [header(Opcode.STORE, n), addr + start]
+            self.expect += n * self.config.host_words_per_pool_word
+        return self
+
+    def matmul(self, a_addr, w_addr, p_addr, o_addr, m, k_tiles, n_tiles, mode):
+        self.words += [header(Opcode.MATMUL, flags=int(mode)), a_addr, w_addr, p_addr, o_addr, m,
+                       (n_tiles << 16) | k_tiles]
+        return self
+
+    def sync(self):
+        self.words.append(header(Opcode.SYNC))
+        self.expect += 1
+        return self
+
+    def counters(self):
+        self.words.append(header(Opcode.COUNTERS))
+        self.expect += 6
+        return self
+
+    def info(self):
+        self.words.append(header(Opcode.INFO))
+        self.expect += 3
+        return self
+
+
+def parse_status(word):
+    """A SYNC answer -> Error flags; raises ValueError if it is not a status word."""
+    if word >> 24 != STATUS_MAGIC:
+        raise ValueError(f"not a status word: {word:#010x}")
+    return Error(word & 0xFF)

@@ -1,0 +1,50 @@
+"""One processing element of the weight-stationary systolic array."""
+
+from amaranth import Module, Signal, signed
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["ProcessingElement"]
+
+
+class ProcessingElement(wiring.Component):
+    """A weight-stationary int8 MAC with two weight registers.
+
+    Every cycle: ``psum_out <= psum_in + a_in * w[sel_in]`` and ``a_out, sel_out <= a_in, sel_in``
+    (one cycle of latency on both paths). ``w[w_bank] <= w_data`` when ``w_we``. The weight not selected
+    by the data in flight can be rewritten while the other computes: that is what lets tiles follow each
+    other without a bubble. The 32-bit accumulation wraps; callers keep sums inside int32.
+
+    Members: ``a_in``/``a_out`` (int8), ``sel_in``/``sel_out``, ``psum_in``/``psum_out`` (int32),
+    ``w_data`` (int8), ``w_we``, ``w_bank``.
+    """
+
+    a_in: In(signed(8))
+    sel_in: In(1)
+    psum_in: In(signed(32))
+    a_out: Out(signed(8))
+    sel_out: Out(1)
+    psum_out: Out(signed(32))
+    w_data: In(signed(8))
+    w_we: In(1)
+    w_bank: In(1)
+
+    def elaborate(self, platform):
+        m = Module()
+        w = [Signal(signed(8), name=f"w{b}") for b in range(2)]
+        with m.If(self.w_we):
+            with m.If(self.w_bank):
+                m.d.sync += w[1].eq(self.w_data)
+            with m.Else():
+                m.d.sync += w[0].eq(self.w_data)
+        weight = Signal(signed(8))
+        with m.If(self.sel_in):
+            m.d.comb += weight.eq(w[1])
+        with m.Else():
+            m.d.comb += weight.eq(w[0])
+        m.d.sync += [
+            self.a_out.eq(self.a_in),
+            self.sel_out.eq(self.sel_in),
+            self.psum_out.eq(self.psum_in + self.a_in * weight),
+        ]
+        return m

@@ -1,0 +1,90 @@
+"""The accelerator: sequencer, MATMUL engine (systolic array + requantizer), buffer pool, counters."""
+
+from amaranth import Module, Signal
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .bufpool import SUBBANKS, BufferPool
+from .counters import PerfCounters
+from .engine import MatmulEngine
+from .isa import AcceleratorConfig
+from .sequencer import Sequencer
+
+__all__ = ["Accelerator"]
+
+
+class Accelerator(wiring.Component):
+    """The whole device behind one pair of 32-bit streams (``i``: instructions and data in; ``o``:
+    answers out), built for one :class:`hw.isa.AcceleratorConfig`.
+
+    ``error`` mirrors the sticky error flags; ``busy`` is high while a MATMUL runs.
+    """
+
+    i: In(stream.Signature(32))
+    o: Out(stream.Signature(32))
+    error: Out(4)
+    busy: Out(1)
+
+    def __init__(self, config=AcceleratorConfig()):
+        if not isinstance(config, AcceleratorConfig):
+            raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        self.config = config
+        super().__init__()
+
+    def elaborate(self, platform):
+        m = Module()
+        c = self.config
+        m.submodules.seq = seq = Sequencer(c)
+        m.submodules.engine = eng = MatmulEngine(c.lanes, seq.addr_bits, c.acc_depth)
+        m.submodules.pool = pool = BufferPool(8 * c.lanes, c.banks, c.bank_words)
+        m.submodules.counters = cnt = PerfCounters(c.lanes * c.lanes)
+        bank_bits = (c.bank_words - 1).bit_length()
+
+        wiring.connect(m, wiring.flipped(self.i), seq.i)
+        wiring.connect(m, seq.o, wiring.flipped(self.o))
+        m.d.comb += [
+            self.error.eq(seq.error), self.busy.eq(eng.busy),
+            eng.start.eq(seq.mm_start), seq.mm_done.eq(eng.done),
+            eng.a_addr.eq(seq.mm_a), eng.w_addr.eq(seq.mm_w), eng.p_addr.eq(seq.mm_p), eng.o_addr.eq(seq.mm_o),
+            eng.m.eq(seq.mm_m), eng.k_tiles.eq(seq.mm_k_tiles), eng.n_tiles.eq(seq.mm_n_tiles),
+            eng.mode.eq(seq.mm_mode),
+            cnt.active.eq(eng.busy), cnt.issuing.eq(eng.issuing),
+            seq.cnt_busy.eq(cnt.busy), seq.cnt_stalled.eq(cnt.stalled), seq.cnt_macs.eq(cnt.macs),
+        ]
+
+        def bank_of(addr):
+            return addr >> bank_bits
+
+        def offset(addr):
+            return addr[:bank_bits]
+
+        # who read which bank last cycle, to route the read data back
+        a_bank, w_bank, s_bank = (Signal(range(c.banks), name=n) for n in ("a_bank", "w_bank", "s_bank"))
+        m.d.sync += [a_bank.eq(bank_of(eng.a_rd.addr)), w_bank.eq(bank_of(eng.w_rd.addr)),
+                     s_bank.eq(bank_of(seq.rd_addr))]
+        for b in range(c.banks):
+            port = pool.bank[b]
+            # the sequencer and the engine never run together; the checked MATMUL keeps its three
+            # streams in different banks, so each bank has at most one reader and one writer at a time
+            with m.If(eng.a_rd.en & (bank_of(eng.a_rd.addr) == b)):
+                m.d.comb += [port.r_addr.eq(offset(eng.a_rd.addr)), port.r_en.eq(1)]
+            with m.Elif(eng.w_rd.en & (bank_of(eng.w_rd.addr) == b)):
+                m.d.comb += [port.r_addr.eq(offset(eng.w_rd.addr)), port.r_en.eq(1)]
+            with m.Elif(seq.rd_en & (bank_of(seq.rd_addr) == b)):
+                m.d.comb += [port.r_addr.eq(offset(seq.rd_addr)), port.r_en.eq(1)]
+            with m.If(eng.o_wr.en.any() & (bank_of(eng.o_wr.addr) == b)):
+                m.d.comb += [port.w_row.eq(offset(eng.o_wr.addr) >> 2), port.w_en.eq(eng.o_wr.en)]
+                for s in range(SUBBANKS):
+                    m.d.comb += port.w_data[s].eq(eng.o_wr.data[s])
+            with m.Elif(seq.wr_en & (bank_of(seq.wr_addr) == b)):
+                m.d.comb += [port.w_row.eq(offset(seq.wr_addr) >> 2), port.w_en.eq(1 << seq.wr_addr[:2])]
+                for s in range(SUBBANKS):
+                    m.d.comb += port.w_data[s].eq(seq.wr_data)
+        for b in range(c.banks):
+            with m.If(a_bank == b):
+                m.d.comb += eng.a_rd.data.eq(pool.bank[b].r_data)
+            with m.If(w_bank == b):
+                m.d.comb += eng.w_rd.data.eq(pool.bank[b].r_data)
+            with m.If(s_bank == b):
+                m.d.comb += seq.rd_data.eq(pool.bank[b].r_data)
+        return m
