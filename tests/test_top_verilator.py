@@ -1,0 +1,199 @@
+"""The Verilated accelerator top, driven by the C++ clock loop: GEMMs of every shape, extremes, a real
+MiniLM layer, and malformed instruction streams. Golden model: the contract's ref_gemm + ref_requant."""
+
+import numpy as np
+import pytest
+import torch
+
+from hw.isa import AcceleratorConfig, Error, Mode, Program, header, parse_status
+from sim.fastsim import FastSim
+from sw.compiler.gemm import gemm_program
+from sw.quant.ref import ref_gemm, ref_requant
+
+CONFIGS = {
+    4: AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128),
+    8: AcceleratorConfig(lanes=8, banks=4, bank_words=4096, acc_depth=256),
+    16: AcceleratorConfig(lanes=16, banks=4, bank_words=16384, acc_depth=512),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS), ids=lambda n: f"{n}x{n}")
+def device(request):
+    return FastSim(CONFIGS[request.param])
+
+
+@pytest.fixture(scope="module")
+def device16():
+    return FastSim(CONFIGS[16])
+
+
+def reference(a, w, bias, m0, shift, mode):
+    acc = ref_gemm(torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(bias.astype(np.int32)))
+    if mode == Mode.INT32:
+        return acc.numpy()
+    return ref_requant(acc, torch.from_numpy(m0), torch.from_numpy(shift), 8 if mode == Mode.INT8 else 16).numpy()
+
+
+def run_gemm(sim, a, w, bias, m0, shift, mode):
+    prog, decode = gemm_program(sim.config, a, w, bias, m0, shift, mode)
+    result = sim.run(prog.words, prog.expect)
+    out, status = decode(result.answers)
+    assert parse_status(status) == Error(0)
+    return out
+
+
+def random_case(rng, m, k, n, mode, extreme=False):
+    if extreme:
+        a = rng.choice(np.array([-128, 127], dtype=np.int8), size=(m, k))
+        w = rng.choice(np.array([-128, 127], dtype=np.int8), size=(n, k))
+    else:
+        a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+        w = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    bias = rng.integers(-2**20, 2**20, n).astype(np.int64)
+    acc = np.abs(a.astype(np.int64) @ w.astype(np.int64).T + bias).max(axis=0) + 1
+    m0 = rng.integers(1 << 30, 1 << 31, n)
+    bits = 7 if mode == Mode.INT8 else 15
+    # land most outputs inside the range, a few saturating, with a spread of shifts
+    shift = np.clip(np.ceil(np.log2(acc)).astype(np.int64) + 31 - bits + rng.integers(-2, 3, n), 0, 62)
+    return a, w, bias, m0, shift
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (3, 5, 7), (17, 33, 9), (64, 64, 64), (40, 130, 70),
+                                     (300, 500, 200)])
+def test_random_gemm(device, m, k, n):
+    rng = np.random.default_rng(m * 7 + k * 3 + n)
+    for mode in Mode:
+        case = random_case(rng, m, k, n, mode)
+        assert np.array_equal(run_gemm(device, *case, mode), reference(*case, mode))
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_extreme_products_at_k3072(device16, mode):
+    rng = np.random.default_rng(int(mode))
+    m, k, n = 20, 3072, 24
+    a = np.full((m, k), -128, dtype=np.int8)
+    w = np.full((n, k), -128, dtype=np.int8)
+    w[n // 2:] = 127
+    a[m // 2:] = rng.choice(np.array([-128, 127], dtype=np.int8), size=(m - m // 2, k))
+    bias = rng.integers(-1000, 1000, n).astype(np.int64)
+    m0 = np.full(n, (1 << 31) - 1)
+    shift = rng.integers(20, 40, n)
+    assert np.array_equal(run_gemm(device16, a, w, bias, m0, shift, mode), reference(a, w, bias, m0, shift, mode))
+
+
+def test_minilm_layer_gemms(device16, minilm):
+    """Every GEMM of layer 0 of the quantized bundled MiniLM, on a real sentence, through the top."""
+    from sw.quant.hf import encode
+    from sw.quant.ref import ref_layer
+    qm, _, tok = minilm
+    enc = encode(tok, ["The quick brown fox jumps over the lazy dog near the river bank."])
+    x8, x16 = qm.embed(enc["input_ids"])
+    p = qm.layers[0]
+    tr = {}
+    ref_layer(x8, x16, p, enc["attention_mask"].bool(), tr)
+    n = lambda t: t[0].numpy()                     # noqa: E731 -- first (only) sentence
+    c, heads = qm.config["hidden"], p.heads
+    d = c // heads
+    per = lambda v, size: np.broadcast_to(np.asarray(v), (size,))   # noqa: E731
+    checks = [
+        ("Q", n(x8), p.wq, p.bq, p.q_m0, p.q_shift, Mode.INT8, n(tr["q"])),
+        ("K", n(x8), p.wk, p.bk, p.k_m0, p.k_shift, Mode.INT8, n(tr["k"])),
+        ("V", n(x8), p.wv, p.bv, p.v_m0, p.v_shift, Mode.INT8, n(tr["v"])),
+        ("O", n(tr["ctx"]), p.wo, p.bo, p.o_m0, p.o_shift, Mode.INT16, n(tr["attn"])),
+        ("FFN1", n(tr["h8"]), p.w1, p.b1, p.f1_m0, p.f1_shift, Mode.INT16, n(tr["f1"])),
+        ("FFN2", n(tr["g"]), p.w2, p.b2, p.f2_m0, p.f2_shift, Mode.INT16, n(tr["f2"])),
+    ]
+    for name, a, w, b, m0, sh, mode, want in checks:
+        got = run_gemm(device16, a, w.numpy(), b.numpy(), np.asarray(m0), np.asarray(sh), mode)
+        assert np.array_equal(got, want), name
+    q, k, v, probs = n(tr["q"]), n(tr["k"]), n(tr["v"]), n(tr["probs"])
+    t = q.shape[0]
+    scores = np.zeros((heads, t, t), dtype=np.int16)
+    ctx = np.zeros((t, c), dtype=np.int8)
+    for h in range(heads):
+        cols = slice(h * d, (h + 1) * d)
+        scores[h] = run_gemm(device16, q[:, cols], k[:, cols], np.zeros(t), per(p.score_m0, t),
+                             per(p.score_shift, t), Mode.INT16)
+        ctx[:, cols] = run_gemm(device16, probs[h], v[:, cols].T.copy(), np.zeros(d),
+                                p.ctx_m0[cols].numpy(), p.ctx_shift[cols].numpy(), Mode.INT8)
+    assert np.array_equal(scores, n(tr["score"])), "QK^T"
+    assert np.array_equal(ctx, n(tr["ctx"])), "P.V"
+
+
+def fuzz_words(rng, n_words):
+    """Random instruction-stream garbage, biased toward plausible headers so the decoder's paths run."""
+    words = []
+    while len(words) < n_words:
+        r = rng.random()
+        if r < 0.5:
+            op = int(rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 0x55, 0xFF]))
+            words.append(header(op, int(rng.integers(0, 1 << 16)) if rng.random() < 0.3
+                                else int(rng.integers(0, 40)), int(rng.integers(0, 8))))
+            words += [int(x) for x in rng.integers(0, 1 << 32, int(rng.integers(0, 8)), dtype=np.uint64)]
+        else:
+            words.append(int(rng.integers(0, 1 << 32, dtype=np.uint64)))
+    return words
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fuzzed_streams_never_hang_and_a_valid_program_runs_after(seed):
+    cfg = CONFIGS[4]
+    sim = FastSim(cfg)
+    rng = np.random.default_rng(seed)
+    garbage = fuzz_words(rng, 3000)
+    # zeros are NOPs: enough of them finish any LOAD the garbage opened (at most 65535 pool words)
+    flush = [0] * (0xFFFF * cfg.host_words_per_pool_word + 16)
+    case = random_case(rng, 23, 37, 11, Mode.INT8)
+    prog, decode = gemm_program(cfg, *case, Mode.INT8)
+    words = garbage + flush + Program(cfg).sync().sync().words + prog.words
+    result = sim.run(words, 0, idle_limit=100_000)         # raises SimHang if the device stops
+    assert result.taken == len(words)
+    tail = result.answers[len(result.answers) - prog.expect - 2:]
+    first, second = parse_status(tail[0]), parse_status(tail[1])
+    assert second == Error(0)                               # the first SYNC cleared the flags
+    out, status = decode(tail[2:])
+    assert parse_status(status) == Error(0)
+    assert np.array_equal(out, reference(*case, Mode.INT8))
+    del first
+
+
+def test_errors_are_reported_and_decoding_goes_on():
+    cfg = CONFIGS[4]
+    sim = FastSim(cfg)
+    B = cfg.bank_words
+    prog = (Program(cfg)
+            .sync()
+            .matmul(0, B, B + 100, 2 * B, 0, 1, 1, Mode.INT8).sync()          # M = 0
+            .matmul(0, B, B + 100, 2 * B, 4, 1, 1, 3).sync()                  # bad mode
+            .matmul(0, 0, B + 100, 2 * B, 4, 1, 1, Mode.INT8).sync()          # A and W share a bank
+            .matmul(0, B, B + 100, 2 * B + 2, 4, 1, 1, Mode.INT8).sync()      # misaligned output
+            .matmul(B - 2, B + 4, B + 100, 2 * B, 4, 1, 1, Mode.INT8).sync()  # A runs off its bank
+            .store(cfg.pool_words - 1, 2).sync()                              # STORE past the pool
+            .load(cfg.pool_words - 1, np.zeros((2, cfg.lanes), np.int8)).sync()  # LOAD past the pool
+            .info())
+    prog.words.insert(1, header(0x77))                                        # unknown opcode
+    prog.words.insert(2, header(0x04))                                        # SYNC
+    expect = prog.expect + 1 - 2 * cfg.host_words_per_pool_word     # +1 SYNC; the bad STORE answers nothing
+    answers = sim.run(prog.words, expect).answers
+    assert len(answers) == expect
+    flags = [parse_status(w) for w in answers[:-3]]
+    assert flags == [Error(0), Error.OPCODE, Error.SHAPE, Error.SHAPE, Error.BANK, Error.ADDRESS,
+                     Error.ADDRESS, Error.ADDRESS, Error.ADDRESS]
+    version_shape = answers[-3]
+    assert version_shape >> 24 == 1 and (version_shape >> 8) & 0xFF == cfg.lanes
+    assert answers[-2:] == [cfg.bank_words, cfg.acc_depth]
+
+
+def test_counters_count_one_matmul(device16):
+    cfg = device16.config
+    rng = np.random.default_rng(9)
+    m, k, n = 128, 384, 384
+    case = random_case(rng, m, k, n, Mode.INT8)
+    prog, _ = gemm_program(cfg, *case, Mode.INT8)
+    words = Program(cfg).counters().words + prog.words + Program(cfg).counters().words
+    ans = device16.run(words, prog.expect + 12).answers
+    before, after = ans[:6], ans[-6:]
+    val = lambda w, i: w[i] | (w[i + 1] << 32)              # noqa: E731
+    busy, stalled, macs = (val(after, i) - val(before, i) for i in (0, 2, 4))
+    assert macs == m * (k // 16) * (n // 16) * 256
+    assert stalled < busy and busy - stalled == macs // 256
