@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/fidelity.py
+	$(BIN)/python benchmarks/array_efficiency.py
 
 clean:
 	rm -rf build .pytest_cache sim_build

@@ -53,6 +53,8 @@ def plan_gemm(config, m, k, n, mode):
         m_chunk = min(m, config.acc_depth, bank // k_tiles, bank // (MODE_WORDS[mode] * nt_chunk))
     if m_chunk < 1:
         raise ValueError(f"GEMM {m}x{k}x{n} does not fit a bank of {bank} words")
+    # equal chunks: a short last chunk would leave the array waiting on weight loads
+    m_chunk = -(-m // -(-m // m_chunk))
     return GemmPlan(m=m, k=k, n=n, mode=mode, k_tiles=k_tiles, n_tiles=n_tiles, m_chunk=m_chunk,
                     n_tiles_chunk=nt_chunk)
 

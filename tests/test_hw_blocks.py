@@ -1,0 +1,217 @@
+"""Each hardware block in Amaranth's simulator (async testbenches) against the contract's ref_* functions."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from amaranth.sim import Simulator
+
+from hw.array import SystolicArray
+from hw.bufpool import BufferPool
+from hw.isa import AcceleratorConfig, Error, Mode, Program, parse_status
+from hw.pe import ProcessingElement
+from hw.requant import Requantizer
+from hw.top import Accelerator
+from sw.compiler.gemm import gemm_program
+from sw.quant.ref import ref_gemm, ref_requant
+
+
+def simulate(dut, bench):
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+
+
+def test_pe_macs_the_selected_weight():
+    dut = ProcessingElement()
+    rng = random.Random(0)
+
+    async def bench(ctx):
+        w = [0, 0]
+        for step in range(300):
+            a, p, sel = rng.randint(-128, 127), rng.randint(-2**30, 2**30), rng.randint(0, 1)
+            we, bank, wd = rng.random() < 0.3, rng.randint(0, 1), rng.randint(-128, 127)
+            for sig, v in ((dut.a_in, a), (dut.psum_in, p), (dut.sel_in, sel), (dut.w_we, we),
+                           (dut.w_bank, bank), (dut.w_data, wd)):
+                ctx.set(sig, v)
+            await ctx.tick()
+            want = ref_gemm(torch.tensor([[a]], dtype=torch.int8), torch.tensor([[w[sel]]], dtype=torch.int8),
+                            torch.tensor([p], dtype=torch.int32)).item()
+            assert ctx.get(dut.psum_out) == want and ctx.get(dut.a_out) == a and ctx.get(dut.sel_out) == sel
+            if we:
+                w[bank] = wd
+    simulate(dut, bench)
+
+
+@pytest.mark.parametrize("rows, cols", [(2, 2), (3, 5), (4, 4)])
+def test_array_rows_come_out_after_exactly_latency_cycles(rows, cols):
+    dut = SystolicArray(rows, cols)
+    rng = np.random.default_rng(rows * 10 + cols)
+    weights = rng.integers(-128, 128, (2, rows, cols), dtype=np.int8)
+    inputs = [(rng.integers(-128, 128, rows, dtype=np.int8), rng.integers(-2**20, 2**20, cols, dtype=np.int32),
+               int(rng.integers(0, 2))) for _ in range(12)]
+    out_cycles, outs = [], []
+
+    async def bench(ctx):
+        for b in range(2):
+            for i in range(rows):
+                ctx.set(dut.w_we, 1)
+                ctx.set(dut.w_row, i)
+                ctx.set(dut.w_bank, b)
+                ctx.set(dut.w_data, [int(v) for v in weights[b, i]])
+                await ctx.tick()
+        ctx.set(dut.w_we, 0)
+        for t in range(len(inputs) + dut.latency + 2):
+            if t < len(inputs):
+                a, p, s = inputs[t]
+                ctx.set(dut.a, [int(v) for v in a])
+                ctx.set(dut.psum, [int(v) for v in p])
+                ctx.set(dut.sel, s)
+            ctx.set(dut.valid, t < len(inputs))
+            await ctx.tick()
+            if ctx.get(dut.out_valid):
+                out_cycles.append(t + 1)
+                outs.append([ctx.get(dut.out[j]) for j in range(cols)])
+    simulate(dut, bench)
+    want = [ref_gemm(torch.from_numpy(a[None]), torch.from_numpy(weights[s].T.copy()), torch.from_numpy(p))[0].tolist()
+            for a, p, s in inputs]
+    assert outs == want
+    # presented in cycle t (sampled at edge t + 1), out in cycle t + latency
+    assert out_cycles == [t + dut.latency for t in range(len(inputs))]
+
+
+def test_array_refuses_bad_shapes():
+    with pytest.raises(ValueError, match="rows"):
+        SystolicArray(1, 4)
+    with pytest.raises(ValueError, match="cols"):
+        SystolicArray(4, 33)
+
+
+def test_requantizer_matches_ref_requant():
+    lanes = 4
+    dut = Requantizer(lanes)
+    rng = random.Random(3)
+    rows = []
+    for _ in range(300):
+        acc = [rng.choice([rng.randint(-2**31, 2**31 - 1 - 2**20), rng.randint(-5000, 5000)]) for _ in range(lanes)]
+        bias = [rng.randint(-2**20, 0) if a > 0 else rng.randint(0, 2**20) for a in acc]
+        m0 = [rng.choice([rng.randint(0, 2**31 - 1), 2**31 - 1, 1 << 30]) for _ in range(lanes)]
+        shift = [rng.randint(0, 62) for _ in range(lanes)]
+        rows.append((acc, bias, m0, shift, rng.randint(0, 2)))
+    rows[0] = ([1, 3, -1, -3], [0] * 4, [1 << 30] * 4, [31] * 4, int(Mode.INT8))      # ties
+    got = []
+
+    async def bench(ctx):
+        for t in range(len(rows) + Requantizer.LATENCY + 1):
+            if t < len(rows):
+                acc, bias, m0, shift, mode = rows[t]
+                for sig, v in ((dut.acc, acc), (dut.bias, bias), (dut.m0, m0), (dut.shift, shift), (dut.mode, mode)):
+                    ctx.set(sig, v)
+            ctx.set(dut.valid, t < len(rows))
+            await ctx.tick()
+            if ctx.get(dut.out_valid):
+                got.append([ctx.get(dut.out[j]) for j in range(lanes)])
+    simulate(dut, bench)
+    want = []
+    for acc, bias, m0, shift, mode in rows:
+        s = torch.tensor([a + b for a, b in zip(acc, bias)], dtype=torch.int32)
+        want.append(s.tolist() if mode == Mode.INT32 else
+                    ref_requant(s, torch.tensor(m0), torch.tensor(shift), 8 if mode == Mode.INT8 else 16).tolist())
+    assert got == want
+    assert got[0] == [1, 2, 0, -1]
+
+
+def test_bufpool_banks_are_independent():
+    dut = BufferPool(16, 3, 16)
+    rng = random.Random(4)
+    model = [dict() for _ in range(3)]
+
+    async def bench(ctx):
+        for _ in range(300):
+            reads = []
+            for b in range(3):
+                port = dut.bank[b]
+                addr = rng.randrange(16)
+                ctx.set(port.r_en, 1)
+                ctx.set(port.r_addr, addr)
+                reads.append(model[b].get(addr, 0))
+                en, row = rng.randrange(16), rng.randrange(4)
+                data = [rng.getrandbits(16) for _ in range(4)]
+                ctx.set(port.w_en, en)
+                ctx.set(port.w_row, row)
+                ctx.set(port.w_data, data)
+                for s in range(4):
+                    if en >> s & 1:
+                        model[b][4 * row + s] = data[s]
+            await ctx.tick()
+            assert [ctx.get(dut.bank[b].r_data) for b in range(3)] == reads
+    simulate(dut, bench)
+
+
+async def exchange(ctx, dut, words, expect, max_cycles=20000):
+    out, idx = [], 0
+    ctx.set(dut.o.ready, 1)
+    for _ in range(max_cycles):
+        if idx >= len(words) and len(out) >= expect:
+            break
+        ctx.set(dut.i.valid, idx < len(words))
+        ctx.set(dut.i.payload, words[idx] if idx < len(words) else 0)
+        took, gave, word = ctx.get(dut.i.ready) and idx < len(words), ctx.get(dut.o.valid), ctx.get(dut.o.payload)
+        await ctx.tick()
+        idx += bool(took)
+        if gave:
+            out.append(word)
+    return out
+
+
+def test_accelerator_runs_a_gemm_and_reports_errors():
+    cfg = AcceleratorConfig(lanes=4, banks=3, bank_words=64, acc_depth=16)
+    dut = Accelerator(cfg)
+    rng = np.random.default_rng(5)
+    a = rng.integers(-128, 128, (6, 9), dtype=np.int8)
+    w = rng.integers(-128, 128, (7, 9), dtype=np.int8)
+    bias, m0, shift = rng.integers(-999, 999, 7), rng.integers(1 << 30, 1 << 31, 7), rng.integers(24, 30, 7)
+    prog, decode = gemm_program(cfg, a, w, bias, m0, shift, Mode.INT8)
+    errs = Program(cfg).matmul(0, 0, 0, 128, 1, 1, 1, Mode.INT8).sync()
+    got = []
+
+    async def bench(ctx):
+        got.extend(await exchange(ctx, dut, errs.words + prog.words, errs.expect + prog.expect))
+    simulate(dut, bench)
+    assert parse_status(got[0]) == Error.BANK
+    out, status = decode(got[1:])
+    assert parse_status(status) == Error(0)
+    acc = ref_gemm(torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(bias.astype(np.int32)))
+    assert np.array_equal(out, ref_requant(acc, torch.from_numpy(m0), torch.from_numpy(shift), 8).numpy())
+
+
+@pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
+def test_config_validation():
+    with pytest.raises(ValueError, match="lanes"):
+        AcceleratorConfig(lanes=6)
+    with pytest.raises(ValueError, match="banks"):
+        AcceleratorConfig(banks=2)
+    with pytest.raises(ValueError, match="bank_words"):
+        AcceleratorConfig(bank_words=100)
+    with pytest.raises(TypeError):
+        Accelerator(config={"lanes": 4})
+
+
+def test_payload_layouts():
+    cfg = AcceleratorConfig(lanes=4, banks=3, bank_words=64, acc_depth=16)
+    a = np.arange(2 * 6, dtype=np.int8).reshape(2, 6)
+    packed = cfg.pack_activations(a)             # 2 k-tiles x 2 rows, padded to 8 columns
+    assert packed.tolist() == [[0, 1, 2, 3], [6, 7, 8, 9], [4, 5, 0, 0], [10, 11, 0, 0]]
+    w = np.arange(5 * 3, dtype=np.int8).reshape(5, 3)
+    pw = cfg.pack_weights(w)                     # n-tile 0 then 1; each 4 rows: row i = W[n0 + j, i]
+    assert pw[0].tolist() == [0, 3, 6, 9] and pw[1].tolist() == [1, 4, 7, 10] and pw[3].tolist() == [0, 0, 0, 0]
+    assert pw[4].tolist() == [12, 0, 0, 0]
+    pp = cfg.pack_params([-1, 2], [5, 1 << 30], [3, 62])
+    assert pp.shape == (9, 4)
+    assert pp[:4].view(np.int32).ravel().tolist() == [-1, 2, 0, 0]
+    assert pp[4:8].view(np.uint32).ravel().tolist() == [5, 1 << 30, 0, 0]
+    assert pp[8].view(np.uint8).tolist() == [3, 62, 0, 0]
+    host = cfg.words_to_host(packed)
+    assert np.array_equal(cfg.words_from_host(host), packed)
