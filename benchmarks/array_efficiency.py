@@ -39,7 +39,7 @@ def main():
     from hw.isa import AcceleratorConfig, Error, Mode, Program, parse_status
     from sim.fastsim import FastSim
     from sw.compiler.gemm import gemm_program
-    from sw.quant.ref import ref_gemm, ref_requant
+    from sw.quant.ref import ref_matmul
 
     cfg = AcceleratorConfig(lanes=args.lanes, banks=4, bank_words=16384, acc_depth=512)
     t0 = time.perf_counter()
@@ -64,8 +64,8 @@ def main():
             before, after = res.answers[:6], res.answers[-6:]
             busy = (after[0] | after[1] << 32) - (before[0] | before[1] << 32)
             out, status = decode(res.answers[6:-6])
-            acc = ref_gemm(torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(bias.astype(np.int32)))
-            want = ref_requant(acc, torch.from_numpy(m0), torch.from_numpy(shift), 8).numpy()
+            want = ref_matmul(torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(bias.astype(np.int32)),
+                              torch.from_numpy(m0), torch.from_numpy(shift), 8).numpy()
             if parse_status(status) != Error(0) or not np.array_equal(out, want):
                 raise SystemExit(f"{model} {name}: result differs from the integer reference")
             eff = m * k * n / (cfg.lanes * cfg.lanes * busy)

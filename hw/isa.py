@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ISA_VERSION", "Opcode", "Mode", "Error", "STATUS_MAGIC", "ARG_WORDS", "MODE_WORDS",
+__all__ = ["ISA_VERSION", "Opcode", "Mode", "Error", "STATUS_MAGIC", "ARG_WORDS", "MODE_WORDS", "MODE_BITS",
            "PARAM_WORDS_PER_LANE_GROUP", "AcceleratorConfig", "Program"]
 
 ISA_VERSION = 1
@@ -47,6 +47,7 @@ class Mode(enum.IntEnum):
 
 
 MODE_WORDS = {Mode.INT8: 1, Mode.INT16: 2, Mode.INT32: 4}   # pool words per output row
+MODE_BITS = {Mode.INT8: 8, Mode.INT16: 16, Mode.INT32: None}   # saturation width; None: no requant
 
 
 class Error(enum.IntFlag):

@@ -10,9 +10,9 @@ import torch
 from cocotb.clock import Clock
 from cocotb.triggers import FallingEdge, ReadOnly
 
-from hw.isa import AcceleratorConfig, Error, Mode, Program, header, parse_status
+from hw.isa import MODE_BITS, AcceleratorConfig, Error, Mode, Program, header, parse_status
 from sw.compiler.gemm import gemm_program
-from sw.quant.ref import ref_gemm, ref_requant
+from sw.quant.ref import ref_matmul
 
 CONFIG = AcceleratorConfig(**{k: int(os.environ[f"AMBERT_{k.upper()}"])
                               for k in ("lanes", "banks", "bank_words", "acc_depth")})
@@ -53,10 +53,8 @@ async def exchange(dut, words, expect, send, take):
 
 
 def golden(a, w, bias, m0, shift, mode):
-    acc = ref_gemm(torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(bias.astype(np.int32)))
-    if mode == Mode.INT32:
-        return acc.numpy()
-    return ref_requant(acc, torch.from_numpy(m0), torch.from_numpy(shift), 8 if mode == Mode.INT8 else 16).numpy()
+    return ref_matmul(torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(bias.astype(np.int32)),
+                      torch.from_numpy(m0), torch.from_numpy(shift), MODE_BITS[mode]).numpy()
 
 
 async def reset(dut):

@@ -7,6 +7,7 @@ from hw.bufpool import BufferPool
 from hw.isa import AcceleratorConfig
 from hw.pe import ProcessingElement
 from hw.requant import Requantizer
+from hw.sequencer import Sequencer
 from hw.top import Accelerator
 from sim.cocotb_runner import run_bench
 
@@ -33,6 +34,12 @@ def test_requant(lanes):
 
 def test_bufpool():
     check(run_bench(BufferPool(32, 3, 64), "bufpool", "bufpool_tb", dict(banks=3, words=64, bits=32), "bufpool"))
+
+
+def test_sequencer():
+    cfg = AcceleratorConfig(lanes=8, banks=4, bank_words=256, acc_depth=32)
+    params = dict(lanes=cfg.lanes, banks=cfg.banks, bank_words=cfg.bank_words, acc_depth=cfg.acc_depth)
+    check(run_bench(Sequencer(cfg), "sequencer", "sequencer_tb", params, "sequencer"))
 
 
 @pytest.mark.parametrize("lanes", [4, 8])

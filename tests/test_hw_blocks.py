@@ -82,6 +82,7 @@ def test_array_rows_come_out_after_exactly_latency_cycles(rows, cols):
     assert out_cycles == [t + dut.latency for t in range(len(inputs))]
 
 
+@pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
 def test_array_refuses_bad_shapes():
     with pytest.raises(ValueError, match="rows"):
         SystolicArray(1, 4)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from hw.isa import AcceleratorConfig, Error, Mode, Program, header, parse_status
+from hw.isa import MODE_BITS, AcceleratorConfig, Error, Mode, Program, header, parse_status
 from sim.fastsim import FastSim
 from sw.compiler.gemm import gemm_program
-from sw.quant.ref import ref_gemm, ref_requant
+from sw.quant.ref import ref_matmul
 
 CONFIGS = {
     4: AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128),
@@ -28,10 +28,8 @@ def device16():
 
 
 def reference(a, w, bias, m0, shift, mode):
-    acc = ref_gemm(torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(bias.astype(np.int32)))
-    if mode == Mode.INT32:
-        return acc.numpy()
-    return ref_requant(acc, torch.from_numpy(m0), torch.from_numpy(shift), 8 if mode == Mode.INT8 else 16).numpy()
+    return ref_matmul(torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(bias.astype(np.int32)),
+                      torch.from_numpy(m0), torch.from_numpy(shift), MODE_BITS[mode]).numpy()
 
 
 def run_gemm(sim, a, w, bias, m0, shift, mode):

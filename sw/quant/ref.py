@@ -19,7 +19,7 @@ import torch
 __all__ = [
     "INT8_MIN", "INT8_MAX", "INT16_MIN", "INT16_MAX", "INT32_MIN", "INT32_MAX",
     "rshift_round", "saturate", "isqrt",
-    "ref_gemm", "ref_requant",
+    "ref_gemm", "ref_requant", "ref_matmul",
     "GeluParams", "ref_gelu",
     "SoftmaxParams", "ref_softmax",
     "LayerNormParams", "ref_layernorm",
@@ -144,6 +144,13 @@ def ref_requant(acc, m0, shift, bits=8):
     if bool(((shift < 0) | (shift > 62)).any()):
         raise ValueError("requant shift must be in [0, 62]")
     return saturate(rshift_round(acc.to(torch.int64) * m0, shift), bits)
+
+
+def ref_matmul(a, w, bias, m0, shift, bits):
+    """What one MATMUL instruction computes: ``ref_requant(ref_gemm(a, w, bias), m0, shift, bits)``, or
+    with ``bits=None`` the int32 accumulator itself (the hardware's bypass)."""
+    acc = ref_gemm(a, w, bias)
+    return acc if bits is None else ref_requant(acc, m0, shift, bits)
 
 
 # --- GELU ---------------------------------------------------------------------------------------------
