@@ -89,18 +89,32 @@ def _similarity_table(names, sim):
 
 
 def cmd_run(args):
-    from sw.quant.hf import load_tokenizer
-    device = _torch_device(args.device)
+    import torch
+    from sw.quant.hf import encode, load_bert, load_tokenizer, mean_pool
+    from sw.runtime import OffloadedBert, device_chain
     qm = _load_or_quantize(args.artifact, args.model)
     tok = load_tokenizer(args.model)
     if tok.vocab_size != qm.config["vocab"]:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but {args.artifact} was quantized for "
                          f"{qm.config['vocab']}: pass the --model the artifact came from")
+    enc = encode(tok, args.sentences, max_length=qm.config["max_positions"])
+    if args.device == "sim":
+        print("building / loading the Verilated accelerator (first run: a few minutes)...", file=sys.stderr)
+    model_cfg = load_bert(args.model).config if args.model else None
+    mod = OffloadedBert(qm, model_cfg, device_chain(args.device))
     t0 = time.perf_counter()
-    _, emb, enc = _embed(qm, tok, args.sentences, device)
+    with torch.no_grad():
+        hidden = mod(**enc).last_hidden_state
     dt = time.perf_counter() - t0
-    print(f"device {device}: {len(args.sentences)} sentences, {int(enc['attention_mask'].sum())} tokens, "
-          f"{dt * 1e3:.0f} ms")
+    emb = mean_pool(hidden, enc["attention_mask"])
+    st = mod.last_stats
+    ran = ", ".join(f"{n}: {k} GEMMs" for n, k in st.ops.items()) or "cpu"
+    print(f"device {args.device} ({ran}): {len(args.sentences)} sentences, "
+          f"{int(enc['attention_mask'].sum())} tokens, {dt * 1e3:.0f} ms wall")
+    if st.cycles:
+        print(f"accelerator: {st.cycles:,} cycles ({st.busy_cycles:,} computing), array efficiency "
+              f"{st.efficiency:.1%}, {st.host_words * 4 / 2**20:.1f} MiB over the host link, "
+              f"{st.latency_s(100e6) * 1e3:.1f} ms modeled at 100 MHz")
     print("cosine similarity of the integer model's embeddings:")
     print(_similarity_table(args.sentences, emb @ emb.T))
     return 0
@@ -158,7 +172,8 @@ def build_parser():
     r.add_argument("sentences", nargs="+")
     r.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT)
     r.add_argument("--model", type=Path, help="model folder the artifact came from (for its tokenizer)")
-    r.add_argument("--device", default="auto", help="cpu, gpu or auto (default)")
+    r.add_argument("--device", default="auto",
+                   help="sim (the Verilated accelerator), gpu, cpu, or auto (default: GPU if present, else CPU)")
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="quantize the bundled MiniLM and compare it with FP32")
@@ -176,6 +191,7 @@ def main(argv=None):
     try:
         return args.func(args)
     except (ArtifactError, ModelError, InputError, ValueError, FileNotFoundError, RuntimeError) as e:
+        # DeviceError is a RuntimeError: a device that fails with no fallback left lands here too
         print(f"ambert: error: {e}", file=sys.stderr)
         return 2
 

@@ -30,3 +30,13 @@ def test_minilm_cuda_equals_cpu(minilm, eval_sentences):
     cpu = qm.forward_int(enc["input_ids"], enc["attention_mask"])
     gpu = qm.to("cuda").forward_int(enc["input_ids"].cuda(), enc["attention_mask"].cuda())
     assert torch.equal(gpu.cpu(), cpu)
+
+
+def test_gpu_runtime_equals_cpu(minilm, eval_sentences):
+    from sw.runtime import offload
+    qm, model, tok = minilm
+    enc = encode(tok, eval_sentences[:16])
+    mod = offload(model, device="gpu", quantized=qm)
+    out = mod(**enc).last_hidden_state
+    assert torch.equal(out, qm.forward(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]))
+    assert mod.last_stats.ops == {"gpu": qm.config["layers"]}

@@ -82,7 +82,6 @@ def test_array_rows_come_out_after_exactly_latency_cycles(rows, cols):
     assert out_cycles == [t + dut.latency for t in range(len(inputs))]
 
 
-@pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
 def test_array_refuses_bad_shapes():
     with pytest.raises(ValueError, match="rows"):
         SystolicArray(1, 4)
@@ -188,7 +187,6 @@ def test_accelerator_runs_a_gemm_and_reports_errors():
     assert np.array_equal(out, ref_requant(acc, torch.from_numpy(m0), torch.from_numpy(shift), 8).numpy())
 
 
-@pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
 def test_config_validation():
     with pytest.raises(ValueError, match="lanes"):
         AcceleratorConfig(lanes=6)

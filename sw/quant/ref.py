@@ -328,39 +328,44 @@ def _split_heads(x, heads):
     return x.reshape(b, t, heads, c // heads).transpose(1, 2)
 
 
-def ref_attention(x8, p, mask=None, trace=None):
+def ref_attention(x8, p, mask=None, trace=None, matmul=ref_matmul):
     """Self-attention of int8 ``x8`` [B, T, C] up to the int8 context [B, T, C] (before the output GEMM).
 
     ``mask`` is bool [B, T], True for real tokens. ``trace``, a dict, receives the intermediate tensors.
+    ``matmul`` runs every GEMM-plus-requant step (default :func:`ref_matmul`); a backend passes its own,
+    which must return the same bits.
     """
-    q = ref_requant(ref_gemm(x8, p.wq, p.bq), p.q_m0, p.q_shift)
-    k = ref_requant(ref_gemm(x8, p.wk, p.bk), p.k_m0, p.k_shift)
-    v = ref_requant(ref_gemm(x8, p.wv, p.bv), p.v_m0, p.v_shift)
+    q = matmul(x8, p.wq, p.bq, p.q_m0, p.q_shift, 8)
+    k = matmul(x8, p.wk, p.bk, p.k_m0, p.k_shift, 8)
+    v = matmul(x8, p.wv, p.bv, p.v_m0, p.v_shift, 8)
     qh, kh, vh = (_split_heads(t, p.heads) for t in (q, k, v))
-    scores = ref_requant(ref_gemm(qh, kh), p.score_m0, p.score_shift, bits=16)
+    scores = matmul(qh, kh, None, p.score_m0, p.score_shift, 16)
     probs = ref_softmax(scores, p.softmax, None if mask is None else mask[:, None, None, :])
-    pv = ref_gemm(probs, vh.transpose(-1, -2))
-    b, h, t, d = pv.shape
-    ctx = ref_requant(pv.transpose(1, 2).reshape(b, t, h * d), p.ctx_m0, p.ctx_shift)
+    b, h, t, d = vh.shape
+    # the context's per-channel constants, per head: channel h*d + j of the merged context
+    ctx = matmul(probs, vh.transpose(-1, -2).contiguous(), None, p.ctx_m0.view(h, 1, d),
+                 p.ctx_shift.view(h, 1, d), 8)
+    ctx = ctx.transpose(1, 2).reshape(b, t, h * d)
     if trace is not None:
         trace.update(q=q, k=k, v=v, score=scores, probs=probs, ctx=ctx)
     return ctx
 
 
-def ref_layer(x8, x16, p, mask=None, trace=None):
+def ref_layer(x8, x16, p, mask=None, trace=None, matmul=ref_matmul):
     """Run one encoder layer on the integer stream; return the next ``(x8, x16)``.
 
     ``x8`` int8 [B, T, C] feeds the GEMMs; ``x16`` int16 [B, T, C] is the same hidden state at the
     residual scale of this layer's first add. ``mask`` is bool [B, T], True for real tokens. ``trace``,
-    a dict, receives every intermediate tensor (for fidelity reports and debugging hardware).
+    a dict, receives every intermediate tensor (for fidelity reports and debugging hardware). ``matmul``
+    is as in :func:`ref_attention`.
     """
-    ctx = ref_attention(x8, p, mask, trace)
-    attn = ref_requant(ref_gemm(ctx, p.wo, p.bo), p.o_m0, p.o_shift, bits=16)
+    ctx = ref_attention(x8, p, mask, trace, matmul)
+    attn = matmul(ctx, p.wo, p.bo, p.o_m0, p.o_shift, 16)
     sum1 = attn.to(torch.int32) + x16.to(torch.int32)
     h8, h16 = ref_layernorm(sum1, [p.ln1_x8, p.ln1_x16])
-    f1 = ref_requant(ref_gemm(h8, p.w1, p.b1), p.f1_m0, p.f1_shift, bits=16)
+    f1 = matmul(h8, p.w1, p.b1, p.f1_m0, p.f1_shift, 16)
     g = ref_requant(ref_gelu(f1, p.gelu), p.g_m0, p.g_shift)
-    f2 = ref_requant(ref_gemm(g, p.w2, p.b2), p.f2_m0, p.f2_shift, bits=16)
+    f2 = matmul(g, p.w2, p.b2, p.f2_m0, p.f2_shift, 16)
     sum2 = f2.to(torch.int32) + h16.to(torch.int32)
     x8, x16 = ref_layernorm(sum2, [p.ln2_x8, p.ln2_x16])
     if trace is not None:

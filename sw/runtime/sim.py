@@ -1,0 +1,91 @@
+"""The simulated accelerator: every GEMM + requant of a layer runs on the Verilated top (sim/fastsim.py);
+softmax, GELU and LayerNorm run on the host, exactly as the contract's ``ref_layer`` orders them."""
+
+import subprocess
+
+import numpy as np
+import torch
+
+from hw.isa import MODE_BITS, AcceleratorConfig, Error, Mode, Program, parse_status
+from sw.compiler.gemm import gemm_program
+
+from .base import Device, DeviceError, DeviceUnsupported
+
+__all__ = ["SimDevice", "DEFAULT_CONFIG"]
+
+# The simulated device: a 16x16 array (the size the ECP5 boards aim at), four banks of 256 KiB.
+DEFAULT_CONFIG = AcceleratorConfig(lanes=16, banks=4, bank_words=16384, acc_depth=512)
+_BITS_MODE = {bits: mode for mode, bits in MODE_BITS.items()}
+
+
+def _as_numpy(t):
+    return t.detach().cpu().numpy()
+
+
+class SimDevice(Device):
+    name = "sim"
+
+    def __init__(self, config=DEFAULT_CONFIG, sim=None):
+        super().__init__()
+        self.config = config
+        if sim is None:
+            from sim.fastsim import FastSim
+            sim = FastSim(config)
+        self.sim = sim
+        self.stats.array_macs_per_cycle = config.lanes * config.lanes
+
+    def matmul(self, a, w, bias, m0, shift, bits):
+        if w.dim() == 2 and a.dim() > 2 and torch.as_tensor(m0).dim() <= 1 and torch.as_tensor(shift).dim() <= 1:
+            # shared weights (a projection): every token is a row of one GEMM, weights loaded once
+            out = self.matmul(a.reshape(-1, a.shape[-1]), w, bias, m0, shift, bits)
+            return out.reshape(*a.shape[:-1], w.shape[0])
+        mode = _BITS_MODE[bits]
+        batch = torch.broadcast_shapes(a.shape[:-2], w.shape[:-2])
+        m, n = a.shape[-2], w.shape[-2]
+        out_shape = (*batch, m, n)
+        a_b = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+        w_b = w.expand(*batch, *w.shape[-2:]).reshape(-1, *w.shape[-2:])
+        # the requant constants may differ per batch entry (per head) but never along M
+        m0_b = torch.as_tensor(m0, dtype=torch.int64).expand(out_shape).reshape(-1, m, n)[:, 0]
+        sh_b = torch.as_tensor(shift, dtype=torch.int64).expand(out_shape).reshape(-1, m, n)[:, 0]
+        bias_np = np.zeros(n, dtype=np.int64) if bias is None else _as_numpy(bias).astype(np.int64)
+        programs = []
+        words = Program(self.config).counters().words
+        expect = 6
+        try:
+            for i in range(a_b.shape[0]):
+                prog, decode = gemm_program(self.config, _as_numpy(a_b[i]), _as_numpy(w_b[i]), bias_np,
+                                            _as_numpy(m0_b[i]), _as_numpy(sh_b[i]), mode)
+                programs.append((prog.expect, decode))
+                words += prog.words
+                expect += prog.expect
+        except ValueError as e:
+            raise DeviceUnsupported(str(e)) from None
+        words += Program(self.config).counters().words
+        expect += 6
+        answers = self._run(words, expect)
+        outs, pos = [], 6
+        for count, decode in programs:
+            out, status = decode(answers[pos:pos + count])
+            flags = parse_status(status)
+            if flags != Error(0):
+                raise DeviceError(f"device reported {flags!r}")
+            outs.append(torch.from_numpy(np.ascontiguousarray(out)))
+            pos += count
+        before, after = answers[:6], answers[-6:]
+        busy = (after[0] | after[1] << 32) - (before[0] | before[1] << 32)
+        self.stats.busy_cycles += busy
+        self.stats.macs += int(np.prod(out_shape)) * a.shape[-1]
+        self.stats.host_words += len(words) + len(answers)
+        return torch.stack(outs).reshape(out_shape)
+
+    def _run(self, words, expect):
+        from sim.fastsim import SimHang
+        try:
+            result = self.sim.run(words, expect)
+        except (SimHang, subprocess.CalledProcessError, OSError) as e:
+            raise DeviceError(f"simulated device: {e}") from None
+        if len(result.answers) != expect:
+            raise DeviceError(f"simulated device answered {len(result.answers)} words, expected {expect}")
+        self.stats.cycles += result.cycles
+        return result.answers

@@ -1,0 +1,110 @@
+"""The runtime: the simulated accelerator runs the quantized model bit-exactly; operations it cannot take,
+and faults while it runs, fall back to the CPU reference with a warning and the same bits."""
+
+import subprocess
+
+import pytest
+import torch
+
+from hw.isa import AcceleratorConfig
+from sim.fastsim import FastSim, SimHang
+from sw.quant.hf import encode
+from sw.runtime import DeviceError, OffloadedBert, Runner, offload
+from sw.runtime.cpu import CpuDevice
+from sw.runtime.sim import SimDevice
+
+SMALL = AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128)   # built by the top tests too
+TINY_POOL = AcceleratorConfig(lanes=4, banks=3, bank_words=64, acc_depth=32)
+
+
+def reference(qm, enc):
+    return qm.forward(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+
+
+def run(qm, model, devices, enc):
+    mod = OffloadedBert(qm, model.config, devices)
+    return mod(**enc).last_hidden_state, mod
+
+
+def test_minilm_on_the_simulated_accelerator_is_bit_exact(minilm):
+    qm, model, tok = minilm
+    enc = encode(tok, ["The quick brown fox jumps over the lazy dog.", "Hello there!"])
+    mod = offload(model, device="sim", quantized=qm)
+    out = mod(**enc).last_hidden_state
+    assert torch.equal(out, reference(qm, enc))
+    stats = mod.last_stats
+    assert stats.ops == {"sim": 8 * qm.config["layers"]}            # every GEMM ran on the device
+    assert stats.busy_cycles > 0 and stats.cycles > stats.busy_cycles and 0 < stats.efficiency <= 1
+
+
+def test_operations_too_large_for_the_pool_fall_back(tiny):
+    qm, model, tok = tiny
+    enc = encode(tok, ["the cat sat on the mat", "what is my name"])
+    with pytest.warns(RuntimeWarning, match="cannot take"):
+        out, mod = run(qm, model, [SimDevice(TINY_POOL), CpuDevice()], enc)
+    assert torch.equal(out, reference(qm, enc))
+    ops = mod.last_stats.ops
+    assert ops["sim"] > 0 and ops["cpu"] > 0         # projections fit the pool, FFN2 (K=64) does not
+
+
+class FaultySim:
+    """A FastSim that fails on chosen calls: a hang, a dead process, or an error status in its answer."""
+
+    def __init__(self, config, faults):
+        self.real = FastSim(config)
+        self.config = config
+        self.faults = dict(faults)
+        self.calls = 0
+
+    def run(self, words, expect, **kw):
+        self.calls += 1
+        fault = self.faults.get(self.calls)
+        if fault == "hang":
+            raise SimHang("device went idle (injected)")
+        if fault == "dead":
+            raise subprocess.CalledProcessError(-9, "Vtop")
+        result = self.real.run(words, expect, **kw)
+        if fault == "status":
+            result.answers[-7] = (0xA5 << 24) | 0x2      # the GEMM's SYNC now reports ADDRESS
+        return result
+
+
+@pytest.mark.parametrize("fault", ["hang", "dead", "status"])
+def test_device_faults_mid_run_fall_back_with_the_same_bits(tiny, fault):
+    qm, model, tok = tiny
+    enc = encode(tok, ["the quick brown fox", "jumps over the lazy dog"])
+    sim = SimDevice(SMALL, sim=FaultySim(SMALL, {3: fault, 7: fault}))
+    with pytest.warns(RuntimeWarning, match="failed"):
+        out, mod = run(qm, model, [sim, CpuDevice()], enc)
+    assert torch.equal(out, reference(qm, enc))
+    assert mod.last_stats.ops["cpu"] == 2
+
+
+def test_a_lone_device_that_fails_raises(tiny):
+    qm, _, tok = tiny
+    enc = encode(tok, ["the cat"])
+    sim = SimDevice(SMALL, sim=FaultySim(SMALL, {1: "hang"}))
+    runner = Runner([sim])
+    with pytest.raises(DeviceError, match="injected"):
+        qm.forward_int(enc["input_ids"], enc["attention_mask"], layer_fn=runner.layer_fn(qm.layers))
+
+
+def test_drop_in_under_sentence_transformers(minilm):
+    from sentence_transformers import SentenceTransformer
+    from sw.quant.hf import bundled_model_dir
+    qm, model, tok = minilm
+    st = SentenceTransformer(str(bundled_model_dir()), device="cpu")
+    fp32 = st.encode(["A man is playing a guitar.", "Someone plays an instrument."], convert_to_tensor=True)
+    # sentence-transformers 6 keeps the Hugging Face model in `.model` (`.auto_model` is a read-only alias)
+    st[0].model = offload(st[0].model, device="cpu", quantized=qm)
+    tokens = st.encode(["A man is playing a guitar."], output_value="token_embeddings")[0]
+    enc = encode(tok, ["A man is playing a guitar."])
+    assert torch.equal(tokens, reference(qm, enc)[0])
+    emb = st.encode(["A man is playing a guitar.", "Someone plays an instrument."], convert_to_tensor=True)
+    assert float(torch.nn.functional.cosine_similarity(emb, fp32).min()) > 0.99    # measured fidelity
+
+
+def test_unknown_device():
+    from sw.runtime import get_device
+    with pytest.raises(ValueError, match="unknown device"):
+        get_device("tpu")
