@@ -1,16 +1,17 @@
 """The fast simulated device: the Verilated accelerator top driven by a C++ clock loop (sim/harness.cpp).
 
-``FastSim(config)`` builds the model once — cached under ``build/sim/<hash>`` by a hash of the hardware
-sources, the configuration, the harness and the build flags — and ``run(words, expect)`` sends an instruction stream
-and returns the answer words and the cycle count. Python never touches a single cycle.
+``FastSim(config)`` builds the model once — a shared library cached under ``build/sim/<hash>`` by a hash
+of the hardware sources, the configuration, the harness and the build flags — and loads it with ctypes.
+``run(words, expect)`` sends an instruction stream and returns the answer words and the cycle count;
+Python never touches a single cycle. The device persists between runs, as a board does: the pool keeps
+its contents, and ``reset()`` pulses the reset (after a hang, say).
 """
 
+import ctypes
 import hashlib
 import os
 import re
-import struct
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,41 +57,74 @@ def _source_key(config, flags):
 
 
 class FastSim:
+    _handle = None
     def __init__(self, config, waves=False, build_root=None):
         self.config = config
         self.waves = waves
         flags = VERILATOR_FLAGS + (["--trace-fst", "-CFLAGS", "-DAMBERT_WAVES"] if waves else [])
         self.dir = Path(build_root or ROOT / "build" / "sim") / _source_key(config, flags)
-        self.binary = self.dir / "obj_dir" / "Vtop"
-        if not self.binary.exists():
+        self.library = self.dir / "obj_dir" / "libambert_sim.so"
+        if not self.library.exists():
             self._build(verilog_of(config), flags)
+        self._lib = lib = ctypes.CDLL(str(self.library))
+        u64, u64p, vp = ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p
+        lib.ambert_open.restype, lib.ambert_open.argtypes = vp, [ctypes.c_char_p]
+        lib.ambert_run.restype = ctypes.c_int
+        lib.ambert_run.argtypes = [vp, ctypes.POINTER(ctypes.c_uint32), u64, u64, u64, u64, u64p, u64p, u64p]
+        lib.ambert_fetch.argtypes = [vp, ctypes.POINTER(ctypes.c_uint32)]
+        lib.ambert_reset.argtypes = lib.ambert_close.argtypes = [vp]
+        self.waves_path = None
+        self._handle = None
+        self.cycles = 0          # since the model was opened
 
     def _build(self, text, flags):
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "top.v").write_text(text)
         jobs = str(max(1, os.cpu_count() or 1))
-        cmd = ["verilator", "--cc", "--exe", "--build", "-j", jobs, *flags, "top.v", str(HARNESS),
-               "-o", "Vtop"]
+        cmd = ["verilator", "--cc", "--exe", "--build", "-j", jobs, *flags, "-CFLAGS", "-fPIC",
+               "-LDFLAGS", "-shared", "top.v", str(HARNESS), "-o", "libambert_sim.so"]
         run = subprocess.run(cmd, cwd=self.dir, env=verilator_env(), capture_output=True, text=True)
-        if run.returncode != 0 or not self.binary.exists():
+        if run.returncode != 0 or not self.library.exists():
             raise RuntimeError(f"Verilator build failed in {self.dir}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
 
-    def run(self, words, expect, max_cycles=2_000_000_000, idle_limit=10_000, waves_path=None):
+    def open(self, waves_path=None):
+        """Start the device (done by the first ``run``); ``waves_path`` dumps an FST of every cycle."""
+        if waves_path and not self.waves:
+            raise ValueError("build the FastSim with waves=True to dump a waveform")
+        self.close()
+        self._handle = self._lib.ambert_open(str(waves_path).encode() if waves_path else None)
+        self.waves_path = waves_path
+        return self
+
+    def reset(self):
+        if self._handle is None:
+            self.open()
+        self._lib.ambert_reset(self._handle)
+
+    def close(self):
+        if self._handle is not None:
+            self._lib.ambert_close(self._handle)
+            self._handle = None
+
+    def __del__(self):
+        self.close()
+
+    def run(self, words, expect, max_cycles=2_000_000_000, idle_limit=10_000):
         """Send ``words``; wait for ``expect`` answers. Raises :class:`SimHang` if the device stops."""
-        with tempfile.TemporaryDirectory() as tmp:
-            src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
-            src.write_bytes(struct.pack(f"<{len(words)}I", *words))
-            args = [str(self.binary), str(src), str(dst), str(expect), str(max_cycles), str(idle_limit)]
-            if waves_path:
-                if not self.waves:
-                    raise ValueError("build the FastSim with waves=True to dump a waveform")
-                args.append(str(waves_path))
-            subprocess.run(args, check=True)
-            raw = dst.read_bytes()
-        status, taken, cycles, n = struct.unpack_from("<IIQI", raw)
-        answers = list(struct.unpack_from(f"<{n}I", raw, 20))
+        import numpy as np
+        if self._handle is None:
+            self.open()
+        buf = np.ascontiguousarray(words, dtype=np.uint32)
+        cycles, taken, count = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64()
+        status = self._lib.ambert_run(self._handle, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), len(buf),
+                                      expect, max_cycles, idle_limit, ctypes.byref(cycles), ctypes.byref(taken),
+                                      ctypes.byref(count))
+        answers = np.zeros(count.value, dtype=np.uint32)
+        if count.value:
+            self._lib.ambert_fetch(self._handle, answers.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)))
+        self.cycles += cycles.value
         if status:
             why = "ran out of cycles" if status == 1 else f"went idle for {idle_limit} cycles"
-            raise SimHang(f"device {why} after {cycles} cycles: took {taken}/{len(words)} words, "
-                          f"answered {n}/{expect}")
-        return SimResult(answers=answers, cycles=cycles, taken=taken)
+            raise SimHang(f"device {why} after {cycles.value} cycles: took {taken.value}/{len(buf)} words, "
+                          f"answered {count.value}/{expect}")
+        return SimResult(answers=answers.tolist(), cycles=cycles.value, taken=taken.value)

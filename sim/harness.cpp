@@ -1,87 +1,139 @@
-// Clock loop for the Verilated accelerator top: no Python per cycle.
+// The fast simulated device: the Verilated accelerator top with its clock loop in C++, as a shared
+// library that Python drives through ctypes (sim/fastsim.py). The model lives between calls, like a
+// board: pool contents and counters persist; ambert_reset() pulses the reset.
 //
-//   harness IN OUT EXPECT MAX_CYCLES IDLE_LIMIT [WAVES.fst]
-//
-// IN holds the little-endian 32-bit words to send on the `i` stream. The loop runs until every input word
-// was taken, at least EXPECT answer words came out of `o`, and the device has been quiet (no transfer,
-// not busy) for 16 cycles; or until MAX_CYCLES; or until IDLE_LIMIT quiet cycles before that (a hang).
-// OUT gets:
-//   u32 status (0 done, 1 max cycles, 2 idle/hang), u32 words taken, u64 cycles, u32 n, n x u32 answers.
+// ambert_run sends n_in words on the `i` stream and collects answers from `o` until every word was taken,
+// at least `expect` answers came, and the device has been quiet (no transfer, not busy) for 16 cycles.
+// It stops early after max_cycles (returns 1) or after idle_limit quiet cycles before that (a hang,
+// returns 2). ambert_fetch copies the answers out.
 #include <cstdint>
-#include <cstdio>
+#include <cstring>
 #include <memory>
 #include <vector>
 
 #include "Vtop.h"
 #include "verilated.h"
-// Amaranth joins interface members with "__", which Verilator escapes as "___05F".
 #ifdef AMBERT_WAVES
 #include "verilated_fst_c.h"
 #endif
 
-static std::vector<uint32_t> read_words(const char *path) {
-    std::vector<uint32_t> words;
-    FILE *f = std::fopen(path, "rb");
-    if (!f) { std::perror(path); std::exit(3); }
-    uint32_t w;
-    while (std::fread(&w, 4, 1, f) == 1) words.push_back(w);
-    std::fclose(f);
-    return words;
-}
+// Amaranth joins interface members with "__", which Verilator escapes as "___05F".
+#define I_VALID i___05Fvalid
+#define I_READY i___05Fready
+#define I_PAYLOAD i___05Fpayload
+#define O_VALID o___05Fvalid
+#define O_READY o___05Fready
+#define O_PAYLOAD o___05Fpayload
 
-int main(int argc, char **argv) {
-    if (argc < 6) { std::fprintf(stderr, "usage: %s IN OUT EXPECT MAX_CYCLES IDLE_LIMIT [WAVES]\n", argv[0]); return 3; }
-    std::vector<uint32_t> in = read_words(argv[1]);
-    uint64_t expect = std::strtoull(argv[3], nullptr, 10);
-    uint64_t max_cycles = std::strtoull(argv[4], nullptr, 10);
-    uint64_t idle_limit = std::strtoull(argv[5], nullptr, 10);
-
-    auto ctx = std::make_unique<VerilatedContext>();
-    auto top = std::make_unique<Vtop>(ctx.get());
+struct Device {
+    std::unique_ptr<VerilatedContext> ctx;
+    std::unique_ptr<Vtop> top;
 #ifdef AMBERT_WAVES
     std::unique_ptr<VerilatedFstC> tfp;
-    if (argc > 6) { ctx->traceEverOn(true); tfp = std::make_unique<VerilatedFstC>(); top->trace(tfp.get(), 99); tfp->open(argv[6]); }
 #endif
-    std::vector<uint32_t> out;
-    uint64_t cycle = 0, idle = 0, taken = 0;
-    uint32_t status = 0;
-    top->rst = 1; top->clk = 0; top->i___05Fvalid = 0; top->o___05Fready = 0;
-    for (int k = 0; k < 4; k++) { top->clk = 1; top->eval(); top->clk = 0; top->eval(); }
-    top->rst = 0;
-    for (;;) {
-        bool more = taken < in.size();
-        top->i___05Fvalid = more;
-        top->i___05Fpayload = more ? in[taken] : 0;
-        top->o___05Fready = 1;
+    uint64_t time = 0;
+    std::vector<uint32_t> answers;
+
+    void edge() {
+        // the rising edge, then the falling edge; every input is set before this and every output this
+        // loop reads (ready, valid, payload) depends on registers only, so two evaluations a cycle suffice
+        top->clk = 1;
         top->eval();
-        bool took = more && top->i___05Fready;
-        bool gave = top->o___05Fvalid;
-        uint32_t answer = top->o___05Fpayload;
-        top->clk = 1; top->eval();
 #ifdef AMBERT_WAVES
-        if (tfp) tfp->dump(2 * cycle + 1);
+        if (tfp) tfp->dump(time);
 #endif
-        top->clk = 0; top->eval();
+        time++;
+        top->clk = 0;
+        top->eval();
 #ifdef AMBERT_WAVES
-        if (tfp) tfp->dump(2 * cycle + 2);
+        if (tfp) tfp->dump(time);
 #endif
+        time++;
+    }
+};
+
+extern "C" {
+
+void *ambert_open(const char *waves) {
+    auto *d = new Device;
+    d->ctx = std::make_unique<VerilatedContext>();
+    d->top = std::make_unique<Vtop>(d->ctx.get());
+#ifdef AMBERT_WAVES
+    if (waves && *waves) {
+        d->ctx->traceEverOn(true);
+        d->tfp = std::make_unique<VerilatedFstC>();
+        d->top->trace(d->tfp.get(), 99);
+        d->tfp->open(waves);
+    }
+#else
+    (void)waves;
+#endif
+    d->top->clk = 0;
+    d->top->I_VALID = 0;
+    d->top->O_READY = 0;
+    d->top->rst = 1;
+    d->top->eval();
+    for (int k = 0; k < 4; k++) d->edge();
+    d->top->rst = 0;
+    d->top->eval();
+    return d;
+}
+
+void ambert_reset(void *h) {
+    auto *d = static_cast<Device *>(h);
+    d->top->I_VALID = 0;
+    d->top->rst = 1;
+    for (int k = 0; k < 4; k++) d->edge();
+    d->top->rst = 0;
+    d->top->eval();
+}
+
+int ambert_run(void *h, const uint32_t *in, uint64_t n_in, uint64_t expect, uint64_t max_cycles,
+               uint64_t idle_limit, uint64_t *cycles_out, uint64_t *taken_out, uint64_t *answers_out) {
+    auto *d = static_cast<Device *>(h);
+    Vtop *top = d->top.get();
+    d->answers.clear();
+    uint64_t cycle = 0, idle = 0, taken = 0;
+    int status = 0;
+    top->O_READY = 1;
+    for (;;) {
+        bool more = taken < n_in;
+        top->I_VALID = more;
+        top->I_PAYLOAD = more ? in[taken] : 0;
+        bool took = more && top->I_READY;
+        bool gave = top->O_VALID;
+        if (gave) d->answers.push_back(top->O_PAYLOAD);
+        d->edge();
         cycle++;
         if (took) taken++;
-        if (gave) out.push_back(answer);
         idle = (took || gave || top->busy) ? 0 : idle + 1;
-        if (taken == in.size() && out.size() >= expect && idle >= 16) break;
+        if (taken == n_in && d->answers.size() >= expect && idle >= 16) break;
         if (cycle >= max_cycles) { status = 1; break; }
         if (idle >= idle_limit) { status = 2; break; }
     }
+    top->I_VALID = 0;
+    top->eval();
 #ifdef AMBERT_WAVES
-    if (tfp) tfp->close();
+    if (d->tfp) d->tfp->flush();
 #endif
-    top->final();
-    FILE *f = std::fopen(argv[2], "wb");
-    if (!f) { std::perror(argv[2]); return 3; }
-    uint32_t t32 = (uint32_t)taken, n = (uint32_t)out.size();
-    std::fwrite(&status, 4, 1, f); std::fwrite(&t32, 4, 1, f); std::fwrite(&cycle, 8, 1, f);
-    std::fwrite(&n, 4, 1, f); std::fwrite(out.data(), 4, out.size(), f);
-    std::fclose(f);
-    return 0;
+    *cycles_out = cycle;
+    *taken_out = taken;
+    *answers_out = d->answers.size();
+    return status;
 }
+
+void ambert_fetch(void *h, uint32_t *out) {
+    auto *d = static_cast<Device *>(h);
+    std::memcpy(out, d->answers.data(), d->answers.size() * sizeof(uint32_t));
+}
+
+void ambert_close(void *h) {
+    auto *d = static_cast<Device *>(h);
+    d->top->final();
+#ifdef AMBERT_WAVES
+    if (d->tfp) d->tfp->close();
+#endif
+    delete d;
+}
+
+}  // extern "C"

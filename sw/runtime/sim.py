@@ -84,6 +84,9 @@ class SimDevice(Device):
         try:
             result = self.sim.run(words, expect)
         except (SimHang, subprocess.CalledProcessError, OSError) as e:
+            reset = getattr(self.sim, "reset", None)
+            if reset:
+                reset()         # the device may be stuck mid-command: start the next run from a clean state
             raise DeviceError(f"simulated device: {e}") from None
         if len(result.answers) != expect:
             raise DeviceError(f"simulated device answered {len(result.answers)} words, expected {expect}")
