@@ -58,10 +58,21 @@ def _source_key(config, flags):
 
 class FastSim:
     _handle = None
-    def __init__(self, config, waves=False, build_root=None):
+    def __init__(self, config, waves=None, build_root=None):
+        """``waves``: None, ``"vcd"`` or ``"fst"`` — build the model able to dump that waveform format
+        (FST needs the lz4 headers: Debian's liblz4-dev)."""
         self.config = config
+        if waves not in (None, "vcd", "fst"):
+            raise ValueError(f"waves must be None, 'vcd' or 'fst', not {waves!r}")
+        if waves == "fst" and not Path("/usr/include/lz4.h").exists():
+            raise RuntimeError("FST waveforms need the lz4 headers (apt-get install liblz4-dev); "
+                               "or ask for a .vcd file")
         self.waves = waves
-        flags = VERILATOR_FLAGS + (["--trace-fst", "-CFLAGS", "-DAMBERT_WAVES"] if waves else [])
+        # memories stay out of the trace (--trace-max-array): a 16x16 pool would add gigabytes a second
+        flags = VERILATOR_FLAGS + ({"fst": ["--trace-fst", "-CFLAGS", "-DAMBERT_WAVES_FST"],
+                                    "vcd": ["--trace", "-CFLAGS", "-DAMBERT_WAVES_VCD"]}.get(waves, []))
+        if waves:
+            flags += ["--trace-max-array", "32"]
         self.dir = Path(build_root or ROOT / "build" / "sim") / _source_key(config, flags)
         self.library = self.dir / "obj_dir" / "libambert_sim.so"
         if not self.library.exists():
@@ -88,9 +99,9 @@ class FastSim:
             raise RuntimeError(f"Verilator build failed in {self.dir}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
 
     def open(self, waves_path=None):
-        """Start the device (done by the first ``run``); ``waves_path`` dumps an FST of every cycle."""
+        """Start the device (done by the first ``run``); ``waves_path`` dumps every cycle to it."""
         if waves_path and not self.waves:
-            raise ValueError("build the FastSim with waves=True to dump a waveform")
+            raise ValueError("build the FastSim with waves='vcd' or 'fst' to dump a waveform")
         self.close()
         self._handle = self._lib.ambert_open(str(waves_path).encode() if waves_path else None)
         self.waves_path = waves_path

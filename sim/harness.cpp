@@ -13,8 +13,14 @@
 
 #include "Vtop.h"
 #include "verilated.h"
-#ifdef AMBERT_WAVES
+#if defined(AMBERT_WAVES_FST)
+#define AMBERT_WAVES
 #include "verilated_fst_c.h"
+typedef VerilatedFstC Trace;
+#elif defined(AMBERT_WAVES_VCD)
+#define AMBERT_WAVES
+#include "verilated_vcd_c.h"
+typedef VerilatedVcdC Trace;
 #endif
 
 // Amaranth joins interface members with "__", which Verilator escapes as "___05F".
@@ -29,7 +35,7 @@ struct Device {
     std::unique_ptr<VerilatedContext> ctx;
     std::unique_ptr<Vtop> top;
 #ifdef AMBERT_WAVES
-    std::unique_ptr<VerilatedFstC> tfp;
+    std::unique_ptr<Trace> tfp;
 #endif
     uint64_t time = 0;
     std::vector<uint32_t> answers;
@@ -61,7 +67,7 @@ void *ambert_open(const char *waves) {
 #ifdef AMBERT_WAVES
     if (waves && *waves) {
         d->ctx->traceEverOn(true);
-        d->tfp = std::make_unique<VerilatedFstC>();
+        d->tfp = std::make_unique<Trace>();
         d->top->trace(d->tfp.get(), 99);
         d->tfp->open(waves);
     }

@@ -17,19 +17,6 @@ DEMO_SENTENCES = [
 ]
 
 
-def _torch_device(name):
-    import torch
-    if name == "cpu":
-        return "cpu"
-    if name in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError("--device gpu: no CUDA GPU is visible to torch on this machine; use cpu or auto")
-        return "cuda"
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    raise ValueError(f"unknown device {name!r}; choose cpu, gpu or auto")
-
-
 def _load_or_quantize(artifact, model_dir, progress=True):
     """Return the QuantizedBert in ``artifact``, quantizing ``model_dir`` into it first if it is absent."""
     from sw.quant import artifact as art
@@ -70,17 +57,6 @@ def cmd_info(args):
     return 0
 
 
-def _embed(qm, tok, sentences, device):
-    import torch
-    from sw.quant.hf import encode, mean_pool
-    enc = encode(tok, sentences, max_length=qm.config["max_positions"])
-    q = qm if device == "cpu" else qm.to(device)
-    with torch.no_grad():
-        out = q.forward_int(enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                            enc["token_type_ids"].to(device)).cpu()
-    return out, mean_pool(out.to(torch.float32) * qm.out_scale, enc["attention_mask"]), enc
-
-
 def _similarity_table(names, sim):
     lines = ["      " + " ".join(f"{j:>6}" for j in range(len(names)))]
     for i, row in enumerate(sim.tolist()):
@@ -101,7 +77,10 @@ def cmd_run(args):
     if args.device == "sim":
         print("building / loading the Verilated accelerator (first run: a few minutes)...", file=sys.stderr)
     model_cfg = load_bert(args.model).config if args.model else None
-    mod = OffloadedBert(qm, model_cfg, device_chain(args.device))
+    if args.waves and args.device != "sim":
+        raise ValueError("--waves needs --device sim")
+    extra = {"waves": args.waves} if args.waves else {}
+    mod = OffloadedBert(qm, model_cfg, device_chain(args.device, **extra))
     t0 = time.perf_counter()
     with torch.no_grad():
         hidden = mod(**enc).last_hidden_state
@@ -122,24 +101,41 @@ def cmd_run(args):
 
 def cmd_demo(args):
     import torch
+    from tqdm import tqdm
     from sw.quant.fidelity import measure
-    from sw.quant.hf import load_bert, load_tokenizer
-    device = _torch_device(args.device)
+    from sw.quant.hf import encode, load_bert, load_tokenizer, mean_pool
+    from sw.quant.ref import ref_layer
+    from sw.runtime import Runner, device_chain
     qm = _load_or_quantize(args.artifact, None)
     model, tok = load_bert(), load_tokenizer()
     sentences = DEMO_SENTENCES
+    enc = encode(tok, sentences, max_length=qm.config["max_positions"])
+    mask = enc["attention_mask"].bool()
+    if args.device == "sim":
+        print("building / loading the Verilated 16x16 accelerator (first run: a few minutes)...", file=sys.stderr)
+    runner = Runner(device_chain(args.device))
+    run_layer = runner.layer_fn(qm.layers)
+    # layer by layer on the device, each output checked against the integer reference: the contract
+    x8, x16 = qm.embed(enc["input_ids"], enc["token_type_ids"])
     t0 = time.perf_counter()
-    out, emb, enc = _embed(qm, tok, sentences, device)
+    with torch.no_grad():
+        for i in tqdm(range(len(qm.layers)), desc=f"layers on {args.device}", unit="layer", leave=False):
+            ref8, ref16 = ref_layer(x8, x16, qm.layers[i], mask)
+            x8, x16 = run_layer(i, x8, x16, mask)
+            if not (torch.equal(x8, ref8) and torch.equal(x16, ref16)):
+                raise RuntimeError(f"layer {i} on {args.device} differs from the integer reference")
     dt = time.perf_counter() - t0
-    # the CPU integer reference is the contract: whatever ran, its bits must match it
-    if device != "cpu":
-        ref_out, _, _ = _embed(qm, tok, sentences, "cpu")
-        if not torch.equal(out, ref_out):
-            raise RuntimeError(f"{device} result differs from the CPU integer reference")
-        print(f"{device} output == CPU integer reference (bit-exact)")
+    stats = runner.collect_stats()
+    emb = mean_pool(x16.to(torch.float32) * qm.out_scale, enc["attention_mask"])
     fid = measure(model, qm, tok, sentences)
-    print(f"all-MiniLM-L6-v2, integer-only ({device}, {dt * 1e3:.0f} ms for {len(sentences)} sentences)\n")
-    print("  cos(int, fp32)  sentence")
+    ran = ", ".join(f"{n}: {k}" for n, k in stats.ops.items())
+    print(f"all-MiniLM-L6-v2, integer-only, on {args.device} ({ran} GEMMs): every layer's output == the "
+          f"integer reference ({len(qm.layers)} layers, {len(sentences)} sentences, {dt:.1f} s)")
+    if stats.cycles:
+        print(f"accelerator: {stats.cycles:,} cycles, {stats.busy_cycles:,} of them computing at "
+              f"{stats.efficiency:.1%} array efficiency; {stats.host_words * 4 / 2**20:.1f} MiB over the host "
+              f"link; {stats.latency_s(100e6) * 1e3:.1f} ms modeled at 100 MHz")
+    print("\n  cos(int, fp32)  sentence")
     for s, c in zip(sentences, fid.cosines.tolist()):
         print(f"  {c:14.5f}  {s}")
     print("\nsimilarities, integer model:")
@@ -147,8 +143,9 @@ def cmd_demo(args):
     print("\nsimilarities, FP32 model:")
     print(_similarity_table(sentences, fid.fp32_embeddings @ fid.fp32_embeddings.T))
     worst = min(((n, d[n], i) for i, d in enumerate(fid.sqnr) for n in d), key=lambda x: x[1])
-    print(f"\nfidelity vs FP32 on these {len(sentences)} sentences: mean_cos={fid.mean_cos:.5f} min_cos={fid.min_cos:.5f} "
-          f"spearman={fid.spearman:.5f}; weakest tensor: layer {worst[2]} {worst[0]} at {worst[1]:.1f} dB SQNR")
+    print(f"\nfidelity vs FP32 on these {len(sentences)} sentences: mean_cos={fid.mean_cos:.5f} "
+          f"min_cos={fid.min_cos:.5f} spearman={fid.spearman:.5f}; weakest tensor: layer {worst[2]} "
+          f"{worst[0]} at {worst[1]:.1f} dB SQNR")
     print("(full benchmark over 206 sentences: python benchmarks/fidelity.py)")
     return 0
 
@@ -174,11 +171,14 @@ def build_parser():
     r.add_argument("--model", type=Path, help="model folder the artifact came from (for its tokenizer)")
     r.add_argument("--device", default="auto",
                    help="sim (the Verilated accelerator), gpu, cpu, or auto (default: GPU if present, else CPU)")
+    r.add_argument("--waves", type=Path, metavar="OUT.vcd|OUT.fst",
+                   help="with --device sim: dump every cycle of the accelerator (FST needs liblz4-dev)")
     r.set_defaults(func=cmd_run)
 
-    d = sub.add_parser("demo", help="quantize the bundled MiniLM and compare it with FP32")
+    d = sub.add_parser("demo", help="run the bundled MiniLM on the simulated accelerator, check it, compare with FP32")
     d.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT)
-    d.add_argument("--device", default="auto", help="cpu, gpu or auto (default)")
+    d.add_argument("--device", default="sim",
+                   help="sim (default: the Verilated accelerator), gpu, cpu or auto")
     d.set_defaults(func=cmd_demo)
     return p
 

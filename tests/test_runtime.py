@@ -108,3 +108,16 @@ def test_unknown_device():
     from sw.runtime import get_device
     with pytest.raises(ValueError, match="unknown device"):
         get_device("tpu")
+
+
+def test_waveform_dump(tiny, tmp_path):
+    qm, _, tok = tiny
+    enc = encode(tok, ["the cat"])
+    out = tmp_path / "run.vcd"
+    sim = SimDevice(SMALL, waves=out)
+    runner = Runner([sim])
+    x16 = qm.forward_int(enc["input_ids"], enc["attention_mask"], layer_fn=runner.layer_fn(qm.layers))
+    sim.sim.close()
+    assert torch.equal(x16, qm.forward_int(enc["input_ids"], enc["attention_mask"]))
+    head = out.read_text()[:4000]
+    assert "$timescale" in head and "$var" in head and "clk" in head

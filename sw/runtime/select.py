@@ -23,8 +23,9 @@ def get_device(name, **kwargs):
     raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_NAMES)}")
 
 
-def device_chain(name="auto"):
-    """The backends to try, in order, ending with the CPU reference (which cannot fail)."""
+def device_chain(name="auto", **kwargs):
+    """The backends to try, in order, ending with the CPU reference (which cannot fail). ``kwargs`` go
+    to the first backend (``waves=`` for ``sim``)."""
     if name == "auto":
         # no board backend yet: the boards issue adds it in front
         names = (["gpu"] if torch.cuda.is_available() else []) + ["cpu"]
@@ -35,7 +36,7 @@ def device_chain(name="auto"):
     chain = []
     for n in names:
         try:
-            chain.append(get_device(n))
+            chain.append(get_device(n, **(kwargs if n == name else {})))
         except DeviceError:
             if n == name:
                 raise

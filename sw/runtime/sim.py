@@ -25,12 +25,16 @@ def _as_numpy(t):
 class SimDevice(Device):
     name = "sim"
 
-    def __init__(self, config=DEFAULT_CONFIG, sim=None):
+    def __init__(self, config=DEFAULT_CONFIG, sim=None, waves=None):
+        """``waves``: a ``.vcd`` or ``.fst`` path to dump every cycle to (a separate, traced build)."""
         super().__init__()
         self.config = config
         if sim is None:
             from sim.fastsim import FastSim
-            sim = FastSim(config)
+            kind = None if not waves else "fst" if str(waves).endswith(".fst") else "vcd"
+            sim = FastSim(config, waves=kind)
+            if waves:
+                sim.open(waves)
         self.sim = sim
         self.stats.array_macs_per_cycle = config.lanes * config.lanes
 
