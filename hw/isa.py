@@ -58,8 +58,8 @@ class Error(enum.IntFlag):
     BANK = 1 << 3       # MATMUL operands sharing a bank they cannot share
 
 
-# Per n-tile, the requant parameters are 9 lane-groups... expressed in pool words: bias (int32 per lane),
-# m0 (int32 per lane), shift (uint8 per lane): 4 + 4 + 1 pool words.
+# Requant parameters per n-tile, in pool words: bias (int32 per lane, 4 words), m0 (uint32 per lane,
+# 4 words), shift (uint8 per lane, 1 word).
 PARAM_WORDS_PER_LANE_GROUP = 9
 
 
