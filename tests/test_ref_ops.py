@@ -142,6 +142,16 @@ def test_gemm_batched_heads():
             assert got[i, h].tolist() == py_gemm(a[i, h], b[i, h]).tolist()
 
 
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (7, 3072, 5), (40, 384, 1536)])
+def test_gemm_cpu_paths_agree(m, k, n):
+    from sw.quant.ref import _gemm_f64
+    g = torch.Generator().manual_seed(m + k)
+    for a, b in ((torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g),
+                  torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)),
+                 (torch.full((m, k), -128, dtype=torch.int8), torch.full((n, k), 127, dtype=torch.int8))):
+        assert torch.equal(ref_gemm(a, b).to(torch.int64), _gemm_f64(a, b))
+
+
 def test_gemm_matches_torch_int_mm_on_cpu():
     g = torch.Generator().manual_seed(4)
     a = torch.randint(-128, 128, (32, 1536), dtype=torch.int8, generator=g)

@@ -86,8 +86,10 @@ def ref_gemm(a, b, bias=None):
     ``bias`` is int32 [N] and initialises the accumulator, as the systolic array does. The sum is exact;
     it must fit int32 (the quantizer sizes biases so that it does at the model's K).
 
-    On CUDA the product runs on the int8 tensor cores (``torch._int_mm``); on the CPU it runs in float64,
-    which is exact for K < 2**39. Both give the same bits.
+    On CUDA the product runs on the int8 tensor cores (``torch._int_mm``). On the CPU, shared weights (a
+    2-D ``b``) go through ``torch._int_mm`` too when a one-time probe shows this CPU's int8 kernel exact
+    (kernels without VNNI may saturate int16 pair sums); everything else runs in float64, exact for
+    K < 2**39. All paths give the same bits.
     """
     _check_int8("a", a)
     _check_int8("b", b)
@@ -96,17 +98,47 @@ def ref_gemm(a, b, bias=None):
     k = a.shape[-1]
     if k >= _F64_EXACT_K:
         raise ValueError(f"K={k} is too large for an exact int32 accumulation")
+    if bias is not None and bias.dtype != torch.int32:
+        raise TypeError(f"bias must be torch.int32, not {bias.dtype}")
+    # |sum| <= K * 2**14: when that plus the largest bias fits int32, no element can overflow and the
+    # int32 kernels are exact; otherwise compute in int64 and check every element
+    bound = (k << 14) + (0 if bias is None else int(bias.to(torch.int64).abs().max()) if bias.numel() else 0)
+    if bound > INT32_MAX:
+        acc = _gemm_f64(a, b) + (0 if bias is None else bias.to(torch.int64))
+        if bool(((acc < INT32_MIN) | (acc > INT32_MAX)).any()):
+            raise OverflowError("GEMM accumulator overflows int32")
+        return acc.to(torch.int32)
     if a.is_cuda:
-        acc = _gemm_cuda(a, b).to(torch.int64)
+        acc = _gemm_cuda(a, b)
+    elif b.dim() == 2 and _cpu_int_mm_exact():
+        acc = torch._int_mm(a.reshape(-1, k), b.T).reshape(*a.shape[:-1], b.shape[0])
     else:
-        acc = torch.matmul(a.to(torch.float64), b.to(torch.float64).transpose(-1, -2)).to(torch.int64)
-    if bias is not None:
-        if bias.dtype != torch.int32:
-            raise TypeError(f"bias must be torch.int32, not {bias.dtype}")
-        acc = acc + bias.to(torch.int64)
-    if bool(((acc < INT32_MIN) | (acc > INT32_MAX)).any()):
-        raise OverflowError("GEMM accumulator overflows int32")
-    return acc.to(torch.int32)
+        acc = _gemm_f64(a, b).to(torch.int32)
+    return acc if bias is None else acc + bias
+
+
+def _gemm_f64(a, b):
+    return torch.matmul(a.to(torch.float64), b.to(torch.float64).transpose(-1, -2)).to(torch.int64)
+
+
+_INT_MM_EXACT = None
+
+
+def _cpu_int_mm_exact():
+    """Whether torch._int_mm on this CPU is exact at the extremes (probed once)."""
+    global _INT_MM_EXACT
+    if _INT_MM_EXACT is None:
+        try:
+            ok = True
+            for va, vb in ((127, 127), (-128, -128), (127, -128), (-128, 127)):
+                a = torch.full((8, 64), va, dtype=torch.int8)
+                b = torch.full((8, 64), vb, dtype=torch.int8)
+                b[:, ::3] = -vb - 1 if vb < 0 else -vb        # mixed signs in adjacent pairs as well
+                ok &= torch.equal(torch._int_mm(a, b.T).to(torch.int64), _gemm_f64(a, b))
+            _INT_MM_EXACT = bool(ok)
+        except RuntimeError:                                 # no CPU kernel in this torch build
+            _INT_MM_EXACT = False
+    return _INT_MM_EXACT
 
 
 def _gemm_cuda(a, b):
