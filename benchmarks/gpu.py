@@ -18,7 +18,6 @@ def main():
     import torch
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA GPU; none is visible to torch here")
-    from sw.quant.hf import encode
     from sw.quant.quantize import quantize_pretrained, read_sentences
     from sw.runtime import offload
 

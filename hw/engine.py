@@ -1,6 +1,6 @@
 """The MATMUL engine: walks the tiles of one GEMM through the array, the accumulators and the epilogue."""
 
-from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth import Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, memory, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -202,10 +202,11 @@ class MatmulEngine(wiring.Component):
 
         def lanes_of(words, bits, j):
             return Cat(*words)[bits * j: bits * j + bits]
-        pw = [[Mux(t_pbuf, params[1][w], params[0][w]) for w in range(P)]]
+        # the parameters of the row's n-tile: bias in words 0-3, m0 in 4-7, shifts in 8 (hw.isa)
+        pw = [Mux(t_pbuf, params[1][w], params[0][w]) for w in range(P)]
         for j in range(L):
-            m.d.comb += [rq.bias[j].eq(lanes_of(pw[0][0:4], 32, j)), rq.m0[j].eq(lanes_of(pw[0][4:8], 32, j)),
-                         rq.shift[j].eq(lanes_of(pw[0][8:9], 8, j))]
+            m.d.comb += [rq.bias[j].eq(lanes_of(pw[0:4], 32, j)), rq.m0[j].eq(lanes_of(pw[4:8], 32, j)),
+                         rq.shift[j].eq(lanes_of(pw[8:9], 8, j))]
         m.d.comb += [rq.acc.eq(array.out), rq.valid.eq(t_valid & t_last), rq.mode.eq(mode)]
 
         o_addr = delay(t_optr, Requantizer.LATENCY, "o_addr")

@@ -1,6 +1,6 @@
 """The instruction sequencer: decodes the host stream, moves data in and out of the pool, starts MATMULs."""
 
-from amaranth import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth import Cat, Const, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -57,7 +57,6 @@ class Sequencer(wiring.Component):
         range_ok = Signal()
 
         # the answers of SYNC / COUNTERS / INFO
-        emit_words = []
         status = Cat(err, Const(0, 20), Const(STATUS_MAGIC, 8))
         info = [Cat(Const(c.banks, 8), Const(c.lanes, 8), Const(c.lanes, 8), Const(ISA_VERSION, 8)),
                 Const(c.bank_words, 32), Const(c.acc_depth, 32)]

