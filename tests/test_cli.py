@@ -107,3 +107,15 @@ def test_wrong_input_dtype(tiny):
         qm.forward_int(torch.tensor([[0, 1, 10_000]]))
     with pytest.raises(InputError, match="empty"):
         qm.forward_int(torch.zeros(1, 0, dtype=torch.int64))
+
+
+def test_waves_need_the_simulated_device(tiny_artifact, tiny_bert_dir, tmp_path, capsys):
+    err = _error(capsys, ["run", "--artifact", str(tiny_artifact), "--model", tiny_bert_dir, "--device", "cpu",
+                          "--waves", str(tmp_path / "w.vcd"), "the cat"])
+    assert "--waves needs --device sim" in err
+
+
+def test_unknown_device_name(tiny_artifact, tiny_bert_dir, capsys):
+    err = _error(capsys, ["run", "--artifact", str(tiny_artifact), "--model", tiny_bert_dir, "--device", "tpu",
+                          "the cat"])
+    assert "unknown device 'tpu'" in err
