@@ -6,10 +6,16 @@ from amaranth.lib.wiring import In, Out
 
 from .array import SystolicArray
 from .bufpool import SUBBANKS
-from .isa import PARAM_WORDS_PER_LANE_GROUP, Mode
+from .isa import MODE_WORDS, PARAM_WORDS_PER_LANE_GROUP, Mode
 from .requant import Requantizer
 
-__all__ = ["MatmulEngine"]
+__all__ = ["MatmulEngine", "mode_words"]
+
+
+def mode_words(mode):
+    """Pool words per output row for a MATMUL mode signal (hw.isa.MODE_WORDS, as logic)."""
+    return Mux(mode == Mode.INT8, MODE_WORDS[Mode.INT8],
+               Mux(mode == Mode.INT16, MODE_WORDS[Mode.INT16], MODE_WORDS[Mode.INT32]))
 
 
 class PoolRead(wiring.Signature):
@@ -84,8 +90,8 @@ class MatmulEngine(wiring.Component):
         a_base = Signal.like(self.a_addr)
         w_ptr, p_ptr = Signal.like(self.w_addr), Signal.like(self.p_addr)
         rows, kt_n, nt_n, mode = Signal(16), Signal(16), Signal(16), Signal(2)
-        mode_words = Signal(3)
-        m.d.comb += mode_words.eq(Mux(mode == Mode.INT8, 1, Mux(mode == Mode.INT16, 2, 4)))
+        row_words = Signal(3)
+        m.d.comb += row_words.eq(mode_words(mode))
 
         since = Signal(range(lat + 16))          # cycles since the current tile started, saturating
         m.d.sync += since.eq(Mux(since == lat + 15, since, since + 1))
@@ -169,12 +175,12 @@ class MatmulEngine(wiring.Component):
                              acc_rd.en.eq(1), acc_rd.addr.eq(fd_row)]
                 m.d.sync += [s1_valid.eq(1), s1_zero.eq(fd_kt == 0), s1_last.eq(last_k), s1_sel.eq(fd_sel),
                              s1_pbuf.eq(fd_nt[0]), s1_row.eq(fd_row), s1_optr.eq(o_ptr)]
-                m.d.sync += [fd_row.eq(fd_row + 1), a_ptr.eq(a_ptr + 1), o_ptr.eq(o_ptr + mode_words)]
+                m.d.sync += [fd_row.eq(fd_row + 1), a_ptr.eq(a_ptr + 1), o_ptr.eq(o_ptr + row_words)]
                 with m.If(fd_row + 1 == rows):
                     m.d.sync += [fd_sel.eq(~fd_sel), a_tile.eq(a_tile + rows)]
                     with m.If(last_k):
                         m.d.sync += [fd_kt.eq(0), fd_nt.eq(fd_nt + 1), a_tile.eq(a_base),
-                                     o_tile.eq(o_tile + rows * mode_words)]
+                                     o_tile.eq(o_tile + rows * row_words)]
                     with m.Else():
                         m.d.sync += fd_kt.eq(fd_kt + 1)
                     with m.If(fd_last_tile):

@@ -4,6 +4,7 @@ from amaranth import Cat, Const, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from .engine import mode_words
 from .isa import ARG_WORDS, ISA_VERSION, PARAM_WORDS_PER_LANE_GROUP, STATUS_MAGIC, Error, Mode, Opcode
 
 __all__ = ["Sequencer"]
@@ -80,7 +81,7 @@ class Sequencer(wiring.Component):
         mm_m, kt, nt = args[4][:16], args[5][:16], args[5][16:]
         mode = flags[:2]
         mw = Signal(3)
-        m.d.comb += mw.eq(Mux(mode == Mode.INT8, 1, Mux(mode == Mode.INT16, 2, 4)))
+        m.d.comb += mw.eq(mode_words(mode))
 
         def inside(start, extent):
             return (start < c.pool_words) & ((start & (c.bank_words - 1)) + extent <= c.bank_words)
