@@ -15,13 +15,14 @@ __all__ = ["Fidelity", "TENSORS", "fp32_trace", "int_trace", "measure", "sqnr_db
 TENSORS = ("q", "k", "v", "score", "probs", "ctx", "attn", "sum1", "h", "f1", "g", "f2", "sum2", "out")
 
 
-def _scale(qm, name, i):
+def _layer_scales(qm):
+    """Per layer, the scale each traced tensor's integer copy is at (per-channel ones as tensors)."""
     s = {k: torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v for k, v in qm.scales.items()}
-    last = i == qm.config["layers"] - 1
-    return {"q": s[f"q.{i}"], "k": s[f"k.{i}"], "v": s[f"v.{i}"], "score": s[f"score.{i}"],
-            "probs": 1 / SOFTMAX_OUT_MAX, "ctx": s[f"ctx.{i}"], "attn": s[f"r1.{i}"], "sum1": s[f"r1.{i}"],
-            "h": s[f"r2.{i}"], "f1": s[f"f1.{i}"], "g": s[f"g.{i}"], "f2": s[f"r2.{i}"],
-            "sum2": s[f"r2.{i}"], "out": s["out"] if last else s[f"r1.{i + 1}"]}[name]
+    n = qm.config["layers"]
+    return [{"q": s[f"q.{i}"], "k": s[f"k.{i}"], "v": s[f"v.{i}"], "score": s[f"score.{i}"],
+             "probs": 1 / SOFTMAX_OUT_MAX, "ctx": s[f"ctx.{i}"], "attn": s[f"r1.{i}"], "sum1": s[f"r1.{i}"],
+             "h": s[f"r2.{i}"], "f1": s[f"f1.{i}"], "g": s[f"g.{i}"], "f2": s[f"r2.{i}"],
+             "sum2": s[f"r2.{i}"], "out": s["out"] if i == n - 1 else s[f"r1.{i + 1}"]} for i in range(n)]
 
 
 @torch.no_grad()
@@ -118,6 +119,7 @@ def measure(model, qm, tokenizer, sentences, batch_size=32, progress=None):
     sig = [{n: 0.0 for n in TENSORS} for _ in range(n_layers)]
     err = [{n: 0.0 for n in TENSORS} for _ in range(n_layers)]
     batches = [sentences[i:i + batch_size] for i in range(0, len(sentences), batch_size)]
+    scales = _layer_scales(qm)
     for batch in (progress(batches) if progress else batches):
         enc = encode(tokenizer, batch, max_length=qm.config["max_positions"])
         mask = enc["attention_mask"].to(torch.bool)
@@ -128,7 +130,7 @@ def measure(model, qm, tokenizer, sentences, batch_size=32, progress=None):
         for i in range(n_layers):
             for n in TENSORS:
                 r = _masked(n, fp_tr[i][n].double(), mask)
-                a = _masked(n, q_tr[i][n].double() * _scale(qm, n, i), mask)
+                a = _masked(n, q_tr[i][n].double() * scales[i][n], mask)
                 sig[i][n] += float((r ** 2).sum())
                 err[i][n] += float(((r - a) ** 2).sum())
     ref_emb, int_emb = torch.cat(ref_emb), torch.cat(int_emb)
