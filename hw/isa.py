@@ -20,7 +20,7 @@ import numpy as np
 __all__ = ["ISA_VERSION", "Opcode", "Mode", "Error", "STATUS_MAGIC", "ARG_WORDS", "MODE_WORDS", "MODE_BITS",
            "PARAM_WORDS_PER_LANE_GROUP", "AcceleratorConfig", "Program"]
 
-ISA_VERSION = 1
+ISA_VERSION = 2      # 2: MATMUL and STORE run in the background, interlocked by bank
 STATUS_MAGIC = 0xA5
 MAX_COUNT = (1 << 16) - 1
 

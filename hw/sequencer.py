@@ -2,6 +2,7 @@
 
 from amaranth import Cat, Const, Module, Mux, Signal
 from amaranth.lib import stream, wiring
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
 from .engine import mode_words
@@ -13,15 +14,24 @@ __all__ = ["Sequencer"]
 class Sequencer(wiring.Component):
     """Decode the host's instruction stream (see ``hw.isa`` and docs/isa.md).
 
-    ``i`` takes 32-bit words; ``o`` gives the answers of STORE, SYNC, COUNTERS and INFO. Instructions run
-    in order; a MATMUL holds the stream until the engine is done. Every bad command sets a sticky flag in
-    ``error`` and is dropped whole — an unknown opcode is one word; a LOAD with a bad range still
-    consumes (and discards) the data its header announced; a bad STORE answers nothing; a bad MATMUL does
-    not run — and decoding goes on. ``o`` honours backpressure; ``i`` is never read faster than one word
-    a cycle.
+    ``i`` takes 32-bit words; ``o`` gives the answers of STORE, SYNC, COUNTERS and INFO. Every bad
+    command sets a sticky flag in ``error`` and is dropped whole — an unknown opcode is one word; a LOAD
+    with a bad range still consumes (and discards) the data its header announced; a bad STORE answers
+    nothing; a bad MATMUL does not run — and decoding goes on. ``o`` honours backpressure; ``i`` is never
+    read faster than one word a cycle.
 
-    Pool access for LOAD/STORE: ``rd_*`` (data one cycle after ``rd_en``) and ``wr_*``, global word
-    addresses. MATMUL: ``mm_start`` with the checked arguments, then wait for ``mm_done``.
+    Three units work at once, as in Gemmini's load/execute/store controllers: the decoder runs LOADs
+    itself, hands a MATMUL to the engine (``mm_start``, then ``mm_done``) and a STORE to the store unit,
+    and goes on decoding. A command waits at dispatch while its unit is busy, or while it would clash
+    with a running one: on a bank port (each bank has one read and one write port: the MATMUL reads its
+    A, W and P banks and writes its O bank, a STORE reads, a LOAD writes) or on data (a LOAD over a range
+    the running MATMUL reads or the running STORE still has to send; a STORE of the range the MATMUL is
+    writing; a MATMUL writing over the range being stored). SYNC, COUNTERS and INFO wait until both units
+    are idle. So a stream means exactly what it means run one command at a time — only sooner.
+
+    The store unit reads up to three words ahead, so a STORE sends one host word every cycle the host
+    takes one. Pool access: ``rd_*`` (the store unit; data one cycle after ``rd_en``) and ``wr_*`` (LOAD), global
+    word addresses. ``busy``: the store unit or a MATMUL is running.
     """
 
     def __init__(self, config):
@@ -32,6 +42,7 @@ class Sequencer(wiring.Component):
             "i": In(stream.Signature(32)),
             "o": Out(stream.Signature(32)),
             "error": Out(4),
+            "busy": Out(1),
             "rd_addr": Out(self.addr_bits), "rd_en": Out(1), "rd_data": In(self.word_bits),
             "wr_addr": Out(self.addr_bits), "wr_en": Out(1), "wr_data": Out(self.word_bits),
             "mm_start": Out(1), "mm_done": In(1),
@@ -52,10 +63,39 @@ class Sequencer(wiring.Component):
         arg_idx = Signal(range(7))
         err = Signal(4)
         m.d.comb += self.error.eq(err)
-        idx = Signal(17)                        # pool word of a LOAD/STORE
+        idx = Signal(17)                        # pool word of a LOAD
         sub = Signal(range(H + 1))              # host word within it
         word = Signal(self.word_bits)
         range_ok = Signal()
+
+        def bank(addr):
+            return addr >> bank_bits
+
+        def bank_bit(addr):
+            return Cat(*(bank(addr) == b for b in range(c.banks)))
+
+        def range_banks(start, n):
+            """The banks that words ``start .. start + n - 1`` touch (n >= 1, inside the pool)."""
+            first, last = bank(start), bank(start + n - 1)
+            return Cat(*((first <= b) & (b <= last) for b in range(c.banks)))
+
+        # --- the running MATMUL and the store unit: the banks and ranges each holds ---------------------
+        end_bits = self.addr_bits + 1
+
+        def span(name):
+            return Signal(end_bits, name=f"{name}_lo"), Signal(end_bits, name=f"{name}_hi")
+
+        def overlap(x, y):
+            return (x[0] < y[1]) & (y[0] < x[1])
+
+        mm_running, mm_rbanks, mm_wbanks = Signal(), Signal(c.banks), Signal(c.banks)
+        mm_spans = [span(n) for n in ("mm_a", "mm_w", "mm_p", "mm_o")]
+        with m.If(self.mm_done):
+            m.d.sync += mm_running.eq(0)
+        st_busy, st_banks, st_span = Signal(), Signal(c.banks), span("st")
+        st_rd_left, st_tx_left = Signal(16), Signal(16)     # pool words still to read, to send
+        st_sub = Signal(range(H))
+        m.d.comb += self.busy.eq(mm_running | st_busy)
 
         # the answers of SYNC / COUNTERS / INFO
         status = Cat(err, Const(0, 20), Const(STATUS_MAGIC, 8))
@@ -86,8 +126,6 @@ class Sequencer(wiring.Component):
         def inside(start, extent):
             return (start < c.pool_words) & ((start & (c.bank_words - 1)) + extent <= c.bank_words)
 
-        def bank(addr):
-            return addr >> bank_bits
         shape_ok = ((flags <= Mode.INT32) & (mm_m != 0) & (mm_m <= c.acc_depth) & (kt != 0) & (nt != 0))
         addr_ok = (inside(a, kt * mm_m) & inside(w, nt * kt * c.lanes) & inside(p, nt * PARAM_WORDS_PER_LANE_GROUP)
                    & inside(o, nt * mm_m * mw) & (o[:2] == 0))
@@ -95,6 +133,37 @@ class Sequencer(wiring.Component):
                    & (bank(o) != bank(p)))
         m.d.comb += [self.mm_a.eq(a), self.mm_w.eq(w), self.mm_p.eq(p), self.mm_o.eq(o), self.mm_m.eq(mm_m),
                      self.mm_k_tiles.eq(kt), self.mm_n_tiles.eq(nt), self.mm_mode.eq(mode)]
+        # the dispatching command's banks and ranges, and what it would clash with
+        new_rbanks, new_wbanks = Signal(c.banks), Signal(c.banks)
+        m.d.comb += [new_rbanks.eq(bank_bit(a) | bank_bit(w) | bank_bit(p)), new_wbanks.eq(bank_bit(o))]
+        new_spans = [(a, a + kt * mm_m), (w, w + nt * kt * c.lanes), (p, p + nt * PARAM_WORDS_PER_LANE_GROUP),
+                     (o, o + nt * mm_m * mw)]
+        x_banks = Signal(c.banks)               # the LOAD/STORE being dispatched
+        m.d.comb += x_banks.eq(range_banks(args[0], count))
+        x_span = (args[0], args[0] + count)
+        load_waits = ((mm_running & ((x_banks & mm_wbanks).any() | overlap(x_span, mm_spans[0])
+                                     | overlap(x_span, mm_spans[1]) | overlap(x_span, mm_spans[2])))
+                      | (st_busy & overlap(x_span, st_span)))
+        store_waits = st_busy | (mm_running & ((x_banks & mm_rbanks).any() | overlap(x_span, mm_spans[3])))
+        matmul_waits = mm_running | (st_busy & ((new_rbanks & st_banks).any() | overlap(new_spans[3], st_span)))
+
+        # --- the store unit: reads run ahead into a small FIFO, so the stream sends a word every cycle ----
+        m.submodules.st_fifo = st_fifo = SyncFIFO(width=self.word_bits, depth=4)
+        st_inflight = Signal()                  # a read issued last cycle: its word lands in the FIFO now
+        m.d.sync += st_inflight.eq(self.rd_en)
+        m.d.comb += [st_fifo.w_data.eq(self.rd_data), st_fifo.w_en.eq(st_inflight)]
+        with m.If(st_busy & (st_rd_left != 0) & (st_fifo.level + st_inflight < 3)):
+            m.d.comb += [self.rd_addr.eq(st_span[0]), self.rd_en.eq(1)]
+            m.d.sync += [st_span[0].eq(st_span[0] + 1), st_rd_left.eq(st_rd_left - 1)]
+        with m.If(st_fifo.r_rdy):
+            m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(st_fifo.r_data.word_select(st_sub, 32) if H > 1 else st_fifo.r_data)]
+            with m.If(self.o.ready):
+                m.d.sync += st_sub.eq(st_sub + 1)
+                with m.If(st_sub == H - 1):
+                    m.d.comb += st_fifo.r_en.eq(1)
+                    m.d.sync += [st_sub.eq(0), st_tx_left.eq(st_tx_left - 1)]
+                    with m.If(st_tx_left == 1):
+                        m.d.sync += st_busy.eq(0)
 
         with m.FSM():
             with m.State("HEADER"):
@@ -110,13 +179,13 @@ class Sequencer(wiring.Component):
                             m.next = "ARGS"
                         with m.Case(Opcode.SYNC):
                             m.d.sync += [emit_kind.eq(0), emit_n.eq(1)]
-                            m.next = "EMIT"
+                            m.next = "DRAIN"
                         with m.Case(Opcode.INFO):
                             m.d.sync += [emit_kind.eq(1), emit_n.eq(3)]
-                            m.next = "EMIT"
+                            m.next = "DRAIN"
                         with m.Case(Opcode.COUNTERS):
                             m.d.sync += [emit_kind.eq(2), emit_n.eq(6)]
-                            m.next = "EMIT"
+                            m.next = "DRAIN"
                         with m.Default():
                             m.d.sync += err.eq(err | Error.OPCODE)
             with m.State("ARGS"):
@@ -137,10 +206,13 @@ class Sequencer(wiring.Component):
                     with m.Case(Opcode.LOAD):
                         with m.If(~range_ok):
                             m.d.sync += err.eq(err | Error.ADDRESS)
-                        m.d.sync += flags.eq(range_ok)          # reused: 1 = write the data
                         with m.If(count == 0):
                             m.next = "HEADER"
-                        with m.Else():
+                        with m.Elif(~range_ok):
+                            m.d.sync += flags.eq(0)         # flags reused: 1 = write the data
+                            m.next = "LOAD"
+                        with m.Elif(~load_waits):
+                            m.d.sync += flags.eq(1)
                             m.next = "LOAD"
                     with m.Case(Opcode.STORE):
                         with m.If(~range_ok):
@@ -148,8 +220,10 @@ class Sequencer(wiring.Component):
                             m.next = "HEADER"
                         with m.Elif(count == 0):
                             m.next = "HEADER"
-                        with m.Else():
-                            m.next = "STORE_READ"
+                        with m.Elif(~store_waits):
+                            m.d.sync += [st_busy.eq(1), st_banks.eq(x_banks), st_span[0].eq(x_span[0]),
+                                         st_span[1].eq(x_span[1]), st_rd_left.eq(count), st_tx_left.eq(count)]
+                            m.next = "HEADER"
                     with m.Default():      # MATMUL
                         with m.If(~shape_ok):
                             m.d.sync += err.eq(err | Error.SHAPE)
@@ -160,9 +234,12 @@ class Sequencer(wiring.Component):
                         with m.Elif(~bank_ok):
                             m.d.sync += err.eq(err | Error.BANK)
                             m.next = "HEADER"
-                        with m.Else():
+                        with m.Elif(~matmul_waits):
                             m.d.comb += self.mm_start.eq(1)
-                            m.next = "MATMUL"
+                            m.d.sync += [mm_running.eq(1), mm_rbanks.eq(new_rbanks), mm_wbanks.eq(new_wbanks)]
+                            m.d.sync += [x.eq(y) for held, new in zip(mm_spans, new_spans)
+                                         for x, y in zip(held, new)]
+                            m.next = "HEADER"
             with m.State("LOAD"):
                 # host words shift in from the top, so the first lands in the low bits (lane 0)
                 assembled = Cat(word[32:], self.i.payload) if H > 1 else self.i.payload
@@ -174,24 +251,10 @@ class Sequencer(wiring.Component):
                         m.d.sync += [sub.eq(0), idx.eq(idx + 1)]
                         with m.If(idx + 1 == count):
                             m.next = "HEADER"
-            with m.State("STORE_READ"):
-                m.d.comb += [self.rd_addr.eq(args[0] + idx), self.rd_en.eq(1)]
-                m.next = "STORE_LATCH"
-            with m.State("STORE_LATCH"):
-                m.d.sync += [word.eq(self.rd_data), sub.eq(0)]
-                m.next = "STORE_SEND"
-            with m.State("STORE_SEND"):
-                m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(word[:32])]
-                with m.If(self.o.ready):
-                    m.d.sync += [word.eq(word >> 32), sub.eq(sub + 1)]
-                    with m.If(sub + 1 == H):
-                        m.d.sync += idx.eq(idx + 1)
-                        m.next = "STORE_READ"
-                        with m.If(idx + 1 == count):
-                            m.next = "HEADER"
-            with m.State("MATMUL"):
-                with m.If(self.mm_done):
-                    m.next = "HEADER"
+            with m.State("DRAIN"):
+                # answers come after everything before them: the running MATMUL and the last STORE
+                with m.If(~mm_running & ~st_busy):
+                    m.next = "EMIT"
             with m.State("EMIT"):
                 m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(emit_word)]
                 with m.If(self.o.ready):

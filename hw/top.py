@@ -17,7 +17,7 @@ class Accelerator(wiring.Component):
     """The whole device behind one pair of 32-bit streams (``i``: instructions and data in; ``o``:
     answers out), built for one :class:`hw.isa.AcceleratorConfig`.
 
-    ``error`` mirrors the sticky error flags; ``busy`` is high while a MATMUL runs.
+    ``error`` mirrors the sticky error flags; ``busy`` is high while a MATMUL or a STORE runs.
     """
 
     i: In(stream.Signature(32))
@@ -43,7 +43,7 @@ class Accelerator(wiring.Component):
         wiring.connect(m, wiring.flipped(self.i), seq.i)
         wiring.connect(m, seq.o, wiring.flipped(self.o))
         m.d.comb += [
-            self.error.eq(seq.error), self.busy.eq(eng.busy),
+            self.error.eq(seq.error), self.busy.eq(eng.busy | seq.busy),
             eng.start.eq(seq.mm_start), seq.mm_done.eq(eng.done),
             eng.a_addr.eq(seq.mm_a), eng.w_addr.eq(seq.mm_w), eng.p_addr.eq(seq.mm_p), eng.o_addr.eq(seq.mm_o),
             eng.m.eq(seq.mm_m), eng.k_tiles.eq(seq.mm_k_tiles), eng.n_tiles.eq(seq.mm_n_tiles),
@@ -64,8 +64,9 @@ class Accelerator(wiring.Component):
                      s_bank.eq(bank_of(seq.rd_addr))]
         for b in range(c.banks):
             port = pool.bank[b]
-            # the sequencer and the engine never run together; the checked MATMUL keeps its three
-            # streams in different banks, so each bank has at most one reader and one writer at a time
+            # the checked MATMUL keeps its three streams in different banks, and the sequencer holds back
+            # any LOAD or STORE that would touch a bank the running MATMUL or STORE uses, so each bank
+            # has at most one reader and one writer at a time
             with m.If(eng.a_rd.en & (bank_of(eng.a_rd.addr) == b)):
                 m.d.comb += [port.r_addr.eq(offset(eng.a_rd.addr)), port.r_en.eq(1)]
             with m.Elif(eng.w_rd.en & (bank_of(eng.w_rd.addr) == b)):

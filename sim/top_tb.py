@@ -10,7 +10,7 @@ import torch
 from cocotb.clock import Clock
 from cocotb.triggers import FallingEdge, ReadOnly
 
-from hw.isa import MODE_BITS, AcceleratorConfig, Error, Mode, Program, header, parse_status
+from hw.isa import ISA_VERSION, MODE_BITS, AcceleratorConfig, Error, Mode, Program, header, parse_status
 from sw.compiler.gemm import gemm_program
 from sw.quant.ref import ref_matmul
 
@@ -92,5 +92,5 @@ async def errors_then_recovery(dut):
     prog.words += [header(0x99), header(0xEE, 5)]
     prog.sync().matmul(0, 0, 0, 2 * B, 1, 1, 1, Mode.INT8).sync().sync()
     answers = await exchange(dut, prog.words, prog.expect, PATTERNS["idle"], PATTERNS["bursty"])
-    assert answers[0] >> 24 == 1 and (answers[0] >> 16) & 0xFF == CONFIG.lanes
+    assert answers[0] >> 24 == ISA_VERSION and (answers[0] >> 16) & 0xFF == CONFIG.lanes
     assert [parse_status(w) for w in answers[3:]] == [Error.OPCODE, Error.BANK, Error(0)]

@@ -187,6 +187,15 @@ def test_isqrt_large_and_edges():
     assert isqrt(torch.tensor(vals, dtype=torch.int64)).tolist() == [math.isqrt(v) for v in vals]
 
 
+def test_isqrt_float_path_at_its_limit():
+    # below 2**52 isqrt takes a float64 estimate and fixes it up: squares and their neighbours up there
+    rng = random.Random(6)
+    roots = [(1 << 26) - 1, (1 << 26) - 2] + [rng.randint(1 << 24, (1 << 26) - 1) for _ in range(3000)]
+    vals = [v for r in roots for v in (r * r - 1, r * r, r * r + 1, r * r + 2 * r) if v < 1 << 52]
+    vals.append((1 << 52) - 1)
+    assert isqrt(torch.tensor(vals, dtype=torch.int64)).tolist() == [math.isqrt(v) for v in vals]
+
+
 def test_isqrt_refuses_negative():
     with pytest.raises(ValueError):
         isqrt(torch.tensor([-1]))

@@ -6,6 +6,8 @@ import subprocess
 import pytest
 import torch
 
+import ambert
+
 from hw.isa import AcceleratorConfig
 from sim.fastsim import FastSim, SimHang
 from sw.quant.hf import encode
@@ -29,11 +31,11 @@ def run(qm, model, devices, enc):
 def test_minilm_on_the_simulated_accelerator_is_bit_exact(minilm):
     qm, model, tok = minilm
     enc = encode(tok, ["The quick brown fox jumps over the lazy dog.", "Hello there!"])
-    mod = offload(model, device="sim", quantized=qm)
+    mod = ambert.offload(model, device="sim", quantized=qm)          # the documented import name
     out = mod(**enc).last_hidden_state
     assert torch.equal(out, reference(qm, enc))
     stats = mod.last_stats
-    assert stats.ops == {"sim": 8 * qm.config["layers"]}            # every GEMM ran on the device
+    assert stats.ops == {"sim": 6 * qm.config["layers"]}     # every GEMM ran on the device (Q, K, V as one)
     assert stats.busy_cycles > 0 and stats.cycles > stats.busy_cycles and 0 < stats.efficiency <= 1
 
 

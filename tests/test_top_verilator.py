@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from hw.isa import MODE_BITS, AcceleratorConfig, Error, Mode, Program, header, parse_status
+from hw.isa import ISA_VERSION, MODE_BITS, AcceleratorConfig, Error, Mode, Program, header, parse_status
 from sim.fastsim import FastSim
 from sw.compiler.gemm import gemm_program
 from sw.quant.ref import ref_matmul
@@ -178,7 +178,7 @@ def test_errors_are_reported_and_decoding_goes_on():
     assert flags == [Error(0), Error.OPCODE, Error.SHAPE, Error.SHAPE, Error.BANK, Error.ADDRESS,
                      Error.ADDRESS, Error.ADDRESS, Error.ADDRESS]
     version_shape = answers[-3]
-    assert version_shape >> 24 == 1 and (version_shape >> 8) & 0xFF == cfg.lanes
+    assert version_shape >> 24 == ISA_VERSION and (version_shape >> 8) & 0xFF == cfg.lanes
     assert answers[-2:] == [cfg.bank_words, cfg.acc_depth]
 
 
@@ -195,3 +195,68 @@ def test_counters_count_one_matmul(device16):
     busy, stalled, macs = (val(after, i) - val(before, i) for i in (0, 2, 4))
     assert macs == m * (k // 16) * (n // 16) * 256
     assert stalled < busy and busy - stalled == macs // 256
+
+
+# --- concurrency: MATMUL and STORE run behind the decoder; every hazard must wait -----------------------
+
+
+def _operands(cfg, rng, m, k, n, mode=Mode.INT8):
+    a, w, bias, m0, shift = random_case(rng, m, k, n, mode)
+    wq, params = cfg.pack_weights(w), cfg.pack_params(bias, m0, shift)
+    return (a, w, bias, m0, shift), cfg.pack_activations(a), np.concatenate([wq, params]), len(wq)
+
+
+def test_hazards_against_running_units_are_held_back():
+    """Back-to-back commands that would race a running MATMUL or STORE if nothing held them: each result
+    must equal what the commands give one at a time."""
+    cfg = CONFIGS[4]
+    sim = FastSim(cfg)
+    B, rng = cfg.bank_words, np.random.default_rng(21)
+    m, k, n = 60, 32, 24          # A 480 words, W+P 246, O 360: each fits its bank of 1024
+    kt, nt = k // cfg.lanes, n // cfg.lanes
+    case1, a1, wp1, nw1 = _operands(cfg, rng, m, k, n)
+    case2, a2, wp2, nw2 = _operands(cfg, rng, m, k, n)
+    out_words = nt * m
+    prog = (Program(cfg).load(0, a1).load(B, wp1).load(2 * B, wp2)
+            .matmul(0, B, B + nw1, 3 * B, m, kt, nt, Mode.INT8)
+            .load(0, a2)                        # over the A range the MATMUL is reading (WAR)
+            .store(3 * B, out_words)            # the range it is writing (RAW)
+            .load(3 * B, np.zeros((out_words, cfg.lanes), np.int8))   # over the range being stored (WAR)
+            .matmul(0, 2 * B, 2 * B + nw2, B + 512, m, kt, nt, Mode.INT8)
+            .store(B + 512, out_words)
+            .matmul(0, 2 * B, 2 * B + nw2, 3 * B, m, kt, nt, Mode.INT8)   # O over ... a range just stored
+            .store(3 * B, out_words).sync())
+    ans = sim.run(prog.words, prog.expect).answers
+    h = cfg.host_words_per_pool_word * out_words
+    outs = [cfg.unpack_output(cfg.words_from_host(ans[i * h:(i + 1) * h]), m, n, Mode.INT8) for i in range(3)]
+    assert parse_status(ans[-1]) == Error(0)
+    assert np.array_equal(outs[0], reference(*case1, Mode.INT8))
+    want2 = reference(*case2, Mode.INT8)              # its A arrived while the first MATMUL ran
+    assert np.array_equal(outs[1], want2) and np.array_equal(outs[2], want2)
+
+
+def test_transfers_overlap_a_running_matmul():
+    """A LOAD to a bank the MATMUL does not write, and a STORE of a bank it does not read, run while it
+    computes: the same commands finish sooner than with a SYNC (wait for idle) after the MATMUL."""
+    cfg = CONFIGS[16]
+    B, rng = cfg.bank_words, np.random.default_rng(5)
+    m, k, n = 256, 512, 128
+    kt, nt = k // cfg.lanes, n // cfg.lanes
+    _, a, wp, nw = _operands(cfg, rng, m, k, n)
+    extra = rng.integers(-128, 128, (4096, cfg.lanes), dtype=np.int8)
+
+    def cycles(serial):
+        sim = FastSim(cfg)
+        setup = Program(cfg).load(0, a).load(B, wp).load(3 * B, extra).sync()
+        sim.run(setup.words, setup.expect)
+        prog = Program(cfg).matmul(0, B, B + nw, 2 * B, m, kt, nt, Mode.INT8)
+        if serial:
+            prog.sync()
+        prog.load(B + 8192, extra).store(3 * B, len(extra)).sync()     # beside W in its bank; the spare bank
+        result = sim.run(prog.words, prog.expect)
+        stored = cfg.words_from_host(result.answers[serial:serial + len(extra) * 4])
+        assert np.array_equal(stored, extra)
+        return result.cycles
+    overlapped, serial = cycles(False), cycles(True)
+    compute = nt * kt * m
+    assert overlapped < serial - compute // 2, (overlapped, serial)

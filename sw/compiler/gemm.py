@@ -1,20 +1,31 @@
-"""Place one GEMM in the buffer pool and emit its instruction stream.
+"""Compile GEMMs (each ``requant(a @ w.T + bias)``) into one pipelined instruction stream.
 
-Placement is static and simple: activations in bank 0, weights and requant parameters in bank 1, outputs
-in bank 2. A GEMM larger than a bank is split into N-chunks (weights loaded once per chunk) and M-chunks
-(at most ``acc_depth`` rows); each chunk is one MATMUL. Array shape, pool size and layouts all come from
-the :class:`hw.isa.AcceleratorConfig`.
+Each GEMM is split into MATMULs ("steps") whose operands fit the pool: N-chunks of weights (small, so
+the next chunk loads while this one computes) and M-chunks of at most ``acc_depth`` rows. The stream is
+software-pipelined, so the device's units overlap (docs/isa.md): while step i computes, the output of
+step i-1 is stored and the operands of step i+1 are loaded::
+
+    LOAD in(0)   MATMUL 0   LOAD in(1)   MATMUL 1   STORE out(0)   LOAD in(2)   MATMUL 2   STORE out(1) …
+
+Every tensor gets a pool range from the liveness-based :class:`~sw.compiler.pool.PoolPlanner`; the
+placement keeps each prefetch off the bank the running MATMUL writes, and each output off the banks
+the next MATMUL reads, so neither waits. Weights can be prefetched for a later program (``prefetch``)
+and stay resident in the pool between programs. Array shape, pool size and layouts all come from the
+:class:`hw.isa.AcceleratorConfig`.
 """
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from hw.isa import MODE_WORDS, PARAM_WORDS_PER_LANE_GROUP, Mode, Program
 
-__all__ = ["GemmPlan", "plan_gemm", "gemm_program"]
+from .pool import PoolFull, PoolPlanner
 
-A_BANK, W_BANK, O_BANK = 0, 1, 2
+__all__ = ["GemmPlan", "GemmOp", "Residency", "plan_gemm", "compile_gemms", "gemm_program"]
+
+_DTYPES = {Mode.INT8: np.int8, Mode.INT16: np.int16, Mode.INT32: np.int32}
 
 
 @dataclass(frozen=True)
@@ -28,15 +39,33 @@ class GemmPlan:
     m_chunk: int            # rows per MATMUL
     n_tiles_chunk: int      # n-tiles per MATMUL
 
-    def chunks(self):
+    def n_chunks(self, split_last=False):
+        """(first n-tile, n-tiles) of each N-chunk. ``split_last``: the last n-tile is a chunk of its own,
+        so the output that nothing can overlap (a program's last) is short."""
+        bounds = list(range(0, self.n_tiles, self.n_tiles_chunk))
+        sizes = [min(self.n_tiles_chunk, self.n_tiles - n0) for n0 in bounds]
+        if split_last and sizes[-1] > 1:
+            sizes[-1] -= 1
+            bounds.append(self.n_tiles - 1)
+            sizes.append(1)
+        return list(zip(bounds, sizes))
+
+    def chunks(self, split_last=False):
         """Yield (first n-tile, n-tiles, first row, rows) of each MATMUL, N-chunk-major."""
-        for n0 in range(0, self.n_tiles, self.n_tiles_chunk):
+        for n0, ntc in self.n_chunks(split_last):
             for m0 in range(0, self.m, self.m_chunk):
-                yield n0, min(self.n_tiles_chunk, self.n_tiles - n0), m0, min(self.m_chunk, self.m - m0)
+                yield n0, ntc, m0, min(self.m_chunk, self.m - m0)
+
+
+def _balanced(total, most):
+    """The chunk size that splits ``total`` into as few equal-as-possible chunks of at most ``most``."""
+    return -(-total // -(-total // most))
 
 
 def plan_gemm(config, m, k, n, mode):
-    """Choose chunk sizes so every MATMUL's operands fit their banks; raises ValueError if none can."""
+    """Choose chunk sizes: weight chunks of about a quarter of a bank (so two chunks and the outputs
+    fit beside the activations while the pipeline runs), activations and outputs within a bank; raises
+    ValueError if one n-tile of the GEMM cannot fit."""
     if min(m, k, n) < 1:
         raise ValueError(f"GEMM shape must be positive, not {m}x{k}x{n}")
     mode = Mode(mode)
@@ -46,58 +75,278 @@ def plan_gemm(config, m, k, n, mode):
     per_n_tile = k_tiles * lanes + PARAM_WORDS_PER_LANE_GROUP
     if per_n_tile > bank or k_tiles > bank:
         raise ValueError(f"K={k} needs {per_n_tile} pool words per weight tile column; a bank has {bank}")
-    nt_chunk = min(n_tiles, bank // per_n_tile, 0xFFFF)
+    nt_chunk = min(n_tiles, max(1, (bank // 4) // per_n_tile), 0xFFFF)
     m_chunk = min(m, config.acc_depth, bank // k_tiles, bank // (MODE_WORDS[mode] * nt_chunk))
     while m_chunk < 1 and nt_chunk > 1:
         nt_chunk //= 2
         m_chunk = min(m, config.acc_depth, bank // k_tiles, bank // (MODE_WORDS[mode] * nt_chunk))
     if m_chunk < 1:
         raise ValueError(f"GEMM {m}x{k}x{n} does not fit a bank of {bank} words")
-    # equal chunks: a short last chunk would leave the array waiting on weight loads
-    m_chunk = -(-m // -(-m // m_chunk))
-    return GemmPlan(m=m, k=k, n=n, mode=mode, k_tiles=k_tiles, n_tiles=n_tiles, m_chunk=m_chunk,
-                    n_tiles_chunk=nt_chunk)
+    # equal chunks: a short last chunk would leave the array waiting on loads
+    return GemmPlan(m=m, k=k, n=n, mode=mode, k_tiles=k_tiles, n_tiles=n_tiles, m_chunk=_balanced(m, m_chunk),
+                    n_tiles_chunk=_balanced(n_tiles, nt_chunk))
+
+
+@dataclass
+class GemmOp:
+    """One GEMM + requant: int8 ``a`` [M, K], int8 ``w`` [N, K], per-channel (or scalar) ``bias``, ``m0``,
+    ``shift``; ``mode`` picks int8 / int16 output or the int32 bypass."""
+    a: np.ndarray
+    w: np.ndarray
+    bias: object
+    m0: object
+    shift: object
+    mode: Mode
+
+    def __post_init__(self):
+        self.a, self.w = np.asarray(self.a, dtype=np.int8), np.asarray(self.w, dtype=np.int8)
+        if self.a.ndim != 2 or self.w.ndim != 2 or self.w.shape[1] != self.a.shape[1]:
+            raise ValueError(f"inner dimensions differ: a is {self.a.shape}, w is {self.w.shape}")
+        n = self.w.shape[0]
+        self.bias, self.m0, self.shift = (np.broadcast_to(np.asarray(v, dtype=np.int64), (n,))
+                                          for v in (self.bias, self.m0, self.shift))
+        self.mode = Mode(self.mode)
+
+    def weight_chunk(self, config, plan, nt0, ntc):
+        """The pool words of one N-chunk: packed weights, then packed requant parameters; and a digest
+        that names the content (for residency)."""
+        cols = slice(nt0 * config.lanes, min(self.w.shape[0], (nt0 + ntc) * config.lanes))
+        words = np.concatenate([config.pack_weights(self.w[cols]),
+                                config.pack_params(self.bias[cols], self.m0[cols], self.shift[cols])])
+        return words, hashlib.blake2b(words.tobytes(), digest_size=16).digest()
+
+
+@dataclass
+class Residency:
+    """What a device's pool holds across programs: prefetched weight chunks by content digest, and the
+    planner that owns the ranges. Reset it whenever the device is reset."""
+    config: object
+    planner: PoolPlanner = None
+    chunks: dict = field(default_factory=dict)      # digest -> Region
+
+    def __post_init__(self):
+        self.planner = self.planner or PoolPlanner(self.config)
+
+    def reset(self):
+        self.planner.reset()
+        self.chunks.clear()
+
+    def evict(self, keep=()):
+        """Release resident chunks (all but the digests in ``keep``); True if anything was released."""
+        gone = [d for d in self.chunks if d not in keep]
+        for d in gone:
+            self.planner.release(self.chunks.pop(d))
+        return bool(gone)
+
+
+@dataclass
+class _Step:
+    op: int
+    plan: GemmPlan
+    nt0: int
+    ntc: int
+    r0: int
+    rc: int
+    a_key: tuple
+    w_key: tuple
+    a_last: bool            # the last step that reads this A chunk
+    w_last: bool            # ... this weight chunk
+
+
+def _steps(config, ops, plans):
+    steps = []
+    for j, (op, plan) in enumerate(zip(ops, plans)):
+        chunks = list(plan.chunks(split_last=j == len(ops) - 1))
+        one_m = plan.m_chunk >= plan.m
+        for i, (nt0, ntc, r0, rc) in enumerate(chunks):
+            nxt = chunks[i + 1] if i + 1 < len(chunks) else None
+            # one M-chunk: A stays for the whole GEMM; several: each step loads its own
+            steps.append(_Step(j, plan, nt0, ntc, r0, rc, a_key=("A", j, r0) if one_m else ("A", j, r0, nt0),
+                               w_key=("W", j, nt0), a_last=nxt is None or not one_m,
+                               w_last=nxt is None or nxt[0] != nt0))
+    return steps
+
+
+@dataclass
+class Compiled:
+    """A compiled program: ``decode(answers)`` -> ``(outputs, status word)``; the pool report."""
+    program: Program
+    decode: object
+    steps: int
+    peak_words: int
+    naive_words: int
+
+
+def compile_gemms(config, ops, residency=None, prefetch=None):
+    """Compile ``ops`` (a list of :class:`GemmOp`) into one program ending in SYNC.
+
+    ``residency`` (a :class:`Residency`) carries the pool across programs: weight chunks already resident
+    are not loaded again. ``prefetch``, a :class:`GemmOp` whose ``a`` may be empty, names the weights of a
+    GEMM a later program will run: its first chunk loads while this program's last MATMUL computes and
+    stays resident. Raises ValueError if a GEMM cannot fit the pool.
+    """
+    residency = residency or Residency(config)
+    pool = residency.planner
+    plans = [plan_gemm(config, op.a.shape[0], op.a.shape[1], op.w.shape[0], op.mode) for op in ops]
+    steps = _steps(config, ops, plans)
+    prog = Program(config)
+    lanes = config.lanes
+    held = {}               # key -> Region of this program's live inputs
+    blocks = []             # (op, rows, cols, answer words) of each STORE, in answer order
+    pending = None          # (output, block) computed or computing, not yet stored
+    stored = []             # regions whose STORE is emitted, released once the next STORE is
+    used_digests = set()
+
+    def alloc(words, name, forbid=(), avoid=()):
+        """Allocate; when the pool is short, give up on overlap step by step before failing."""
+        for attempt in range(3):
+            try:
+                return pool.alloc(words, name, forbid, avoid if attempt == 0 else ())
+            except PoolFull:
+                if attempt == 1:
+                    store_pending()
+                    while stored:
+                        pool.release(stored.pop())
+                    residency.evict(keep=used_digests)
+                elif attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def store_pending():
+        nonlocal pending
+        if pending is not None:
+            out, block = pending
+            prog.store(out.addr, out.words_used)
+            blocks.append(block)
+            stored.append(out.region)
+            pending = None
+
+    def load_inputs(step, avoid):
+        op = ops[step.op]
+        w_words = None
+        if step.w_key not in held:
+            w_words, digest = op.weight_chunk(config, step.plan, step.nt0, step.ntc)
+            used_digests.add(digest)
+            region = residency.chunks.pop(digest, None)      # prefetched by an earlier program
+            if region is not None:
+                held[step.w_key], w_words = region, None
+        if step.a_key not in held:
+            a_words = config.pack_activations(op.a[step.r0:step.r0 + step.rc])
+            forbid = {held[step.w_key].bank} if step.w_key in held else set()
+            region = alloc(len(a_words), f"A{step.a_key}", forbid=forbid, avoid=avoid)
+            prog.load(region.addr, a_words)
+            held[step.a_key] = region
+        if w_words is not None:
+            region = alloc(len(w_words), f"W{step.w_key}", forbid={held[step.a_key].bank}, avoid=avoid)
+            prog.load(region.addr, w_words)
+            held[step.w_key] = region
+
+    def alloc_output(step):
+        words = step.ntc * step.rc * MODE_WORDS[step.plan.mode]
+        region = alloc(words, f"O{step.op}", forbid={held[step.a_key].bank, held[step.w_key].bank})
+        return _Out(region, words)
+
+    if not steps:
+        prog.sync()
+        return Compiled(prog, lambda answers: ([], answers[0]), 0, pool.peak_words, pool.naive_words)
+    prefetch_at = _prefetch_step(config, ops, steps, prefetch)
+    load_inputs(steps[0], avoid=())
+    out = alloc_output(steps[0])
+    for i, step in enumerate(steps):
+        op, plan = ops[step.op], step.plan
+        a_reg, w_reg = held[step.a_key], held[step.w_key]
+        p_addr = w_reg.addr + step.ntc * plan.k_tiles * lanes
+        prog.matmul(a_reg.addr, w_reg.addr, p_addr, out.addr, step.rc, plan.k_tiles, step.ntc, plan.mode)
+        # while this step computes, the previous output leaves and the next step's operands arrive (off
+        # the bank this step writes)
+        store_pending()
+        if i + 1 < len(steps):
+            load_inputs(steps[i + 1], avoid={out.region.bank})
+        if prefetch is not None and i == prefetch_at:
+            _prefetch(config, residency, prefetch, avoid={out.region.bank}, load=prog.load, alloc=alloc)
+            prefetch = None
+        # the store unit reads a range until the next STORE may start: reuse it only after that
+        while len(stored) > 1:
+            pool.release(stored.pop(0))
+        if step.a_last:
+            pool.release(held.pop(step.a_key))
+        if step.w_last:
+            pool.release(held.pop(step.w_key))
+        cols = slice(step.nt0 * lanes, min(op.w.shape[0], (step.nt0 + step.ntc) * lanes))
+        pending = (out, (step.op, slice(step.r0, step.r0 + step.rc), cols,
+                         out.words_used * config.host_words_per_pool_word))
+        if i + 1 < len(steps):
+            out = alloc_output(steps[i + 1])
+    store_pending()
+    while stored:
+        pool.release(stored.pop())
+    prog.sync()
+    shapes = [(op.a.shape[0], op.w.shape[0], op.mode) for op in ops]
+
+    def decode(answers):
+        outs = [np.zeros((m, n), dtype=_DTYPES[mode]) for m, n, mode in shapes]
+        pos = 0
+        for j, rows, cols, count in blocks:
+            chunk = config.words_from_host(answers[pos:pos + count])
+            outs[j][rows, cols] = config.unpack_output(chunk, rows.stop - rows.start, cols.stop - cols.start,
+                                                       shapes[j][2])
+            pos += count
+        return outs, answers[pos]
+
+    return Compiled(prog, decode, len(steps), pool.peak_words, pool.naive_words)
+
+
+@dataclass
+class _Out:
+    region: object
+    words_used: int
+
+    @property
+    def addr(self):
+        return self.region.addr
+
+
+def _prefetch_step(config, ops, steps, prefetch):
+    """The step during which to load the next program's weights: the latest one whose compute leaves
+    room for them beside its own transfers (estimated in cycles), else the one with the most room."""
+    if prefetch is None:
+        return None
+    h = config.host_words_per_pool_word
+    plan = plan_gemm(config, max(1, prefetch.a.shape[0]), prefetch.w.shape[1], prefetch.w.shape[0], prefetch.mode)
+    need = plan.n_chunks()[0][1] * (plan.k_tiles * config.lanes + PARAM_WORDS_PER_LANE_GROUP) * h
+    room = []
+    for i, st in enumerate(steps):
+        compute = st.ntc * st.plan.k_tiles * max(st.rc, 3 * config.lanes + 20)
+        busy = st.ntc * st.rc * MODE_WORDS[st.plan.mode] * h           # the store of this step's output
+        if i + 1 < len(steps):
+            nxt = steps[i + 1]
+            busy += nxt.ntc * (nxt.plan.k_tiles * config.lanes + PARAM_WORDS_PER_LANE_GROUP) * h
+        room.append(compute - busy)
+    fits = [i for i, r in enumerate(room) if r >= need]
+    return fits[-1] if fits else max(range(len(steps)), key=room.__getitem__)
+
+
+def _prefetch(config, residency, op, avoid, load, alloc):
+    plan = plan_gemm(config, max(1, op.a.shape[0]), op.w.shape[1], op.w.shape[0], op.mode)
+    words, digest = op.weight_chunk(config, plan, *plan.n_chunks()[0])
+    if digest in residency.chunks:
+        return
+    try:
+        region = alloc(len(words), "prefetch", avoid=avoid)
+    except PoolFull:
+        return                  # no room: the next program loads it itself
+    load(region.addr, words)
+    residency.chunks[digest] = region
 
 
 def gemm_program(config, a, w, bias, m0, shift, mode):
-    """Return ``(program, decode)``: run the program, then ``decode(answers)`` gives the [M, N] result of
-    ``requant(a @ w.T + bias)`` exactly as ``ref_gemm`` + ``ref_requant`` define it (``mode`` INT32: the
-    int32 ``a @ w.T + bias``)."""
-    a, w = np.asarray(a, dtype=np.int8), np.asarray(w, dtype=np.int8)
-    m, k = a.shape
-    n = w.shape[0]
-    if w.shape[1] != k:
-        raise ValueError(f"inner dimensions differ: a is {a.shape}, w is {w.shape}")
-    bias = np.broadcast_to(np.asarray(bias, dtype=np.int64), (n,))
-    m0 = np.broadcast_to(np.asarray(m0, dtype=np.int64), (n,))
-    shift = np.broadcast_to(np.asarray(shift, dtype=np.int64), (n,))
-    plan = plan_gemm(config, m, k, n, mode)
-    lanes, bank = config.lanes, config.bank_words
-    prog = Program(config)
-    blocks = []
-    for nt0, ntc, r0, rc in plan.chunks():
-        cols = slice(nt0 * lanes, min(n, (nt0 + ntc) * lanes))
-        ncols = cols.stop - cols.start
-        if r0 == 0:
-            wq = config.pack_weights(w[cols])
-            prog.load(W_BANK * bank, wq)
-            p_addr = W_BANK * bank + len(wq)
-            prog.load(p_addr, config.pack_params(bias[cols], m0[cols], shift[cols]))
-        prog.load(A_BANK * bank, config.pack_activations(a[r0:r0 + rc]))
-        prog.matmul(A_BANK * bank, W_BANK * bank, p_addr, O_BANK * bank, rc, plan.k_tiles, ntc, plan.mode)
-        words = ntc * rc * MODE_WORDS[plan.mode]
-        prog.store(O_BANK * bank, words)
-        blocks.append((r0, rc, cols, ncols, words * config.host_words_per_pool_word))
-    prog.sync()
+    """Return ``(program, decode)`` for one GEMM on an empty pool: run the program, then
+    ``decode(answers)`` gives the [M, N] result of ``requant(a @ w.T + bias)`` exactly as ``ref_gemm`` +
+    ``ref_requant`` define it (``mode`` INT32: the int32 ``a @ w.T + bias``) and the SYNC status word."""
+    compiled = compile_gemms(config, [GemmOp(a, w, bias, m0, shift, mode)])
 
     def decode(answers):
-        dtype = {Mode.INT8: np.int8, Mode.INT16: np.int16, Mode.INT32: np.int32}[plan.mode]
-        out = np.zeros((m, n), dtype=dtype)
-        pos = 0
-        for r0, rc, cols, ncols, count in blocks:
-            chunk = config.words_from_host(answers[pos:pos + count])
-            out[r0:r0 + rc, cols] = config.unpack_output(chunk, rc, ncols, plan.mode)
-            pos += count
-        return out, answers[pos]          # the result and the final SYNC status word
+        outs, status = compiled.decode(answers)
+        return outs[0], status
 
-    return prog, decode
+    return compiled.program, decode

@@ -60,11 +60,17 @@ def saturate(x, bits):
 def isqrt(n):
     """Return ``floor(sqrt(n))`` elementwise for an int64 tensor with 0 <= n < 2**62.
 
-    Integer Newton iteration from above, ``x <- (x + n // x) // 2`` while it decreases, which ends on the
-    unique integer square root. 40 steps take the start value 2**31 down to any result.
+    Below 2**52 (LayerNorm's range) ``n`` is exact in float64 and its correctly rounded square root is
+    within one of the answer, which one integer step each way then fixes. Above it: integer Newton
+    iteration from above, ``x <- (x + n // x) // 2`` while it decreases, which ends on the unique integer
+    square root; 40 steps take the start value 2**31 down to any result.
     """
     if bool((n < 0).any()):
         raise ValueError("isqrt of a negative number")
+    if n.numel() == 0 or int(n.max()) < (1 << 52):
+        x = torch.sqrt(n.to(torch.float64)).to(torch.int64)
+        x = x - (x * x > n).to(torch.int64)
+        return x + ((x + 1) * (x + 1) <= n).to(torch.int64)
     x = torch.full_like(n, 1 << 31)
     for _ in range(40):
         nxt = (x + n // x.clamp(min=1)) >> 1
@@ -175,7 +181,19 @@ def ref_requant(acc, m0, shift, bits=8):
     shift = torch.as_tensor(shift, dtype=torch.int64, device=acc.device)
     if bool(((shift < 0) | (shift > 62)).any()):
         raise ValueError("requant shift must be in [0, 62]")
-    return saturate(rshift_round(acc.to(torch.int64) * m0, shift), bits)
+    if torch.broadcast_shapes(acc.shape, m0.shape, shift.shape) != acc.shape:
+        return saturate(rshift_round(acc.to(torch.int64) * m0, shift), bits)
+    # in place on one int64 copy: the requant of a wide GEMM is memory-bound
+    x = acc.to(torch.int64).mul_(m0)
+    if shift.dim() == 0:
+        s = int(shift)
+        if s:
+            x.add_(1 << (s - 1)).bitwise_right_shift_(s)
+    else:
+        x.add_(torch.where(shift > 0, torch.ones_like(shift) << (shift - 1).clamp(min=0), 0))
+        x.bitwise_right_shift_(shift)
+    lo, hi = _OUT_RANGE[bits]
+    return x.clamp_(lo, hi).to(_OUT_DTYPE[bits])
 
 
 def ref_matmul(a, w, bias, m0, shift, bits):

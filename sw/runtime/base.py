@@ -3,6 +3,7 @@
 import warnings
 from dataclasses import dataclass, field
 
+from sw.compiler.layer import run_layer
 from sw.quant.ref import ref_layer
 
 __all__ = ["Device", "DeviceError", "DeviceUnsupported", "Stats", "Runner"]
@@ -21,6 +22,8 @@ class Stats:
     """What one run cost on the accelerator (zeros for backends that do not count cycles)."""
     cycles: int = 0             # device clock cycles, transfers included
     busy_cycles: int = 0        # cycles the MATMUL engine ran
+    pool_peak_words: int = 0    # most pool words any program held at once (liveness-planned)
+    pool_naive_words: int = 0   # most pool words any program would need if nothing were reused
     macs: int = 0               # useful multiply-accumulates offloaded
     array_macs_per_cycle: int = 0
     host_words: int = 0         # 32-bit words moved over the host link, both ways
@@ -30,6 +33,12 @@ class Stats:
     def efficiency(self):
         """Useful MACs per array slot while the engine ran."""
         slots = self.busy_cycles * self.array_macs_per_cycle
+        return self.macs / slots if slots else 0.0
+
+    @property
+    def overall_efficiency(self):
+        """Useful MACs per array slot over every device cycle, transfers included."""
+        slots = self.cycles * self.array_macs_per_cycle
         return self.macs / slots if slots else 0.0
 
     def latency_s(self, clock_hz):
@@ -45,6 +54,8 @@ class Stats:
         self.busy_cycles += other.busy_cycles
         self.macs += other.macs
         self.host_words += other.host_words
+        self.pool_peak_words = max(self.pool_peak_words, other.pool_peak_words)
+        self.pool_naive_words = max(self.pool_naive_words, other.pool_naive_words)
         self.array_macs_per_cycle = self.array_macs_per_cycle or other.array_macs_per_cycle
         for k, v in other.ops.items():
             self.ops[k] = self.ops.get(k, 0) + v
@@ -52,8 +63,9 @@ class Stats:
 
 class Device:
     """A backend. ``matmul`` is the contract's :func:`ref_matmul` (GEMM + requant) computed on the device;
-    ``run_layer`` runs a whole encoder layer and by default runs the contract's dataflow with ``matmul``
-    on the device and the rest (softmax, GELU, LayerNorm) on the host."""
+    ``run_layer`` runs a whole encoder layer and by default runs the device schedule of the contract's
+    dataflow (:func:`sw.compiler.layer.run_layer`) with ``matmul`` on the device and the rest (softmax,
+    GELU, LayerNorm) on the host; ``expect`` is its hint of the weights a later ``matmul`` will use."""
 
     name = "device"
 
@@ -63,8 +75,11 @@ class Device:
     def matmul(self, a, w, bias, m0, shift, bits):
         raise NotImplementedError
 
-    def run_layer(self, p, x8, x16, mask, matmul=None):
-        return ref_layer(x8, x16, p, mask, matmul=matmul or self.matmul)
+    def expect(self, w, bias, m0, shift, bits, rows):
+        """A later ``matmul`` will use these weights for ``rows`` rows; a device may start loading them."""
+
+    def run_layer(self, p, x8, x16, mask, matmul=None, next_p=None):
+        return run_layer(p, x8, x16, mask, matmul or self.matmul, expect=self.expect, next_p=next_p)
 
     def close(self):
         """Release what the device holds (processes, memory)."""
@@ -106,7 +121,8 @@ class Runner:
         def run(i, x8, x16, mask):
             first = self.devices[0]
             try:
-                return first.run_layer(params[i], x8, x16, mask, matmul=self._matmul_from(0))
+                return first.run_layer(params[i], x8, x16, mask, matmul=self._matmul_from(0),
+                                       next_p=params[i + 1] if i + 1 < len(params) else None)
             except DeviceError as e:
                 self._fall_back(first, 0, f"failed on layer {i} ({e})", e)
                 return ref_layer(x8, x16, params[i], mask, matmul=self._matmul_from(1))

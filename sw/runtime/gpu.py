@@ -29,7 +29,7 @@ class GpuDevice(Device):
         except torch.cuda.OutOfMemoryError as e:
             raise DeviceError(f"GPU out of memory: {e}") from None
 
-    def run_layer(self, p, x8, x16, mask, matmul=None):
+    def run_layer(self, p, x8, x16, mask, matmul=None, next_p=None):
         # the whole layer stays on the GPU; only its input and output cross PCIe
         key = id(p)
         if key not in self._params:

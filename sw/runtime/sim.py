@@ -1,5 +1,6 @@
 """The simulated accelerator: every GEMM + requant of a layer runs on the Verilated top (sim/fastsim.py);
-softmax, GELU and LayerNorm run on the host, exactly as the contract's ``ref_layer`` orders them."""
+softmax, GELU and LayerNorm run on the host (sw/compiler/layer.py). The pool persists between programs,
+so weights the layer schedule announces (``expect``) load while the previous GEMM computes."""
 
 import subprocess
 
@@ -7,7 +8,7 @@ import numpy as np
 import torch
 
 from hw.isa import MODE_BITS, AcceleratorConfig, Error, Program, parse_status
-from sw.compiler.gemm import gemm_program
+from sw.compiler.gemm import GemmOp, Residency, compile_gemms
 
 from .base import Device, DeviceError, DeviceUnsupported
 
@@ -36,7 +37,15 @@ class SimDevice(Device):
             if waves:
                 sim.open(waves)
         self.sim = sim
+        self.residency = Residency(config)       # the pool's contents between programs
+        self._expected = None
         self.stats.array_macs_per_cycle = config.lanes * config.lanes
+
+    def expect(self, w, bias, m0, shift, bits, rows):
+        k = w.shape[-1]
+        self._expected = GemmOp(np.zeros((rows, k), dtype=np.int8), _as_numpy(w),
+                                np.zeros(w.shape[0]) if bias is None else _as_numpy(bias),
+                                _as_numpy(torch.as_tensor(m0)), _as_numpy(torch.as_tensor(shift)), _BITS_MODE[bits])
 
     def matmul(self, a, w, bias, m0, shift, bits):
         if w.dim() == 2 and a.dim() > 2 and torch.as_tensor(m0).dim() <= 1 and torch.as_tensor(shift).dim() <= 1:
@@ -53,46 +62,47 @@ class SimDevice(Device):
         m0_b = torch.as_tensor(m0, dtype=torch.int64).expand(out_shape).reshape(-1, m, n)[:, 0]
         sh_b = torch.as_tensor(shift, dtype=torch.int64).expand(out_shape).reshape(-1, m, n)[:, 0]
         bias_np = np.zeros(n, dtype=np.int64) if bias is None else _as_numpy(bias).astype(np.int64)
-        programs = []
-        words = Program(self.config).counters().words
-        expect = 6
+        ops = [GemmOp(_as_numpy(a_b[i]), _as_numpy(w_b[i]), bias_np, _as_numpy(m0_b[i]), _as_numpy(sh_b[i]), mode)
+               for i in range(a_b.shape[0])]
+        prefetch, self._expected = self._expected, None
         try:
-            for i in range(a_b.shape[0]):
-                prog, decode = gemm_program(self.config, _as_numpy(a_b[i]), _as_numpy(w_b[i]), bias_np,
-                                            _as_numpy(m0_b[i]), _as_numpy(sh_b[i]), mode)
-                programs.append((prog.expect, decode))
-                words += prog.words
-                expect += prog.expect
+            compiled = compile_gemms(self.config, ops, self.residency, prefetch)
         except ValueError as e:
+            self.residency.reset()          # the planner may hold half a program's ranges
             raise DeviceUnsupported(str(e)) from None
-        words += Program(self.config).counters().words
-        expect += 6
+        self.stats.pool_peak_words = max(self.stats.pool_peak_words, compiled.peak_words)
+        self.stats.pool_naive_words = max(self.stats.pool_naive_words, compiled.naive_words)
+        words = Program(self.config).counters().words + compiled.program.words + Program(self.config).counters().words
+        expect = 6 + compiled.program.expect + 6
         answers = self._run(words, expect)
-        outs, pos = [], 6
-        for count, decode in programs:
-            out, status = decode(answers[pos:pos + count])
-            flags = parse_status(status)
-            if flags != Error(0):
-                raise DeviceError(f"device reported {flags!r}")
-            outs.append(torch.from_numpy(np.ascontiguousarray(out)))
-            pos += count
+        outs, status = compiled.decode(answers[6:-6])
+        flags = parse_status(status)
+        if flags != Error(0):
+            self._reset()
+            raise DeviceError(f"device reported {flags!r}")
         before, after = answers[:6], answers[-6:]
         busy = (after[0] | after[1] << 32) - (before[0] | before[1] << 32)
         self.stats.busy_cycles += busy
         self.stats.macs += int(np.prod(out_shape)) * a.shape[-1]
         self.stats.host_words += len(words) + len(answers)
-        return torch.stack(outs).reshape(out_shape)
+        return torch.stack([torch.from_numpy(np.ascontiguousarray(o)) for o in outs]).reshape(out_shape)
+
+    def _reset(self):
+        """Start over from a clean device: after a fault nothing in the pool can be trusted."""
+        self.residency.reset()
+        reset = getattr(self.sim, "reset", None)
+        if reset:
+            reset()
 
     def _run(self, words, expect):
         from sim.fastsim import SimHang
         try:
             result = self.sim.run(words, expect)
         except (SimHang, subprocess.CalledProcessError, OSError) as e:
-            reset = getattr(self.sim, "reset", None)
-            if reset:
-                reset()         # the device may be stuck mid-command: start the next run from a clean state
+            self._reset()       # the device may be stuck mid-command
             raise DeviceError(f"simulated device: {e}") from None
         if len(result.answers) != expect:
+            self._reset()
             raise DeviceError(f"simulated device answered {len(result.answers)} words, expected {expect}")
         self.stats.cycles += result.cycles
         return result.answers

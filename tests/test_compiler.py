@@ -1,0 +1,138 @@
+"""The compiler: the liveness-planned pool, pipelined multi-GEMM programs, weights resident across
+programs, and the device schedule of a layer — each checked against the integer reference."""
+
+import numpy as np
+import pytest
+import torch
+
+from hw.isa import MODE_BITS, AcceleratorConfig, Error, Mode, Opcode, parse_status
+from sim.fastsim import FastSim
+from sw.compiler.gemm import GemmOp, Residency, compile_gemms, plan_gemm
+from sw.compiler.layer import run_layer
+from sw.compiler.pool import PoolFull, PoolPlanner
+from sw.quant.ref import ref_layer, ref_matmul
+
+SMALL = AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128)   # built by the top tests too
+
+
+def test_planner_reuses_released_ranges_and_reports_peak_against_naive():
+    pool = PoolPlanner(SMALL)
+    a = pool.alloc(300, "a")
+    b = pool.alloc(300, "b", forbid={a.bank})
+    assert a.bank != b.bank and a.words == b.words == 300
+    pool.release(a)
+    c = pool.alloc(298, "c", forbid={b.bank})           # rounded up to 300: a's range, reused
+    assert (c.bank, c.offset) == (a.bank, a.offset)
+    assert pool.live_words == 600 and pool.peak_words == 600 and pool.naive_words == 900
+
+
+def test_planner_prefers_banks_to_avoid_last_and_merges_neighbours():
+    pool = PoolPlanner(SMALL)
+    r = pool.alloc(8, "r", avoid={0, 1, 2})
+    assert r.bank == 3
+    parts = [pool.alloc(256, f"p{i}", forbid={1, 2, 3}) for i in range(4)]
+    assert [p.bank for p in parts] == [0] * 4
+    with pytest.raises(PoolFull, match="no free range of 4 words in banks \\[0\\]"):
+        pool.alloc(1, "more", forbid={1, 2, 3})
+    for p in parts:
+        pool.release(p)
+    whole = pool.alloc(1024, "whole", forbid={1, 2, 3})          # the four ranges merged back into one
+    assert (whole.bank, whole.offset) == (0, 0)
+    with pytest.raises(ValueError, match="released twice"):
+        pool.release(r)
+        pool.release(r)
+
+
+def test_plan_splits_weights_small_enough_to_pipeline():
+    cfg = AcceleratorConfig(lanes=16, banks=4, bank_words=16384, acc_depth=512)
+    plan = plan_gemm(cfg, 128, 1536, 384, Mode.INT16)
+    per_tile = plan.k_tiles * 16 + 9
+    assert plan.n_tiles_chunk * per_tile <= cfg.bank_words // 4
+    assert sum(n for _, n in plan.n_chunks(split_last=True)) == plan.n_tiles
+    assert plan.n_chunks(split_last=True)[-1][1] == 1
+    with pytest.raises(ValueError, match="K=65536 needs"):
+        plan_gemm(cfg, 1, 65536, 1, Mode.INT8)
+
+
+def _op(rng, m, k, n, mode):
+    a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    w = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    bias = rng.integers(-5000, 5000, n)
+    m0 = rng.integers(1 << 30, 1 << 31, n)
+    shift = rng.integers(30, 40, n)
+    return GemmOp(a, w, bias, m0, shift, mode)
+
+
+def _want(op):
+    return ref_matmul(*(torch.from_numpy(np.array(x)) for x in (op.a, op.w, op.bias.astype(np.int32), op.m0,
+                                                                  op.shift)), MODE_BITS[op.mode]).numpy()
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return FastSim(SMALL)
+
+
+def test_a_pipelined_program_of_several_gemms_is_exact(sim):
+    rng = np.random.default_rng(3)
+    ops = [_op(rng, 70, 40, 90, Mode.INT8), _op(rng, 128, 100, 20, Mode.INT16), _op(rng, 200, 24, 50, Mode.INT32),
+           _op(rng, 1, 3, 5, Mode.INT8)]
+    compiled = compile_gemms(SMALL, ops)
+    assert compiled.steps > len(ops)                    # split into chunks, so it really pipelines
+    assert compiled.peak_words <= SMALL.pool_words < compiled.naive_words
+    outs, status = compiled.decode(sim.run(compiled.program.words, compiled.program.expect).answers)
+    assert parse_status(status) == Error(0)
+    for op, out in zip(ops, outs):
+        assert np.array_equal(out, _want(op))
+
+
+def test_prefetched_weights_stay_resident_for_the_next_program(sim):
+    rng = np.random.default_rng(4)
+    first, second = _op(rng, 64, 60, 40, Mode.INT8), _op(rng, 64, 60, 48, Mode.INT16)
+    residency = Residency(SMALL)
+    c1 = compile_gemms(SMALL, [first], residency, prefetch=GemmOp(np.zeros((64, 60)), second.w, second.bias,
+                                                                  second.m0, second.shift, second.mode))
+    assert len(residency.chunks) == 1
+    c2 = compile_gemms(SMALL, [second], residency)
+    cold = compile_gemms(SMALL, [second])
+    assert not residency.chunks and len(c2.program.words) < len(cold.program.words)
+    for c, op in ((c1, first), (c2, second)):
+        outs, status = c.decode(sim.run(c.program.words, c.program.expect).answers)
+        assert parse_status(status) == Error(0) and np.array_equal(outs[0], _want(op))
+
+
+def test_loads_and_stores_interleave_with_matmuls():
+    rng = np.random.default_rng(5)
+    prog = compile_gemms(SMALL, [_op(rng, 64, 60, 200, Mode.INT8)]).program
+    ops, i = [], 0
+    while i < len(prog.words):
+        word = prog.words[i]
+        op = Opcode(word >> 24)
+        ops.append(op)
+        i += 1 + {Opcode.LOAD: 1 + (word & 0xFFFF) * SMALL.host_words_per_pool_word, Opcode.STORE: 1,
+                  Opcode.MATMUL: 6}.get(op, 0)
+    first_mm = ops.index(Opcode.MATMUL)
+    # after the first MATMUL, each next one is preceded by loads (the prefetch) and a store of the last
+    between = ops[first_mm + 1:ops.index(Opcode.MATMUL, first_mm + 1)]
+    assert Opcode.LOAD in between
+    assert ops[-1] == Opcode.SYNC and ops.count(Opcode.STORE) == ops.count(Opcode.MATMUL)
+
+
+def test_the_device_schedule_of_a_layer_equals_the_reference(tiny):
+    qm, _, tok = tiny
+    enc = tok(["the cat sat on the mat", "hello"], padding=True, return_tensors="pt")
+    x8, x16 = qm.embed(enc["input_ids"], enc["token_type_ids"])
+    mask = enc["attention_mask"].bool()
+    calls, hints = [], []
+
+    def matmul(a, w, *rest):
+        calls.append(tuple(w.shape))
+        return ref_matmul(a, w, *rest)
+
+    got = run_layer(qm.layers[0], x8, x16, mask, matmul, expect=lambda w, *rest: hints.append(tuple(w.shape)),
+                    next_p=qm.layers[1])
+    want = ref_layer(x8, x16, qm.layers[0], mask)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    c = qm.config["hidden"]
+    assert calls[0] == (3 * c, c)                       # Q, K and V as one GEMM
+    assert hints[-1] == (3 * c, c) and len(hints) == 4  # the last hint: the next layer's Q/K/V
