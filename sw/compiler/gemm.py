@@ -187,6 +187,10 @@ def compile_gemms(config, ops, residency=None, prefetch=None):
     """
     residency = residency or Residency(config)
     pool = residency.planner
+    # this program's report: what it holds at its peak, against every range it allocates (plus what
+    # it found resident) with nothing ever reused
+    pool.peak_words = pool.live_words
+    naive_base = pool.naive_words - pool.live_words
     plans = [plan_gemm(config, op.a.shape[0], op.a.shape[1], op.w.shape[0], op.mode) for op in ops]
     steps = _steps(config, ops, plans)
     prog = Program(config)
@@ -248,7 +252,7 @@ def compile_gemms(config, ops, residency=None, prefetch=None):
 
     if not steps:
         prog.sync()
-        return Compiled(prog, lambda answers: ([], answers[0]), 0, pool.peak_words, pool.naive_words)
+        return Compiled(prog, lambda answers: ([], answers[0]), 0, pool.peak_words, pool.naive_words - naive_base)
     prefetch_at = _prefetch_step(config, ops, steps, prefetch)
     load_inputs(steps[0], avoid=())
     out = alloc_output(steps[0])
@@ -293,7 +297,7 @@ def compile_gemms(config, ops, residency=None, prefetch=None):
             pos += count
         return outs, answers[pos]
 
-    return Compiled(prog, decode, len(steps), pool.peak_words, pool.naive_words)
+    return Compiled(prog, decode, len(steps), pool.peak_words, pool.naive_words - naive_base)
 
 
 @dataclass
