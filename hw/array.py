@@ -51,10 +51,10 @@ class SystolicArray(wiring.Component):
                 m.d.comb += [pe.w_data.eq(self.w_data[j]), pe.w_bank.eq(self.w_bank),
                              pe.w_we.eq(self.w_we & (self.w_row == i))]
 
-        def delay(sig, n, shape, name):
-            # n registers: the input skew of row i / column j, the output deskew
+        def delay(sig, n, shape, name, reset_less=True):
+            # n registers: the input skew of row i / column j, the output deskew (data: no reset)
             for k in range(n):
-                nxt = Signal(shape, name=f"{name}_d{k}")
+                nxt = Signal(shape, name=f"{name}_d{k}", reset_less=reset_less)
                 m.d.sync += nxt.eq(sig)
                 sig = nxt
             return sig
@@ -73,5 +73,5 @@ class SystolicArray(wiring.Component):
                 m.d.comb += pes[i][j].psum_in.eq(pes[i - 1][j].psum_out)
             # column j leaves row R-1 at R + j; hold it C - j more cycles so all columns leave together
             m.d.comb += self.out[j].eq(delay(pes[R - 1][j].psum_out, C - j, signed(32), f"out{j}"))
-        m.d.comb += self.out_valid.eq(delay(self.valid, self.latency, unsigned(1), "valid"))
+        m.d.comb += self.out_valid.eq(delay(self.valid, self.latency, unsigned(1), "valid", reset_less=False))
         return m

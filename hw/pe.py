@@ -31,7 +31,9 @@ class ProcessingElement(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        w = [Signal(signed(8), name=f"w{b}") for b in range(2)]
+        # datapath registers carry no reset: what they hold before the first valid row is never used, and
+        # without reset logic they cost fewer LUTs and simulate faster
+        w = [Signal(signed(8), name=f"w{b}", reset_less=True) for b in range(2)]
         with m.If(self.w_we):
             with m.If(self.w_bank):
                 m.d.sync += w[1].eq(self.w_data)
@@ -42,9 +44,7 @@ class ProcessingElement(wiring.Component):
             m.d.comb += weight.eq(w[1])
         with m.Else():
             m.d.comb += weight.eq(w[0])
-        m.d.sync += [
-            self.a_out.eq(self.a_in),
-            self.sel_out.eq(self.sel_in),
-            self.psum_out.eq(self.psum_in + self.a_in * weight),
-        ]
+        a, sel, psum = (Signal.like(port, reset_less=True) for port in (self.a_out, self.sel_out, self.psum_out))
+        m.d.sync += [a.eq(self.a_in), sel.eq(self.sel_in), psum.eq(self.psum_in + self.a_in * weight)]
+        m.d.comb += [self.a_out.eq(a), self.sel_out.eq(sel), self.psum_out.eq(psum)]
         return m

@@ -45,13 +45,15 @@ class Requantizer(wiring.Component):
                      mode1.eq(self.mode), mode2.eq(mode1)]
         for j in range(self.lanes):
             # stage 1: add the bias (the sum fits int32 by contract; keep 32 bits)
-            s1 = Signal(signed(32), name=f"sum{j}")
-            m0_1, sh1 = Signal(unsigned(31), name=f"m0_{j}_1"), Signal(unsigned(6), name=f"sh{j}_1")
+            # data registers carry no reset (only the valid flags do): fewer LUTs, faster simulation
+            s1 = Signal(signed(32), name=f"sum{j}", reset_less=True)
+            m0_1 = Signal(unsigned(31), name=f"m0_{j}_1", reset_less=True)
+            sh1 = Signal(unsigned(6), name=f"sh{j}_1", reset_less=True)
             m.d.sync += [s1.eq(self.acc[j] + self.bias[j]), m0_1.eq(self.m0[j]), sh1.eq(self.shift[j])]
             # stage 2: the 32 x 31-bit product; |product| < 2**62
-            p2 = Signal(signed(64), name=f"prod{j}")
-            s2 = Signal(signed(32), name=f"sum{j}_2")
-            sh2 = Signal(unsigned(6), name=f"sh{j}_2")
+            p2 = Signal(signed(64), name=f"prod{j}", reset_less=True)
+            s2 = Signal(signed(32), name=f"sum{j}_2", reset_less=True)
+            sh2 = Signal(unsigned(6), name=f"sh{j}_2", reset_less=True)
             m.d.sync += [p2.eq(s1 * m0_1), s2.eq(s1), sh2.eq(sh1)]
             # stage 3: round half up, arithmetic shift, saturate per mode
             half = Signal(signed(64), name=f"half{j}")

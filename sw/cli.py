@@ -95,6 +95,9 @@ def cmd_run(args):
               f"{st.efficiency:.1%} while computing, {st.overall_efficiency:.1%} overall, "
               f"{st.host_words * 4 / 2**20:.1f} MiB over the host link, "
               f"{st.latency_s(100e6) * 1e3:.1f} ms modeled at 100 MHz")
+    elif st.busy_cycles:        # a board counts its busy cycles; its wall clock is the link's
+        print(f"accelerator: {st.busy_cycles:,} cycles computing at {st.efficiency:.1%} array efficiency, "
+              f"{st.host_words * 4 / 2**20:.1f} MiB over the link")
     print("cosine similarity of the integer model's embeddings:")
     print(_similarity_table(args.sentences, emb @ emb.T))
     return 0
@@ -172,7 +175,9 @@ def build_parser():
     r.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT)
     r.add_argument("--model", type=Path, help="model folder the artifact came from (for its tokenizer)")
     r.add_argument("--device", default="auto",
-                   help="sim (the Verilated accelerator), gpu, cpu, or auto (default: GPU if present, else CPU)")
+                   help="sim (the Verilated accelerator), board:PORT[@BAUD] (a dev board or a virtual one, "
+                        "docs/link.md), gpu, cpu, or auto (default: the board in $AMBERT_BOARD, else the GPU "
+                        "if present, else CPU)")
     r.add_argument("--waves", type=Path, metavar="OUT.vcd|OUT.fst",
                    help="with --device sim: dump every cycle of the accelerator (FST needs liblz4-dev)")
     r.set_defaults(func=cmd_run)
@@ -180,7 +185,7 @@ def build_parser():
     d = sub.add_parser("demo", help="run the bundled MiniLM on the simulated accelerator, check it, compare with FP32")
     d.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT)
     d.add_argument("--device", default="sim",
-                   help="sim (default: the Verilated accelerator), gpu, cpu or auto")
+                   help="sim (default: the Verilated accelerator), board:PORT[@BAUD], gpu, cpu or auto")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -1,4 +1,7 @@
-"""Pick backends by name: ``cpu``, ``gpu``, ``sim``, ``auto`` (FPGA board -> GPU -> CPU)."""
+"""Pick backends by name: ``cpu``, ``gpu``, ``sim``, ``board:PORT[@BAUD]``, ``auto`` (a board named by
+``$AMBERT_BOARD`` -> GPU -> CPU)."""
+
+import os
 
 import torch
 
@@ -7,7 +10,7 @@ from .cpu import CpuDevice
 
 __all__ = ["get_device", "device_chain", "DEVICE_NAMES"]
 
-DEVICE_NAMES = ("cpu", "gpu", "sim", "auto")
+DEVICE_NAMES = ("cpu", "gpu", "sim", "board:PORT", "auto")
 
 
 def get_device(name, **kwargs):
@@ -20,6 +23,12 @@ def get_device(name, **kwargs):
     if name == "sim":
         from .sim import SimDevice
         return SimDevice(**kwargs)
+    if name.startswith("board:"):
+        from .board import DEFAULT_BAUD, BoardDevice
+        port, _, baud = name[len("board:"):].partition("@")
+        if not port:
+            raise ValueError("name the board's serial port: board:/dev/ttyUSB1")
+        return BoardDevice(port, int(baud) if baud else DEFAULT_BAUD, **kwargs)
     raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_NAMES)}")
 
 
@@ -27,17 +36,19 @@ def device_chain(name="auto", **kwargs):
     """The backends to try, in order, ending with the CPU reference (which cannot fail). ``kwargs`` go
     to the first backend (``waves=`` for ``sim``)."""
     if name == "auto":
-        # no board backend yet: the boards issue adds it in front
-        names = (["gpu"] if torch.cuda.is_available() else []) + ["cpu"]
+        board = os.environ.get("AMBERT_BOARD")
+        names = ([f"board:{board}"] if board else []) + (["gpu"] if torch.cuda.is_available() else []) + ["cpu"]
     elif name == "cpu":
         names = ["cpu"]
     else:
-        names = [name, "gpu", "cpu"] if name == "sim" and torch.cuda.is_available() else [name, "cpu"]
+        names = [name, "gpu", "cpu"] if name != "gpu" and torch.cuda.is_available() else [name, "cpu"]
     chain = []
     for n in names:
         try:
             chain.append(get_device(n, **(kwargs if n == name else {})))
-        except DeviceError:
+        except DeviceError as e:
             if n == name:
                 raise
+            import warnings
+            warnings.warn(f"{n} is not available ({e}); going on without it", RuntimeWarning, stacklevel=2)
     return chain

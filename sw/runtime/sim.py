@@ -1,35 +1,24 @@
-"""The simulated accelerator: every GEMM + requant of a layer runs on the Verilated top (sim/fastsim.py);
-softmax, GELU and LayerNorm run on the host (sw/compiler/layer.py). The pool persists between programs,
-so weights the layer schedule announces (``expect``) load while the previous GEMM computes."""
+"""The simulated accelerator: programs run on the Verilated top (sim/fastsim.py), its clock loop in C++."""
 
 import subprocess
 
-import numpy as np
-import torch
+from hw.isa import AcceleratorConfig
 
-from hw.isa import MODE_BITS, AcceleratorConfig, Error, Program, parse_status
-from sw.compiler.gemm import GemmOp, Residency, compile_gemms
-
-from .base import Device, DeviceError, DeviceUnsupported
+from .accel import AcceleratorDevice
+from .base import DeviceError
 
 __all__ = ["SimDevice", "DEFAULT_CONFIG"]
 
 # The simulated device: a 16x16 array (the size the ECP5 boards aim at), four banks of 256 KiB.
 DEFAULT_CONFIG = AcceleratorConfig(lanes=16, banks=4, bank_words=16384, acc_depth=512)
-_BITS_MODE = {bits: mode for mode, bits in MODE_BITS.items()}
 
 
-def _as_numpy(t):
-    return t.detach().cpu().numpy()
-
-
-class SimDevice(Device):
+class SimDevice(AcceleratorDevice):
     name = "sim"
 
     def __init__(self, config=DEFAULT_CONFIG, sim=None, waves=None):
         """``waves``: a ``.vcd`` or ``.fst`` path to dump every cycle to (a separate, traced build)."""
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         if sim is None:
             from sim.fastsim import FastSim
             kind = None if not waves else "fst" if str(waves).endswith(".fst") else "vcd"
@@ -37,59 +26,8 @@ class SimDevice(Device):
             if waves:
                 sim.open(waves)
         self.sim = sim
-        self.residency = Residency(config)       # the pool's contents between programs
-        self._expected = None
-        self.stats.array_macs_per_cycle = config.lanes * config.lanes
 
-    def expect(self, w, bias, m0, shift, bits, rows):
-        k = w.shape[-1]
-        self._expected = GemmOp(np.zeros((rows, k), dtype=np.int8), _as_numpy(w),
-                                np.zeros(w.shape[0]) if bias is None else _as_numpy(bias),
-                                _as_numpy(torch.as_tensor(m0)), _as_numpy(torch.as_tensor(shift)), _BITS_MODE[bits])
-
-    def matmul(self, a, w, bias, m0, shift, bits):
-        if w.dim() == 2 and a.dim() > 2 and torch.as_tensor(m0).dim() <= 1 and torch.as_tensor(shift).dim() <= 1:
-            # shared weights (a projection): every token is a row of one GEMM, weights loaded once
-            out = self.matmul(a.reshape(-1, a.shape[-1]), w, bias, m0, shift, bits)
-            return out.reshape(*a.shape[:-1], w.shape[0])
-        mode = _BITS_MODE[bits]
-        batch = torch.broadcast_shapes(a.shape[:-2], w.shape[:-2])
-        m, n = a.shape[-2], w.shape[-2]
-        out_shape = (*batch, m, n)
-        a_b = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
-        w_b = w.expand(*batch, *w.shape[-2:]).reshape(-1, *w.shape[-2:])
-        # the requant constants may differ per batch entry (per head) but never along M
-        m0_b = torch.as_tensor(m0, dtype=torch.int64).expand(out_shape).reshape(-1, m, n)[:, 0]
-        sh_b = torch.as_tensor(shift, dtype=torch.int64).expand(out_shape).reshape(-1, m, n)[:, 0]
-        bias_np = np.zeros(n, dtype=np.int64) if bias is None else _as_numpy(bias).astype(np.int64)
-        ops = [GemmOp(_as_numpy(a_b[i]), _as_numpy(w_b[i]), bias_np, _as_numpy(m0_b[i]), _as_numpy(sh_b[i]), mode)
-               for i in range(a_b.shape[0])]
-        prefetch, self._expected = self._expected, None
-        try:
-            compiled = compile_gemms(self.config, ops, self.residency, prefetch)
-        except ValueError as e:
-            self.residency.reset()          # the planner may hold half a program's ranges
-            raise DeviceUnsupported(str(e)) from None
-        self.stats.pool_peak_words = max(self.stats.pool_peak_words, compiled.peak_words)
-        self.stats.pool_naive_words = max(self.stats.pool_naive_words, compiled.naive_words)
-        words = Program(self.config).counters().words + compiled.program.words + Program(self.config).counters().words
-        expect = 6 + compiled.program.expect + 6
-        answers = self._run(words, expect)
-        outs, status = compiled.decode(answers[6:-6])
-        flags = parse_status(status)
-        if flags != Error(0):
-            self._reset()
-            raise DeviceError(f"device reported {flags!r}")
-        before, after = answers[:6], answers[-6:]
-        busy = (after[0] | after[1] << 32) - (before[0] | before[1] << 32)
-        self.stats.busy_cycles += busy
-        self.stats.macs += int(np.prod(out_shape)) * a.shape[-1]
-        self.stats.host_words += len(words) + len(answers)
-        return torch.stack([torch.from_numpy(np.ascontiguousarray(o)) for o in outs]).reshape(out_shape)
-
-    def _reset(self):
-        """Start over from a clean device: after a fault nothing in the pool can be trusted."""
-        self.residency.reset()
+    def _reset_device(self):
         reset = getattr(self.sim, "reset", None)
         if reset:
             reset()

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Effective payload throughput of the host link as a fraction of the UART's line rate.
+
+Both ends run the real protocol code (sw/link: framing, CRC, go-back-N with the board's window) over a
+modeled full-duplex UART — 10 bits per byte at the given baud, on a virtual clock — carrying the traffic
+of one MiniLM layer's programs (instruction streams out, answers back) at several byte-error rates.
+Modeled, not timed: the figure is the protocol's, independent of this machine. Last line:
+
+    link: baud=... payload_fraction=... (clean line, host to board)
+"""
+
+import heapq
+import random
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BAUD = 3_000_000
+
+
+class Uart:
+    """Two directions of a UART on a shared virtual clock; bytes may be damaged on the way."""
+
+    def __init__(self, baud, error_rate, seed):
+        self.now = 0.0
+        self.byte_time = 10 / baud
+        self.error_rate = error_rate
+        self.rng = random.Random(seed)
+        self.free_at = [0.0, 0.0]           # when each direction's line is next idle
+        self.arrivals = [[], []]            # heaps of (time, seq, bytes) towards side 0 / side 1
+        self.count = 0
+
+    def end(self, side):
+        uart = self
+
+        class End:
+            def write(self, data):
+                from boards.virtual import damage
+                if uart.error_rate:
+                    data = damage(data, uart.rng, flip=uart.error_rate)
+                start = max(uart.now, uart.free_at[side])
+                uart.free_at[side] = start + len(data) * uart.byte_time
+                uart.count += 1
+                heapq.heappush(uart.arrivals[1 - side], (uart.free_at[side], uart.count, data))
+
+            def read(self, timeout):
+                q, out = uart.arrivals[side], b""
+                while q and q[0][0] <= uart.now:
+                    out += heapq.heappop(q)[2]
+                return out
+        return End()
+
+    def next_event(self):
+        times = [q[0][0] for q in self.arrivals if q]
+        return min(times) if times else None
+
+
+def transfer(out_bytes, back_bytes, baud, error_rate, seed=0):
+    """Move ``out_bytes`` host->board and ``back_bytes`` board->host; return the virtual seconds."""
+    from sw.link import Endpoint
+    uart = Uart(baud, error_rate, seed)
+    frame_time = (256 + 12) * 10 / baud
+    retry = 4 * 4 * frame_time                  # four windows of full frames
+    host = Endpoint(uart.end(0), window=4, max_payload=256, retry_s=retry, max_retries=10_000,
+                    clock=lambda: uart.now)
+    board = Endpoint(uart.end(1), window=4, max_payload=256, retry_s=retry, max_retries=10_000,
+                     clock=lambda: uart.now)
+    host.queue(out_bytes)
+    board.queue(back_bytes)
+    while not (host.idle and board.idle and len(board.received) == len(out_bytes)
+               and len(host.received) == len(back_bytes)):
+        host.poll(0)
+        board.poll(0)
+        nxt = uart.next_event()
+        timers = [ep.timer + ep.retry_s + 1e-9 for ep in (host, board) if ep.unacked]   # just past: poll uses >
+        candidates = [t for t in [nxt, *timers] if t is not None]
+        uart.now = max(uart.now, min(candidates)) if candidates else uart.now
+    assert bytes(board.received) == out_bytes and bytes(host.received) == back_bytes
+    return uart.now, host, board
+
+
+def main():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    # one MiniLM layer's programs at sequence 128 move about 3.6 MiB out and 0.55 MiB back (e2e_minilm);
+    # a 1/16 slice of each keeps this quick and the ratio the same
+    out_bytes, back_bytes = rng.bytes(3_600_000 // 16 // 4 * 4), rng.bytes(550_000 // 16 // 4 * 4)
+    print(f"modeled UART at {BAUD:,} baud (10 bits/byte), window 4, 256-byte payloads; "
+          f"{len(out_bytes):,} B out, {len(back_bytes):,} B back, concurrently")
+    print(f"{'byte error rate':>16} {'seconds':>9} {'out payload / line rate':>24} {'retransmitted':>14}")
+    clean = None
+    for err in (0.0, 1e-5, 1e-4):
+        t, host, board = transfer(out_bytes, back_bytes, BAUD, err)
+        frac = len(out_bytes) / (t * BAUD / 10)
+        clean = frac if clean is None else clean
+        print(f"{err:>16g} {t:>9.3f} {frac:>24.1%} {host.retransmitted + board.retransmitted:>14}")
+    print(f"link: baud={BAUD} payload_fraction={clean:.3f} (clean line, host to board)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The host link (docs/link.md): frames, go-back-N delivery under damage, and the board device against a
+virtual board on a pseudo-terminal — results `==` the reference, or a clear error and a fallback."""
+
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from boards.virtual import damage
+from hw.isa import Error, Mode, parse_status
+from sw.compiler.gemm import gemm_program
+from sw.link import Endpoint, Frame, FrameType, LinkError
+from sw.link.frame import Decoder, encode
+from sw.quant.hf import encode as encode_text
+from sw.quant.ref import ref_matmul
+from sw.runtime import DeviceError, OffloadedBert
+from sw.runtime.board import BoardDevice
+from sw.runtime.cpu import CpuDevice
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- frames ---------------------------------------------------------------------------------------------
+
+
+def test_frames_round_trip_whatever_the_bytes():
+    rng = random.Random(1)
+    frames = [Frame(FrameType.DATA, rng.randrange(256), bytes([0x7E, 0x7D] * 8 + [rng.randrange(256)
+                                                                                 for _ in range(240)]))
+              for _ in range(20)] + [Frame(FrameType.ACK, 7), Frame(FrameType.HELLO, 0, b"\x7e\x7d\x5e")]
+    wire = b"".join(encode(f) for f in frames)
+    dec = Decoder()
+    got = []
+    for i in range(0, len(wire), 7):                 # arriving in odd pieces
+        got += dec.feed(wire[i:i + 7])
+    assert got == frames and dec.dropped == 0
+    assert wire.count(b"\x7e") == 2 * len(frames)     # a FLAG only ever delimits
+
+
+def test_decoder_drops_damage_and_resynchronises():
+    good = Frame(FrameType.DATA, 3, bytes(range(64)))
+    wire = encode(good)
+    flipped = bytearray(wire)
+    flipped[10] ^= 0x04
+    cut = wire[:30]
+    dec = Decoder()
+    got = dec.feed(b"garbage \x7d\x7d noise" + bytes(flipped) + cut + wire + b"\x7e\x7e" + wire)
+    assert got == [good, good]
+    assert dec.dropped >= 2                         # the flipped frame; the cut one ran into a FLAG
+
+
+class _Wire:
+    """Two in-memory byte pipes between endpoints, damaging bytes like a bad cable (seeded)."""
+
+    def __init__(self, seed, flip=0.0, drop=0.0, dup=0.0):
+        self.rng = random.Random(seed)
+        self.flip, self.drop, self.dup = flip, drop, dup
+        self.queues = ([], [])
+
+    def end(self, side):
+        wire = self
+
+        class End:
+            def write(self, data):
+                wire.queues[1 - side].extend(damage(data, wire.rng, wire.flip, wire.drop, wire.dup))
+
+            def read(self, timeout):
+                q = wire.queues[side]
+                data = bytes(q)
+                q.clear()
+                return data
+        return End()
+
+
+@pytest.mark.parametrize("damage", [{}, {"flip": 2e-4, "drop": 2e-4, "dup": 2e-4}, {"drop": 3e-3}])
+def test_go_back_n_delivers_everything_in_order(damage):
+    wire = _Wire(7, **damage)
+    a = Endpoint(wire.end(0), window=4, max_payload=64, retry_s=0.002, max_retries=1000)
+    b = Endpoint(wire.end(1), window=4, max_payload=64, retry_s=0.002, max_retries=1000)
+    rng = np.random.default_rng(0)
+    to_b, to_a = rng.bytes(40_000), rng.bytes(12_000)
+    a.queue(to_b)
+    b.queue(to_a)
+    deadline = time.monotonic() + 60
+    while not (a.idle and b.idle and len(b.received) == len(to_b) and len(a.received) == len(to_a)):
+        a.poll(0)
+        b.poll(0)
+        assert time.monotonic() < deadline, "link made no progress"
+    assert bytes(b.received) == to_b and bytes(a.received) == to_a
+    if damage:
+        assert a.retransmitted > 0
+
+
+def test_a_dead_peer_is_declared_after_the_retries():
+    wire = _Wire(0)
+    a = Endpoint(wire.end(0), retry_s=0.001, max_retries=5)
+    a.queue(b"\0" * 16)
+    with pytest.raises(LinkError, match="no acknowledgement after 5 retransmissions"):
+        for _ in range(100_000):
+            a.poll(0)
+
+
+# --- the board device against a virtual board -----------------------------------------------------------
+
+
+class VirtualBoardProcess:
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([sys.executable, "-m", "boards.virtual", *args], cwd=ROOT,
+                                     stdout=subprocess.PIPE, text=True)
+        self.path = self.proc.stdout.readline().strip()       # first line once the model is built
+        if not self.path:
+            raise RuntimeError("the virtual board did not start")
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def board_factory():
+    started = []
+
+    def start(*args):
+        vb = VirtualBoardProcess(*args)
+        started.append(vb)
+        return vb
+    yield start
+    for vb in started:
+        vb.close()
+
+
+def _gemm_case(seed, m=37, k=70, n=45):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    w = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    bias = rng.integers(-5000, 5000, n)
+    m0 = rng.integers(1 << 30, 1 << 31, n)
+    shift = rng.integers(30, 40, n)
+    want = ref_matmul(*(torch.from_numpy(np.array(x)) for x in (a, w, bias.astype(np.int32), m0, shift)), 8)
+    return (a, w, bias, m0, shift), want.numpy()
+
+
+@pytest.mark.parametrize("faults", [[], ["--flip", "3e-4", "--drop", "3e-4", "--dup", "3e-4", "--seed", "3"]],
+                         ids=["clean", "damaged"])
+def test_board_device_runs_programs_exactly(board_factory, faults):
+    vb = board_factory(*faults)
+    dev = BoardDevice(vb.path, stall_s=10, retry_s=0.05)
+    assert (dev.config.lanes, dev.config.banks, dev.config.bank_words) == (4, 4, 1024)   # from its HELLO
+    for seed in range(3):
+        case, want = _gemm_case(seed)
+        prog, decode = gemm_program(dev.config, *case, Mode.INT8)
+        out, status = decode(dev._run(prog.words, prog.expect))
+        assert parse_status(status) == Error(0) and np.array_equal(out, want)
+    dev.close()
+
+
+def test_a_bert_through_the_damaged_board_is_bit_exact(board_factory, tiny):
+    qm, model, tok = tiny
+    vb = board_factory("--flip", "2e-4", "--drop", "2e-4", "--dup", "2e-4", "--seed", "5")
+    enc = encode_text(tok, ["the cat sat on the mat", "what is my name"])
+    mod = OffloadedBert(qm, model.config, [BoardDevice(vb.path), CpuDevice()])
+    out = mod(**enc).last_hidden_state
+    assert torch.equal(out, qm.forward(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]))
+    assert mod.last_stats.ops == {"board": 6 * qm.config["layers"]}
+
+
+@pytest.mark.parametrize("fault, why", [
+    (["--stall-after", "3000"], "stopped answering|no acknowledgement|not answering"),
+    (["--reset-after", "3000"], "reset during the transfer")])
+def test_a_board_that_hangs_or_resets_mid_run_falls_back_with_the_same_bits(board_factory, tiny, fault, why):
+    qm, model, tok = tiny
+    vb = board_factory(*fault)
+    enc = encode_text(tok, ["the cat sat on the mat", "what is my name"])
+    board = BoardDevice(vb.path, stall_s=1.0, retry_s=0.02)
+    mod = OffloadedBert(qm, model.config, [board, CpuDevice()])
+    with pytest.warns(RuntimeWarning, match=why):
+        out = mod(**enc).last_hidden_state
+    assert torch.equal(out, qm.forward(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]))
+    assert mod.last_stats.ops.get("cpu", 0) > 0
+
+
+def test_no_board_on_the_port_is_a_clear_error(tmp_path):
+    with pytest.raises(DeviceError, match="no board on .*nowhere"):
+        BoardDevice(str(tmp_path / "nowhere"))
