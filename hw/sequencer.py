@@ -156,7 +156,8 @@ class Sequencer(wiring.Component):
             m.d.comb += [self.rd_addr.eq(st_span[0]), self.rd_en.eq(1)]
             m.d.sync += [st_span[0].eq(st_span[0] + 1), st_rd_left.eq(st_rd_left - 1)]
         with m.If(st_fifo.r_rdy):
-            m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(st_fifo.r_data.word_select(st_sub, 32) if H > 1 else st_fifo.r_data)]
+            st_out = st_fifo.r_data.word_select(st_sub, 32) if H > 1 else st_fifo.r_data
+            m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(st_out)]
             with m.If(self.o.ready):
                 m.d.sync += st_sub.eq(st_sub + 1)
                 with m.If(st_sub == H - 1):
