@@ -80,7 +80,7 @@ def cmd_run(args):
     if args.waves and args.device != "sim":
         raise ValueError("--waves needs --device sim")
     extra = {"waves": args.waves} if args.waves else {}
-    mod = OffloadedBert(qm, model_cfg, device_chain(args.device, **extra))
+    mod = OffloadedBert(qm, model_cfg, device_chain(args.device, **extra), progress=True)
     t0 = time.perf_counter()
     with torch.no_grad():
         hidden = mod(**enc).last_hidden_state

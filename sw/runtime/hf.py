@@ -20,8 +20,9 @@ class OffloadedBert(nn.Module):
     do not change a sentence's bits. ``last_stats`` holds the cost of the last call.
     """
 
-    def __init__(self, quantized, config, devices):
+    def __init__(self, quantized, config, devices, progress=False):
         super().__init__()
+        self.progress = progress            # a progress bar over the layers of each call (tqdm, on stderr)
         self.quantized = quantized
         self.config = config
         self.runner = Runner(devices)
@@ -47,8 +48,22 @@ class OffloadedBert(nn.Module):
         self.runner.stats.ops.clear()
         for dev in self.runner.devices:
             dev.stats.reset()
-        with torch.no_grad():
-            x16 = self.quantized.forward_int(ids, mask, types, layer_fn=self.runner.layer_fn(self.quantized.layers))
+        layer_fn = self.runner.layer_fn(self.quantized.layers)
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(self.quantized.layers), desc=f"layers on {self.runner.devices[0].name}",
+                       unit="layer", leave=False)
+
+            def layer_fn(i, *args, _run=layer_fn):
+                out = _run(i, *args)
+                bar.update()
+                return out
+        try:
+            with torch.no_grad():
+                x16 = self.quantized.forward_int(ids, mask, types, layer_fn=layer_fn)
+        finally:
+            if self.progress:
+                bar.close()
         self.last_stats = self.runner.collect_stats()
         hidden = (x16.to(torch.float32) * self.quantized.out_scale).to(out_device)
         out = BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=hidden)
