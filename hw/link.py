@@ -1,14 +1,14 @@
-"""The device end of the host link, in hardware (docs/link.md). So far: CRC-32 and the deframer.
+"""The device end of the host link, in hardware (docs/link.md). So far: CRC-32, the deframer, the framer.
 
 The golden model is the host's own code: :class:`sw.link.frame.Decoder` decides which frames are good,
 and the tests compare the deframer against it byte stream for byte stream.
 """
 
-from amaranth import Cat, Module, Signal
+from amaranth import Cat, Module, Mux, Signal
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["crc32_byte", "crc32_byte_logic", "CRC32_RESIDUE", "LinkDeframer"]
+__all__ = ["crc32_byte", "crc32_byte_logic", "CRC32_RESIDUE", "LinkDeframer", "LinkFramer"]
 
 CRC32_POLY = 0xEDB88320     # IEEE 802.3, reflected (zlib.crc32)
 # the register after running the CRC (init all ones, no final inversion) over data and then its CRC
@@ -142,4 +142,85 @@ class LinkDeframer(wiring.Component):
                     m.d.sync += unkept.eq(1)
                 with m.Else():
                     m.d.comb += [wr.addr.eq(pos >> 2), wr.data.eq(byte.replicate(4)), wr.en.eq(1 << pos[:2])]
+        return m
+
+
+class LinkFramer(wiring.Component):
+    """Send one frame as bytes on ``o`` (to the UART): exactly ``sw.link.frame.encode``'s bytes.
+
+    While idle (``busy`` low), ``start`` with ``frame_type``, ``frame_seq`` and ``frame_len`` (bytes, at
+    most ``max_payload``) begins a frame; its payload is read as 32-bit little-endian words through
+    ``rd_addr``/``rd_data`` (one cycle of latency: a memory read port, such as the retransmit buffer's).
+    Up to four cycles a byte — the UART needs ten bit times — and ``o`` honours backpressure.
+    """
+
+    def __init__(self, max_payload=256):
+        self.max_payload = max_payload
+        super().__init__({
+            "start": In(1), "frame_type": In(8), "frame_seq": In(8), "frame_len": In(16),
+            "busy": Out(1),
+            "rd_addr": Out(range(max(2, max_payload // 4))), "rd_data": In(32),
+            "o": Out(stream.Signature(8)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        kind, seq, length = Signal(8), Signal(8), Signal(16)
+        crc = Signal(32)
+        k = Signal(range(self.max_payload + 9))          # the unstuffed byte being sent
+        raw, held = Signal(8), Signal(8)                  # the byte picked; the byte being sent
+        pos = Signal(16)
+        m.d.comb += pos.eq(k - 4)
+        with m.FSM() as fsm:
+            with m.State("IDLE"):
+                with m.If(self.start):
+                    m.d.sync += [kind.eq(self.frame_type), seq.eq(self.frame_seq), length.eq(self.frame_len),
+                                 crc.eq(0xFFFFFFFF), k.eq(0)]
+                    m.next = "OPEN"
+            with m.State("OPEN"):
+                m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(0x7E)]
+                with m.If(self.o.ready):
+                    m.next = "FETCH"
+            with m.State("FETCH"):
+                m.d.comb += self.rd_addr.eq(pos >> 2)     # the word arrives next cycle
+                m.next = "PICK"
+            with m.State("PICK"):
+                header = [kind, seq, length[:8], length[8:]]
+                with m.If(k < 4):
+                    with m.Switch(k):
+                        for n, b in enumerate(header):
+                            with m.Case(n):
+                                m.d.comb += raw.eq(b)
+                with m.Elif(pos < length):
+                    m.d.comb += raw.eq(self.rd_data.word_select(pos[:2], 8))
+                with m.Else():
+                    m.d.comb += raw.eq((~crc).word_select((pos - length)[:2], 8))
+                with m.If((k < 4) | (pos < length)):
+                    m.d.sync += crc.eq(crc32_byte_logic(crc, raw))
+                m.d.sync += held.eq(raw)
+                m.next = "SEND"
+            with m.State("SEND"):
+                special = (held == 0x7E) | (held == 0x7D)
+                m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(Mux(special, 0x7D, held))]
+                with m.If(self.o.ready):
+                    with m.If(special):
+                        m.next = "ESCAPED"
+                    with m.Else():
+                        m.d.sync += k.eq(k + 1)
+                        m.next = "STEP"
+            with m.State("ESCAPED"):
+                m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(held ^ 0x20)]
+                with m.If(self.o.ready):
+                    m.d.sync += k.eq(k + 1)
+                    m.next = "STEP"
+            with m.State("STEP"):
+                with m.If(k == length + 8):
+                    m.next = "CLOSE"
+                with m.Else():
+                    m.next = "FETCH"
+            with m.State("CLOSE"):
+                m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(0x7E)]
+                with m.If(self.o.ready):
+                    m.next = "IDLE"
+        m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
         return m
