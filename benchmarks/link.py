@@ -17,6 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from boards.virtual import damage  # noqa: E402  (after the path is set)
+
 BAUD = 3_000_000
 
 
@@ -37,7 +39,6 @@ class Uart:
 
         class End:
             def write(self, data):
-                from boards.virtual import damage
                 if uart.error_rate:
                     data = damage(data, uart.rng, flip=uart.error_rate)
                 start = max(uart.now, uart.free_at[side])

@@ -18,6 +18,8 @@ import select
 import sys
 import tty
 
+import numpy as np
+
 from hw.isa import ISA_VERSION, AcceleratorConfig
 from sw.link.arq import LINK_VERSION, Endpoint, Hello
 from sw.link.frame import Frame, FrameType
@@ -111,11 +113,11 @@ class VirtualBoard:
             ep.poll(0.005)
             whole = len(ep.received) // 4 * 4
             if whole:
-                words = [int.from_bytes(ep.received[i:i + 4], "little") for i in range(0, whole, 4)]
+                words = np.frombuffer(bytes(ep.received[:whole]), dtype="<u4")
                 del ep.received[:whole]
                 answers = self.sim.run(words, 0).answers
                 if answers:
-                    ep.queue(b"".join(int(w).to_bytes(4, "little") for w in answers))
+                    ep.queue(np.asarray(answers, dtype="<u4").tobytes())
 
 
 def main(argv=None):

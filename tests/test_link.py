@@ -187,3 +187,14 @@ def test_a_board_that_hangs_or_resets_mid_run_falls_back_with_the_same_bits(boar
 def test_no_board_on_the_port_is_a_clear_error(tmp_path):
     with pytest.raises(DeviceError, match="no board on .*nowhere"):
         BoardDevice(str(tmp_path / "nowhere"))
+
+
+def test_bad_link_arguments_are_refused_with_the_reason():
+    from sw.runtime import get_device
+    with pytest.raises(ValueError, match="name the board's serial port"):
+        get_device("board:")
+    wire = _Wire(0)
+    with pytest.raises(ValueError, match="window must be in"):
+        Endpoint(wire.end(0), window=0)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        Endpoint(wire.end(0)).queue(b"abc")

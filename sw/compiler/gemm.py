@@ -38,6 +38,12 @@ class GemmPlan:
     n_tiles: int
     m_chunk: int            # rows per MATMUL
     n_tiles_chunk: int      # n-tiles per MATMUL
+    lanes: int
+
+    @property
+    def words_per_n_tile(self):
+        """Pool words of one n-tile's weights and requant parameters."""
+        return self.k_tiles * self.lanes + PARAM_WORDS_PER_LANE_GROUP
 
     def n_chunks(self, split_last=False):
         """(first n-tile, n-tiles) of each N-chunk. ``split_last``: the last n-tile is a chunk of its own,
@@ -84,7 +90,7 @@ def plan_gemm(config, m, k, n, mode):
         raise ValueError(f"GEMM {m}x{k}x{n} does not fit a bank of {bank} words")
     # equal chunks: a short last chunk would leave the array waiting on loads
     return GemmPlan(m=m, k=k, n=n, mode=mode, k_tiles=k_tiles, n_tiles=n_tiles, m_chunk=_balanced(m, m_chunk),
-                    n_tiles_chunk=_balanced(n_tiles, nt_chunk))
+                    n_tiles_chunk=_balanced(n_tiles, nt_chunk), lanes=lanes)
 
 
 @dataclass
@@ -317,14 +323,14 @@ def _prefetch_step(config, ops, steps, prefetch):
         return None
     h = config.host_words_per_pool_word
     plan = plan_gemm(config, max(1, prefetch.a.shape[0]), prefetch.w.shape[1], prefetch.w.shape[0], prefetch.mode)
-    need = plan.n_chunks()[0][1] * (plan.k_tiles * config.lanes + PARAM_WORDS_PER_LANE_GROUP) * h
+    need = plan.n_chunks()[0][1] * plan.words_per_n_tile * h
     room = []
     for i, st in enumerate(steps):
         compute = st.ntc * st.plan.k_tiles * max(st.rc, 3 * config.lanes + 20)
         busy = st.ntc * st.rc * MODE_WORDS[st.plan.mode] * h           # the store of this step's output
         if i + 1 < len(steps):
             nxt = steps[i + 1]
-            busy += nxt.ntc * (nxt.plan.k_tiles * config.lanes + PARAM_WORDS_PER_LANE_GROUP) * h
+            busy += nxt.ntc * nxt.plan.words_per_n_tile * h
         room.append(compute - busy)
     fits = [i for i, r in enumerate(room) if r >= need]
     return fits[-1] if fits else max(range(len(steps)), key=room.__getitem__)

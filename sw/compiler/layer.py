@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from sw.quant.ref import _split_heads, ref_gelu, ref_layernorm, ref_requant, ref_softmax
+from sw.quant.ref import ref_gelu, ref_heads, ref_layernorm, ref_requant
 
 __all__ = ["fused_qkv", "run_layer"]
 
@@ -64,14 +64,8 @@ def run_layer(p, x8, x16, mask, matmul, expect=None, next_p=None):
 
     qkv_out = project(x8, qkv, upcoming[0])
     c = p.wq.shape[0]
-    q, k, v = qkv_out[..., :c], qkv_out[..., c:2 * c], qkv_out[..., 2 * c:]
-    qh, kh, vh = (_split_heads(t.contiguous(), p.heads) for t in (q, k, v))
-    scores = matmul(qh, kh, None, p.score_m0, p.score_shift, 16)
-    probs = ref_softmax(scores, p.softmax, None if mask is None else mask[:, None, None, :])
-    b, h, t, d = vh.shape
-    ctx = matmul(probs, vh.transpose(-1, -2).contiguous(), None, p.ctx_m0.view(h, 1, d),
-                 p.ctx_shift.view(h, 1, d), 8)
-    ctx = ctx.transpose(1, 2).reshape(b, t, h * d)
+    q, k, v = (qkv_out[..., i * c:(i + 1) * c].contiguous() for i in range(3))
+    ctx = ref_heads(q, k, v, p, mask, matmul=matmul)
     attn = project(ctx, proj_o, upcoming[1])
     h8, h16 = ref_layernorm(attn.to(torch.int32) + x16.to(torch.int32), [p.ln1_x8, p.ln1_x16])
     f1 = project(h8, ffn1, upcoming[2])

@@ -2,6 +2,8 @@
 
 import time
 
+import numpy as np
+
 from .arq import LINK_VERSION, Endpoint, Hello, LinkError
 from .frame import Frame, FrameType
 
@@ -56,7 +58,7 @@ class BoardLink:
             raise LinkError("handshake() first")
         ep = self.endpoint
         ep.received.clear()
-        ep.queue(b"".join(int(w).to_bytes(4, "little") for w in words))
+        ep.queue(np.asarray(words, dtype="<u4").tobytes())
         want = 4 * expect
         last, seen = time.monotonic(), (ep.bytes_received, len(ep.pending), len(ep.unacked))
         while not (ep.idle and len(ep.received) >= want):
@@ -71,7 +73,7 @@ class BoardLink:
                                 f"unsent or unacknowledged, {len(ep.received) // 4}/{expect} answers")
         data = bytes(ep.received[:want])
         del ep.received[:want]
-        return [int.from_bytes(data[i:i + 4], "little") for i in range(0, want, 4)]
+        return np.frombuffer(data, dtype="<u4").tolist()
 
     def close(self):
         self.transport.close()

@@ -23,7 +23,7 @@ __all__ = [
     "GeluParams", "ref_gelu",
     "SoftmaxParams", "ref_softmax",
     "LayerNormParams", "ref_layernorm",
-    "LayerParams", "ref_attention", "ref_layer",
+    "LayerParams", "ref_attention", "ref_heads", "ref_layer",
 ]
 
 INT8_MIN, INT8_MAX = -(1 << 7), (1 << 7) - 1
@@ -394,6 +394,12 @@ def ref_attention(x8, p, mask=None, trace=None, matmul=ref_matmul):
     q = matmul(x8, p.wq, p.bq, p.q_m0, p.q_shift, 8)
     k = matmul(x8, p.wk, p.bk, p.k_m0, p.k_shift, 8)
     v = matmul(x8, p.wv, p.bv, p.v_m0, p.v_shift, 8)
+    return ref_heads(q, k, v, p, mask, trace, matmul)
+
+
+def ref_heads(q, k, v, p, mask=None, trace=None, matmul=ref_matmul):
+    """The attention heads: int8 ``q``, ``k``, ``v`` [B, T, C] -> the int8 context [B, T, C] (scores,
+    softmax, probabilities times values). Arguments as in :func:`ref_attention`."""
     qh, kh, vh = (_split_heads(t, p.heads) for t in (q, k, v))
     scores = matmul(qh, kh, None, p.score_m0, p.score_shift, 16)
     probs = ref_softmax(scores, p.softmax, None if mask is None else mask[:, None, None, :])
