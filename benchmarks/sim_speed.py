@@ -31,7 +31,7 @@ def main():
         prog, _ = gemm_program(cfg, a, w, np.zeros(384), np.full(384, 1 << 30), np.full(384, 40), Mode.INT8)
         sim.run(prog.words, prog.expect)                    # warm up (page in the model)
         best = None
-        for _ in range(3):
+        for _ in range(7):
             t0 = time.perf_counter()
             res = sim.run(prog.words, prog.expect)
             dt = time.perf_counter() - t0

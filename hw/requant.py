@@ -50,16 +50,20 @@ class Requantizer(wiring.Component):
             m0_1 = Signal(unsigned(31), name=f"m0_{j}_1", reset_less=True)
             sh1 = Signal(unsigned(6), name=f"sh{j}_1", reset_less=True)
             m.d.sync += [s1.eq(self.acc[j] + self.bias[j]), m0_1.eq(self.m0[j]), sh1.eq(self.shift[j])]
-            # stage 2: the 32 x 31-bit product; |product| < 2**62
-            p2 = Signal(signed(64), name=f"prod{j}", reset_less=True)
+            # stage 2: the 32 x 31-bit product; |product| < 2**62, so 63 bits hold it
+            p2 = Signal(signed(63), name=f"prod{j}", reset_less=True)
             s2 = Signal(signed(32), name=f"sum{j}_2", reset_less=True)
             sh2 = Signal(unsigned(6), name=f"sh{j}_2", reset_less=True)
             m.d.sync += [p2.eq(s1 * m0_1), s2.eq(s1), sh2.eq(sh1)]
             # stage 3: round half up, arithmetic shift, saturate per mode
-            half = Signal(signed(64), name=f"half{j}")
-            m.d.comb += half.eq((Const(1, unsigned(64)) << sh2) >> 1)
+            # 2**(shift-1) (0 for shift 0) as a right shift of a constant: a variable left shift would widen
+            # to 127 bits, and every intermediate here stays within 64 (wide values simulate ~10x slower)
+            half = Signal(unsigned(62), name=f"half{j}")
+            m.d.comb += half.eq(Const(1 << 61, unsigned(62)) >> (62 - sh2).as_unsigned())
+            rounded = Signal(signed(64), name=f"sum{j}_r")
+            m.d.comb += rounded.eq(p2 + half)
             r = Signal(signed(64), name=f"round{j}")
-            m.d.comb += r.eq((p2 + half) >> sh2)
+            m.d.comb += r.eq(rounded >> sh2)
             lo = Mux(mode2 == Mode.INT8, -128, -32768)
             hi = Mux(mode2 == Mode.INT8, 127, 32767)
             with m.If(mode2 == Mode.INT32):

