@@ -1,14 +1,14 @@
-"""A virtual board on a pseudo-terminal: the link's device end in front of the Verilated accelerator.
+"""A virtual board on a pseudo-terminal: the Verilated board top — UART PHY, link endpoint, accelerator.
 
     python -m boards.virtual --lanes 4 --banks 4 --bank-words 1024 --acc-depth 128
 
 prints the pty's path on its first line and serves until the host side closes. The host talks to it
-exactly as to a board on a UART (``device="board:/dev/pts/N"``). The device end of the link runs the
-protocol model (:class:`sw.link.Endpoint`, the golden model for the board's link hardware); the
-accelerator behind it is the same Verilated top the ``sim`` device uses. Faults for tests: ``--flip``,
-``--drop``, ``--dup`` (per-byte probabilities, both directions), ``--stall-after N`` (stop answering
-after N received bytes), ``--reset-after N`` (reset board and link after N received bytes, then announce
-itself with a HELLO, as a board does after a reset).
+exactly as to a board on a UART (``device="board:/dev/pts/N"``): every byte is driven bit by bit onto the
+board top's ``rx`` pin and read back off ``tx`` (``sim.fastsim.BoardSim``), at an accelerated baud (4 clock
+cycles a bit), through the same link hardware a bitstream carries. Faults for tests: ``--flip``,
+``--drop``, ``--dup`` (per-byte probabilities, both directions, applied on the pty), ``--stall-after N``
+(stop answering after N received bytes), ``--reset-after N`` (press the board's reset after N received
+bytes: it restarts and announces itself with a HELLO, as a board does).
 """
 
 import argparse
@@ -18,15 +18,15 @@ import select
 import sys
 import tty
 
-import numpy as np
 
-from hw.isa import ISA_VERSION, AcceleratorConfig
-from sw.link.arq import LINK_VERSION, Endpoint, Hello
-from sw.link.frame import Frame, FrameType
+from hw.isa import AcceleratorConfig
 
 __all__ = ["VirtualBoard", "FaultyFd", "damage", "main"]
 
-MAX_PAYLOAD, WINDOW = 256, 4
+# the board's retransmission timeout, in its cycles: ~60 ms of the simulation (the host's is 50 ms)
+RETRY_CYCLES = 100_000
+# cycles run between looks at the pty while the board has work in hand
+SLICE_CYCLES = 20_000
 
 
 def damage(data, rng, flip=0.0, drop=0.0, dup=0.0):
@@ -81,43 +81,29 @@ class FaultyFd:
 
 class VirtualBoard:
     def __init__(self, config, transport, stall_after=None, reset_after=None):
-        from sim.fastsim import FastSim
+        from sim.fastsim import BoardSim
         self.config = config
-        self.sim = FastSim(config)
+        self.board = BoardSim(config, retry_cycles=RETRY_CYCLES)
         self.transport = transport
         self.stall_after, self.reset_after = stall_after, reset_after
-        self.endpoint = Endpoint(transport, window=WINDOW, max_payload=MAX_PAYLOAD, on_hello=self._on_hello)
 
-    def hello(self):
-        c = self.config
-        return Hello(LINK_VERSION, ISA_VERSION, c.lanes, c.banks, c.bank_words, c.acc_depth, MAX_PAYLOAD, WINDOW)
-
-    def _on_hello(self, frame):
-        self.reset()
-
-    def reset(self):
-        """Power-on state: accelerator reset, link at sequence 0; say so with a HELLO."""
-        self.sim.reset()
-        self.endpoint.reset()
-        self.endpoint.send_frame(Frame(FrameType.HELLO, 0, self.hello().pack()))
+    def power_on(self):
+        """Run the board out of reset; its HELLO goes nowhere (no host has the port open yet)."""
+        self.board.run(b"", SLICE_CYCLES)
 
     def serve(self):
-        ep = self.endpoint
+        board = self.board
         while True:
             if self.stall_after is not None and self.transport.received >= self.stall_after:
                 self.transport.read(1.0)              # deaf and dumb from now on, like a hung board
                 continue
             if self.reset_after is not None and self.transport.received >= self.reset_after:
                 self.reset_after = None
-                self.reset()
-            ep.poll(0.005)
-            whole = len(ep.received) // 4 * 4
-            if whole:
-                words = np.frombuffer(bytes(ep.received[:whole]), dtype="<u4")
-                del ep.received[:whole]
-                answers = self.sim.run(words, 0).answers
-                if answers:
-                    ep.queue(np.asarray(answers, dtype="<u4").tobytes())
+                board.reset()
+            data = self.transport.read(0.005 if board.quiet else 0)
+            out = board.run(data, SLICE_CYCLES)
+            if out:
+                self.transport.write(out)
 
 
 def main(argv=None):
@@ -139,7 +125,7 @@ def main(argv=None):
     tty.setraw(slave)
     board = VirtualBoard(config, FaultyFd(master, args.flip, args.drop, args.dup, args.seed),
                          args.stall_after, args.reset_after)
-    board.sim.open()                            # build or load the Verilated model before announcing
+    board.power_on()                            # the model is built and out of reset before we announce
     print(os.ttyname(slave), flush=True)
     try:
         board.serve()

@@ -1,14 +1,15 @@
-"""The device end of the host link, in hardware (docs/link.md). So far: CRC-32, the deframer, the framer.
+"""The device end of the host link, in hardware (docs/link.md): CRC-32, the deframer, the framer, and the
+go-back-N endpoint that puts them in front of the accelerator's streams.
 
 The golden model is the host's own code: :class:`sw.link.frame.Decoder` decides which frames are good,
 and the tests compare the deframer against it byte stream for byte stream.
 """
 
-from amaranth import Cat, Module, Mux, Signal
+from amaranth import Array, Cat, Const, Module, Mux, Signal
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["crc32_byte", "crc32_byte_logic", "CRC32_RESIDUE", "LinkDeframer", "LinkFramer"]
+__all__ = ["crc32_byte", "crc32_byte_logic", "CRC32_RESIDUE", "LinkDeframer", "LinkFramer", "LinkEndpoint"]
 
 CRC32_POLY = 0xEDB88320     # IEEE 802.3, reflected (zlib.crc32)
 # the register after running the CRC (init all ones, no final inversion) over data and then its CRC
@@ -62,6 +63,10 @@ class LinkDeframer(wiring.Component):
     (one cycle of latency), until ``frame_done``. Frames that end while one is held are dropped and
     counted in ``busy_drops`` (the host resends them); bad ones count in ``bad_frames``. ``i`` is
     always ready: the UART cannot wait.
+
+    A good frame without payload (an ACK, a HELLO from the host) needs no buffer: it is never held and
+    never dropped for being busy, but announced for one cycle on ``ctl_valid`` with ``ctl_type`` and
+    ``ctl_seq`` — so acknowledgements get through while a DATA frame waits on a stalled accelerator.
     """
 
     def __init__(self, max_payload=256):
@@ -75,6 +80,7 @@ class LinkDeframer(wiring.Component):
             "frame_done": In(1),
             "rd_addr": In(range(self.words)), "rd_data": Out(32),
             "bad_frames": Out(16), "busy_drops": Out(16),
+            "ctl_valid": Out(1), "ctl_type": Out(8), "ctl_seq": Out(8),
         })
 
     def elaborate(self, platform):
@@ -95,6 +101,7 @@ class LinkDeframer(wiring.Component):
 
         with m.If(self.frame_valid & self.frame_done):
             m.d.sync += self.frame_valid.eq(0)
+        m.d.sync += self.ctl_valid.eq(0)
 
         def restart():
             m.d.sync += [crc.eq(0xFFFFFFFF), count.eq(0), escaped.eq(0), broken.eq(0), unkept.eq(0)]
@@ -107,6 +114,8 @@ class LinkDeframer(wiring.Component):
                 with m.If(count != 0):
                     with m.If(~good):
                         m.d.sync += self.bad_frames.eq(self.bad_frames + 1)
+                    with m.Elif(length == 0):
+                        m.d.sync += [self.ctl_valid.eq(1), self.ctl_type.eq(hdr[0]), self.ctl_seq.eq(hdr[1])]
                     with m.Elif(unkept | (self.frame_valid & ~self.frame_done)):
                         m.d.sync += self.busy_drops.eq(self.busy_drops + 1)
                     with m.Else():
@@ -223,4 +232,190 @@ class LinkFramer(wiring.Component):
                 with m.If(self.o.ready):
                     m.next = "IDLE"
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
+        return m
+
+
+_HELLO, _DATA, _ACK = 1, 2, 3       # sw.link.frame.FrameType
+
+
+class LinkEndpoint(wiring.Component):
+    """The board's end of the link: go-back-N (docs/link.md) between the UART's bytes and the accelerator.
+
+    ``rx``/``tx``: bytes from and to the UART. ``o``: the in-order payload of the host's DATA frames, as
+    32-bit words, to the accelerator; ``i``: the accelerator's answer words, sent back as DATA frames.
+
+    Receiving: a DATA frame with the expected sequence number is handed over word by word, then
+    acknowledged (so an ACK means the accelerator took the words); any other DATA frame is acknowledged
+    with the number still expected and dropped. A HELLO resets the link, pulses ``accel_reset`` for one
+    cycle and is answered with ``hello`` (the 16-byte description), which is also sent once after reset:
+    a board that restarts says so. ACKs move the send window on.
+
+    Sending: answer words fill the buffer slot of the next sequence number (``window`` slots of
+    ``max_payload`` bytes: the retransmit buffer). A slot goes out as a frame whenever the framer is free,
+    so frames grow while the line is busy and nothing waits for a timeout; ``i`` stalls while ``window``
+    frames are unacknowledged. When the oldest has waited ``retry_cycles`` every unacknowledged frame is
+    sent again. The framer sends, in order of priority: the HELLO answer, an ACK, a retransmission, a new
+    frame. ``active`` is high while anything is left to do; ``retransmits`` counts go-back-N rounds.
+    """
+
+    def __init__(self, hello, max_payload=256, window=4, retry_cycles=1_000_000):
+        if len(hello) % 4 or len(hello) > max_payload:
+            raise ValueError(f"the HELLO description must be whole words, not {len(hello)} bytes")
+        for name, v in (("max_payload", max_payload), ("window", window)):
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two, not {v}")
+        if not 4 <= max_payload <= 1024 or not 1 <= window <= 64:
+            raise ValueError(f"max_payload must be in [4, 1024] and window in [1, 64], "
+                             f"not {max_payload} and {window}")
+        self.hello, self.max_payload, self.window = bytes(hello), max_payload, window
+        self.words = max_payload // 4
+        self.retry_cycles = retry_cycles
+        super().__init__({
+            "rx": In(stream.Signature(8)), "tx": Out(stream.Signature(8)),
+            "o": Out(stream.Signature(32)), "i": In(stream.Signature(32)),
+            "accel_reset": Out(1), "active": Out(1),
+            "retransmits": Out(16), "bad_frames": Out(16), "busy_drops": Out(16),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        W, N = self.window, self.words
+        m.submodules.deframer = dfr = LinkDeframer(self.max_payload)
+        m.submodules.framer = fr = LinkFramer(self.max_payload)
+        wiring.connect(m, wiring.flipped(self.rx), dfr.i)
+        wiring.connect(m, fr.o, wiring.flipped(self.tx))
+        m.d.comb += [self.bad_frames.eq(dfr.bad_frames), self.busy_drops.eq(dfr.busy_drops)]
+
+        # --- state ---
+        rx_expected = Signal(8)
+        tx_base, tx_next = Signal(8), Signal(8)         # oldest unacknowledged; the one being filled
+        outstanding = Signal(8)
+        m.d.comb += outstanding.eq(tx_next - tx_base)
+        fill = Signal(range(N + 1))                     # words in slot tx_next
+        slot_len = Array(Signal(range(self.max_payload + 1), name=f"slot_len{k}") for k in range(W))
+        resending, resend_ptr = Signal(), Signal(8)
+        ack_pending = Signal()
+        hello_pending = Signal(init=1)                  # a board announces itself after a reset
+        timer = Signal(range(self.retry_cycles + 1))
+        slot_bits = (W - 1).bit_length()
+
+        def slot(seq):
+            return seq[:slot_bits] if slot_bits else Const(0, 1)
+
+        m.submodules.txbuf = txbuf = memory.Memory(shape=32, depth=W * N, init=[])
+        tb_wr, tb_rd = txbuf.write_port(), txbuf.read_port()
+
+        # --- answers from the accelerator into the slot being filled ---
+        launch = Signal()                               # the framer starts this cycle
+        closing = Signal()                              # ... with the slot being filled
+        m.d.comb += self.i.ready.eq((outstanding < W) & (fill < N) & ~closing & ~self.accel_reset)
+        with m.If(self.i.valid & self.i.ready):
+            m.d.comb += [tb_wr.addr.eq(Cat(fill[:(N - 1).bit_length()], slot(tx_next)) if N > 1 else slot(tx_next)),
+                         tb_wr.data.eq(self.i.payload), tb_wr.en.eq(1)]
+            m.d.sync += fill.eq(fill + 1)
+
+        # --- the framer: what goes out next ---
+        started = Signal()                              # the framer raises busy the cycle after a start
+        m.d.sync += started.eq(launch)
+        send_hello, send_slot = Signal(), Signal(max(1, slot_bits))
+        m.d.comb += tb_rd.addr.eq(Cat(fr.rd_addr[:(N - 1).bit_length()], send_slot) if N > 1 else send_slot)
+        hello_words = [int.from_bytes(self.hello[k:k + 4], "little") for k in range(0, len(self.hello), 4)]
+        hello_rom = Array(Const(w, 32) for w in hello_words)
+        hello_word = Signal(32)
+        m.d.sync += hello_word.eq(hello_rom[fr.rd_addr[:max(1, (len(hello_words) - 1).bit_length())]])
+        m.d.comb += fr.rd_data.eq(Mux(send_hello, hello_word, tb_rd.data))
+        with m.If(~fr.busy & ~started):
+            with m.If(hello_pending):
+                m.d.comb += [launch.eq(1), fr.frame_type.eq(_HELLO), fr.frame_seq.eq(0),
+                             fr.frame_len.eq(len(self.hello))]
+                m.d.sync += [hello_pending.eq(0), send_hello.eq(1)]
+            with m.Elif(ack_pending):
+                m.d.comb += [launch.eq(1), fr.frame_type.eq(_ACK), fr.frame_seq.eq(rx_expected)]
+                m.d.sync += ack_pending.eq(0)
+            with m.Elif(resending):
+                m.d.comb += [launch.eq(1), fr.frame_type.eq(_DATA), fr.frame_seq.eq(resend_ptr),
+                             fr.frame_len.eq(slot_len[slot(resend_ptr)])]
+                m.d.sync += [send_hello.eq(0), send_slot.eq(slot(resend_ptr)), resend_ptr.eq(resend_ptr + 1)]
+                with m.If(resend_ptr + 1 == tx_next):
+                    m.d.sync += resending.eq(0)
+            with m.Elif((fill != 0) & (outstanding < W)):
+                m.d.comb += [launch.eq(1), closing.eq(1), fr.frame_type.eq(_DATA), fr.frame_seq.eq(tx_next),
+                             fr.frame_len.eq(fill << 2)]
+                m.d.sync += [send_hello.eq(0), send_slot.eq(slot(tx_next)), slot_len[slot(tx_next)].eq(fill << 2),
+                             tx_next.eq(tx_next + 1), fill.eq(0)]
+        m.d.comb += fr.start.eq(launch)
+
+        # --- the retransmission timer: runs while frames are unacknowledged ---
+        with m.If(outstanding == 0):
+            m.d.sync += timer.eq(0)
+        with m.Elif(timer == self.retry_cycles):
+            m.d.sync += [timer.eq(0), resending.eq(1), resend_ptr.eq(tx_base),
+                         self.retransmits.eq(self.retransmits + 1)]
+        with m.Else():
+            m.d.sync += timer.eq(timer + 1)
+
+        # --- acknowledgements (they arrive as control frames, even while a DATA frame is held) ---
+        ctl = dfr.ctl_valid
+        advanced = Signal(8)
+        m.d.comb += advanced.eq(dfr.ctl_seq - tx_base)
+        with m.If(ctl & (dfr.ctl_type == _ACK) & (advanced != 0) & (advanced <= outstanding)):
+            m.d.sync += [tx_base.eq(dfr.ctl_seq), timer.eq(0)]
+            # a retransmission round in progress skips what is now acknowledged
+            with m.If(((resend_ptr - tx_base)[:8] < advanced)):
+                m.d.sync += resend_ptr.eq(dfr.ctl_seq)
+                with m.If(dfr.ctl_seq == tx_next):
+                    m.d.sync += resending.eq(0)
+
+        # --- DATA frames to the accelerator, in order ---
+        idx = Signal(range(N))
+        n_words = Signal(range(N + 1))
+        m.d.comb += n_words.eq(dfr.frame_len >> 2)
+        host_hello = ctl & (dfr.ctl_type == _HELLO)
+
+        def void_on_hello():
+            # a HELLO voids whatever the host sent before it (last in each state: it wins)
+            with m.If(host_hello):
+                m.d.comb += dfr.frame_done.eq(dfr.frame_valid)
+                m.next = "IDLE"
+
+        with m.FSM(name="rx") as rx_fsm:
+            with m.State("IDLE"):
+                with m.If(dfr.frame_valid):
+                    with m.If((dfr.frame_type == _DATA) & (dfr.frame_seq == rx_expected)
+                              & (dfr.frame_len[:2] == 0)):
+                        m.d.sync += idx.eq(0)
+                        m.next = "FETCH"
+                    with m.Else():                       # out of order, or not a frame the host sends held
+                        m.d.comb += dfr.frame_done.eq(1)
+                        m.d.sync += ack_pending.eq(1)
+                with m.Elif(ctl & (dfr.ctl_type == _DATA)):
+                    # an empty DATA frame (no host sends one): in order it moves the count on
+                    with m.If(dfr.ctl_seq == rx_expected):
+                        m.d.sync += rx_expected.eq(rx_expected + 1)
+                    m.d.sync += ack_pending.eq(1)
+                void_on_hello()
+            with m.State("FETCH"):
+                m.d.comb += dfr.rd_addr.eq(idx)
+                m.next = "PRESENT"
+                void_on_hello()
+            with m.State("PRESENT"):
+                m.d.comb += [dfr.rd_addr.eq(idx), self.o.valid.eq(1), self.o.payload.eq(dfr.rd_data)]
+                with m.If(self.o.ready):
+                    with m.If(idx == n_words - 1):
+                        m.d.comb += dfr.frame_done.eq(1)
+                        m.d.sync += [rx_expected.eq(rx_expected + 1), ack_pending.eq(1)]
+                        m.next = "IDLE"
+                    with m.Else():
+                        m.d.sync += idx.eq(idx + 1)
+                        m.next = "FETCH"
+                void_on_hello()
+
+        # --- a HELLO from the host restarts everything (last: it wins over all of the above) ---
+        with m.If(host_hello):
+            m.d.comb += self.accel_reset.eq(1)
+            m.d.sync += [rx_expected.eq(0), tx_base.eq(0), tx_next.eq(0), fill.eq(0), resending.eq(0),
+                         ack_pending.eq(0), hello_pending.eq(1), timer.eq(0)]
+
+        m.d.comb += self.active.eq(hello_pending | ack_pending | resending | (fill != 0) | (outstanding != 0)
+                                   | fr.busy | started | dfr.frame_valid | ~rx_fsm.ongoing("IDLE"))
         return m

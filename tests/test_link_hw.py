@@ -67,6 +67,8 @@ def _deframe(wire, gap, hold=0):
             ctx.set(dut.i.payload, wire[pos] if feed else 0)
             pos += feed
             ctx.set(dut.frame_done, 0)
+            if ctx.get(dut.ctl_valid):          # frames without payload are announced, never held
+                got.append(Frame(FrameType(ctx.get(dut.ctl_type)), ctx.get(dut.ctl_seq), b""))
             if reading is None and ctx.get(dut.frame_valid):
                 reading = (ctx.get(dut.frame_type), ctx.get(dut.frame_seq), ctx.get(dut.frame_len))
                 words, addr = [], 0
@@ -76,6 +78,8 @@ def _deframe(wire, gap, hold=0):
                     ctx.set(dut.rd_addr, len(words))
                     await ctx.tick()
                     words.append(ctx.get(dut.rd_data))
+                    if ctx.get(dut.ctl_valid):
+                        got.append(Frame(FrameType(ctx.get(dut.ctl_type)), ctx.get(dut.ctl_seq), b""))
                     continue
                 if wait < hold:
                     wait += 1
@@ -110,14 +114,17 @@ def test_deframer_accepts_exactly_what_the_host_decoder_accepts(seed, damaged):
         assert want == frames
 
 
-def test_frames_arriving_while_one_is_held_are_dropped_whole():
+def test_frames_arriving_while_one_is_held_are_dropped_whole_but_acks_get_through():
     rng = random.Random(3)
     frames = [Frame(FrameType.DATA, i, bytes(rng.randrange(256) for _ in range(32))) for i in range(6)]
-    wire = b"".join(encode(f) for f in frames)
+    acks = [Frame(FrameType.ACK, 100 + i) for i in range(6)]
+    wire = b"".join(encode(f) + encode(a) for f, a in zip(frames, acks))
     got, bad, busy = _deframe(wire, gap=1, hold=100)       # the consumer sits on each frame a while
     assert busy > 0 and bad == 0
-    assert got and all(f in frames for f in got)           # whatever got through is intact
-    assert len(got) + busy == len(frames)
+    data = [f for f in got if f.type == FrameType.DATA]
+    assert data and all(f in frames for f in data)         # whatever got through is intact
+    assert len(data) + busy == len(frames)
+    assert [f for f in got if f.type == FrameType.ACK] == acks
 
 
 @pytest.mark.parametrize("stall", [False, True])
@@ -154,3 +161,114 @@ def test_framer_sends_exactly_the_hosts_encoding(stall):
     sim.add_testbench(bench)
     sim.run()
     assert out == [encode(f) for f in frames]
+
+
+# --- the go-back-N endpoint against the host's Endpoint ------------------------------------------------
+
+
+class _SimWire:
+    """The host side of a simulated UART: bytes the host writes wait to be fed to the device one per
+    ``gap`` cycles; bytes the device sends wait for the host's next read. Both ways may be damaged."""
+
+    def __init__(self, rng, flip=0.0, drop=0.0, dup=0.0):
+        self.rng, self.flip, self.drop, self.dup = rng, flip, drop, dup
+        self.to_device, self.to_host = bytearray(), bytearray()
+
+    def _damage(self, data):
+        return damage(data, self.rng, self.flip, self.drop, self.dup) if self.flip + self.drop + self.dup else data
+
+    def write(self, data):
+        self.to_device += self._damage(data)
+
+    def read(self, timeout):
+        data, self.to_host = self._damage(bytes(self.to_host)), bytearray()
+        return data
+
+
+def _endpoint_session(words, gap=2, faults=(0.0, 0.0, 0.0), seed=0, hello=bytes(range(16)), stall=0.0,
+                      max_cycles=400_000, reset_at=None):
+    """Run the host Endpoint against LinkEndpoint; the accelerator is a stub answering each word w with
+    3w + 1 (sometimes slow to take or give). Returns (host endpoint, answers, device counters)."""
+    from hw.link import LinkEndpoint
+    from sw.link.arq import Endpoint
+    rng = random.Random(seed)
+    dut = LinkEndpoint(hello, max_payload=64, window=4, retry_cycles=3000)
+    wire = _SimWire(rng, *faults)
+    now = [0]
+    hellos = []
+    host = Endpoint(wire, window=4, max_payload=64, retry_s=0.004, max_retries=50, clock=lambda: now[0] * 1e-6,
+                    on_hello=hellos.append)
+    host.send_frame(Frame(FrameType.HELLO, 0))
+    result = {}
+
+    async def bench(ctx):
+        echo = []
+        queued = False
+        for cycle in range(max_cycles):
+            now[0] = cycle
+            feed = cycle % gap == 0 and wire.to_device
+            ctx.set(dut.rx.valid, bool(feed))
+            ctx.set(dut.rx.payload, wire.to_device.pop(0) if feed else 0)
+            ctx.set(dut.tx.ready, cycle % gap == 0)
+            if cycle % gap == 0 and ctx.get(dut.tx.valid):
+                wire.to_host.append(ctx.get(dut.tx.payload))
+            take = rng.random() >= stall
+            ctx.set(dut.o.ready, take)
+            if take and ctx.get(dut.o.valid):
+                echo.append((3 * ctx.get(dut.o.payload) + 1) & 0xFFFFFFFF)
+            if ctx.get(dut.accel_reset):
+                echo.clear()
+            give = bool(echo) and rng.random() >= stall
+            ctx.set(dut.i.valid, give)
+            ctx.set(dut.i.payload, echo[0] if give else 0)
+            if give and ctx.get(dut.i.ready):
+                echo.pop(0)
+            if cycle % 16 == 0:
+                host.poll(0)
+                if not hellos and cycle % 4992 == 4976:
+                    host.send_frame(Frame(FrameType.HELLO, 0))      # as BoardLink.handshake retries
+                if hellos and not queued:
+                    host.reset()
+                    host.queue(b"".join(w.to_bytes(4, "little") for w in words))
+                    queued = True
+                if reset_at is not None and cycle == reset_at:
+                    result["answered_before_reset"] = len(host.received) // 4
+                    host.reset()                      # the host restarts the link mid-transfer
+                    host.received.clear()
+                    hellos.clear()
+                    queued = False
+                    host.send_frame(Frame(FrameType.HELLO, 0))
+                if queued and host.idle and len(host.received) >= 4 * len(words) and not ctx.get(dut.active):
+                    break
+            await ctx.tick()
+        result.update(cycles=cycle, retransmits=ctx.get(dut.retransmits), bad=ctx.get(dut.bad_frames),
+                      busy=ctx.get(dut.busy_drops))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    got = [int.from_bytes(host.received[k:k + 4], "little") for k in range(0, len(host.received), 4)]
+    return host, hellos, got, result
+
+
+@pytest.mark.parametrize("faults, stall", [((0.0, 0.0, 0.0), 0.0), ((0.0, 0.0, 0.0), 0.7),
+                                           ((2e-3, 2e-3, 2e-3), 0.3)], ids=["clean", "slow-device", "damaged"])
+def test_endpoint_delivers_in_order_both_ways(faults, stall):
+    words = [random.Random(k).getrandbits(32) for k in range(200)]
+    host, hellos, got, res = _endpoint_session(words, faults=faults, stall=stall, seed=len(faults) + int(10 * stall))
+    # the power-on announcement and the answer to the host's HELLO (when the line spared them)
+    assert 1 <= len(hellos) <= 2 and all(h.payload == bytes(range(16)) for h in hellos)
+    assert got == [(3 * w + 1) & 0xFFFFFFFF for w in words], res
+    if faults[0]:
+        assert res["bad"] > 0 and (res["retransmits"] > 0 or host.retransmitted > 0)
+    else:
+        assert res["bad"] == 0 and res["retransmits"] == 0
+
+
+def test_a_hello_mid_transfer_restarts_the_link_and_the_accelerator():
+    words = [random.Random(k).getrandbits(32) for k in range(200)]
+    host, hellos, got, res = _endpoint_session(words, reset_at=2000)
+    assert 0 < res["answered_before_reset"] < len(words)      # the restart came mid-transfer
+    assert len(hellos) == 1                 # the answer to the second HELLO
+    assert got == [(3 * w + 1) & 0xFFFFFFFF for w in words], res

@@ -30,7 +30,7 @@ class BoardLink:
             raise LinkError("the board reset during the transfer (it announced itself again)")
         self._got_hello = frame
 
-    def handshake(self, attempts=5, wait_s=0.5):
+    def handshake(self, attempts=5, wait_s=0.5, settle_s=0.1):
         """Send HELLO until the board answers with its own; both ends restart at sequence 0."""
         for _ in range(attempts):
             self._got_hello = None
@@ -40,6 +40,13 @@ class BoardLink:
             while time.monotonic() < deadline and self._got_hello is None:
                 self.endpoint.poll(0.01)
             if self._got_hello is not None:
+                # a board that just powered up announced itself too: take every HELLO still on its way
+                # before the first DATA, so none is later mistaken for a reset
+                settle = time.monotonic() + settle_s
+                while time.monotonic() < settle:
+                    self._got_hello, first = None, self._got_hello
+                    self.endpoint.poll(0.01)
+                    self._got_hello = self._got_hello or first
                 hello = Hello.unpack(self._got_hello.payload)
                 if hello.link_version != LINK_VERSION:
                     raise LinkError(f"the board speaks link version {hello.link_version}, this host "

@@ -1,0 +1,71 @@
+"""The board top: UART PHY <-> link endpoint <-> accelerator, the same for every board and the virtual one."""
+
+from amaranth import Cat, Module, ResetInserter, Signal
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from .isa import ISA_VERSION, AcceleratorConfig
+from .link import LinkEndpoint
+from .top import Accelerator
+from .uart import UartRx, UartTx
+
+__all__ = ["BoardTop", "hello_payload", "LINK_MAX_PAYLOAD", "LINK_WINDOW"]
+
+LINK_MAX_PAYLOAD, LINK_WINDOW = 256, 4
+
+
+def hello_payload(config, max_payload=LINK_MAX_PAYLOAD, window=LINK_WINDOW):
+    """The 16 bytes a board announces in its HELLO (docs/link.md): what the runtime compiles for."""
+    from sw.link.arq import LINK_VERSION, Hello
+    return Hello(LINK_VERSION, ISA_VERSION, config.lanes, config.banks, config.bank_words, config.acc_depth,
+                 max_payload, window).pack()
+
+
+class BoardTop(wiring.Component):
+    """The accelerator behind the host link, on two pins.
+
+    ``rx``/``tx``: the UART lines (8N1, ``divisor`` clock cycles per bit: the clock over the baud rate).
+    A HELLO from the host resets the accelerator and the link; after power-on or a reset the board
+    announces itself with a HELLO. ``retry_cycles``: how long the oldest unacknowledged answer frame
+    waits before go-back-N (pick about 50 ms of the board's clock: the host's USB latency is in it).
+
+    ``leds``: 0 the link has work in hand, 1 the accelerator is busy, 2 a sticky accelerator error,
+    3 toggles on every damaged frame received. ``busy`` and ``active`` are for the simulation harness:
+    nothing is left to do when both are low.
+    """
+
+    rx: In(1, init=1)
+    tx: Out(1, init=1)
+    leds: Out(4)
+    busy: Out(1)
+    active: Out(1)
+
+    def __init__(self, config=AcceleratorConfig(), divisor=4, retry_cycles=1_000_000,
+                 max_payload=LINK_MAX_PAYLOAD, window=LINK_WINDOW):
+        self.config, self.divisor, self.retry_cycles = config, divisor, retry_cycles
+        self.max_payload, self.window = max_payload, window
+        super().__init__()
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.uart_rx = urx = UartRx(self.divisor)
+        m.submodules.uart_tx = utx = UartTx(self.divisor)
+        m.submodules.link = link = LinkEndpoint(hello_payload(self.config, self.max_payload, self.window),
+                                                self.max_payload, self.window, self.retry_cycles)
+        # the host's HELLO restarts the accelerator as well as the link: the pool's contents are gone
+        m.submodules.accel = accel = ResetInserter(link.accel_reset)(Accelerator(self.config))
+        m.d.comb += [urx.rx.eq(self.rx), self.tx.eq(utx.tx)]
+        wiring.connect(m, urx.o, link.rx)
+        wiring.connect(m, link.tx, utx.i)
+        wiring.connect(m, link.o, accel.i)
+        wiring.connect(m, accel.o, link.i)
+
+        bad_seen = Signal()
+        last_bad = Signal.like(link.bad_frames)
+        m.d.sync += last_bad.eq(link.bad_frames)
+        with m.If(link.bad_frames != last_bad):
+            m.d.sync += bad_seen.eq(~bad_seen)
+        m.d.comb += [self.busy.eq(accel.busy), self.active.eq(link.active),
+                     self.leds.eq(Cat(link.active, accel.busy, accel.error != 0, bad_seen))]
+        return m
+
