@@ -16,11 +16,12 @@ class Requantizer(wiring.Component):
     ``mode`` (see :class:`hw.isa.Mode`) picks int8 or int16 saturation, or the int32 bypass that returns
     ``acc + bias`` unrounded. Everything presented with ``valid`` (the accumulator, the per-lane ``bias``,
     ``m0`` in [0, 2**31) and ``shift`` in [0, 62], the mode) travels down the pipeline together, so the
-    parameters may change every cycle. Latency: 3 cycles; throughput: one row per cycle; no stall.
+    parameters may change every cycle. Latency: 4 cycles (the product in two registered halves);
+    throughput: one row per cycle; no stall.
     ``acc + bias`` must fit int32 (the contract guarantees it).
     """
 
-    LATENCY = 3
+    LATENCY = 4
 
     def __init__(self, lanes):
         if not isinstance(lanes, int) or lanes < 1:
@@ -39,35 +40,36 @@ class Requantizer(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        v1, v2 = Signal(), Signal()
-        mode1, mode2 = Signal(2), Signal(2)
-        m.d.sync += [v1.eq(self.valid), v2.eq(v1), self.out_valid.eq(v2),
-                     mode1.eq(self.mode), mode2.eq(mode1)]
+        v1, v2, v3 = Signal(), Signal(), Signal()
+        mode1, mode2, mode3 = Signal(2), Signal(2), Signal(2)
+        m.d.sync += [v1.eq(self.valid), v2.eq(v1), v3.eq(v2), self.out_valid.eq(v3),
+                     mode1.eq(self.mode), mode2.eq(mode1), mode3.eq(mode2)]
         for j in range(self.lanes):
-            # stage 1: add the bias (the sum fits int32 by contract; keep 32 bits)
             # data registers carry no reset (only the valid flags do): fewer LUTs, faster simulation
-            s1 = Signal(signed(32), name=f"sum{j}", reset_less=True)
-            m0_1 = Signal(unsigned(31), name=f"m0_{j}_1", reset_less=True)
-            sh1 = Signal(unsigned(6), name=f"sh{j}_1", reset_less=True)
+            def reg(shape, name):
+                return Signal(shape, name=f"{name}{j}", reset_less=True)
+
+            # stage 1: add the bias (the sum fits int32 by contract; keep 32 bits)
+            s1, m0_1, sh1 = reg(signed(32), "sum"), reg(unsigned(31), "m0_1_"), reg(unsigned(6), "sh1_")
             m.d.sync += [s1.eq(self.acc[j] + self.bias[j]), m0_1.eq(self.m0[j]), sh1.eq(self.shift[j])]
-            # stage 2: the 32 x 31-bit product; |product| < 2**62, so 63 bits hold it
-            p2 = Signal(signed(63), name=f"prod{j}", reset_less=True)
-            s2 = Signal(signed(32), name=f"sum{j}_2", reset_less=True)
-            sh2 = Signal(unsigned(6), name=f"sh{j}_2", reset_less=True)
-            m.d.sync += [p2.eq(s1 * m0_1), s2.eq(s1), sh2.eq(sh1)]
-            # stage 3: round half up, arithmetic shift, saturate per mode
-            # 2**(shift-1) (0 for shift 0) as a right shift of a constant: a variable left shift would widen
-            # to 127 bits, and every intermediate here stays within 64 (wide values simulate ~10x slower)
-            half = Signal(unsigned(62), name=f"half{j}")
-            m.d.comb += half.eq(Const(1 << 61, unsigned(62)) >> (62 - sh2).as_unsigned())
-            rounded = Signal(signed(64), name=f"sum{j}_r")
-            m.d.comb += rounded.eq(p2 + half)
+            # stage 2: the 32 x 31-bit product as two registered halves (each a 32 x 16 multiply: two DSP
+            # blocks on ECP5, not four chained), and the rounding constant 2**(shift-1) (0 for shift 0),
+            # as a right shift of a constant: a variable left shift would widen to 127 bits
+            lo2, hi2 = reg(signed(48), "prod_lo"), reg(signed(47), "prod_hi")
+            s2, sh2, half2 = reg(signed(32), "sum2_"), reg(unsigned(6), "sh2_"), reg(unsigned(62), "half")
+            m.d.sync += [lo2.eq(s1 * m0_1[:16]), hi2.eq(s1 * m0_1[16:]), s2.eq(s1), sh2.eq(sh1),
+                         half2.eq(Const(1 << 61, unsigned(62)) >> (62 - sh1).as_unsigned())]
+            # stage 3: product + half; |product| < 2**62, so the sum stays within 64 bits (wide values
+            # simulate ~10x slower in Verilator)
+            rounded3, s3, sh3 = reg(signed(64), "rounded"), reg(signed(32), "sum3_"), reg(unsigned(6), "sh3_")
+            m.d.sync += [rounded3.eq(lo2 + (hi2 << 16) + half2), s3.eq(s2), sh3.eq(sh2)]
+            # stage 4: arithmetic shift, saturate per mode
             r = Signal(signed(64), name=f"round{j}")
-            m.d.comb += r.eq(rounded >> sh2)
-            lo = Mux(mode2 == Mode.INT8, -128, -32768)
-            hi = Mux(mode2 == Mode.INT8, 127, 32767)
-            with m.If(mode2 == Mode.INT32):
-                m.d.sync += self.out[j].eq(s2)
+            m.d.comb += r.eq(rounded3 >> sh3)
+            lo = Mux(mode3 == Mode.INT8, -128, -32768)
+            hi = Mux(mode3 == Mode.INT8, 127, 32767)
+            with m.If(mode3 == Mode.INT32):
+                m.d.sync += self.out[j].eq(s3)
             with m.Elif(r < lo):
                 m.d.sync += self.out[j].eq(lo)
             with m.Elif(r > hi):

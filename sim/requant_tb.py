@@ -12,10 +12,11 @@ from cocotb.clock import Clock
 from cocotb.triggers import ReadOnly, RisingEdge
 
 from bench_util import pack, unpack
+from hw.requant import Requantizer
 from sw.quant.ref import INT32_MAX, INT32_MIN, ref_requant
 
 LANES = int(os.environ["AMBERT_LANES"])
-LATENCY = 3
+LATENCY = Requantizer.LATENCY
 
 
 def golden(acc, bias, m0, shift, mode):
