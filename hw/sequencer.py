@@ -126,9 +126,12 @@ class Sequencer(wiring.Component):
         def inside(start, extent):
             return (start < c.pool_words) & ((start & (c.bank_words - 1)) + extent <= c.bank_words)
 
+        # the extents of the four regions, registered in the MEASURE cycle before DISPATCH: the products
+        # are DSP multiplies, and checking them in the same cycle was the design's critical path
+        ext_a, ext_w = Signal(32, name="ext_a"), Signal(32 + (c.lanes - 1).bit_length() + 1, name="ext_w")
+        ext_p, ext_o = Signal(16 + PARAM_WORDS_PER_LANE_GROUP.bit_length(), name="ext_p"), Signal(35, name="ext_o")
         shape_ok = ((flags <= Mode.INT32) & (mm_m != 0) & (mm_m <= c.acc_depth) & (kt != 0) & (nt != 0))
-        addr_ok = (inside(a, kt * mm_m) & inside(w, nt * kt * c.lanes) & inside(p, nt * PARAM_WORDS_PER_LANE_GROUP)
-                   & inside(o, nt * mm_m * mw) & (o[:2] == 0))
+        addr_ok = (inside(a, ext_a) & inside(w, ext_w) & inside(p, ext_p) & inside(o, ext_o) & (o[:2] == 0))
         bank_ok = ((bank(a) != bank(w)) & (bank(a) != bank(p)) & (bank(o) != bank(a)) & (bank(o) != bank(w))
                    & (bank(o) != bank(p)))
         m.d.comb += [self.mm_a.eq(a), self.mm_w.eq(w), self.mm_p.eq(p), self.mm_o.eq(o), self.mm_m.eq(mm_m),
@@ -136,8 +139,7 @@ class Sequencer(wiring.Component):
         # the dispatching command's banks and ranges, and what it would clash with
         new_rbanks, new_wbanks = Signal(c.banks), Signal(c.banks)
         m.d.comb += [new_rbanks.eq(bank_bit(a) | bank_bit(w) | bank_bit(p)), new_wbanks.eq(bank_bit(o))]
-        new_spans = [(a, a + kt * mm_m), (w, w + nt * kt * c.lanes), (p, p + nt * PARAM_WORDS_PER_LANE_GROUP),
-                     (o, o + nt * mm_m * mw)]
+        new_spans = [(a, a + ext_a), (w, w + ext_w), (p, p + ext_p), (o, o + ext_o)]
         x_banks = Signal(c.banks)               # the LOAD/STORE being dispatched
         m.d.comb += x_banks.eq(range_banks(args[0], count))
         x_span = (args[0], args[0] + count)
@@ -200,7 +202,11 @@ class Sequencer(wiring.Component):
                     m.d.sync += arg_idx.eq(arg_idx + 1)
                     with m.If(arg_idx + 1 == n_args):
                         m.d.sync += [idx.eq(0), sub.eq(0)]
-                        m.next = "DISPATCH"
+                        m.next = "MEASURE"
+            with m.State("MEASURE"):
+                m.d.sync += [ext_a.eq(kt * mm_m), ext_w.eq(nt * kt * c.lanes),
+                             ext_p.eq(nt * PARAM_WORDS_PER_LANE_GROUP), ext_o.eq(nt * mm_m * mw)]
+                m.next = "DISPATCH"
             with m.State("DISPATCH"):
                 m.d.comb += range_ok.eq(args[0] + count <= c.pool_words)
                 with m.Switch(opcode):
