@@ -1,6 +1,8 @@
 # ambert: two commands set everything up on a fresh machine.
 #   make demo   quantize the bundled MiniLM and compare the integer model with FP32
 #   make test   the whole test suite (pytest)
+#   make bitstream BOARD=ulx3s|icebreaker [SIZE=small|target]   build a board's bitstream and its report
+#   make program   BOARD=ulx3s|icebreaker [SIZE=small|target]   program it (openFPGALoader / iceprog)
 # Both create and fill .venv when it is missing or pyproject.toml changed.
 
 PYTHON ?= python3
@@ -8,7 +10,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv demo test bench clean distclean
+BOARD  ?=
+SIZE   ?= small
+
+.PHONY: all venv demo test bench bitstream program clean distclean
 
 all: test
 
@@ -28,6 +33,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/fidelity.py
 	$(BIN)/python benchmarks/array_efficiency.py
+
+bitstream: $(STAMP)
+	@test -n "$(BOARD)" || { echo "usage: make bitstream BOARD=ulx3s|icebreaker [SIZE=small|target]"; exit 2; }
+	$(BIN)/python -m boards.build $(BOARD) --size $(SIZE)
+
+program: $(STAMP)
+	@test -n "$(BOARD)" || { echo "usage: make program BOARD=ulx3s|icebreaker [SIZE=small|target]"; exit 2; }
+	$(BIN)/python -m boards.program $(BOARD) --size $(SIZE)
 
 clean:
 	rm -rf build .pytest_cache sim_build

@@ -4,9 +4,14 @@
 Both ends run the real protocol code (sw/link: framing, CRC, go-back-N with the board's window) over a
 modeled full-duplex UART — 10 bits per byte at the given baud, on a virtual clock — carrying the traffic
 of one MiniLM layer's programs (instruction streams out, answers back) at several byte-error rates.
-Modeled, not timed: the figure is the protocol's, independent of this machine. Last line:
+Modeled, not timed: the figure is the protocol's, independent of this machine. Then, per board file
+size that can hold MiniLM, the modeled latency of one MiniLM sentence on the board: its host traffic and
+device cycles measured on the simulated accelerator of that size, the line at the board's baud and the
+clean-line payload fraction above, the compute at the board's clock (its build report's Fmax when a
+build exists). Last lines:
 
     link: baud=... payload_fraction=... (clean line, host to board)
+    board-latency: <board>/<size> <seconds> s ; ...
 """
 
 import heapq
@@ -98,6 +103,46 @@ def main():
         clean = frac if clean is None else clean
         print(f"{err:>16g} {t:>9.3f} {frac:>24.1%} {host.retransmitted + board.retransmitted:>14}")
     print(f"link: baud={BAUD} payload_fraction={clean:.3f} (clean line, host to board)")
+    board_latency(clean)
+
+
+def board_latency(payload_fraction, sentence="Hello there!"):
+    """MiniLM, one sentence, on each board size: link time + compute time (an upper bound: on a board
+    the array computes while the next words arrive)."""
+    import json
+    from boards import BOARD_NAMES, get_board
+    from sw.quant.hf import encode
+    from sw.quant.quantize import quantize_pretrained
+    from sw.runtime import OffloadedBert
+    from sw.runtime.base import DeviceError
+    from sw.runtime.sim import SimDevice
+    qm, model, tok = quantize_pretrained(progress=False)
+    enc = encode(tok, [sentence])
+    print(f"\nMiniLM, one sentence ({enc['input_ids'].shape[1]} tokens), modeled on each board")
+    print(f"{'board/size':<18} {'array':>6} {'baud':>10} {'clock MHz':>10} {'link MB':>8} {'cycles':>12} "
+          f"{'link s':>8} {'compute s':>10} {'total s':>8}  build")
+    lines = []
+    for name in BOARD_NAMES:
+        board = get_board(name)
+        for size, config in board.sizes.items():
+            # the board runs at the clock its file declares; a build report says whether timing met it
+            report = ROOT / "build" / "boards" / f"{name}-{size}" / "report.json"
+            built = json.loads(report.read_text())["status"] if report.exists() else "not built"
+            clock = board.clock_hz
+            mod = OffloadedBert(qm, model.config, [SimDevice(config)])
+            try:
+                mod(**enc)
+            except DeviceError as e:
+                print(f"{name + '/' + size:<18} cannot hold MiniLM: {str(e)[:80]}")
+                continue
+            stats = mod.last_stats
+            link_s = 4 * stats.host_words * 10 / board.baud / payload_fraction
+            compute_s = stats.cycles / clock
+            print(f"{name + '/' + size:<18} {config.lanes:>2}x{config.lanes:<3} {board.baud:>10,} {clock / 1e6:>10.1f} "
+                  f"{4 * stats.host_words / 1e6:>8.2f} {stats.cycles:>12,} {link_s:>8.1f} {compute_s:>10.2f} "
+                  f"{link_s + compute_s:>8.1f}  {built}")
+            lines.append(f"{name}/{size} {link_s + compute_s:.1f} s")
+    print("board-latency: " + " ; ".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,1 +1,12 @@
-"""Dev-board platforms and top wrappers for the ambert accelerator."""
+"""Dev boards for the ambert accelerator: each board file is data (:class:`boards.board.Board`); the
+build (``python -m boards.build``) and the virtual board (``python -m boards.virtual``) use them."""
+
+BOARD_NAMES = ("icebreaker", "ulx3s")
+
+
+def get_board(name):
+    """The :class:`boards.board.Board` called ``name``."""
+    import importlib
+    if name not in BOARD_NAMES:
+        raise ValueError(f"unknown board {name!r}: pick one of {', '.join(BOARD_NAMES)}")
+    return importlib.import_module(f"boards.{name}").BOARD

@@ -169,6 +169,20 @@ def test_a_bert_through_the_damaged_board_is_bit_exact(board_factory, tiny):
     assert mod.last_stats.ops == {"board": 6 * qm.config["layers"]}
 
 
+def test_minilm_through_the_damaged_virtual_board_is_bit_exact(board_factory, minilm):
+    """The whole bundled model through the board top's UART, link hardware and accelerator: ~11 MB over
+    the line, a few minutes. The pool is big enough for MiniLM's FFN (K = 1536)."""
+    qm, model, tok = minilm
+    vb = board_factory("--bank-words", "4096", "--flip", "1e-5", "--drop", "1e-5", "--dup", "1e-5", "--seed", "11")
+    board = BoardDevice(vb.path)
+    enc = encode_text(tok, ["Hello there!"])
+    mod = OffloadedBert(qm, model.config, [board, CpuDevice()])
+    out = mod(**enc).last_hidden_state
+    assert torch.equal(out, qm.forward(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]))
+    assert mod.last_stats.ops == {"board": 6 * qm.config["layers"]}
+    assert board.link.endpoint.retransmitted > 0          # the damage cost frames, and they were sent again
+
+
 @pytest.mark.parametrize("fault, why", [
     (["--stall-after", "3000"], "stopped answering|no acknowledgement|not answering"),
     (["--reset-after", "3000"], "reset during the transfer")])

