@@ -190,20 +190,26 @@ class MatmulEngine(wiring.Component):
                         m.next = "WAIT_TILE"
             with m.State("DRAIN"):
                 m.d.sync += drain.eq(drain + 1)
-                with m.If(drain == lat + Requantizer.LATENCY + 4):
+                with m.If(drain == lat + Requantizer.LATENCY + 5):
                     m.d.comb += self.done.eq(1)
                     m.next = "IDLE"
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
 
-        m.d.comb += [array.a.eq(self.a_rd.data), array.sel.eq(s1_sel), array.valid.eq(s1_valid),
-                     array.psum.eq(Mux(s1_zero, 0, acc_rd.data))]
+        # stage 2: the row's activations and partial sums registered in front of the array, so the block
+        # RAM outputs and the bank multiplexer end at a flip-flop rather than run on into the multipliers
+        s2_a = Signal(8 * L, name="s2_a", reset_less=True)
+        s2_psum = Signal(32 * L, name="s2_psum", reset_less=True)
+        s2_sel, s2_valid = Signal(), Signal()
+        m.d.sync += [s2_a.eq(self.a_rd.data), s2_psum.eq(Mux(s1_zero, 0, acc_rd.data)), s2_sel.eq(s1_sel),
+                     s2_valid.eq(s1_valid)]
+        m.d.comb += [array.a.eq(s2_a), array.sel.eq(s2_sel), array.valid.eq(s2_valid), array.psum.eq(s2_psum)]
 
         # --- drain: partial sums back to the accumulators, or the last k-tile through the epilogue ------
         t_valid = array.out_valid
-        t_last = delay(s1_last, lat, "t_last")
-        t_row = delay(s1_row, lat, "t_row")
-        t_optr = delay(s1_optr, lat, "t_optr")
-        t_pbuf = delay(s1_pbuf, lat, "t_pbuf")
+        t_last = delay(s1_last, lat + 1, "t_last")
+        t_row = delay(s1_row, lat + 1, "t_row")
+        t_optr = delay(s1_optr, lat + 1, "t_optr")
+        t_pbuf = delay(s1_pbuf, lat + 1, "t_pbuf")
         m.d.comb += [acc_wr.en.eq(t_valid & ~t_last), acc_wr.addr.eq(t_row), acc_wr.data.eq(array.out)]
 
         def lanes_of(words, bits, j):
