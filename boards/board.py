@@ -63,14 +63,14 @@ class Board:
 
 
 def ecp5_pll_params(f_in, f_out):
-    """EHXPLLL dividers making ``f_out`` from ``f_in`` exactly (VCO 400-800 MHz): (CLKOP_DIV, CLKI_DIV,
-    CLKFB_DIV), fed back from CLKOP so f_out = f_in / CLKI_DIV * CLKFB_DIV."""
+    """EHXPLLL dividers making ``f_out`` from ``f_in`` exactly (VCO 400-800 MHz, phase detector 3.125-400
+    MHz): (CLKOP_DIV, CLKI_DIV, CLKFB_DIV), fed back from CLKOP so f_out = f_in / CLKI_DIV * CLKFB_DIV."""
     for op_div in range(1, 129):
         if not 400e6 <= f_out * op_div <= 800e6:
             continue
         for ref in range(1, 129):
             fb = f_out * ref / f_in
-            if abs(fb - round(fb)) < 1e-9 and 1 <= round(fb) <= 80:
+            if abs(fb - round(fb)) < 1e-9 and 1 <= round(fb) <= 80 and 3.125e6 <= f_in / ref <= 400e6:
                 return op_div, ref, round(fb)
     raise ValueError(f"no ECP5 PLL setting makes {f_out / 1e6} MHz from {f_in / 1e6} MHz")
 

@@ -20,6 +20,7 @@ BOARD = Board(
         "small": AcceleratorConfig(lanes=4, banks=3, bank_words=256, acc_depth=64),
         "target": AcceleratorConfig(lanes=4, banks=4, bank_words=4096, acc_depth=128),
     },
+    leds=2,                 # the two on the board itself (the others are on the snap-off PMOD)
     synth_opts="-dsp",
     programmer=("iceprog",),
 )

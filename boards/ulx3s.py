@@ -14,8 +14,8 @@ BOARD = Board(
     name="ulx3s",
     platform=ULX3S_85F_Platform,
     family="ecp5",
-    clock_hz=25e6,
-    baud=1_000_000,
+    clock_hz=60e6,          # from the 25 MHz oscillator through the EHXPLLL (25 / 5 * 12)
+    baud=3_000_000,         # the FT231X's fastest; 20 clock cycles a bit
     sizes={
         # the smallest array, with banks deep enough for MiniLM's FFN (K = 1536 needs 1545 words)
         "small": AcceleratorConfig(lanes=4, banks=4, bank_words=4096, acc_depth=128),

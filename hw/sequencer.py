@@ -126,8 +126,8 @@ class Sequencer(wiring.Component):
         def inside(start, extent):
             return (start < c.pool_words) & ((start & (c.bank_words - 1)) + extent <= c.bank_words)
 
-        # the extents of the four regions, registered in the MEASURE cycle before DISPATCH: the products
-        # are DSP multiplies, and checking them in the same cycle was the design's critical path
+        # the extents of the four regions, registered in the MEASURE and SCALE cycles before DISPATCH: the
+        # products are DSP multiplies, and checking them in the same cycle was the design's critical path
         ext_a, ext_w = Signal(32, name="ext_a"), Signal(32 + (c.lanes - 1).bit_length() + 1, name="ext_w")
         ext_p, ext_o = Signal(16 + PARAM_WORDS_PER_LANE_GROUP.bit_length(), name="ext_p"), Signal(35, name="ext_o")
         shape_ok = ((flags <= Mode.INT32) & (mm_m != 0) & (mm_m <= c.acc_depth) & (kt != 0) & (nt != 0))
@@ -204,8 +204,13 @@ class Sequencer(wiring.Component):
                         m.d.sync += [idx.eq(0), sub.eq(0)]
                         m.next = "MEASURE"
             with m.State("MEASURE"):
-                m.d.sync += [ext_a.eq(kt * mm_m), ext_w.eq(nt * kt * c.lanes),
-                             ext_p.eq(nt * PARAM_WORDS_PER_LANE_GROUP), ext_o.eq(nt * mm_m * mw)]
+                # one multiply deep per cycle: the products of two arguments now, their scaling next
+                m.d.sync += [ext_a.eq(kt * mm_m), ext_w.eq(nt * kt), ext_p.eq(nt * PARAM_WORDS_PER_LANE_GROUP),
+                             ext_o.eq(nt * mm_m)]
+                m.next = "SCALE"
+            with m.State("SCALE"):
+                m.d.sync += [ext_w.eq(ext_w * c.lanes), ext_o.eq(Mux(mw == 1, ext_o, Mux(mw == 2, ext_o << 1,
+                                                                                         ext_o << 2)))]
                 m.next = "DISPATCH"
             with m.State("DISPATCH"):
                 m.d.comb += range_ok.eq(args[0] + count <= c.pool_words)

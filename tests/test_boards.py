@@ -27,10 +27,10 @@ def test_bad_board_requests_name_the_choices():
         Board("x", object, "ecp5", 25e6, 3_000_000)
 
 
-@pytest.mark.parametrize("f_out", [50e6, 75e6, 100e6, 125e6])
+@pytest.mark.parametrize("f_out", [30e6, 50e6, 60e6, 75e6, 100e6, 125e6])
 def test_ecp5_pll_settings_make_the_frequency_with_the_vco_in_range(f_out):
     op_div, ref, fb = ecp5_pll_params(25e6, f_out)
-    assert 25e6 / ref * fb == f_out and 400e6 <= f_out * op_div <= 800e6
+    assert 25e6 / ref * fb == f_out and 400e6 <= f_out * op_div <= 800e6 and 25e6 / ref >= 3.125e6
 
 
 @pytest.mark.parametrize("f_out", [24e6, 30e6, 36e6, 48e6])
@@ -46,6 +46,8 @@ def test_impossible_plls_are_refused_with_the_reason():
         ice40_pll_params(12e6, 1000e6)
     with pytest.raises(ValueError, match="no ECP5 PLL setting makes 33.3"):
         ecp5_pll_params(25e6, 33.3e6)
+    with pytest.raises(ValueError, match="no ECP5 PLL setting makes 48.0"):     # would need a 1 MHz PFD
+        ecp5_pll_params(25e6, 48e6)
 
 
 def test_the_smallest_ulx3s_configuration_synthesizes_into_the_ecp5(tmp_path):
