@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 from amaranth import ClockDomain, ClockSignal, Const, Elaboratable, Instance, Module, ResetSignal, Signal
+from amaranth.lib import io
 
 from hw.board import BoardTop
 from hw.isa import AcceleratorConfig
@@ -134,16 +135,16 @@ class PlatformTop(Elaboratable):
         m = Module()
         m.domains.sync = cd = ClockDomain("sync", reset_less=False)
         f_osc = platform.default_clk_frequency
-        if abs(f_osc - b.clock_hz) < 1:
-            osc = platform.request(platform.default_clk, dir="i")
-            m.d.comb += cd.clk.eq(osc.i)
-            locked = Const(1)
-        elif b.family == "ecp5":
-            osc = platform.request(platform.default_clk, dir="i")
-            locked = _ecp5_pll(m, osc.i, f_osc, b.clock_hz, "sync")
+        osc = platform.request(platform.default_clk, dir="-")
+        if b.family == "ice40" and abs(f_osc - b.clock_hz) >= 1:
+            locked = _ice40_pll(m, osc.io, f_osc, b.clock_hz, "sync")   # the PLL sits on the clock's pad
         else:
-            osc = platform.request(platform.default_clk, dir="-")
-            locked = _ice40_pll(m, osc.io, f_osc, b.clock_hz, "sync")
+            m.submodules.osc_buf = osc_buf = io.Buffer("i", osc)
+            if abs(f_osc - b.clock_hz) < 1:
+                m.d.comb += cd.clk.eq(osc_buf.i)
+                locked = Const(1)
+            else:
+                locked = _ecp5_pll(m, osc_buf.i, f_osc, b.clock_hz, "sync")
         platform.add_clock_constraint(cd.clk, b.clock_hz)
 
         # power-on reset: count in a reset-less domain of the same clock, release after the PLL locks
@@ -157,8 +158,11 @@ class PlatformTop(Elaboratable):
         m.d.comb += ResetSignal("sync").eq(~count[-1])
 
         m.submodules.board = top = BoardTop(self.config, divisor=b.divisor, retry_cycles=int(RETRY_S * b.clock_hz))
-        uart = platform.request("uart", b.uart)
-        m.d.comb += [top.rx.eq(uart.rx.i), uart.tx.o.eq(top.tx)]
+        uart = platform.request("uart", b.uart, dir="-")
+        m.submodules.rx_buf = rx_buf = io.Buffer("i", uart.rx)
+        m.submodules.tx_buf = tx_buf = io.Buffer("o", uart.tx)
+        m.d.comb += [top.rx.eq(rx_buf.i), tx_buf.o.eq(top.tx)]
         for k in range(b.leds):
-            m.d.comb += platform.request("led", k).o.eq(top.leds[k])
+            m.submodules[f"led{k}_buf"] = led = io.Buffer("o", platform.request("led", k, dir="-"))
+            m.d.comb += led.o.eq(top.leds[k])
         return m

@@ -19,7 +19,10 @@ BOARD = Board(
     sizes={
         # the smallest array, with banks deep enough for MiniLM's FFN (K = 1536 needs 1545 words)
         "small": AcceleratorConfig(lanes=4, banks=4, bank_words=4096, acc_depth=128),
-        # the target: 12x12 = 144 MACs a cycle in the 156 DSP blocks
+        # 64 MACs a cycle: the largest array whose PEs and requantizer products both fit the 156 DSP blocks
+        "medium": AcceleratorConfig(lanes=8, banks=4, bank_words=4096, acc_depth=512),
+        # the target, 12x12 = 144 MACs a cycle: the PEs alone take 144 DSP blocks, and the requantizer's 12
+        # lanes of 32x31 products (4 blocks each) do not fit beside them yet (they must share blocks)
         "target": AcceleratorConfig(lanes=12, banks=4, bank_words=4096, acc_depth=512),
     },
     programmer=("openFPGALoader", "--board", "ulx3s"),
