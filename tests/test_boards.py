@@ -21,7 +21,7 @@ def test_board_files_are_consistent(name):
 def test_bad_board_requests_name_the_choices():
     with pytest.raises(ValueError, match="unknown board 'nexys'.*icebreaker, ulx3s"):
         get_board("nexys")
-    with pytest.raises(ValueError, match="has sizes small, target, not 'huge'"):
+    with pytest.raises(ValueError, match="has sizes small, medium, target, not 'huge'"):
         get_board("ulx3s").config("huge")
     with pytest.raises(ValueError, match="3000000 baud does not divide the 25.0 MHz clock"):
         Board("x", object, "ecp5", 25e6, 3_000_000)
