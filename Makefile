@@ -1,8 +1,8 @@
 # ambert: two commands set everything up on a fresh machine.
 #   make demo   quantize the bundled MiniLM and compare the integer model with FP32
 #   make test   the whole test suite (pytest)
-#   make bitstream BOARD=ulx3s|icebreaker [SIZE=small|target]   build a board's bitstream and its report
-#   make program   BOARD=ulx3s|icebreaker [SIZE=small|target]   program it (openFPGALoader / iceprog)
+#   make bitstream BOARD=ulx3s|icebreaker [SIZE=small|medium|target]   build a board's bitstream and its report
+#   make program   BOARD=ulx3s|icebreaker [SIZE=small|medium|target]   program it (openFPGALoader / iceprog)
 # Both create and fill .venv when it is missing or pyproject.toml changed.
 
 PYTHON ?= python3
@@ -35,11 +35,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/array_efficiency.py
 
 bitstream: $(STAMP)
-	@test -n "$(BOARD)" || { echo "usage: make bitstream BOARD=ulx3s|icebreaker [SIZE=small|target]"; exit 2; }
+	@test -n "$(BOARD)" || { echo "usage: make bitstream BOARD=ulx3s|icebreaker [SIZE=small|medium|target]"; exit 2; }
 	$(BIN)/python -m boards.build $(BOARD) --size $(SIZE)
 
 program: $(STAMP)
-	@test -n "$(BOARD)" || { echo "usage: make program BOARD=ulx3s|icebreaker [SIZE=small|target]"; exit 2; }
+	@test -n "$(BOARD)" || { echo "usage: make program BOARD=ulx3s|icebreaker [SIZE=small|medium|target]"; exit 2; }
 	$(BIN)/python -m boards.program $(BOARD) --size $(SIZE)
 
 clean:
