@@ -9,8 +9,8 @@ design that does not fit, say: the report says which resource).
 """
 
 import argparse
+import dataclasses
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -113,7 +113,7 @@ def build(board_name, size="small", out=None, seed=1, synth_only=False):
     steps = _steps(folder / "build_ambert.sh")
     if synth_only:
         steps = steps[:1]
-    report = {"board": board.name, "size": size, "config": vars(config) if hasattr(config, "__dict__") else str(config),
+    report = {"board": board.name, "size": size, "config": dataclasses.asdict(config),
               "family": board.family, "clock_mhz": board.clock_hz / 1e6, "baud": board.baud,
               "steps": {}, "built": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"building {board.name} ({size}: {config.lanes}x{config.lanes} array, {config.banks} x "

@@ -9,6 +9,8 @@ from amaranth import Array, Cat, Const, Module, Mux, Signal
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from sw.link.frame import FrameType
+
 __all__ = ["crc32_byte", "crc32_byte_logic", "CRC32_RESIDUE", "LinkDeframer", "LinkFramer", "LinkEndpoint"]
 
 CRC32_POLY = 0xEDB88320     # IEEE 802.3, reflected (zlib.crc32)
@@ -109,8 +111,9 @@ class LinkDeframer(wiring.Component):
         with m.If(self.i.valid):
             with m.If(self.i.payload == 0x7E):
                 # a FLAG ends a frame (if any bytes came) and starts the next
+                known = (hdr[0] >= min(FrameType)) & (hdr[0] <= max(FrameType))
                 good = (~broken & ~escaped & (crc == CRC32_RESIDUE) & (count == length + 8)
-                        & (length <= self.max_payload) & (hdr[0] >= 1) & (hdr[0] <= 3))
+                        & (length <= self.max_payload) & known)
                 with m.If(count != 0):
                     with m.If(~good):
                         m.d.sync += self.bad_frames.eq(self.bad_frames + 1)
@@ -235,7 +238,8 @@ class LinkFramer(wiring.Component):
         return m
 
 
-_HELLO, _DATA, _ACK = 1, 2, 3       # sw.link.frame.FrameType
+# the frame types are the host's (the hardware carries the same numbers)
+_HELLO, _DATA, _ACK = FrameType.HELLO, FrameType.DATA, FrameType.ACK
 
 
 class LinkEndpoint(wiring.Component):

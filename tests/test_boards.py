@@ -6,7 +6,6 @@ import pytest
 
 from boards import BOARD_NAMES, get_board
 from boards.board import Board, ecp5_pll_params, ice40_pll_params
-from hw.isa import AcceleratorConfig
 
 
 @pytest.mark.parametrize("name", BOARD_NAMES)
