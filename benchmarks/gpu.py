@@ -28,6 +28,9 @@ def main():
     mod = offload(model, device="gpu", quantized=qm)
     cpu = qm.forward(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
     gpu = mod(**enc).last_hidden_state
+    ran = mod.last_stats.ops
+    if set(ran) != {"gpu"}:       # the runtime fell back: a GPU figure would be a lie
+        raise SystemExit(f"the layers did not all run on the GPU ({ran}); see the warnings above")
     identical = torch.equal(gpu, cpu)
     fp16 = model.half().cuda().eval()
     enc_cuda = {k: v.cuda() for k, v in enc.items()}

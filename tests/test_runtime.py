@@ -82,6 +82,27 @@ def test_device_faults_mid_run_fall_back_with_the_same_bits(tiny, fault):
     assert mod.last_stats.ops["cpu"] == 2
 
 
+class WholeLayerDevice(CpuDevice):
+    """A backend that runs whole layers itself and counts its own matmuls (as the GPU backend does)."""
+    name = "whole"
+
+    def run_layer(self, p, x8, x16, mask, matmul=None, next_p=None):
+        from sw.quant.ref import ref_layer, ref_matmul
+
+        def counted(*args):
+            self.stats.ops[self.name] = self.stats.ops.get(self.name, 0) + 1
+            return ref_matmul(*args)
+        return ref_layer(x8, x16, p, mask, matmul=counted)
+
+
+def test_ops_a_device_counts_itself_reach_the_stats(tiny):
+    qm, model, tok = tiny
+    enc = encode(tok, ["the cat sat on the mat"])
+    out, mod = run(qm, model, [WholeLayerDevice(), CpuDevice()], enc)
+    assert torch.equal(out, reference(qm, enc))
+    assert mod.last_stats.ops == {"whole": 8 * qm.config["layers"]}    # none lost, none given to the CPU
+
+
 def test_a_lone_device_that_fails_raises(tiny):
     qm, _, tok = tiny
     enc = encode(tok, ["the cat"])

@@ -148,22 +148,21 @@ def _cpu_int_mm_exact():
 
 
 def _gemm_cuda(a, b):
-    # torch._int_mm wants 2-D operands with M > 16 and K, N multiples of 8: pad with zeros, which add
-    # nothing to any dot product, and cut the padding off again.
-    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    a = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
-    b = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-    m, k = a.shape[-2:]
-    n = b.shape[-2]
-    mp, kp, np_ = max(17, -(-m // 8) * 8), -(-k // 8) * 8, -(-n // 8) * 8
-    out = torch.empty(a.shape[0], m, n, dtype=torch.int32, device=a.device)
-    for i in range(a.shape[0]):
-        ap = torch.zeros(mp, kp, dtype=torch.int8, device=a.device)
-        bp = torch.zeros(kp, np_, dtype=torch.int8, device=a.device)
-        ap[:m, :k] = a[i]
-        bp[:k, :n] = b[i].T
-        out[i] = torch._int_mm(ap, bp)[:m, :n]
-    return out.reshape(*batch, m, n)
+    if b.dim() == 2:
+        # Shared weights: one GEMM on the int8 tensor cores. torch._int_mm wants M > 16 and K, N multiples
+        # of 8 (zero padding adds nothing to any dot product), and cuBLASLt's int8 kernels are only
+        # dependable in the "TN" layout: A row-major, B handed over as the transpose of a row-major N x K.
+        # (Row-major B failed with CUBLAS_STATUS_NOT_SUPPORTED for small K on an H200.)
+        k, n = a.shape[-1], b.shape[0]
+        a2 = a.reshape(-1, k)
+        m = a2.shape[0]
+        mp, kp, np_ = max(17, -(-m // 8) * 8), -(-k // 8) * 8, -(-n // 8) * 8
+        ap = torch.nn.functional.pad(a2, (0, kp - k, 0, mp - m))
+        bp = torch.nn.functional.pad(b, (0, kp - k, 0, np_ - n))
+        return torch._int_mm(ap, bp.t())[:m, :n].reshape(*a.shape[:-1], n)
+    # Per-head products of two activations (QK^T, PV): batched, which torch._int_mm is not; float64
+    # on the GPU is exact for K < 2**39, the same argument as on the CPU.
+    return _gemm_f64(a, b).to(torch.int32)
 
 
 def ref_requant(acc, m0, shift, bits=8):

@@ -131,6 +131,7 @@ class Runner:
     def collect_stats(self):
         total = Stats()
         for dev in self.devices:
-            total.merge(dev.stats)
-        total.ops = dict(self.stats.ops)
+            total.merge(dev.stats)          # ops a device counted itself (a whole layer on the GPU)
+        for k, v in self.stats.ops.items():  # ops the runner handed out one by one
+            total.ops[k] = total.ops.get(k, 0) + v
         return total

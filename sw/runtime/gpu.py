@@ -35,10 +35,16 @@ class GpuDevice(Device):
         if key not in self._params:
             from sw.quant.model import _map_tensors
             self._params[key] = _map_tensors(p, lambda t: t.to(self.device))
+        count = 0
+
+        def gpu_matmul(*args):
+            nonlocal count
+            count += 1
+            return ref_matmul(*args)
         try:
             out = ref_layer(x8.to(self.device), x16.to(self.device), self._params[key],
-                            None if mask is None else mask.to(self.device))
+                            None if mask is None else mask.to(self.device), matmul=gpu_matmul)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             raise DeviceError(f"GPU failed: {e}") from None
-        self.stats.ops[self.name] = self.stats.ops.get(self.name, 0) + 1
+        self.stats.ops[self.name] = self.stats.ops.get(self.name, 0) + count     # matmuls, as the others count
         return tuple(t.cpu() for t in out)
