@@ -17,8 +17,9 @@ BOARD = Board(
     clock_hz=12e6,
     baud=1_000_000,
     sizes={
-        "small": AcceleratorConfig(lanes=4, banks=3, bank_words=256, acc_depth=64),
-        "target": AcceleratorConfig(lanes=4, banks=4, bank_words=4096, acc_depth=128),
+        # one requantizer column a cycle: its 32x31 product takes 4 of the 8 SB_MAC16 (full width: 16)
+        "small": AcceleratorConfig(lanes=4, banks=3, bank_words=256, acc_depth=64, requant_lanes=1),
+        "target": AcceleratorConfig(lanes=4, banks=4, bank_words=4096, acc_depth=128, requant_lanes=1),
     },
     leds=2,                 # the two on the board itself (the others are on the snap-off PMOD)
     synth_opts="-dsp",

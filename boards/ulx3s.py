@@ -21,9 +21,9 @@ BOARD = Board(
         "small": AcceleratorConfig(lanes=4, banks=4, bank_words=4096, acc_depth=128),
         # 64 MACs a cycle: the largest array whose PEs and requantizer products both fit the 156 DSP blocks
         "medium": AcceleratorConfig(lanes=8, banks=4, bank_words=4096, acc_depth=512),
-        # the target, 12x12 = 144 MACs a cycle: the PEs alone take 144 DSP blocks, and the requantizer's 12
-        # lanes of 32x31 products (4 blocks each) do not fit beside them yet (they must share blocks)
-        "target": AcceleratorConfig(lanes=12, banks=4, bank_words=4096, acc_depth=512),
+        # the target, 12x12 = 144 MACs a cycle: the PEs take 144 DSP blocks, so the requantizer takes two
+        # columns a cycle (2 x 4 blocks; the last k-tile of each n-tile then issues a row every 6 cycles)
+        "target": AcceleratorConfig(lanes=12, banks=4, bank_words=4096, acc_depth=512, requant_lanes=2),
     },
     programmer=("openFPGALoader", "--board", "ulx3s"),
 )

@@ -16,10 +16,11 @@ class SystolicArray(wiring.Component):
     Inputs, presented together each cycle (no handshake; the array never stalls):
     ``a`` (``rows`` x int8), ``psum`` (``cols`` x int32, the partial sums to continue), ``sel`` (weight
     bank), ``valid``. Skewing is internal: the matching ``out`` (``cols`` x int32) appears with
-    ``out_valid`` exactly ``latency = rows + cols`` cycles later, all columns aligned.
+    ``out_valid`` exactly ``latency = rows + cols + 1`` cycles later (the PEs' product register is the
+    1), all columns aligned.
 
     Weights: ``w_we`` writes ``w_data`` (``cols`` x int8) into row ``w_row`` of bank ``w_bank``. Writing
-    bank b is safe once every row issued with ``sel == b`` has been out for ``rows + cols`` cycles.
+    bank b is safe once every row issued with ``sel == b`` has been out for ``latency`` cycles.
     """
 
     def __init__(self, rows, cols):
@@ -27,7 +28,7 @@ class SystolicArray(wiring.Component):
             if not isinstance(v, int) or not 2 <= v <= 32:
                 raise ValueError(f"{name} must be an int in [2, 32], not {v!r}")
         self.rows, self.cols = rows, cols
-        self.latency = rows + cols
+        self.latency = rows + cols + 1
         super().__init__({
             "a": In(data.ArrayLayout(signed(8), rows)),
             "psum": In(data.ArrayLayout(signed(32), cols)),
@@ -59,7 +60,8 @@ class SystolicArray(wiring.Component):
                 sig = nxt
             return sig
 
-        # row i of activations (with its bank select) enters i cycles late; column j's psum j cycles late
+        # row i of activations (with its bank select) enters i cycles late; column j's psum j + 1 cycles
+        # late (a PE adds the product of the activation it took the cycle before)
         for i in range(R):
             a_i = delay(self.a[i], i, signed(8), f"a{i}")
             sel_i = delay(self.sel, i, unsigned(1), f"sel{i}")
@@ -68,10 +70,10 @@ class SystolicArray(wiring.Component):
                 m.d.comb += [pes[i][j].a_in.eq(pes[i][j - 1].a_out),
                              pes[i][j].sel_in.eq(pes[i][j - 1].sel_out)]
         for j in range(C):
-            m.d.comb += pes[0][j].psum_in.eq(delay(self.psum[j], j, signed(32), f"psum{j}"))
+            m.d.comb += pes[0][j].psum_in.eq(delay(self.psum[j], j + 1, signed(32), f"psum{j}"))
             for i in range(1, R):
                 m.d.comb += pes[i][j].psum_in.eq(pes[i - 1][j].psum_out)
-            # column j leaves row R-1 at R + j; hold it C - j more cycles so all columns leave together
+            # column j leaves row R-1 at R + j + 1; hold it C - j more cycles so all leave together
             m.d.comb += self.out[j].eq(delay(pes[R - 1][j].psum_out, C - j, signed(32), f"out{j}"))
         m.d.comb += self.out_valid.eq(delay(self.valid, self.latency, unsigned(1), "valid", reset_less=False))
         return m

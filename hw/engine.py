@@ -38,7 +38,8 @@ class MatmulEngine(wiring.Component):
     :class:`Requantizer` and are written to the output region. While a tile computes, the next tile's
     weights (and, at an n-tile boundary, its requant parameters) are loaded into the array's idle weight
     bank, so for M >= 3 * lanes + 20 tiles follow each other without a bubble. ``done`` pulses when the
-    last output row is written.
+    last output row is written. With a requantizer narrower than the array (``requant_lanes``), the rows
+    of each last k-tile issue one every ``lanes // requant_lanes`` cycles, the rate it takes them.
 
     The arguments must already be checked (the :class:`Sequencer` does): A, W/P and O in different banks,
     M <= ``acc_depth``, O aligned to 4 words.
@@ -48,12 +49,12 @@ class MatmulEngine(wiring.Component):
     array (for the performance counters).
     """
 
-    def __init__(self, lanes, addr_bits, acc_depth):
+    def __init__(self, lanes, addr_bits, acc_depth, requant_lanes=None):
         self.lanes = lanes
         self.acc_depth = acc_depth
         self.word_bits = 8 * lanes
         self.array = SystolicArray(lanes, lanes)
-        self.requant = Requantizer(lanes)
+        self.requant = Requantizer(lanes, requant_lanes)
         super().__init__({
             "start": In(1),
             "a_addr": In(addr_bits), "w_addr": In(addr_bits), "p_addr": In(addr_bits), "o_addr": In(addr_bits),
@@ -142,9 +143,14 @@ class MatmulEngine(wiring.Component):
         fd_sel, fd_started, fd_last_tile = Signal(), Signal(), Signal()
         a_tile, a_ptr = Signal.like(a_base), Signal.like(a_base)
         o_tile, o_ptr = Signal.like(self.o_addr), Signal.like(self.o_addr)
-        drain = Signal(range(lat + Requantizer.LATENCY + 8))
+        drain = Signal(range(lat + rq.latency + 8))
         last_k = Signal()
         m.d.comb += last_k.eq(fd_kt + 1 == kt_n)
+
+        # rows of a last k-tile go to the requantizer: no faster than it takes them
+        issue = Signal()
+        pace = Signal(range(rq.steps))          # cycles since the last row of a last k-tile, mod steps
+        m.d.comb += issue.eq(~last_k | (pace == 0))
 
         # stage 1: the row whose activation word and partial sums arrive from memory this cycle
         s1_valid, s1_zero, s1_last, s1_sel, s1_pbuf = Signal(), Signal(), Signal(), Signal(), Signal()
@@ -166,31 +172,35 @@ class MatmulEngine(wiring.Component):
                 m.next = "WAIT_TILE"
             with m.State("WAIT_TILE"):
                 with m.If(ld_ready & ~ld_busy & (~fd_started | (since >= gap))):
-                    m.d.sync += [ld_ready.eq(0), fd_started.eq(1), since.eq(0), fd_row.eq(0),
+                    m.d.sync += [ld_ready.eq(0), fd_started.eq(1), since.eq(0), fd_row.eq(0), pace.eq(0),
                                  a_ptr.eq(a_tile), o_ptr.eq(o_tile), ld_wait.eq(ld_pending),
                                  fd_last_tile.eq(last_k & (fd_nt + 1 == nt_n))]
                     m.next = "RUN"
             with m.State("RUN"):
-                m.d.comb += [self.issuing.eq(1), self.a_rd.en.eq(1), self.a_rd.addr.eq(a_ptr),
-                             acc_rd.en.eq(1), acc_rd.addr.eq(fd_row)]
-                m.d.sync += [s1_valid.eq(1), s1_zero.eq(fd_kt == 0), s1_last.eq(last_k), s1_sel.eq(fd_sel),
-                             s1_pbuf.eq(fd_nt[0]), s1_row.eq(fd_row), s1_optr.eq(o_ptr)]
-                m.d.sync += [fd_row.eq(fd_row + 1), a_ptr.eq(a_ptr + 1), o_ptr.eq(o_ptr + row_words)]
-                with m.If(fd_row + 1 == rows):
-                    m.d.sync += [fd_sel.eq(~fd_sel), a_tile.eq(a_tile + rows)]
+                if rq.steps > 1:
                     with m.If(last_k):
-                        m.d.sync += [fd_kt.eq(0), fd_nt.eq(fd_nt + 1), a_tile.eq(a_base),
-                                     o_tile.eq(o_tile + rows * row_words)]
-                    with m.Else():
-                        m.d.sync += fd_kt.eq(fd_kt + 1)
-                    with m.If(fd_last_tile):
-                        m.d.sync += drain.eq(0)
-                        m.next = "DRAIN"
-                    with m.Else():
-                        m.next = "WAIT_TILE"
+                        m.d.sync += pace.eq(Mux(pace == rq.steps - 1, 0, pace + 1))
+                with m.If(issue):
+                    m.d.comb += [self.issuing.eq(1), self.a_rd.en.eq(1), self.a_rd.addr.eq(a_ptr),
+                                 acc_rd.en.eq(1), acc_rd.addr.eq(fd_row)]
+                    m.d.sync += [s1_valid.eq(1), s1_zero.eq(fd_kt == 0), s1_last.eq(last_k),
+                                 s1_sel.eq(fd_sel), s1_pbuf.eq(fd_nt[0]), s1_row.eq(fd_row), s1_optr.eq(o_ptr)]
+                    m.d.sync += [fd_row.eq(fd_row + 1), a_ptr.eq(a_ptr + 1), o_ptr.eq(o_ptr + row_words)]
+                    with m.If(fd_row + 1 == rows):
+                        m.d.sync += [fd_sel.eq(~fd_sel), a_tile.eq(a_tile + rows)]
+                        with m.If(last_k):
+                            m.d.sync += [fd_kt.eq(0), fd_nt.eq(fd_nt + 1), a_tile.eq(a_base),
+                                         o_tile.eq(o_tile + rows * row_words)]
+                        with m.Else():
+                            m.d.sync += fd_kt.eq(fd_kt + 1)
+                        with m.If(fd_last_tile):
+                            m.d.sync += drain.eq(0)
+                            m.next = "DRAIN"
+                        with m.Else():
+                            m.next = "WAIT_TILE"
             with m.State("DRAIN"):
                 m.d.sync += drain.eq(drain + 1)
-                with m.If(drain == lat + Requantizer.LATENCY + 5):
+                with m.If(drain == lat + rq.latency + 5):
                     m.d.comb += self.done.eq(1)
                     m.next = "IDLE"
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
@@ -221,7 +231,7 @@ class MatmulEngine(wiring.Component):
                          rq.shift[j].eq(lanes_of(pw[8:9], 8, j))]
         m.d.comb += [rq.acc.eq(array.out), rq.valid.eq(t_valid & t_last), rq.mode.eq(mode)]
 
-        o_addr = delay(t_optr, Requantizer.LATENCY, "o_addr")
+        o_addr = delay(t_optr, rq.latency, "o_addr")
         out = [rq.out[j] for j in range(L)]
         w8 = Cat(*(o[:8] for o in out))
         w16 = Cat(*(o[:16] for o in out))

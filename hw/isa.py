@@ -70,11 +70,15 @@ class AcceleratorConfig:
     ``lanes`` is the array's rows and columns (square), a multiple of 4 from 4 to 32. The pool has
     ``banks`` banks of ``bank_words`` pool words each (a multiple of 4: each bank is four interleaved
     memories so an output row of up to four words is written in one cycle). ``acc_depth`` bounds M.
+    ``requant_lanes`` (a divisor of ``lanes``; None: all) is how many output columns the requantizer
+    takes a cycle: fewer save multipliers on a small FPGA, and the last k-tile of each n-tile then issues
+    one row every ``lanes // requant_lanes`` cycles. Results do not depend on it; the host never needs it.
     """
     lanes: int = 16
     banks: int = 4
     bank_words: int = 4096
     acc_depth: int = 512
+    requant_lanes: int | None = None
 
     def __post_init__(self):
         if self.lanes not in (4, 8, 12, 16, 20, 24, 28, 32):
@@ -85,6 +89,9 @@ class AcceleratorConfig:
             raise ValueError(f"bank_words must be a power of two >= 16, not {self.bank_words}")
         if not 1 <= self.acc_depth <= 4096:
             raise ValueError(f"acc_depth must be in [1, 4096], not {self.acc_depth}")
+        if self.requant_lanes is not None and (not isinstance(self.requant_lanes, int) or
+                                               self.requant_lanes < 1 or self.lanes % self.requant_lanes):
+            raise ValueError(f"requant_lanes must divide lanes ({self.lanes}), not {self.requant_lanes!r}")
 
     @property
     def rows(self):

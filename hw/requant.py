@@ -16,17 +16,27 @@ class Requantizer(wiring.Component):
     ``mode`` (see :class:`hw.isa.Mode`) picks int8 or int16 saturation, or the int32 bypass that returns
     ``acc + bias`` unrounded. Everything presented with ``valid`` (the accumulator, the per-lane ``bias``,
     ``m0`` in [0, 2**31) and ``shift`` in [0, 62], the mode) travels down the pipeline together, so the
-    parameters may change every cycle. Latency: 4 cycles (the product in two registered halves);
-    throughput: one row per cycle; no stall.
-    ``acc + bias`` must fit int32 (the contract guarantees it).
+    parameters may change with every row. ``acc + bias`` must fit int32 (the contract guarantees it).
+
+    ``group`` lanes (a divisor of ``lanes``; default all) go through the datapath a cycle: with fewer, a
+    row takes ``steps = lanes // group`` cycles through one narrower datapath (a small FPGA has too few
+    multipliers for one per lane), and rows must come at least ``steps`` cycles apart. Latency:
+    ``latency = 3 + steps`` cycles from ``valid`` to ``out_valid`` (4 for a full-width datapath: the
+    product in two registered halves); ``out`` holds the row from then until the next row's first group
+    lands, one cycle later at the earliest.
     """
 
-    LATENCY = 4
+    LATENCY = 4         # of the full-width datapath
 
-    def __init__(self, lanes):
+    def __init__(self, lanes, group=None):
         if not isinstance(lanes, int) or lanes < 1:
             raise ValueError(f"lanes must be a positive int, not {lanes!r}")
-        self.lanes = lanes
+        group = lanes if group is None else group
+        if not isinstance(group, int) or group < 1 or lanes % group:
+            raise ValueError(f"group must be a positive divisor of lanes ({lanes}), not {group!r}")
+        self.lanes, self.group = lanes, group
+        self.steps = lanes // group
+        self.latency = 3 + self.steps
         super().__init__({
             "acc": In(data.ArrayLayout(signed(32), lanes)),
             "bias": In(data.ArrayLayout(signed(32), lanes)),
@@ -40,18 +50,47 @@ class Requantizer(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
+        G, R = self.group, self.steps
+        ports = (self.acc, self.bias, self.m0, self.shift)
+        if R == 1:
+            v0, mode0, step0 = self.valid, self.mode, Const(0, 1)
+            feed = ports
+        else:
+            # the row is held while its later groups go through: group 0 straight from the ports in the
+            # valid cycle, group s from the held copy s cycles later
+            held = [Signal.like(port, name=f"held_{name}", reset_less=True)
+                    for port, name in zip(ports, ("acc", "bias", "m0", "shift"))]
+            held_mode = Signal(2)
+            step = Signal(range(R))
+            with m.If(self.valid):
+                m.d.sync += [h.eq(port) for h, port in zip(held, ports)]
+                m.d.sync += [held_mode.eq(self.mode), step.eq(1)]
+            with m.Elif(step != 0):
+                m.d.sync += step.eq(Mux(step == R - 1, 0, step + 1))
+            v0 = self.valid | (step != 0)
+            mode0 = Mux(self.valid, self.mode, held_mode)
+            step0 = Mux(self.valid, 0, step)
+            feed = [Mux(self.valid, port.as_value().word_select(0, len(port.as_value()) // R),
+                        h.as_value().word_select(step0, len(port.as_value()) // R))
+                    for port, h in zip(ports, held)]
+            feed = [data.View(data.ArrayLayout(port.shape().elem_shape, G), f) for port, f in zip(ports, feed)]
+
         v1, v2, v3 = Signal(), Signal(), Signal()
         mode1, mode2, mode3 = Signal(2), Signal(2), Signal(2)
-        m.d.sync += [v1.eq(self.valid), v2.eq(v1), v3.eq(v2), self.out_valid.eq(v3),
-                     mode1.eq(self.mode), mode2.eq(mode1), mode3.eq(mode2)]
-        for j in range(self.lanes):
+        step1, step2, step3 = (Signal.like(step0, name=f"step{k}") for k in (1, 2, 3))
+        m.d.sync += [v1.eq(v0), v2.eq(v1), v3.eq(v2),
+                     mode1.eq(mode0), mode2.eq(mode1), mode3.eq(mode2),
+                     step1.eq(step0), step2.eq(step1), step3.eq(step2)]
+        m.d.sync += self.out_valid.eq(v3 & (step3 == R - 1))
+        acc, bias, m0, shift = feed
+        for j in range(G):
             # data registers carry no reset (only the valid flags do): fewer LUTs, faster simulation
             def reg(shape, name):
                 return Signal(shape, name=f"{name}{j}", reset_less=True)
 
             # stage 1: add the bias (the sum fits int32 by contract; keep 32 bits)
             s1, m0_1, sh1 = reg(signed(32), "sum"), reg(unsigned(31), "m0_1_"), reg(unsigned(6), "sh1_")
-            m.d.sync += [s1.eq(self.acc[j] + self.bias[j]), m0_1.eq(self.m0[j]), sh1.eq(self.shift[j])]
+            m.d.sync += [s1.eq(acc[j] + bias[j]), m0_1.eq(m0[j]), sh1.eq(shift[j])]
             # stage 2: the 32 x 31-bit product as two registered halves (each a 32 x 16 multiply: two DSP
             # blocks on ECP5, not four chained), and the rounding constant 2**(shift-1) (0 for shift 0),
             # as a right shift of a constant: a variable left shift would widen to 127 bits
@@ -63,17 +102,21 @@ class Requantizer(wiring.Component):
             # simulate ~10x slower in Verilator)
             rounded3, s3, sh3 = reg(signed(64), "rounded"), reg(signed(32), "sum3_"), reg(unsigned(6), "sh3_")
             m.d.sync += [rounded3.eq(lo2 + (hi2 << 16) + half2), s3.eq(s2), sh3.eq(sh2)]
-            # stage 4: arithmetic shift, saturate per mode
+            # stage 4: arithmetic shift, saturate per mode, into this group's slot of the output row
             r = Signal(signed(64), name=f"round{j}")
             m.d.comb += r.eq(rounded3 >> sh3)
             lo = Mux(mode3 == Mode.INT8, -128, -32768)
             hi = Mux(mode3 == Mode.INT8, 127, 32767)
+            res = Signal(signed(32), name=f"res{j}")
             with m.If(mode3 == Mode.INT32):
-                m.d.sync += self.out[j].eq(s3)
+                m.d.comb += res.eq(s3)
             with m.Elif(r < lo):
-                m.d.sync += self.out[j].eq(lo)
+                m.d.comb += res.eq(lo)
             with m.Elif(r > hi):
-                m.d.sync += self.out[j].eq(hi)
+                m.d.comb += res.eq(hi)
             with m.Else():
-                m.d.sync += self.out[j].eq(r)
+                m.d.comb += res.eq(r)
+            for g in range(R):
+                with m.If(v3 & (step3 == g)):
+                    m.d.sync += self.out[g * G + j].eq(res)
         return m

@@ -130,6 +130,8 @@ class Sequencer(wiring.Component):
         # products are DSP multiplies, and checking them in the same cycle was the design's critical path
         ext_a, ext_w = Signal(32, name="ext_a"), Signal(32 + (c.lanes - 1).bit_length() + 1, name="ext_w")
         ext_p, ext_o = Signal(16 + PARAM_WORDS_PER_LANE_GROUP.bit_length(), name="ext_p"), Signal(35, name="ext_o")
+        measure_step = Signal(2)
+        mul_a, mul_b = Signal(16), Signal(16)
         shape_ok = ((flags <= Mode.INT32) & (mm_m != 0) & (mm_m <= c.acc_depth) & (kt != 0) & (nt != 0))
         addr_ok = (inside(a, ext_a) & inside(w, ext_w) & inside(p, ext_p) & inside(o, ext_o) & (o[:2] == 0))
         bank_ok = ((bank(a) != bank(w)) & (bank(a) != bank(p)) & (bank(o) != bank(a)) & (bank(o) != bank(w))
@@ -201,13 +203,24 @@ class Sequencer(wiring.Component):
                                 m.d.sync += args[n].eq(self.i.payload)
                     m.d.sync += arg_idx.eq(arg_idx + 1)
                     with m.If(arg_idx + 1 == n_args):
-                        m.d.sync += [idx.eq(0), sub.eq(0)]
+                        m.d.sync += [idx.eq(0), sub.eq(0), measure_step.eq(0)]
                         m.next = "MEASURE"
             with m.State("MEASURE"):
-                # one multiply deep per cycle: the products of two arguments now, their scaling next
-                m.d.sync += [ext_a.eq(kt * mm_m), ext_w.eq(nt * kt), ext_p.eq(nt * PARAM_WORDS_PER_LANE_GROUP),
-                             ext_o.eq(nt * mm_m)]
-                m.next = "SCALE"
+                # the three products of two arguments through one 16 x 16 multiplier with registered
+                # operands, one a cycle (a small FPGA has few multipliers; three cycles per MATMUL cost
+                # nothing); their scaling after
+                m.d.sync += [mul_a.eq(Mux(measure_step == 0, kt, nt)), mul_b.eq(Mux(measure_step == 1, kt, mm_m)),
+                             measure_step.eq(measure_step + 1),
+                             ext_p.eq((nt << 3) + nt if PARAM_WORDS_PER_LANE_GROUP == 9 else
+                                      nt * PARAM_WORDS_PER_LANE_GROUP)]
+                with m.Switch(measure_step):
+                    with m.Case(1):
+                        m.d.sync += ext_a.eq(mul_a * mul_b)
+                    with m.Case(2):
+                        m.d.sync += ext_w.eq(mul_a * mul_b)
+                    with m.Case(3):
+                        m.d.sync += ext_o.eq(mul_a * mul_b)
+                        m.next = "SCALE"
             with m.State("SCALE"):
                 m.d.sync += [ext_w.eq(ext_w * c.lanes), ext_o.eq(Mux(mw == 1, ext_o, Mux(mw == 2, ext_o << 1,
                                                                                          ext_o << 2)))]

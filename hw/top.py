@@ -35,7 +35,7 @@ class Accelerator(wiring.Component):
         m = Module()
         c = self.config
         m.submodules.seq = seq = Sequencer(c)
-        m.submodules.engine = eng = MatmulEngine(c.lanes, seq.addr_bits, c.acc_depth)
+        m.submodules.engine = eng = MatmulEngine(c.lanes, seq.addr_bits, c.acc_depth, c.requant_lanes)
         m.submodules.pool = pool = BufferPool(8 * c.lanes, c.banks, c.bank_words)
         m.submodules.counters = cnt = PerfCounters(c.lanes * c.lanes)
         bank_bits = (c.bank_words - 1).bit_length()

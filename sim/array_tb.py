@@ -15,7 +15,7 @@ from bench_util import pack, unpack
 from sw.quant.ref import ref_gemm
 
 ROWS, COLS = int(os.environ["AMBERT_ROWS"]), int(os.environ["AMBERT_COLS"])
-LATENCY = ROWS + COLS
+LATENCY = ROWS + COLS + 1          # SystolicArray.latency: the skew, and the PEs' product register
 
 
 @cocotb.test()

@@ -27,19 +27,27 @@ def simulate(dut, bench):
 def test_pe_macs_the_selected_weight():
     dut = ProcessingElement()
     rng = random.Random(0)
+    extremes = [(-128, -128), (-128, 127), (127, -128), (127, 127), (0, -128), (-1, -1)]
 
     async def bench(ctx):
         w = [0, 0]
-        for step in range(300):
+        prev = None         # (a, weight) presented last cycle: its product meets this cycle's psum_in
+        for step in range(400):
             a, p, sel = rng.randint(-128, 127), rng.randint(-2**30, 2**30), rng.randint(0, 1)
             we, bank, wd = rng.random() < 0.3, rng.randint(0, 1), rng.randint(-128, 127)
+            if step < 2 * len(extremes):
+                a, wd = extremes[step // 2]
+                we, bank, sel = step % 2 == 0, 0, 0      # write the extreme weight, then use it
             for sig, v in ((dut.a_in, a), (dut.psum_in, p), (dut.sel_in, sel), (dut.w_we, we),
                            (dut.w_bank, bank), (dut.w_data, wd)):
                 ctx.set(sig, v)
             await ctx.tick()
-            want = ref_gemm(torch.tensor([[a]], dtype=torch.int8), torch.tensor([[w[sel]]], dtype=torch.int8),
-                            torch.tensor([p], dtype=torch.int32)).item()
-            assert ctx.get(dut.psum_out) == want and ctx.get(dut.a_out) == a and ctx.get(dut.sel_out) == sel
+            if prev is not None:
+                want = ref_gemm(torch.tensor([[prev[0]]], dtype=torch.int8),
+                                torch.tensor([[prev[1]]], dtype=torch.int8), torch.tensor([p], dtype=torch.int32)).item()
+                assert ctx.get(dut.psum_out) == want, step
+            assert ctx.get(dut.a_out) == a and ctx.get(dut.sel_out) == sel
+            prev = (a, w[sel])
             if we:
                 w[bank] = wd
     simulate(dut, bench)
@@ -89,9 +97,11 @@ def test_array_refuses_bad_shapes():
         SystolicArray(4, 33)
 
 
-def test_requantizer_matches_ref_requant():
+@pytest.mark.parametrize("group", [4, 2, 1])
+def test_requantizer_matches_ref_requant(group):
     lanes = 4
-    dut = Requantizer(lanes)
+    dut = Requantizer(lanes, group)
+    assert dut.latency == 3 + lanes // group
     rng = random.Random(3)
     rows = []
     for _ in range(300):
@@ -101,18 +111,27 @@ def test_requantizer_matches_ref_requant():
         shift = [rng.randint(0, 62) for _ in range(lanes)]
         rows.append((acc, bias, m0, shift, rng.randint(0, 2)))
     rows[0] = ([1, 3, -1, -3], [0] * 4, [1 << 30] * 4, [31] * 4, int(Mode.INT8))      # ties
-    got = []
+    # rows as fast as the datapath takes them (every `steps` cycles), and now and then a gap
+    starts, t = [], 0
+    for _ in rows:
+        starts.append(t)
+        t += dut.steps + (rng.randint(1, 3) if rng.random() < 0.2 else 0)
+    got, out_cycles = [], []
 
     async def bench(ctx):
-        for t in range(len(rows) + Requantizer.LATENCY + 1):
-            if t < len(rows):
-                acc, bias, m0, shift, mode = rows[t]
+        for t in range(starts[-1] + dut.latency + 2):
+            i = starts.index(t) if t in starts else None
+            if i is not None:
+                acc, bias, m0, shift, mode = rows[i]
                 for sig, v in ((dut.acc, acc), (dut.bias, bias), (dut.m0, m0), (dut.shift, shift), (dut.mode, mode)):
                     ctx.set(sig, v)
-            ctx.set(dut.valid, t < len(rows))
+            else:       # what is on the ports between rows must not matter
+                ctx.set(dut.acc, [rng.randint(-2**31, 2**31 - 1) for _ in range(lanes)])
+            ctx.set(dut.valid, i is not None)
             await ctx.tick()
             if ctx.get(dut.out_valid):
                 got.append([ctx.get(dut.out[j]) for j in range(lanes)])
+                out_cycles.append(t)
     simulate(dut, bench)
     want = []
     for acc, bias, m0, shift, mode in rows:
@@ -121,6 +140,13 @@ def test_requantizer_matches_ref_requant():
                     ref_requant(s, torch.tensor(m0), torch.tensor(shift), 8 if mode == Mode.INT8 else 16).tolist())
     assert got == want
     assert got[0] == [1, 2, 0, -1]
+    # presented in cycle t (sampled at edge t + 1), out_valid seen after edge t + latency
+    assert out_cycles == [t + dut.latency - 1 for t in starts]
+
+
+def test_requantizer_refuses_a_group_that_does_not_divide_the_lanes():
+    with pytest.raises(ValueError, match="divisor"):
+        Requantizer(4, 3)
 
 
 def test_bufpool_banks_are_independent():

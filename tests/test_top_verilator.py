@@ -11,20 +11,22 @@ from sw.compiler.gemm import gemm_program
 from sw.quant.ref import ref_matmul
 
 CONFIGS = {
-    4: AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128),
-    8: AcceleratorConfig(lanes=8, banks=4, bank_words=4096, acc_depth=256),
-    16: AcceleratorConfig(lanes=16, banks=4, bank_words=16384, acc_depth=512),
+    "4x4": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128),
+    # the small-FPGA epilogue: one column a cycle through the requantizer, last k-tiles paced to it
+    "4x4-rq1": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128, requant_lanes=1),
+    "8x8": AcceleratorConfig(lanes=8, banks=4, bank_words=4096, acc_depth=256),
+    "16x16": AcceleratorConfig(lanes=16, banks=4, bank_words=16384, acc_depth=512),
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS), ids=lambda n: f"{n}x{n}")
+@pytest.fixture(scope="module", params=list(CONFIGS))
 def device(request):
     return FastSim(CONFIGS[request.param])
 
 
 @pytest.fixture(scope="module")
 def device16():
-    return FastSim(CONFIGS[16])
+    return FastSim(CONFIGS["16x16"])
 
 
 def reference(a, w, bias, m0, shift, mode):
@@ -135,7 +137,7 @@ def fuzz_words(rng, n_words):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_fuzzed_streams_never_hang_and_a_valid_program_runs_after(seed):
-    cfg = CONFIGS[4]
+    cfg = CONFIGS["4x4"]
     sim = FastSim(cfg)
     rng = np.random.default_rng(seed)
     garbage = fuzz_words(rng, 3000)
@@ -156,7 +158,7 @@ def test_fuzzed_streams_never_hang_and_a_valid_program_runs_after(seed):
 
 
 def test_errors_are_reported_and_decoding_goes_on():
-    cfg = CONFIGS[4]
+    cfg = CONFIGS["4x4"]
     sim = FastSim(cfg)
     B = cfg.bank_words
     prog = (Program(cfg)
@@ -209,7 +211,7 @@ def _operands(cfg, rng, m, k, n, mode=Mode.INT8):
 def test_hazards_against_running_units_are_held_back():
     """Back-to-back commands that would race a running MATMUL or STORE if nothing held them: each result
     must equal what the commands give one at a time."""
-    cfg = CONFIGS[4]
+    cfg = CONFIGS["4x4"]
     sim = FastSim(cfg)
     B, rng = cfg.bank_words, np.random.default_rng(21)
     m, k, n = 60, 32, 24          # A 480 words, W+P 246, O 360: each fits its bank of 1024
@@ -238,7 +240,7 @@ def test_hazards_against_running_units_are_held_back():
 def test_transfers_overlap_a_running_matmul():
     """A LOAD to a bank the MATMUL does not write, and a STORE of a bank it does not read, run while it
     computes: the same commands finish sooner than with a SYNC (wait for idle) after the MATMUL."""
-    cfg = CONFIGS[16]
+    cfg = CONFIGS["16x16"]
     B, rng = cfg.bank_words, np.random.default_rng(5)
     m, k, n = 256, 512, 128
     kt, nt = k // cfg.lanes, n // cfg.lanes
