@@ -93,6 +93,7 @@ class MatmulEngine(wiring.Component):
         rows, kt_n, nt_n, mode = Signal(16), Signal(16), Signal(16), Signal(2)
         row_words = Signal(3)
         m.d.comb += row_words.eq(mode_words(mode))
+        rows_words = Mux(row_words == 4, rows << 2, Mux(row_words == 2, rows << 1, rows))   # no multiplier
 
         since = Signal(range(lat + 16))          # cycles since the current tile started, saturating
         m.d.sync += since.eq(Mux(since == lat + 15, since, since + 1))
@@ -190,7 +191,7 @@ class MatmulEngine(wiring.Component):
                         m.d.sync += [fd_sel.eq(~fd_sel), a_tile.eq(a_tile + rows)]
                         with m.If(last_k):
                             m.d.sync += [fd_kt.eq(0), fd_nt.eq(fd_nt + 1), a_tile.eq(a_base),
-                                         o_tile.eq(o_tile + rows * row_words)]
+                                         o_tile.eq(o_tile + rows_words)]
                         with m.Else():
                             m.d.sync += fd_kt.eq(fd_kt + 1)
                         with m.If(fd_last_tile):

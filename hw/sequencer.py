@@ -131,7 +131,10 @@ class Sequencer(wiring.Component):
         ext_a, ext_w = Signal(32, name="ext_a"), Signal(32 + (c.lanes - 1).bit_length() + 1, name="ext_w")
         ext_p, ext_o = Signal(16 + PARAM_WORDS_PER_LANE_GROUP.bit_length(), name="ext_p"), Signal(35, name="ext_o")
         measure_step = Signal(2)
-        mul_a, mul_b = Signal(16), Signal(16)
+        mul_a, mul_b, product = Signal(16), Signal(16), Signal(32)
+        m.d.comb += product.eq(mul_a * mul_b)
+        # scaling by the lane count as shifts and adds: a constant multiply would take a DSP block too
+        lanes_times = sum(ext_w << k for k in range(c.lanes.bit_length()) if c.lanes >> k & 1)
         shape_ok = ((flags <= Mode.INT32) & (mm_m != 0) & (mm_m <= c.acc_depth) & (kt != 0) & (nt != 0))
         addr_ok = (inside(a, ext_a) & inside(w, ext_w) & inside(p, ext_p) & inside(o, ext_o) & (o[:2] == 0))
         bank_ok = ((bank(a) != bank(w)) & (bank(a) != bank(p)) & (bank(o) != bank(a)) & (bank(o) != bank(w))
@@ -215,14 +218,14 @@ class Sequencer(wiring.Component):
                                       nt * PARAM_WORDS_PER_LANE_GROUP)]
                 with m.Switch(measure_step):
                     with m.Case(1):
-                        m.d.sync += ext_a.eq(mul_a * mul_b)
+                        m.d.sync += ext_a.eq(product)
                     with m.Case(2):
-                        m.d.sync += ext_w.eq(mul_a * mul_b)
+                        m.d.sync += ext_w.eq(product)
                     with m.Case(3):
-                        m.d.sync += ext_o.eq(mul_a * mul_b)
+                        m.d.sync += ext_o.eq(product)
                         m.next = "SCALE"
             with m.State("SCALE"):
-                m.d.sync += [ext_w.eq(ext_w * c.lanes), ext_o.eq(Mux(mw == 1, ext_o, Mux(mw == 2, ext_o << 1,
+                m.d.sync += [ext_w.eq(lanes_times), ext_o.eq(Mux(mw == 1, ext_o, Mux(mw == 2, ext_o << 1,
                                                                                          ext_o << 2)))]
                 m.next = "DISPATCH"
             with m.State("DISPATCH"):
