@@ -26,8 +26,6 @@ class Requantizer(wiring.Component):
     lands, one cycle later at the earliest.
     """
 
-    LATENCY = 4         # of the full-width datapath
-
     def __init__(self, lanes, group=None):
         if not isinstance(lanes, int) or lanes < 1:
             raise ValueError(f"lanes must be a positive int, not {lanes!r}")

@@ -133,8 +133,9 @@ class Sequencer(wiring.Component):
         measure_step = Signal(2)
         mul_a, mul_b, product = Signal(16), Signal(16), Signal(32)
         m.d.comb += product.eq(mul_a * mul_b)
-        # scaling by the lane count as shifts and adds: a constant multiply would take a DSP block too
-        lanes_times = sum(ext_w << k for k in range(c.lanes.bit_length()) if c.lanes >> k & 1)
+        def times(value, constant):
+            # a constant multiply as shifts and adds: as a `*` synthesis would give it a DSP block too
+            return sum(value << k for k in range(constant.bit_length()) if constant >> k & 1)
         shape_ok = ((flags <= Mode.INT32) & (mm_m != 0) & (mm_m <= c.acc_depth) & (kt != 0) & (nt != 0))
         addr_ok = (inside(a, ext_a) & inside(w, ext_w) & inside(p, ext_p) & inside(o, ext_o) & (o[:2] == 0))
         bank_ok = ((bank(a) != bank(w)) & (bank(a) != bank(p)) & (bank(o) != bank(a)) & (bank(o) != bank(w))
@@ -214,8 +215,7 @@ class Sequencer(wiring.Component):
                 # nothing); their scaling after
                 m.d.sync += [mul_a.eq(Mux(measure_step == 0, kt, nt)), mul_b.eq(Mux(measure_step == 1, kt, mm_m)),
                              measure_step.eq(measure_step + 1),
-                             ext_p.eq((nt << 3) + nt if PARAM_WORDS_PER_LANE_GROUP == 9 else
-                                      nt * PARAM_WORDS_PER_LANE_GROUP)]
+                             ext_p.eq(times(nt, PARAM_WORDS_PER_LANE_GROUP))]
                 with m.Switch(measure_step):
                     with m.Case(1):
                         m.d.sync += ext_a.eq(product)
@@ -225,7 +225,7 @@ class Sequencer(wiring.Component):
                         m.d.sync += ext_o.eq(product)
                         m.next = "SCALE"
             with m.State("SCALE"):
-                m.d.sync += [ext_w.eq(lanes_times), ext_o.eq(Mux(mw == 1, ext_o, Mux(mw == 2, ext_o << 1,
+                m.d.sync += [ext_w.eq(times(ext_w, c.lanes)), ext_o.eq(Mux(mw == 1, ext_o, Mux(mw == 2, ext_o << 1,
                                                                                          ext_o << 2)))]
                 m.next = "DISPATCH"
             with m.State("DISPATCH"):

@@ -16,7 +16,7 @@ from hw.requant import Requantizer
 from sw.quant.ref import INT32_MAX, INT32_MIN, ref_requant
 
 LANES = int(os.environ["AMBERT_LANES"])
-LATENCY = Requantizer.LATENCY
+LATENCY = Requantizer(LANES).latency       # the full-width datapath, as the bench builds it
 
 
 def golden(acc, bias, m0, shift, mode):
