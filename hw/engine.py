@@ -149,9 +149,11 @@ class MatmulEngine(wiring.Component):
         m.d.comb += last_k.eq(fd_kt + 1 == kt_n)
 
         # rows of a last k-tile go to the requantizer: no faster than it takes them
+        # (the pace runs across tile boundaries: a tile may start the cycle after the last one's last row)
         issue = Signal()
-        pace = Signal(range(rq.steps))          # cycles since the last row of a last k-tile, mod steps
+        pace = Signal(range(rq.steps))          # cycles until the requantizer takes another row
         m.d.comb += issue.eq(~last_k | (pace == 0))
+        m.d.sync += pace.eq(Mux(pace == 0, 0, pace - 1))
 
         # stage 1: the row whose activation word and partial sums arrive from memory this cycle
         s1_valid, s1_zero, s1_last, s1_sel, s1_pbuf = Signal(), Signal(), Signal(), Signal(), Signal()
@@ -173,14 +175,13 @@ class MatmulEngine(wiring.Component):
                 m.next = "WAIT_TILE"
             with m.State("WAIT_TILE"):
                 with m.If(ld_ready & ~ld_busy & (~fd_started | (since >= gap))):
-                    m.d.sync += [ld_ready.eq(0), fd_started.eq(1), since.eq(0), fd_row.eq(0), pace.eq(0),
+                    m.d.sync += [ld_ready.eq(0), fd_started.eq(1), since.eq(0), fd_row.eq(0),
                                  a_ptr.eq(a_tile), o_ptr.eq(o_tile), ld_wait.eq(ld_pending),
                                  fd_last_tile.eq(last_k & (fd_nt + 1 == nt_n))]
                     m.next = "RUN"
             with m.State("RUN"):
-                if rq.steps > 1:
-                    with m.If(last_k):
-                        m.d.sync += pace.eq(Mux(pace == rq.steps - 1, 0, pace + 1))
+                with m.If(issue & last_k):
+                    m.d.sync += pace.eq(rq.steps - 1)
                 with m.If(issue):
                     m.d.comb += [self.issuing.eq(1), self.a_rd.en.eq(1), self.a_rd.addr.eq(a_ptr),
                                  acc_rd.en.eq(1), acc_rd.addr.eq(fd_row)]

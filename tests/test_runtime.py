@@ -39,6 +39,18 @@ def test_minilm_on_the_simulated_accelerator_is_bit_exact(minilm):
     assert stats.busy_cycles > 0 and stats.cycles > stats.busy_cycles and 0 < stats.efficiency <= 1
 
 
+def test_minilm_through_a_narrow_requantizer_is_bit_exact(minilm):
+    """The ULX3S target's configuration: 12x12, the requantizer two columns a cycle (last k-tiles paced)."""
+    from boards import get_board
+    config = get_board("ulx3s").config("target")
+    assert config.requant_lanes < config.lanes
+    qm, model, tok = minilm
+    enc = encode(tok, ["The quick brown fox jumps over the lazy dog.", "Hello there!"])
+    out, mod = run(qm, model, [SimDevice(config), CpuDevice()], enc)
+    assert torch.equal(out, reference(qm, enc))
+    assert mod.last_stats.ops == {"sim": 6 * qm.config["layers"]}
+
+
 def test_operations_too_large_for_the_pool_fall_back(tiny):
     qm, model, tok = tiny
     enc = encode(tok, ["the cat sat on the mat", "what is my name"])
