@@ -220,6 +220,10 @@ def test_config_validation():
         AcceleratorConfig(banks=2)
     with pytest.raises(ValueError, match="bank_words"):
         AcceleratorConfig(bank_words=100)
+    with pytest.raises(ValueError, match="requant_lanes must divide lanes"):
+        AcceleratorConfig(lanes=12, requant_lanes=5)
+    with pytest.raises(ValueError, match="requant_lanes"):
+        AcceleratorConfig(requant_lanes=0)
     with pytest.raises(TypeError):
         Accelerator(config={"lanes": 4})
 
