@@ -1,6 +1,6 @@
 """The weight-stationary systolic array."""
 
-from amaranth import Module, Signal, signed, unsigned
+from amaranth import Cat, Module, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -10,12 +10,12 @@ __all__ = ["SystolicArray"]
 
 
 class SystolicArray(wiring.Component):
-    """``rows`` x ``cols`` int8 PEs; computes one output row per cycle: ``out[j] = psum[j] + sum_i a[i] *
-    W[i][j]`` with the weights of bank ``sel``.
+    """``rows`` x ``cols`` int8 PEs; computes one output row per cycle: ``out[j] = sum_i a[i] * W[i][j]``
+    (int32, wrapping) with the weights of bank ``sel``.
 
     Inputs, presented together each cycle (no handshake; the array never stalls):
-    ``a`` (``rows`` x int8), ``psum`` (``cols`` x int32, the partial sums to continue), ``sel`` (weight
-    bank), ``valid``. Skewing is internal: the matching ``out`` (``cols`` x int32) appears with
+    ``a`` (``rows`` x int8), ``sel`` (weight bank), ``valid``. Partial sums are continued outside, at
+    the output (the engine adds its accumulators there): no input skew of 32-bit sums. Skewing is internal: the matching ``out`` (``cols`` x int32) appears with
     ``out_valid`` exactly ``latency = rows + cols + 1`` cycles later (the PEs' product register is the
     1), all columns aligned.
 
@@ -31,7 +31,6 @@ class SystolicArray(wiring.Component):
         self.latency = rows + cols + 1
         super().__init__({
             "a": In(data.ArrayLayout(signed(8), rows)),
-            "psum": In(data.ArrayLayout(signed(32), cols)),
             "sel": In(1),
             "valid": In(1),
             "out": Out(data.ArrayLayout(signed(32), cols)),
@@ -47,10 +46,11 @@ class SystolicArray(wiring.Component):
         R, C = self.rows, self.cols
         pes = [[ProcessingElement() for _ in range(C)] for _ in range(R)]
         for i in range(R):
+            row_we = Signal(name=f"w_we_row{i}")      # decoded once a row, not once a PE
+            m.d.comb += row_we.eq(self.w_we & (self.w_row == i))
             for j in range(C):
                 m.submodules[f"pe_{i}_{j}"] = pe = pes[i][j]
-                m.d.comb += [pe.w_data.eq(self.w_data[j]), pe.w_bank.eq(self.w_bank),
-                             pe.w_we.eq(self.w_we & (self.w_row == i))]
+                m.d.comb += [pe.w_data.eq(self.w_data[j]), pe.w_bank.eq(self.w_bank), pe.w_we.eq(row_we)]
 
         def delay(sig, n, shape, name, reset_less=True):
             # n registers: the input skew of row i / column j, the output deskew (data: no reset)
@@ -60,17 +60,17 @@ class SystolicArray(wiring.Component):
                 sig = nxt
             return sig
 
-        # row i of activations (with its bank select) enters i cycles late; column j's psum j + 1 cycles
-        # late (a PE adds the product of the activation it took the cycle before)
+        # row i of activations (with its bank select) enters i cycles late
         for i in range(R):
-            a_i = delay(self.a[i], i, signed(8), f"a{i}")
-            sel_i = delay(self.sel, i, unsigned(1), f"sel{i}")
+            # the activation and its bank select skewed as one register (half the copies in simulation)
+            a_sel = delay(Cat(self.a[i], self.sel), i, unsigned(9), f"a_sel{i}")
+            a_i, sel_i = a_sel[:8].as_signed(), a_sel[8]
             m.d.comb += [pes[i][0].a_in.eq(a_i), pes[i][0].sel_in.eq(sel_i)]
             for j in range(1, C):
                 m.d.comb += [pes[i][j].a_in.eq(pes[i][j - 1].a_out),
                              pes[i][j].sel_in.eq(pes[i][j - 1].sel_out)]
         for j in range(C):
-            m.d.comb += pes[0][j].psum_in.eq(delay(self.psum[j], j + 1, signed(32), f"psum{j}"))
+            m.d.comb += pes[0][j].psum_in.eq(0)
             for i in range(1, R):
                 m.d.comb += pes[i][j].psum_in.eq(pes[i - 1][j].psum_out)
             # column j leaves row R-1 at R + j + 1; hold it C - j more cycles so all leave together

@@ -34,8 +34,8 @@ class MatmulEngine(wiring.Component):
 
     On ``start`` (while idle) the engine latches the arguments and walks the tiles n-tile-major: for each
     n-tile, for each k-tile, it streams the tile's M activation rows through the array, one per cycle,
-    continuing the partial sums held in the accumulator memory; the last k-tile's rows go through the
-    :class:`Requantizer` and are written to the output region. While a tile computes, the next tile's
+    adding each output row to its partial sums in the accumulator memory; the last k-tile's rows go
+    through the :class:`Requantizer` and are written to the output region. While a tile computes, the next tile's
     weights (and, at an n-tile boundary, its requant parameters) are loaded into the array's idle weight
     bank, so for M >= 3 * lanes + 20 tiles follow each other without a bubble. ``done`` pulses when the
     last output row is written. With a requantizer narrower than the array (``requant_lanes``), the rows
@@ -81,6 +81,24 @@ class MatmulEngine(wiring.Component):
                 m.d.sync += nxt.eq(sig)
                 sig = nxt
             return sig
+
+        def ring_delay(sigs, n, name):
+            # the same delay as n registers, from a memory written every cycle and read n - 1 slots ahead
+            # of the write (one read, one write a cycle instead of n copies: faster to simulate, and a
+            # small RAM rather than n x width flip-flops on an FPGA); the data carries no reset
+            word = Cat(*sigs)
+            m.submodules[name] = ring = memory.Memory(shape=unsigned(len(word)), depth=n, init=[])
+            wr, rd = ring.write_port(), ring.read_port(transparent_for=())
+            ptr = Signal(range(n), name=f"{name}_ptr")
+            m.d.sync += ptr.eq(Mux(ptr == n - 1, 0, ptr + 1))
+            m.d.comb += [wr.en.eq(1), wr.addr.eq(ptr), wr.data.eq(word),
+                         rd.addr.eq(Mux(ptr == n - 1, 0, ptr + 1))]
+            outs, at = [], 0
+            for sig in sigs:
+                outs.append(Signal.like(sig, name=f"{name}_{sig.name}"))
+                m.d.comb += outs[-1].eq(rd.data[at:at + len(sig)])
+                at += len(sig)
+            return outs
 
         acc_mem = memory.Memory(shape=unsigned(32 * L), depth=self.acc_depth, init=[])
         m.submodules.acc_mem = acc_mem
@@ -183,8 +201,7 @@ class MatmulEngine(wiring.Component):
                 with m.If(issue & last_k):
                     m.d.sync += pace.eq(rq.steps - 1)
                 with m.If(issue):
-                    m.d.comb += [self.issuing.eq(1), self.a_rd.en.eq(1), self.a_rd.addr.eq(a_ptr),
-                                 acc_rd.en.eq(1), acc_rd.addr.eq(fd_row)]
+                    m.d.comb += [self.issuing.eq(1), self.a_rd.en.eq(1), self.a_rd.addr.eq(a_ptr)]
                     m.d.sync += [s1_valid.eq(1), s1_zero.eq(fd_kt == 0), s1_last.eq(last_k),
                                  s1_sel.eq(fd_sel), s1_pbuf.eq(fd_nt[0]), s1_row.eq(fd_row), s1_optr.eq(o_ptr)]
                     m.d.sync += [fd_row.eq(fd_row + 1), a_ptr.eq(a_ptr + 1), o_ptr.eq(o_ptr + row_words)]
@@ -202,27 +219,37 @@ class MatmulEngine(wiring.Component):
                             m.next = "WAIT_TILE"
             with m.State("DRAIN"):
                 m.d.sync += drain.eq(drain + 1)
-                with m.If(drain == lat + rq.latency + 5):
+                with m.If(drain == lat + rq.latency + 6):
                     m.d.comb += self.done.eq(1)
                     m.next = "IDLE"
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
 
-        # stage 2: the row's activations and partial sums registered in front of the array, so the block
-        # RAM outputs and the bank multiplexer end at a flip-flop rather than run on into the multipliers
+        # stage 2: the row's activations registered in front of the array, so the block RAM outputs and the
+        # bank multiplexer end at a flip-flop rather than run on into the multipliers
         s2_a = Signal(8 * L, name="s2_a", reset_less=True)
-        s2_psum = Signal(32 * L, name="s2_psum", reset_less=True)
         s2_sel, s2_valid = Signal(), Signal()
-        m.d.sync += [s2_a.eq(self.a_rd.data), s2_psum.eq(Mux(s1_zero, 0, acc_rd.data)), s2_sel.eq(s1_sel),
-                     s2_valid.eq(s1_valid)]
-        m.d.comb += [array.a.eq(s2_a), array.sel.eq(s2_sel), array.valid.eq(s2_valid), array.psum.eq(s2_psum)]
+        m.d.sync += [s2_a.eq(self.a_rd.data), s2_sel.eq(s1_sel), s2_valid.eq(s1_valid)]
+        m.d.comb += [array.a.eq(s2_a), array.sel.eq(s2_sel), array.valid.eq(s2_valid)]
 
-        # --- drain: partial sums back to the accumulators, or the last k-tile through the epilogue ------
-        t_valid = array.out_valid
-        t_last = delay(s1_last, lat + 1, "t_last")
-        t_row = delay(s1_row, lat + 1, "t_row")
-        t_optr = delay(s1_optr, lat + 1, "t_optr")
-        t_pbuf = delay(s1_pbuf, lat + 1, "t_pbuf")
-        m.d.comb += [acc_wr.en.eq(t_valid & ~t_last), acc_wr.addr.eq(t_row), acc_wr.data.eq(array.out)]
+        # --- drain: the array's sums plus the accumulators, back to them or through the epilogue --------
+        # The partial sums are continued here, at the array's output, not fed into its top row: no skew
+        # registers for 32-bit sums (32 x L(L+1)/2 flip-flops) and one adder a column. The row's
+        # accumulators are read the cycle before it leaves the array (p_), added as it leaves (u_), and
+        # the sum is registered (r_) before it is written back or requantized.
+        p_last, p_row, p_optr, p_pbuf, p_zero = ring_delay([s1_last, s1_row, s1_optr, s1_pbuf, s1_zero], lat,
+                                                           "p_info")
+        m.d.comb += acc_rd.addr.eq(p_row)
+        u_last, u_row, u_optr, u_pbuf, u_zero = (Signal.like(p, name=f"u_{n}") for p, n in zip(
+            (p_last, p_row, p_optr, p_pbuf, p_zero), ("last", "row", "optr", "pbuf", "zero")))
+        m.d.sync += [u.eq(p) for u, p in zip((u_last, u_row, u_optr, u_pbuf, u_zero),
+                                             (p_last, p_row, p_optr, p_pbuf, p_zero))]
+        t_valid, t_last, t_row, t_optr, t_pbuf = Signal(), Signal(), Signal.like(u_row), Signal.like(u_optr), Signal()
+        t_sum = Signal(data.ArrayLayout(unsigned(32), L), name="t_sum", reset_less=True)
+        acc_in = acc_rd.data
+        m.d.sync += [t_valid.eq(array.out_valid), t_last.eq(u_last), t_row.eq(u_row), t_optr.eq(u_optr),
+                     t_pbuf.eq(u_pbuf)]
+        m.d.sync += [t_sum[j].eq(array.out[j] + Mux(u_zero, 0, acc_in[32 * j: 32 * j + 32])) for j in range(L)]
+        m.d.comb += [acc_wr.en.eq(t_valid & ~t_last), acc_wr.addr.eq(t_row), acc_wr.data.eq(t_sum)]
 
         def lanes_of(words, bits, j):
             return Cat(*words)[bits * j: bits * j + bits]
@@ -231,7 +258,7 @@ class MatmulEngine(wiring.Component):
         for j in range(L):
             m.d.comb += [rq.bias[j].eq(lanes_of(pw[0:4], 32, j)), rq.m0[j].eq(lanes_of(pw[4:8], 32, j)),
                          rq.shift[j].eq(lanes_of(pw[8:9], 8, j))]
-        m.d.comb += [rq.acc.eq(array.out), rq.valid.eq(t_valid & t_last), rq.mode.eq(mode)]
+        m.d.comb += [rq.acc.eq(t_sum), rq.valid.eq(t_valid & t_last), rq.mode.eq(mode)]
 
         o_addr = delay(t_optr, rq.latency, "o_addr")
         out = [rq.out[j] for j in range(L)]

@@ -1,6 +1,6 @@
 """The requantization epilogue on each output column."""
 
-from amaranth import Const, Module, Mux, Signal, signed, unsigned
+from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -81,6 +81,9 @@ class Requantizer(wiring.Component):
                      step1.eq(step0), step2.eq(step1), step3.eq(step2)]
         m.d.sync += self.out_valid.eq(v3 & (step3 == R - 1))
         acc, bias, m0, shift = feed
+        # the output row as one register a lane (a row-wide register is copied whole every cycle in
+        # simulation)
+        out = [Signal(signed(32), name=f"out{k}", reset_less=True) for k in range(self.lanes)]
         for j in range(G):
             # data registers carry no reset (only the valid flags do): fewer LUTs, faster simulation
             def reg(shape, name):
@@ -88,18 +91,27 @@ class Requantizer(wiring.Component):
 
             # stage 1: add the bias (the sum fits int32 by contract; keep 32 bits)
             s1, m0_1, sh1 = reg(signed(32), "sum"), reg(unsigned(31), "m0_1_"), reg(unsigned(6), "sh1_")
-            m.d.sync += [s1.eq(acc[j] + bias[j]), m0_1.eq(m0[j]), sh1.eq(shift[j])]
+            # each stage's registers load only with a row in it (a clock enable: nothing to compute, and
+            # the simulator skips the stage, in the cycles without one)
+            with m.If(v0):
+                m.d.sync += [s1.eq(acc[j] + bias[j]), m0_1.eq(m0[j]), sh1.eq(shift[j])]
             # stage 2: the 32 x 31-bit product as two registered halves (each a 32 x 16 multiply: two DSP
             # blocks on ECP5, not four chained), and the rounding constant 2**(shift-1) (0 for shift 0),
             # as a right shift of a constant: a variable left shift would widen to 127 bits
             lo2, hi2 = reg(signed(48), "prod_lo"), reg(signed(47), "prod_hi")
             s2, sh2, half2 = reg(signed(32), "sum2_"), reg(unsigned(6), "sh2_"), reg(unsigned(62), "half")
-            m.d.sync += [lo2.eq(s1 * m0_1[:16]), hi2.eq(s1 * m0_1[16:]), s2.eq(s1), sh2.eq(sh1),
-                         half2.eq(Const(1 << 61, unsigned(62)) >> (62 - sh1).as_unsigned())]
-            # stage 3: product + half; |product| < 2**62, so the sum stays within 64 bits (wide values
-            # simulate ~10x slower in Verilator)
+            with m.If(v1):
+                m.d.sync += [lo2.eq(s1 * m0_1[:16]), hi2.eq(s1 * m0_1[16:]), s2.eq(s1), sh2.eq(sh1),
+                             half2.eq(Const(1 << 61, unsigned(62)) >> (62 - sh1).as_unsigned())]
+            # stage 3: product + half; |product| < 2**62, so the sum fits 64 bits. Added as a low 16 bits
+            # and a carried high part: a three-term sum of 64-bit operands is 65 bits wide in Verilog, and
+            # Verilator computes values over 64 bits as arrays of words, unconditionally (~10% of the
+            # 16x16 model's time)
             rounded3, s3, sh3 = reg(signed(64), "rounded"), reg(signed(32), "sum3_"), reg(unsigned(6), "sh3_")
-            m.d.sync += [rounded3.eq(lo2 + (hi2 << 16) + half2), s3.eq(s2), sh3.eq(sh2)]
+            # (the low sum written out twice, not shared: single-use terms stay inside the enable)
+            high = lo2[16:].as_signed() + hi2 + half2[16:] + (lo2[:16] + half2[:16])[16]
+            with m.If(v2):
+                m.d.sync += [rounded3.eq(Cat((lo2[:16] + half2[:16])[:16], high[:48])), s3.eq(s2), sh3.eq(sh2)]
             # stage 4: arithmetic shift, saturate per mode, into this group's slot of the output row
             r = Signal(signed(64), name=f"round{j}")
             m.d.comb += r.eq(rounded3 >> sh3)
@@ -116,5 +128,6 @@ class Requantizer(wiring.Component):
                 m.d.comb += res.eq(r)
             for g in range(R):
                 with m.If(v3 & (step3 == g)):
-                    m.d.sync += self.out[g * G + j].eq(res)
+                    m.d.sync += out[g * G + j].eq(res)
+        m.d.comb += [self.out[k].eq(out[k]) for k in range(self.lanes)]
         return m

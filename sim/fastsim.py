@@ -45,11 +45,44 @@ class SimResult:
     taken: int
 
 
+def _registered_reset_top(config):
+    """The accelerator with its reset taken through a flip-flop, as a board's reset synchroniser does.
+
+    Verilator re-evaluates all logic that depends on a top-level input in every ``eval()``; with the reset
+    pin feeding every register's next-state logic directly, that was most of the design, on top of the
+    evaluation after the clock edge. Behind a register it is evaluated once a cycle. The reset acts one
+    cycle later than the pin (the harness clocks once more after releasing it).
+    """
+    from amaranth import ClockDomain, ClockSignal, Module, ResetInserter, Signal
+    from amaranth.lib import wiring
+    from amaranth.lib.wiring import In
+    from hw.top import Accelerator
+
+    accel = Accelerator(config)
+
+    class SimTop(wiring.Component):
+        def __init__(self):
+            super().__init__({**accel.signature.members, "clk": In(1), "rst": In(1)})
+
+        def elaborate(self, platform):
+            m = Module()
+            m.domains.sync = ClockDomain("sync", reset_less=True)
+            m.d.comb += ClockSignal("sync").eq(self.clk)
+            rst_q = Signal(init=1)
+            m.d.sync += rst_q.eq(self.rst)
+            m.submodules.accel = ResetInserter(rst_q)(accel)
+            wiring.connect(m, wiring.flipped(self.i), accel.i)
+            wiring.connect(m, accel.o, wiring.flipped(self.o))
+            m.d.comb += [self.error.eq(accel.error), self.busy.eq(accel.busy)]
+            return m
+
+    return SimTop()
+
+
 def verilog_of(config):
     """The accelerator's Verilog for simulation: Amaranth's output less its all-zero memory initialisers."""
     from amaranth.back import verilog
-    from hw.top import Accelerator
-    return _ZERO_MEMORY_INIT.sub("", verilog.convert(Accelerator(config), name="top"))
+    return _ZERO_MEMORY_INIT.sub("", verilog.convert(_registered_reset_top(config), name="top"))
 
 
 def _source_key(config, flags, harness=HARNESS):
