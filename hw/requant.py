@@ -21,9 +21,9 @@ class Requantizer(wiring.Component):
     ``group`` lanes (a divisor of ``lanes``; default all) go through the datapath a cycle: with fewer, a
     row takes ``steps = lanes // group`` cycles through one narrower datapath (a small FPGA has too few
     multipliers for one per lane), and rows must come at least ``steps`` cycles apart. Latency:
-    ``latency = 3 + steps`` cycles from ``valid`` to ``out_valid`` (4 for a full-width datapath: the
-    product in two registered halves); ``out`` holds the row from then until the next row's first group
-    lands, one cycle later at the earliest.
+    ``latency = 4 + steps`` cycles from ``valid`` to ``out_valid`` (5 for a full-width datapath: bias,
+    the product in two registered halves, the rounding sum, the shift, the saturation); ``out`` holds
+    the row from then until the next row's first group lands, one cycle later at the earliest.
     """
 
     def __init__(self, lanes, group=None):
@@ -34,7 +34,7 @@ class Requantizer(wiring.Component):
             raise ValueError(f"group must be a positive divisor of lanes ({lanes}), not {group!r}")
         self.lanes, self.group = lanes, group
         self.steps = lanes // group
-        self.latency = 3 + self.steps
+        self.latency = 4 + self.steps
         super().__init__({
             "acc": In(data.ArrayLayout(signed(32), lanes)),
             "bias": In(data.ArrayLayout(signed(32), lanes)),
@@ -73,13 +73,13 @@ class Requantizer(wiring.Component):
                     for port, h in zip(ports, held)]
             feed = [data.View(data.ArrayLayout(port.shape().elem_shape, G), f) for port, f in zip(ports, feed)]
 
-        v1, v2, v3 = Signal(), Signal(), Signal()
-        mode1, mode2, mode3 = Signal(2), Signal(2), Signal(2)
-        step1, step2, step3 = (Signal.like(step0, name=f"step{k}") for k in (1, 2, 3))
-        m.d.sync += [v1.eq(v0), v2.eq(v1), v3.eq(v2),
-                     mode1.eq(mode0), mode2.eq(mode1), mode3.eq(mode2),
-                     step1.eq(step0), step2.eq(step1), step3.eq(step2)]
-        m.d.sync += self.out_valid.eq(v3 & (step3 == R - 1))
+        v1, v2, v3, v4 = Signal(), Signal(), Signal(), Signal()
+        mode1, mode2, mode3, mode4 = Signal(2), Signal(2), Signal(2), Signal(2)
+        step1, step2, step3, step4 = (Signal.like(step0, name=f"step{k}") for k in (1, 2, 3, 4))
+        m.d.sync += [v1.eq(v0), v2.eq(v1), v3.eq(v2), v4.eq(v3),
+                     mode1.eq(mode0), mode2.eq(mode1), mode3.eq(mode2), mode4.eq(mode3),
+                     step1.eq(step0), step2.eq(step1), step3.eq(step2), step4.eq(step3)]
+        m.d.sync += self.out_valid.eq(v4 & (step4 == R - 1))
         acc, bias, m0, shift = feed
         # the output row as one register a lane (a row-wide register is copied whole every cycle in
         # simulation)
@@ -112,14 +112,17 @@ class Requantizer(wiring.Component):
             high = lo2[16:].as_signed() + hi2 + half2[16:] + (lo2[:16] + half2[:16])[16]
             with m.If(v2):
                 m.d.sync += [rounded3.eq(Cat((lo2[:16] + half2[:16])[:16], high[:48])), s3.eq(s2), sh3.eq(sh2)]
-            # stage 4: arithmetic shift, saturate per mode, into this group's slot of the output row
-            r = Signal(signed(64), name=f"round{j}")
-            m.d.comb += r.eq(rounded3 >> sh3)
-            lo = Mux(mode3 == Mode.INT8, -128, -32768)
-            hi = Mux(mode3 == Mode.INT8, 127, 32767)
+            # stage 4: the arithmetic shift (a 64-bit barrel shifter has a cycle to itself: on the ECP5
+            # shift, compare and select in one cycle were the 4x4 build's critical path)
+            r, s4 = reg(signed(64), "shifted"), reg(signed(32), "sum4_")
+            with m.If(v3):
+                m.d.sync += [r.eq(rounded3 >> sh3), s4.eq(s3)]
+            # stage 5: saturate per mode, into this group's slot of the output row
+            lo = Mux(mode4 == Mode.INT8, -128, -32768)
+            hi = Mux(mode4 == Mode.INT8, 127, 32767)
             res = Signal(signed(32), name=f"res{j}")
-            with m.If(mode3 == Mode.INT32):
-                m.d.comb += res.eq(s3)
+            with m.If(mode4 == Mode.INT32):
+                m.d.comb += res.eq(s4)
             with m.Elif(r < lo):
                 m.d.comb += res.eq(lo)
             with m.Elif(r > hi):
@@ -127,7 +130,7 @@ class Requantizer(wiring.Component):
             with m.Else():
                 m.d.comb += res.eq(r)
             for g in range(R):
-                with m.If(v3 & (step3 == g)):
+                with m.If(v4 & (step4 == g)):
                     m.d.sync += out[g * G + j].eq(res)
         m.d.comb += [self.out[k].eq(out[k]) for k in range(self.lanes)]
         return m

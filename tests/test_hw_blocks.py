@@ -98,7 +98,7 @@ def test_array_refuses_bad_shapes():
 def test_requantizer_matches_ref_requant(group):
     lanes = 4
     dut = Requantizer(lanes, group)
-    assert dut.latency == 3 + lanes // group
+    assert dut.latency == 4 + lanes // group
     rng = random.Random(3)
     rows = []
     for _ in range(300):
