@@ -2,6 +2,7 @@
 
 from amaranth import Cat, Module, ResetInserter, Signal
 from amaranth.lib import wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from .isa import ISA_VERSION, AcceleratorConfig
@@ -57,7 +58,12 @@ class BoardTop(wiring.Component):
         m.d.comb += [urx.rx.eq(self.rx), self.tx.eq(utx.tx)]
         wiring.connect(m, urx.o, link.rx)
         wiring.connect(m, link.tx, utx.i)
-        wiring.connect(m, link.o, accel.i)
+        # the link's words leave its frame buffer (a block RAM) and go straight into the sequencer's
+        # decoder: a registered two-word FIFO between them takes the RAM's clock-to-out off that path
+        # (it was the ULX3S 4x4 build's critical path). A HELLO empties it with the accelerator.
+        m.submodules.in_fifo = in_fifo = ResetInserter(link.accel_reset)(SyncFIFOBuffered(width=32, depth=2))
+        wiring.connect(m, link.o, in_fifo.w_stream)
+        wiring.connect(m, in_fifo.r_stream, accel.i)
         wiring.connect(m, accel.o, link.i)
 
         bad_seen = Signal()
