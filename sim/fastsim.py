@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .verilator_env import verilator_env
 
-__all__ = ["FastSim", "SimResult", "SimHang", "BoardSim", "verilog_of"]
+__all__ = ["FastSim", "SimResult", "SimHang", "BoardSim", "sim_top", "verilog_of"]
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = Path(__file__).with_name("harness.cpp")
@@ -45,7 +45,7 @@ class SimResult:
     taken: int
 
 
-def _registered_reset_top(config):
+def sim_top(config):
     """The accelerator with its reset taken through a flip-flop, as a board's reset synchroniser does.
 
     Verilator re-evaluates all logic that depends on a top-level input in every ``eval()``; with the reset
@@ -82,7 +82,7 @@ def _registered_reset_top(config):
 def verilog_of(config):
     """The accelerator's Verilog for simulation: Amaranth's output less its all-zero memory initialisers."""
     from amaranth.back import verilog
-    return _ZERO_MEMORY_INIT.sub("", verilog.convert(_registered_reset_top(config), name="top"))
+    return _ZERO_MEMORY_INIT.sub("", verilog.convert(sim_top(config), name="top"))
 
 
 def _source_key(config, flags, harness=HARNESS):
@@ -95,14 +95,15 @@ def _source_key(config, flags, harness=HARNESS):
     return h.hexdigest()[:16]
 
 
-def _build_library(folder, text, flags, harness, library):
-    """Verilate ``text`` (Verilog, top module ``top``) with ``harness`` into the shared ``library``."""
+def _build_library(folder, text, flags, harness, library, sources=(), opt_fast=OPT_FAST):
+    """Verilate ``text`` (Verilog, top module ``top``) and any other ``sources`` with ``harness`` into the
+    shared ``library``."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "top.v").write_text(text)
     jobs = str(max(1, os.cpu_count() or 1))
     cmd = ["verilator", "--cc", "--exe", "--build", "-j", jobs, *flags, "-CFLAGS", "-fPIC",
-           "-LDFLAGS", "-shared", "top.v", str(harness), "-o", library.name]
-    run = subprocess.run(cmd, cwd=folder, env=verilator_env(OPT_FAST=OPT_FAST), capture_output=True, text=True)
+           "-LDFLAGS", "-shared", "top.v", *map(str, sources), str(harness), "-o", library.name]
+    run = subprocess.run(cmd, cwd=folder, env=verilator_env(OPT_FAST=opt_fast), capture_output=True, text=True)
     if run.returncode != 0 or not library.exists():
         raise RuntimeError(f"Verilator build failed in {folder}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
 
@@ -128,6 +129,18 @@ class FastSim:
         self.library = self.dir / "obj_dir" / "libambert_sim.so"
         if not self.library.exists():
             self._build(verilog_of(config), flags)
+        self._load()
+
+    @classmethod
+    def from_library(cls, config, library):
+        """Drive an already built model of ``config``'s top (``sim/harness.cpp`` linked in): a
+        post-synthesis netlist, say (:mod:`boards.postsynth`)."""
+        self = cls.__new__(cls)
+        self.config, self.waves, self.library = config, None, Path(library)
+        self._load()
+        return self
+
+    def _load(self):
         self._lib = lib = ctypes.CDLL(str(self.library))
         u64, u64p, vp = ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p
         lib.ambert_open.restype, lib.ambert_open.argtypes = vp, [ctypes.c_char_p]

