@@ -115,9 +115,9 @@ def build(board_name, size="small", out=None, seed=1, synth_only=False):
     for old in ("report.json", "nextpnr.json", board.bitstream_name):
         (folder / old).unlink(missing_ok=True)
     platform = board.platform()
+    script_after_read = "\n".join(filter(None, (NO_COLLISION_MEMORIES, board.script_after_read)))
     plan = platform.build(PlatformTop(board, size), name="ambert", do_build=False, do_program=False,
-                          synth_opts=board.synth_opts,
-                          script_after_read="\n".join(filter(None, (NO_COLLISION_MEMORIES, board.script_after_read))),
+                          synth_opts=board.synth_opts, script_after_read=script_after_read,
                           nextpnr_opts=f"--report nextpnr.json --timing-allow-fail --seed {seed} {board.nextpnr_opts}")
     plan.extract(str(folder))
     steps = _steps(folder / "build_ambert.sh")

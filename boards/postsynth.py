@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from hw.isa import MODE_BITS, Error, Mode, parse_status
+from hw.isa import Error, Mode, parse_status
 from sim.fastsim import FAST_HEADER, HARNESS, FastSim, _build_library, sim_top
+from sim.gemm_cases import random_case, reference
 from sw.compiler.gemm import gemm_program
-from sw.quant.ref import ref_matmul
 
 from . import BOARD_NAMES, get_board
 from .build import NO_COLLISION_MEMORIES, _tool
@@ -81,28 +80,16 @@ def netlist_sim(board_name, size="small", dsp=True, out=None):
     return FastSim.from_library(config, library)
 
 
-def _case(rng, m, k, n, mode):
-    a = rng.integers(-128, 128, (m, k), dtype=np.int8)
-    w = rng.integers(-128, 128, (n, k), dtype=np.int8)
-    bias = rng.integers(-2**20, 2**20, n).astype(np.int64)
-    acc = np.abs(a.astype(np.int64) @ w.astype(np.int64).T + bias).max(axis=0) + 1
-    m0 = rng.integers(1 << 30, 1 << 31, n)
-    bits = 7 if mode == Mode.INT8 else 15
-    shift = np.clip(np.ceil(np.log2(acc)).astype(np.int64) + 31 - bits + rng.integers(-2, 3, n), 0, 62)
-    return a, w, bias, m0, shift
-
-
 def check(sim, cases=CASES, seed=0):
     """Run each ``((M, K, N), mode)`` of ``cases`` on ``sim``; return ``[(shape, mode, equal)]``."""
     rng = np.random.default_rng(seed)
     results = []
     for shape, mode in cases:
-        a, w, bias, m0, shift = _case(rng, *shape, mode)
-        prog, decode = gemm_program(sim.config, a, w, bias, m0, shift, mode)
+        case = random_case(rng, *shape, mode)
+        prog, decode = gemm_program(sim.config, *case, mode)
         got, status = decode(sim.run(prog.words, prog.expect).answers)
-        want = ref_matmul(torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(bias.astype(np.int32)),
-                          torch.from_numpy(m0), torch.from_numpy(shift), MODE_BITS[mode]).numpy()
-        results.append((shape, mode, parse_status(status) == Error(0) and np.array_equal(got, want)))
+        equal = parse_status(status) == Error(0) and np.array_equal(got, reference(*case, mode))
+        results.append((shape, mode, equal))
     return results
 
 

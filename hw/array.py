@@ -15,9 +15,9 @@ class SystolicArray(wiring.Component):
 
     Inputs, presented together each cycle (no handshake; the array never stalls):
     ``a`` (``rows`` x int8), ``sel`` (weight bank), ``valid``. Partial sums are continued outside, at
-    the output (the engine adds its accumulators there): no input skew of 32-bit sums. Skewing is internal: the matching ``out`` (``cols`` x int32) appears with
-    ``out_valid`` exactly ``latency = rows + cols + 1`` cycles later (the PEs' product register is the
-    1), all columns aligned.
+    the output (the engine adds its accumulators there): no input skew of 32-bit sums. Skewing is
+    internal: the matching ``out`` (``cols`` x int32) appears with ``out_valid`` exactly ``latency = rows
+    + cols + 1`` cycles later (the PEs' product register is the 1), all columns aligned.
 
     Weights: ``w_we`` writes ``w_data`` (``cols`` x int8) into row ``w_row`` of bank ``w_bank``. Writing
     bank b is safe once every row issued with ``sel == b`` has been out for ``latency`` cycles.

@@ -3,12 +3,11 @@ MiniLM layer, and malformed instruction streams. Golden model: the contract's re
 
 import numpy as np
 import pytest
-import torch
 
-from hw.isa import ISA_VERSION, MODE_BITS, AcceleratorConfig, Error, Mode, Program, header, parse_status
+from hw.isa import ISA_VERSION, AcceleratorConfig, Error, Mode, Program, header, parse_status
 from sim.fastsim import FastSim
+from sim.gemm_cases import random_case, reference
 from sw.compiler.gemm import gemm_program
-from sw.quant.ref import ref_matmul
 
 CONFIGS = {
     "4x4": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128),
@@ -29,33 +28,12 @@ def device16():
     return FastSim(CONFIGS["16x16"])
 
 
-def reference(a, w, bias, m0, shift, mode):
-    return ref_matmul(torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(bias.astype(np.int32)),
-                      torch.from_numpy(m0), torch.from_numpy(shift), MODE_BITS[mode]).numpy()
-
-
 def run_gemm(sim, a, w, bias, m0, shift, mode):
     prog, decode = gemm_program(sim.config, a, w, bias, m0, shift, mode)
     result = sim.run(prog.words, prog.expect)
     out, status = decode(result.answers)
     assert parse_status(status) == Error(0)
     return out
-
-
-def random_case(rng, m, k, n, mode, extreme=False):
-    if extreme:
-        a = rng.choice(np.array([-128, 127], dtype=np.int8), size=(m, k))
-        w = rng.choice(np.array([-128, 127], dtype=np.int8), size=(n, k))
-    else:
-        a = rng.integers(-128, 128, (m, k), dtype=np.int8)
-        w = rng.integers(-128, 128, (n, k), dtype=np.int8)
-    bias = rng.integers(-2**20, 2**20, n).astype(np.int64)
-    acc = np.abs(a.astype(np.int64) @ w.astype(np.int64).T + bias).max(axis=0) + 1
-    m0 = rng.integers(1 << 30, 1 << 31, n)
-    bits = 7 if mode == Mode.INT8 else 15
-    # land most outputs inside the range, a few saturating, with a spread of shifts
-    shift = np.clip(np.ceil(np.log2(acc)).astype(np.int64) + 31 - bits + rng.integers(-2, 3, n), 0, 62)
-    return a, w, bias, m0, shift
 
 
 # (30, 3, 9): one k-tile, so every tile is a last one, and long enough that the next starts at once
