@@ -102,7 +102,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         sim = netlist_sim(args.board, args.size, dsp=not args.no_dsp, out=args.out)
-    except NotImplementedError as e:
+    except (NotImplementedError, ValueError) as e:
         print(f"postsynth: {e}", file=sys.stderr)
         return 2
     results = check(sim)

@@ -86,3 +86,9 @@ def test_postsynthesis_simulation_refuses_a_family_without_cell_models():
     from boards.postsynth import netlist_sim
     with pytest.raises(NotImplementedError, match="MULT18X18D"):
         netlist_sim("ulx3s")
+
+
+def test_postsynthesis_simulation_names_the_sizes_a_board_has(capsys):
+    from boards.postsynth import main
+    assert main(["icebreaker", "--size", "huge"]) == 2
+    assert "icebreaker has sizes small, target, not 'huge'" in capsys.readouterr().err
