@@ -38,8 +38,8 @@ class MatmulEngine(wiring.Component):
     through the :class:`Requantizer` and are written to the output region. While a tile computes, the
     next tile's weights (and, at an n-tile boundary, its requant parameters) are loaded into the array's
     idle weight bank, so for M >= 3 * lanes + 20 tiles follow each other without a bubble. ``done``
-    pulses when the last output row is written. With a requantizer narrower than the array (``requant_lanes``), the rows
-    of each last k-tile issue one every ``lanes // requant_lanes`` cycles, the rate it takes them.
+    pulses when the last output row is written. With a requantizer narrower than the array
+    (``requant_lanes``), the rows of each last k-tile issue one every ``lanes // requant_lanes`` cycles.
 
     The arguments must already be checked (the :class:`Sequencer` does): A, W/P and O in different banks,
     M <= ``acc_depth``, O aligned to 4 words.
@@ -239,13 +239,16 @@ class MatmulEngine(wiring.Component):
         p_last, p_row, p_optr, p_pbuf, p_zero = ring_delay([s1_last, s1_row, s1_optr, s1_pbuf, s1_zero], lat,
                                                            "p_info")
         m.d.comb += acc_rd.addr.eq(p_row)
-        u_zero = delay(p_zero, 1, "u_zero")
-        t_valid = delay(array.out_valid, 1, "t_valid")
-        t_last, t_row, t_optr, t_pbuf = (delay(p, 2, name) for p, name in zip(
-            (p_last, p_row, p_optr, p_pbuf), ("t_last", "t_row", "t_optr", "t_pbuf")))
+        u_last, u_row, u_optr, u_pbuf, u_zero = (Signal.like(p, name=f"u_{n}") for p, n in zip(
+            (p_last, p_row, p_optr, p_pbuf, p_zero), ("last", "row", "optr", "pbuf", "zero")))
+        m.d.sync += [u.eq(p) for u, p in zip((u_last, u_row, u_optr, u_pbuf, u_zero),
+                                             (p_last, p_row, p_optr, p_pbuf, p_zero))]
+        t_valid, t_last, t_row, t_optr, t_pbuf = Signal(), Signal(), Signal.like(u_row), Signal.like(u_optr), Signal()
         t_sum = Signal(data.ArrayLayout(unsigned(32), L), name="t_sum", reset_less=True)
-        m.d.sync += [t_sum[j].eq(array.out[j] + Mux(u_zero, 0, acc_rd.data[32 * j: 32 * j + 32]))
-                     for j in range(L)]
+        acc_in = acc_rd.data
+        m.d.sync += [t_valid.eq(array.out_valid), t_last.eq(u_last), t_row.eq(u_row), t_optr.eq(u_optr),
+                     t_pbuf.eq(u_pbuf)]
+        m.d.sync += [t_sum[j].eq(array.out[j] + Mux(u_zero, 0, acc_in[32 * j: 32 * j + 32])) for j in range(L)]
         m.d.comb += [acc_wr.en.eq(t_valid & ~t_last), acc_wr.addr.eq(t_row), acc_wr.data.eq(t_sum)]
 
         def lanes_of(words, bits, j):
