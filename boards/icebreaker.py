@@ -17,11 +17,18 @@ BOARD = Board(
     clock_hz=12e6,
     baud=1_000_000,
     sizes={
-        # one requantizer column a cycle: its 32x31 product takes 4 of the 8 SB_MAC16 (full width: 16)
-        "small": AcceleratorConfig(lanes=4, banks=3, bank_words=256, acc_depth=64, requant_lanes=1),
-        "target": AcceleratorConfig(lanes=4, banks=4, bank_words=4096, acc_depth=128, requant_lanes=1),
+        # the 8 SB_MAC16 make the array's 16 products, two a block (hw.mac.ProductPair); the requantizer
+        # (one column at a time) and the sequencer multiply digit-serially in logic; a pool bank is one
+        # memory (two EBR at 256 words)
+        "small": AcceleratorConfig(lanes=4, banks=3, bank_words=256, acc_depth=64, requant_lanes=1,
+                                   serial_mul_bits=8, pool_subbanks=1),
+        "target": AcceleratorConfig(lanes=4, banks=4, bank_words=4096, acc_depth=128, requant_lanes=1,
+                                    serial_mul_bits=8, pool_subbanks=1),
     },
     leds=2,                 # the two on the board itself (the others are on the snap-off PMOD)
-    synth_opts="-dsp",
+    # no -dsp: every multiply is either an explicit SB_MAC16 or digit-serial logic. (Yosys 0.70's DSP
+    # inference miscompiled the PEs — a 17-bit signed sum zero-extended — and its ice40_dsp pass rewrites
+    # any SB_MAC16 it finds, an instantiated 8 x 8 one included, as a 16 x 16 multiply-add.)
+    synth_opts="",
     programmer=("iceprog",),
 )

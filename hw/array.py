@@ -4,6 +4,7 @@ from amaranth import Cat, Module, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
+from .mac import ProductPair, is_ice40
 from .pe import ProcessingElement
 
 __all__ = ["SystolicArray"]
@@ -15,19 +16,26 @@ class SystolicArray(wiring.Component):
 
     Inputs, presented together each cycle (no handshake; the array never stalls):
     ``a`` (``rows`` x int8), ``sel`` (weight bank), ``valid``. Partial sums are continued outside, at
-    the output (the engine adds its accumulators there): no input skew of 32-bit sums. Skewing is
+    the output (the engine adds its accumulators there): no input skew of 32-bit sums, and inside the
+    array each row's sums are only as wide as the sum of its products can get (16 bits after row 0,
+    18 after row 3: they cannot overflow), sign-extended at the output. Skewing is
     internal: the matching ``out`` (``cols`` x int32) appears with ``out_valid`` exactly ``latency = rows
     + cols + 1`` cycles later (the PEs' product register is the 1), all columns aligned.
+
+    ``paired``: the products of neighbouring PEs two by two in one :class:`hw.mac.ProductPair` (default:
+    on an iCE40, where that is one DSP block per pair); same timing, same results.
 
     Weights: ``w_we`` writes ``w_data`` (``cols`` x int8) into row ``w_row`` of bank ``w_bank``. Writing
     bank b is safe once every row issued with ``sel == b`` has been out for ``latency`` cycles.
     """
 
-    def __init__(self, rows, cols):
+    def __init__(self, rows, cols, paired=None):
         for name, v in (("rows", rows), ("cols", cols)):
             if not isinstance(v, int) or not 2 <= v <= 32:
                 raise ValueError(f"{name} must be an int in [2, 32], not {v!r}")
-        self.rows, self.cols = rows, cols
+        if paired and cols % 2:
+            raise ValueError(f"paired products need an even number of columns, not {cols}")
+        self.rows, self.cols, self.paired = rows, cols, paired
         self.latency = rows + cols + 1
         super().__init__({
             "a": In(data.ArrayLayout(signed(8), rows)),
@@ -44,7 +52,18 @@ class SystolicArray(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         R, C = self.rows, self.cols
-        pes = [[ProcessingElement() for _ in range(C)] for _ in range(R)]
+        # sums of n int8 products lie in [-16256 n, 16384 n]: 16 + ceil(log2 n) bits hold them
+        psum_bits = [min(32, 16 + i.bit_length()) for i in range(R)]
+        # on an iCE40 each SB_MAC16 makes two neighbours' products (C is even: lanes are multiples of 4)
+        paired = is_ice40(platform) if self.paired is None else self.paired
+        pes = [[ProcessingElement(psum_bits[i], external_product=paired) for _ in range(C)] for i in range(R)]
+        if paired:
+            for i in range(R):
+                for j in range(0, C, 2):
+                    m.submodules[f"mac_{i}_{j}"] = mac = ProductPair()
+                    left, right = pes[i][j], pes[i][j + 1]
+                    m.d.comb += [mac.a0.eq(left.mul_a), mac.b0.eq(left.mul_w), left.mul_p.eq(mac.p0),
+                                 mac.a1.eq(right.mul_a), mac.b1.eq(right.mul_w), right.mul_p.eq(mac.p1)]
         for i in range(R):
             row_we = Signal(name=f"w_we_row{i}")      # decoded once a row, not once a PE
             m.d.comb += row_we.eq(self.w_we & (self.w_row == i))
@@ -74,6 +93,6 @@ class SystolicArray(wiring.Component):
             for i in range(1, R):
                 m.d.comb += pes[i][j].psum_in.eq(pes[i - 1][j].psum_out)
             # column j leaves row R-1 at R + j + 1; hold it C - j more cycles so all leave together
-            m.d.comb += self.out[j].eq(delay(pes[R - 1][j].psum_out, C - j, signed(32), f"out{j}"))
+            m.d.comb += self.out[j].eq(delay(pes[R - 1][j].psum_out, C - j, signed(psum_bits[R - 1]), f"out{j}"))
         m.d.comb += self.out_valid.eq(delay(self.valid, self.latency, unsigned(1), "valid", reset_less=False))
         return m

@@ -6,57 +6,66 @@ from amaranth.lib.wiring import In, Out
 
 __all__ = ["BankPort", "BufferPool", "SUBBANKS"]
 
-SUBBANKS = 4     # each bank interleaves four memories, so an output row of up to 4 words is one write
+SUBBANKS = 4     # by default each bank interleaves four memories, so an output row of up to 4 words is one write
 
 
 class BankPort(wiring.Signature):
     """One bank's ports, from the user's side.
 
     Read: ``r_addr`` (word offset in the bank) with ``r_en``; ``r_data`` is valid the next cycle.
-    Write: ``w_en[s]`` writes ``w_data[s]`` to word ``4 * w_row + s``: up to four aligned words a cycle.
+    Write: ``w_en[s]`` writes ``w_data[s]`` to word ``subbanks * w_row + s``: up to ``subbanks`` aligned
+    words a cycle.
     """
 
-    def __init__(self, word_bits, bank_words):
+    def __init__(self, word_bits, bank_words, subbanks=SUBBANKS):
         super().__init__({
             "r_addr": Out(range(bank_words)),
             "r_en": Out(1),
             "r_data": In(unsigned(word_bits)),
-            "w_row": Out(range(bank_words // SUBBANKS)),
-            "w_data": Out(data.ArrayLayout(unsigned(word_bits), SUBBANKS)),
-            "w_en": Out(SUBBANKS),
+            "w_row": Out(range(bank_words // subbanks)),
+            "w_data": Out(data.ArrayLayout(unsigned(word_bits), subbanks)),
+            "w_en": Out(subbanks),
         })
 
 
 class BufferPool(wiring.Component):
     """``banks`` independent banks of ``bank_words`` words of ``word_bits`` bits.
 
-    Each bank has one read port (one word a cycle, one cycle of latency) and one write port (up to four
-    aligned words a cycle), so three streams — activations in, weights in, outputs out — run at full rate
-    when they live in different banks. Global word address = ``bank * bank_words + offset``.
+    Each bank has one read port (one word a cycle, one cycle of latency) and one write port (up to
+    ``subbanks`` aligned words a cycle), so three streams — activations in, weights in, outputs out — run
+    at full rate when they live in different banks. ``subbanks`` (4 or 1) is how many memories a bank
+    interleaves: 4 writes a whole INT32 output row of a wide array at once; 1 is one memory a bank, for
+    a small FPGA whose block RAMs are few (its outputs come slower than a word a cycle anyway). Global
+    word address = ``bank * bank_words + offset``.
 
     Members: ``bank`` (``banks`` x :class:`BankPort`, flipped).
     """
 
-    def __init__(self, word_bits, banks, bank_words):
-        if bank_words % SUBBANKS or bank_words < SUBBANKS:
-            raise ValueError(f"bank_words must be a positive multiple of {SUBBANKS}, not {bank_words}")
-        self.word_bits, self.banks, self.bank_words = word_bits, banks, bank_words
-        super().__init__({"bank": In(BankPort(word_bits, bank_words)).array(banks)})
+    def __init__(self, word_bits, banks, bank_words, subbanks=SUBBANKS):
+        if subbanks not in (1, SUBBANKS):
+            raise ValueError(f"subbanks must be 1 or {SUBBANKS}, not {subbanks!r}")
+        if bank_words % subbanks or bank_words < subbanks:
+            raise ValueError(f"bank_words must be a positive multiple of {subbanks}, not {bank_words}")
+        self.word_bits, self.banks, self.bank_words, self.subbanks = word_bits, banks, bank_words, subbanks
+        super().__init__({"bank": In(BankPort(word_bits, bank_words, subbanks)).array(banks)})
 
     def elaborate(self, platform):
         m = Module()
-        depth = self.bank_words // SUBBANKS
+        S = self.subbanks
+        sub_bits = (S - 1).bit_length()
+        depth = self.bank_words // S
         for b in range(self.banks):
             port = self.bank[b]
-            sub_sel = Signal(2, name=f"sub_sel{b}")
-            with m.If(port.r_en):
-                m.d.sync += sub_sel.eq(port.r_addr[:2])
-            for s in range(SUBBANKS):
+            sub_sel = Signal(max(1, sub_bits), name=f"sub_sel{b}")
+            if S > 1:
+                with m.If(port.r_en):
+                    m.d.sync += sub_sel.eq(port.r_addr[:sub_bits])
+            for s in range(S):
                 mem = memory.Memory(shape=unsigned(self.word_bits), depth=depth, init=[])
                 m.submodules[f"bank{b}_sub{s}"] = mem
                 rp = mem.read_port()
                 wp = mem.write_port()
-                m.d.comb += [rp.addr.eq(port.r_addr >> 2), rp.en.eq(port.r_en),
+                m.d.comb += [rp.addr.eq(port.r_addr >> sub_bits), rp.en.eq(port.r_en),
                              wp.addr.eq(port.w_row), wp.data.eq(port.w_data[s]), wp.en.eq(port.w_en[s])]
                 with m.If(sub_sel == s):
                     m.d.comb += port.r_data.eq(rp.data)

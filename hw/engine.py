@@ -24,9 +24,9 @@ class PoolRead(wiring.Signature):
 
 
 class PoolWrite(wiring.Signature):
-    def __init__(self, addr_bits, word_bits):
-        super().__init__({"addr": Out(addr_bits), "data": Out(data.ArrayLayout(unsigned(word_bits), SUBBANKS)),
-                          "en": Out(SUBBANKS)})
+    def __init__(self, addr_bits, word_bits, subbanks=SUBBANKS):
+        super().__init__({"addr": Out(addr_bits), "data": Out(data.ArrayLayout(unsigned(word_bits), subbanks)),
+                          "en": Out(subbanks)})
 
 
 class MatmulEngine(wiring.Component):
@@ -39,22 +39,28 @@ class MatmulEngine(wiring.Component):
     next tile's weights (and, at an n-tile boundary, its requant parameters) are loaded into the array's
     idle weight bank, so for M >= 3 * lanes + 20 tiles follow each other without a bubble. ``done``
     pulses when the last output row is written. With a requantizer narrower than the array
-    (``requant_lanes``), the rows of each last k-tile issue one every ``lanes // requant_lanes`` cycles.
+    (``requant_lanes``) or a digit-serial one (``serial_mul_bits``), the rows of each last k-tile issue
+    one every ``requant.steps`` cycles.
 
     The arguments must already be checked (the :class:`Sequencer` does): A, W/P and O in different banks,
     M <= ``acc_depth``, O aligned to 4 words.
 
     Pool access: ``a_rd`` (activations), ``w_rd`` (weights and parameters), ``o_wr`` (output rows); each
-    read returns its word one cycle after ``en``. ``issuing`` is high in cycles that feed a row to the
+    read returns its word one cycle after ``en``. With ``subbanks`` 1 an output row is written a word a
+    cycle (up to 4 cycles, which a requantizer taking >= 4 cycles a row leaves). ``issuing`` is high in cycles that feed a row to the
     array (for the performance counters).
     """
 
-    def __init__(self, lanes, addr_bits, acc_depth, requant_lanes=None):
+    def __init__(self, lanes, addr_bits, acc_depth, requant_lanes=None, serial_mul_bits=None, subbanks=SUBBANKS):
         self.lanes = lanes
         self.acc_depth = acc_depth
         self.word_bits = 8 * lanes
+        self.subbanks = subbanks
         self.array = SystolicArray(lanes, lanes)
-        self.requant = Requantizer(lanes, requant_lanes)
+        self.requant = Requantizer(lanes, requant_lanes, serial_mul_bits)
+        if subbanks == 1 and self.requant.steps < 4:
+            raise ValueError(f"a pool of one memory a bank takes an output row in up to 4 cycles: the "
+                             f"requantizer must take >= 4 cycles a row, not {self.requant.steps} (requant_lanes)")
         super().__init__({
             "start": In(1),
             "a_addr": In(addr_bits), "w_addr": In(addr_bits), "p_addr": In(addr_bits), "o_addr": In(addr_bits),
@@ -62,7 +68,7 @@ class MatmulEngine(wiring.Component):
             "busy": Out(1), "done": Out(1), "issuing": Out(1),
             "a_rd": Out(PoolRead(addr_bits, self.word_bits)),
             "w_rd": Out(PoolRead(addr_bits, self.word_bits)),
-            "o_wr": Out(PoolWrite(addr_bits, self.word_bits)),
+            "o_wr": Out(PoolWrite(addr_bits, self.word_bits, subbanks)),
         })
 
     def elaborate(self, platform):
@@ -162,7 +168,7 @@ class MatmulEngine(wiring.Component):
         fd_sel, fd_started, fd_last_tile = Signal(), Signal(), Signal()
         a_tile, a_ptr = Signal.like(a_base), Signal.like(a_base)
         o_tile, o_ptr = Signal.like(self.o_addr), Signal.like(self.o_addr)
-        drain = Signal(range(lat + rq.latency + 8))
+        drain = Signal(range(lat + rq.latency + 11))
         last_k = Signal()
         m.d.comb += last_k.eq(fd_kt + 1 == kt_n)
 
@@ -219,7 +225,8 @@ class MatmulEngine(wiring.Component):
                             m.next = "WAIT_TILE"
             with m.State("DRAIN"):
                 m.d.sync += drain.eq(drain + 1)
-                with m.If(drain == lat + rq.latency + 6):
+                # (+3: the last words of a row written one a cycle)
+                with m.If(drain == lat + rq.latency + 6 + (3 if self.subbanks == 1 else 0)):
                     m.d.comb += self.done.eq(1)
                     m.next = "IDLE"
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
@@ -265,17 +272,33 @@ class MatmulEngine(wiring.Component):
         w8 = Cat(*(o[:8] for o in out))
         w16 = Cat(*(o[:16] for o in out))
         w32 = Cat(*out)
-        m.d.comb += self.o_wr.addr.eq(o_addr)
-        for sub in range(SUBBANKS):
-            m.d.comb += self.o_wr.data[sub].eq(Mux(mode == Mode.INT8, w8,
-                                                   Mux(mode == Mode.INT16, w16.word_select(sub % 2, WB),
-                                                       w32.word_select(sub, WB))))
-        with m.If(rq.out_valid):
-            with m.Switch(mode):
-                with m.Case(Mode.INT8):
-                    m.d.comb += self.o_wr.en.eq(Const(1, 4) << o_addr[:2])
-                with m.Case(Mode.INT16):
-                    m.d.comb += self.o_wr.en.eq(Mux(o_addr[1], 0b1100, 0b0011))
-                with m.Default():
-                    m.d.comb += self.o_wr.en.eq(0b1111)
+        if self.subbanks == 1:
+            # one word a cycle: the first straight from the requantizer, the later ones from a copy (the
+            # requantizer overwrites its output a group at a time)
+            o_rest = Signal(3 * WB, name="o_rest", reset_less=True)
+            o_next, o_left = Signal.like(o_addr, name="o_next"), Signal(2, name="o_left")
+            o_idx = Signal(2, name="o_idx")
+            with m.If(rq.out_valid):
+                m.d.comb += [self.o_wr.addr.eq(o_addr), self.o_wr.en.eq(1),
+                             self.o_wr.data[0].eq(Mux(mode == Mode.INT8, w8, Mux(mode == Mode.INT16, w16, w32)))]
+                m.d.sync += [o_rest.eq(Mux(mode == Mode.INT16, w16[WB:], w32[WB:])), o_next.eq(o_addr + 1),
+                             o_left.eq(row_words - 1), o_idx.eq(0)]
+            with m.Elif(o_left != 0):
+                m.d.comb += [self.o_wr.addr.eq(o_next), self.o_wr.en.eq(1),
+                             self.o_wr.data[0].eq(o_rest.word_select(o_idx, WB))]
+                m.d.sync += [o_next.eq(o_next + 1), o_left.eq(o_left - 1), o_idx.eq(o_idx + 1)]
+        else:
+            m.d.comb += self.o_wr.addr.eq(o_addr)
+            for sub in range(SUBBANKS):
+                m.d.comb += self.o_wr.data[sub].eq(Mux(mode == Mode.INT8, w8,
+                                                       Mux(mode == Mode.INT16, w16.word_select(sub % 2, WB),
+                                                           w32.word_select(sub, WB))))
+            with m.If(rq.out_valid):
+                with m.Switch(mode):
+                    with m.Case(Mode.INT8):
+                        m.d.comb += self.o_wr.en.eq(Const(1, 4) << o_addr[:2])
+                    with m.Case(Mode.INT16):
+                        m.d.comb += self.o_wr.en.eq(Mux(o_addr[1], 0b1100, 0b0011))
+                    with m.Default():
+                        m.d.comb += self.o_wr.en.eq(0b1111)
         return m

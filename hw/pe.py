@@ -17,21 +17,30 @@ class ProcessingElement(wiring.Component):
     have a cycle: 50 -> 96 MHz on an ECP5 at 8x8, ~25 -> 32 MHz on an iCE40.) ``w[w_bank] <= w_data``
     when ``w_we``; the weight is read in the cycle its activation arrives. The weight not selected by the
     data in flight can be rewritten while the other computes: that is what lets tiles follow each other
-    without a bubble. The 32-bit accumulation wraps; callers keep sums inside int32.
+    without a bubble. The ``psum_bits``-wide sum wraps; callers keep sums inside it (the array sizes each
+    row's sums so that they cannot overflow).
 
-    Members: ``a_in``/``a_out`` (int8), ``sel_in``/``sel_out``, ``psum_in``/``psum_out`` (int32),
-    ``w_data`` (int8), ``w_we``, ``w_bank``.
+    With ``external_product`` the multiplier is outside: the PE presents its operands on ``mul_a`` and
+    ``mul_w`` and takes their product, registered, on ``mul_p`` one cycle later (an iCE40 DSP block then
+    computes the products of two PEs; see :class:`hw.mac.ProductPair`). Same timing, same results.
+
+    Members: ``a_in``/``a_out`` (int8), ``sel_in``/``sel_out``, ``psum_in``/``psum_out`` (signed
+    ``psum_bits``), ``w_data`` (int8), ``w_we``, ``w_bank``; with ``external_product``, ``mul_a``,
+    ``mul_w`` (int8) and ``mul_p`` (int16).
     """
 
-    a_in: In(signed(8))
-    sel_in: In(1)
-    psum_in: In(signed(32))
-    a_out: Out(signed(8))
-    sel_out: Out(1)
-    psum_out: Out(signed(32))
-    w_data: In(signed(8))
-    w_we: In(1)
-    w_bank: In(1)
+    def __init__(self, psum_bits=32, external_product=False):
+        if not isinstance(psum_bits, int) or not 16 <= psum_bits <= 32:
+            raise ValueError(f"psum_bits must be an int in [16, 32], not {psum_bits!r}")
+        self.psum_bits, self.external_product = psum_bits, bool(external_product)
+        ports = {
+            "a_in": In(signed(8)), "sel_in": In(1), "psum_in": In(signed(psum_bits)),
+            "a_out": Out(signed(8)), "sel_out": Out(1), "psum_out": Out(signed(psum_bits)),
+            "w_data": In(signed(8)), "w_we": In(1), "w_bank": In(1),
+        }
+        if self.external_product:
+            ports.update({"mul_a": Out(signed(8)), "mul_w": Out(signed(8)), "mul_p": In(signed(16))})
+        super().__init__(ports)
 
     def elaborate(self, platform):
         m = Module()
@@ -48,8 +57,13 @@ class ProcessingElement(wiring.Component):
             m.d.comb += weight.eq(w[1])
         with m.Else():
             m.d.comb += weight.eq(w[0])
-        prod = Signal(signed(16), name="prod", reset_less=True)
         a, sel, psum = (Signal.like(port, reset_less=True) for port in (self.a_out, self.sel_out, self.psum_out))
-        m.d.sync += [a.eq(self.a_in), sel.eq(self.sel_in), prod.eq(self.a_in * weight), psum.eq(self.psum_in + prod)]
+        if self.external_product:
+            prod = self.mul_p
+            m.d.comb += [self.mul_a.eq(self.a_in), self.mul_w.eq(weight)]
+        else:
+            prod = Signal(signed(16), name="prod", reset_less=True)
+            m.d.sync += prod.eq(self.a_in * weight)
+        m.d.sync += [a.eq(self.a_in), sel.eq(self.sel_in), psum.eq(self.psum_in + prod)]
         m.d.comb += [self.a_out.eq(a), self.sel_out.eq(sel), self.psum_out.eq(psum)]
         return m

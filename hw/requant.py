@@ -19,21 +19,27 @@ class Requantizer(wiring.Component):
     parameters may change with every row. ``acc + bias`` must fit int32 (the contract guarantees it).
 
     ``group`` lanes (a divisor of ``lanes``; default all) go through the datapath a cycle: with fewer, a
-    row takes ``steps = lanes // group`` cycles through one narrower datapath (a small FPGA has too few
-    multipliers for one per lane), and rows must come at least ``steps`` cycles apart. Latency:
-    ``latency = 4 + steps`` cycles from ``valid`` to ``out_valid`` (5 for a full-width datapath: bias,
-    the product in two registered halves, the rounding sum, the shift, the saturation); ``out`` holds
-    the row from then until the next row's first group lands, one cycle later at the earliest.
+    row takes ``lanes // group`` passes through one narrower datapath (a small FPGA has too few
+    multipliers for one per lane). ``digit_bits`` (4, 8 or 16; default None: one 32 x 31 multiply a
+    cycle, in two halves) makes the product digit-serial, ``digits = ceil(31 / digit_bits)`` cycles of a
+    32 x ``digit_bits`` multiply each, in logic: for an FPGA whose DSP blocks all go to the array. A row
+    takes ``steps = lanes // group * digits`` cycles, and rows must come at least ``steps`` cycles apart.
+    Latency: ``latency = 4 + steps`` cycles from ``valid`` to ``out_valid`` (5 for a full-width datapath:
+    bias, the product, the rounding sum, the shift, the saturation); ``out`` holds the row from then until
+    the next row's first group lands, one cycle later at the earliest.
     """
 
-    def __init__(self, lanes, group=None):
+    def __init__(self, lanes, group=None, digit_bits=None):
         if not isinstance(lanes, int) or lanes < 1:
             raise ValueError(f"lanes must be a positive int, not {lanes!r}")
         group = lanes if group is None else group
         if not isinstance(group, int) or group < 1 or lanes % group:
             raise ValueError(f"group must be a positive divisor of lanes ({lanes}), not {group!r}")
-        self.lanes, self.group = lanes, group
-        self.steps = lanes // group
+        if digit_bits not in (None, 4, 8, 16):
+            raise ValueError(f"digit_bits must be 4, 8, 16 or None, not {digit_bits!r}")
+        self.lanes, self.group, self.digit_bits = lanes, group, digit_bits
+        self.digits = 1 if digit_bits is None else -(-31 // digit_bits)
+        self.steps = lanes // group * self.digits
         self.latency = 4 + self.steps
         super().__init__({
             "acc": In(data.ArrayLayout(signed(32), lanes)),
@@ -48,38 +54,46 @@ class Requantizer(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        G, R = self.group, self.steps
+        G, R, D, T = self.group, self.lanes // self.group, self.digits, self.steps
+        digit_shift = (D - 1).bit_length()          # step = group * D + digit (D is a power of two)
         ports = (self.acc, self.bias, self.m0, self.shift)
-        if R == 1:
-            v0, mode0, step0 = self.valid, self.mode, Const(0, 1)
+        if T == 1:
+            v0, mode0, group0, digit0 = self.valid, self.mode, Const(0, 1), Const(0, 1)
             feed = ports
         else:
-            # the row is held while its later groups go through: group 0 straight from the ports in the
-            # valid cycle, group s from the held copy s cycles later
+            # the row is held while it goes through: group 0, digit 0 straight from the ports in the valid
+            # cycle, then step s (group s // digits, digit s % digits) from the held copy
             held = [Signal.like(port, name=f"held_{name}", reset_less=True)
                     for port, name in zip(ports, ("acc", "bias", "m0", "shift"))]
             held_mode = Signal(2)
-            step = Signal(range(R))
+            step = Signal(range(T))
             with m.If(self.valid):
                 m.d.sync += [h.eq(port) for h, port in zip(held, ports)]
                 m.d.sync += [held_mode.eq(self.mode), step.eq(1)]
             with m.Elif(step != 0):
-                m.d.sync += step.eq(Mux(step == R - 1, 0, step + 1))
+                m.d.sync += step.eq(Mux(step == T - 1, 0, step + 1))
             v0 = self.valid | (step != 0)
             mode0 = Mux(self.valid, self.mode, held_mode)
             step0 = Mux(self.valid, 0, step)
-            feed = [Mux(self.valid, port.as_value().word_select(0, len(port.as_value()) // R),
-                        h.as_value().word_select(step0, len(port.as_value()) // R))
-                    for port, h in zip(ports, held)]
+            group0 = step0[digit_shift:] if R > 1 else Const(0, 1)
+            digit0 = step0[:digit_shift] if D > 1 else Const(0, 1)
+            if R == 1:
+                feed = [Mux(self.valid, port.as_value(), h.as_value()) for port, h in zip(ports, held)]
+            else:
+                feed = [Mux(self.valid, port.as_value().word_select(0, len(port.as_value()) // R),
+                            h.as_value().word_select(group0, len(port.as_value()) // R))
+                        for port, h in zip(ports, held)]
             feed = [data.View(data.ArrayLayout(port.shape().elem_shape, G), f) for port, f in zip(ports, feed)]
 
         v1, v2, v3, v4 = Signal(), Signal(), Signal(), Signal()
         mode1, mode2, mode3, mode4 = Signal(2), Signal(2), Signal(2), Signal(2)
-        step1, step2, step3, step4 = (Signal.like(step0, name=f"step{k}") for k in (1, 2, 3, 4))
-        m.d.sync += [v1.eq(v0), v2.eq(v1), v3.eq(v2), v4.eq(v3),
-                     mode1.eq(mode0), mode2.eq(mode1), mode3.eq(mode2), mode4.eq(mode3),
-                     step1.eq(step0), step2.eq(step1), step3.eq(step2), step4.eq(step3)]
-        m.d.sync += self.out_valid.eq(v4 & (step4 == R - 1))
+        group1, group2, group3, group4 = (Signal.like(group0, name=f"group{k}") for k in (1, 2, 3, 4))
+        digit1 = Signal.like(digit0, name="digit1")
+        last_digit1 = digit1 == D - 1
+        m.d.sync += [v1.eq(v0), v2.eq(v1 & last_digit1), v3.eq(v2), v4.eq(v3),
+                     mode1.eq(mode0), mode2.eq(mode1), mode3.eq(mode2), mode4.eq(mode3), digit1.eq(digit0),
+                     group1.eq(group0), group2.eq(group1), group3.eq(group2), group4.eq(group3)]
+        m.d.sync += self.out_valid.eq(v4 & (group4 == R - 1))
         acc, bias, m0, shift = feed
         # the output row as one register a lane (a row-wide register is copied whole every cycle in
         # simulation)
@@ -95,28 +109,51 @@ class Requantizer(wiring.Component):
             # the simulator skips the stage, in the cycles without one)
             with m.If(v0):
                 m.d.sync += [s1.eq(acc[j] + bias[j]), m0_1.eq(m0[j]), sh1.eq(shift[j])]
-            # stage 2: the 32 x 31-bit product as two registered halves (each a 32 x 16 multiply: two DSP
-            # blocks on ECP5, not four chained), and the rounding constant 2**(shift-1) (0 for shift 0),
-            # as a right shift of a constant: a variable left shift would widen to 127 bits
-            lo2, hi2 = reg(signed(48), "prod_lo"), reg(signed(47), "prod_hi")
-            s2, sh2, half2 = reg(signed(32), "sum2_"), reg(unsigned(6), "sh2_"), reg(unsigned(62), "half")
-            with m.If(v1):
-                m.d.sync += [lo2.eq(s1 * m0_1[:16]), hi2.eq(s1 * m0_1[16:]), s2.eq(s1), sh2.eq(sh1),
-                             half2.eq(Const(1 << 61, unsigned(62)) >> (62 - sh1).as_unsigned())]
-            # stage 3: product + half; |product| < 2**62, so the sum fits 64 bits. Added as a low 16 bits
-            # and a carried high part: a three-term sum of 64-bit operands is 65 bits wide in Verilog, and
-            # Verilator computes values over 64 bits as arrays of words, unconditionally (~10% of the
-            # 16x16 model's time)
+            s2, sh2 = reg(signed(32), "sum2_"), reg(unsigned(6), "sh2_")
             rounded3, s3, sh3 = reg(signed(64), "rounded"), reg(signed(32), "sum3_"), reg(unsigned(6), "sh3_")
-            # (the low sum written out twice, not shared: single-use terms stay inside the enable)
-            high = lo2[16:].as_signed() + hi2 + half2[16:] + (lo2[:16] + half2[:16])[16]
-            with m.If(v2):
-                m.d.sync += [rounded3.eq(Cat((lo2[:16] + half2[:16])[:16], high[:48])), s3.eq(s2), sh3.eq(sh2)]
-            # stage 4: the arithmetic shift (a 64-bit barrel shifter has a cycle to itself: on the ECP5
-            # shift, compare and select in one cycle were the 4x4 build's critical path)
             r, s4 = reg(signed(64), "shifted"), reg(signed(32), "sum4_")
-            with m.If(v3):
-                m.d.sync += [r.eq(rounded3 >> sh3), s4.eq(s3)]
+            with m.If(v1):
+                m.d.sync += [s2.eq(s1), sh2.eq(sh1)]
+            if D == 1:
+                # stage 2: the 32 x 31-bit product as two registered halves (each a 32 x 16 multiply: two
+                # DSP blocks on ECP5, not four chained), and the rounding constant 2**(shift-1) (0 for
+                # shift 0), as a right shift of a constant: a variable left shift would widen to 127 bits
+                lo2, hi2 = reg(signed(48), "prod_lo"), reg(signed(47), "prod_hi")
+                half2 = reg(unsigned(62), "half")
+                with m.If(v1):
+                    m.d.sync += [lo2.eq(s1 * m0_1[:16]), hi2.eq(s1 * m0_1[16:]),
+                                 half2.eq(Const(1 << 61, unsigned(62)) >> (62 - sh1).as_unsigned())]
+                # stage 3: product + half; |product| < 2**62, so the sum fits 64 bits. Added as a low 16
+                # bits and a carried high part: a three-term sum of 64-bit operands is 65 bits wide in
+                # Verilog, and Verilator computes values over 64 bits as arrays of words, unconditionally
+                # (~10% of the 16x16 model's time)
+                # (the low sum written out twice, not shared: single-use terms stay inside the enable)
+                high = lo2[16:].as_signed() + hi2 + half2[16:] + (lo2[:16] + half2[:16])[16]
+                with m.If(v2):
+                    m.d.sync += [rounded3.eq(Cat((lo2[:16] + half2[:16])[:16], high[:48])), s3.eq(s2),
+                                 sh3.eq(sh2)]
+                # stage 4: the arithmetic shift (a 64-bit barrel shifter has a cycle to itself: on the ECP5
+                # shift, compare and select in one cycle were the 4x4 build's critical path)
+                with m.If(v3):
+                    m.d.sync += [r.eq(rounded3 >> sh3), s4.eq(s3)]
+            else:
+                # stage 2, digit-serial, least significant digit first: carry = (carry >> d) + s1 * digit,
+                # the low d bits of each shifted into `low`; after the last digit the product is (low,
+                # carry >> d)
+                d = self.digit_bits
+                digit = Cat(m0_1, Const(0, D * d - 31)).word_select(digit1, d)
+                carry, low = reg(signed(33 + d), "carry"), reg(unsigned(D * d), "low")
+                partial = Mux(digit1 == 0, 0, carry >> d) + s1 * digit
+                with m.If(v1):
+                    m.d.sync += [carry.eq(partial), low.eq(Cat(low[d:], partial[:d]))]
+                # stages 3 and 4: (p + 2**(shift-1)) >> shift as ((2p >> shift) + 1) >> 1 — the same
+                # floor for every shift, 0 included — so no rounding constant, no 64-bit three-term sum
+                # (|p| < 2**62: 2p fits 64 bits)
+                with m.If(v2):
+                    m.d.sync += [rounded3.eq(Cat(Const(0, 1), low, carry[d:]).as_signed()[:64].as_signed() >> sh2),
+                                 s3.eq(s2)]
+                with m.If(v3):
+                    m.d.sync += [r.eq((rounded3 + 1) >> 1), s4.eq(s3)]
             # stage 5: saturate per mode, into this group's slot of the output row
             lo = Mux(mode4 == Mode.INT8, -128, -32768)
             hi = Mux(mode4 == Mode.INT8, 127, 32767)
@@ -130,7 +167,7 @@ class Requantizer(wiring.Component):
             with m.Else():
                 m.d.comb += res.eq(r)
             for g in range(R):
-                with m.If(v4 & (step4 == g)):
+                with m.If(v4 & (group4 == g)):
                     m.d.sync += out[g * G + j].eq(res)
         m.d.comb += [self.out[k].eq(out[k]) for k in range(self.lanes)]
         return m

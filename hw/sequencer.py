@@ -59,7 +59,11 @@ class Sequencer(wiring.Component):
         bank_bits = (c.bank_words - 1).bit_length()
 
         opcode, flags, count = Signal(8), Signal(8), Signal(16)
-        args = [Signal(32, name=f"arg{n}") for n in range(6)]
+        # the four addresses kept as pool word offsets (addr_bits) with a flag "fits in the pool's address
+        # width": every range check and overlap then works on addr_bits-wide numbers, not on 32-bit ones
+        A = self.addr_bits
+        args = [Signal(A, name=f"arg{n}") for n in range(4)] + [Signal(16, name="arg4"), Signal(32, name="arg5")]
+        args_fit = Signal(4)
         arg_idx = Signal(range(7))
         err = Signal(4)
         m.d.comb += self.error.eq(err)
@@ -118,13 +122,17 @@ class Sequencer(wiring.Component):
 
         # MATMUL argument checks: each region inside one bank; A, W/P and O apart
         a, w, p, o = args[0], args[1], args[2], args[3]
-        mm_m, kt, nt = args[4][:16], args[5][:16], args[5][16:]
+        mm_m, kt, nt = args[4], args[5][:16], args[5][16:]
         mode = flags[:2]
         mw = Signal(3)
         m.d.comb += mw.eq(mode_words(mode))
 
-        def inside(start, extent):
-            return (start < c.pool_words) & ((start & (c.bank_words - 1)) + extent <= c.bank_words)
+        def inside(n, extent):
+            # address argument n and the extent from it inside the pool and one bank (an extent's
+            # bits above the bank's width make it too long at once)
+            start = args[n]
+            return (args_fit[n] & (start < c.pool_words) & (extent[bank_bits + 1:] == 0)
+                    & (start[:bank_bits] + extent[:bank_bits + 1] <= c.bank_words))
 
         # the extents of the four regions, registered in the MEASURE and SCALE cycles before DISPATCH: the
         # products are DSP multiplies, and checking them in the same cycle was the design's critical path
@@ -132,12 +140,13 @@ class Sequencer(wiring.Component):
         ext_p, ext_o = Signal(16 + PARAM_WORDS_PER_LANE_GROUP.bit_length(), name="ext_p"), Signal(35, name="ext_o")
         measure_step = Signal(2)
         mul_a, mul_b, product = Signal(16), Signal(16), Signal(32)
-        m.d.comb += product.eq(mul_a * mul_b)
+        if c.serial_mul_bits is None:
+            m.d.comb += product.eq(mul_a * mul_b)
         def times(value, constant):
             # a constant multiply as shifts and adds: as a `*` synthesis would give it a DSP block too
             return sum(value << k for k in range(constant.bit_length()) if constant >> k & 1)
         shape_ok = ((flags <= Mode.INT32) & (mm_m != 0) & (mm_m <= c.acc_depth) & (kt != 0) & (nt != 0))
-        addr_ok = (inside(a, ext_a) & inside(w, ext_w) & inside(p, ext_p) & inside(o, ext_o) & (o[:2] == 0))
+        addr_ok = (inside(0, ext_a) & inside(1, ext_w) & inside(2, ext_p) & inside(3, ext_o) & (o[:2] == 0))
         bank_ok = ((bank(a) != bank(w)) & (bank(a) != bank(p)) & (bank(o) != bank(a)) & (bank(o) != bank(w))
                    & (bank(o) != bank(p)))
         m.d.comb += [self.mm_a.eq(a), self.mm_w.eq(w), self.mm_p.eq(p), self.mm_o.eq(o), self.mm_m.eq(mm_m),
@@ -145,7 +154,8 @@ class Sequencer(wiring.Component):
         # the dispatching command's banks and ranges, and what it would clash with
         new_rbanks, new_wbanks = Signal(c.banks), Signal(c.banks)
         m.d.comb += [new_rbanks.eq(bank_bit(a) | bank_bit(w) | bank_bit(p)), new_wbanks.eq(bank_bit(o))]
-        new_spans = [(a, a + ext_a), (w, w + ext_w), (p, p + ext_p), (o, o + ext_o)]
+        # (exact when addr_ok holds: the extents are then no longer than a bank)
+        new_spans = [(x, x + ext[:bank_bits + 1]) for x, ext in ((a, ext_a), (w, ext_w), (p, ext_p), (o, ext_o))]
         x_banks = Signal(c.banks)               # the LOAD/STORE being dispatched
         m.d.comb += x_banks.eq(range_banks(args[0], count))
         x_span = (args[0], args[0] + count)
@@ -205,31 +215,54 @@ class Sequencer(wiring.Component):
                         for n in range(6):
                             with m.Case(n):
                                 m.d.sync += args[n].eq(self.i.payload)
+                                if n < 4:
+                                    m.d.sync += args_fit[n].eq(self.i.payload[A:] == 0)
                     m.d.sync += arg_idx.eq(arg_idx + 1)
                     with m.If(arg_idx + 1 == n_args):
                         m.d.sync += [idx.eq(0), sub.eq(0), measure_step.eq(0)]
                         m.next = "MEASURE"
             with m.State("MEASURE"):
-                # the three products of two arguments through one 16 x 16 multiplier with registered
-                # operands, one a cycle (a small FPGA has few multipliers; three cycles per MATMUL cost
-                # nothing); their scaling after
-                m.d.sync += [mul_a.eq(Mux(measure_step == 0, kt, nt)), mul_b.eq(Mux(measure_step == 1, kt, mm_m)),
-                             measure_step.eq(measure_step + 1),
-                             ext_p.eq(times(nt, PARAM_WORDS_PER_LANE_GROUP))]
-                with m.Switch(measure_step):
-                    with m.Case(1):
-                        m.d.sync += ext_a.eq(product)
-                    with m.Case(2):
-                        m.d.sync += ext_w.eq(product)
-                    with m.Case(3):
-                        m.d.sync += ext_o.eq(product)
-                        m.next = "SCALE"
+                m.d.sync += ext_p.eq(times(nt, PARAM_WORDS_PER_LANE_GROUP))
+                if c.serial_mul_bits is None:
+                    # the three products of two arguments through one 16 x 16 multiplier with registered
+                    # operands, one a cycle (a small FPGA has few multipliers; three cycles per MATMUL cost
+                    # nothing); their scaling after
+                    m.d.sync += [mul_a.eq(Mux(measure_step == 0, kt, nt)),
+                                 mul_b.eq(Mux(measure_step == 1, kt, mm_m)), measure_step.eq(measure_step + 1)]
+                    with m.Switch(measure_step):
+                        with m.Case(1):
+                            m.d.sync += ext_a.eq(product)
+                        with m.Case(2):
+                            m.d.sync += ext_w.eq(product)
+                        with m.Case(3):
+                            m.d.sync += ext_o.eq(product)
+                            m.next = "SCALE"
+                else:
+                    # digit-serial, most significant digit first: acc = (acc << d) + a * digit, 16 / d
+                    # cycles a product, in logic (the DSP blocks all went to the array)
+                    d = c.serial_mul_bits
+                    n_digits = 16 // d
+                    digit_idx = Signal(range(n_digits), init=n_digits - 1)     # counts down
+                    op_a = Mux(measure_step == 0, kt, nt)
+                    op_b = Mux(measure_step == 1, kt, mm_m)
+                    acc = Mux(digit_idx == n_digits - 1, 0, product << d) + op_a * op_b.word_select(digit_idx, d)
+                    m.d.sync += [product.eq(acc), digit_idx.eq(digit_idx - 1)]
+                    with m.If(digit_idx == 0):
+                        m.d.sync += [digit_idx.eq(n_digits - 1), measure_step.eq(measure_step + 1)]
+                        with m.Switch(measure_step):
+                            with m.Case(0):
+                                m.d.sync += ext_a.eq(acc)
+                            with m.Case(1):
+                                m.d.sync += ext_w.eq(acc)
+                            with m.Case(2):
+                                m.d.sync += ext_o.eq(acc)
+                                m.next = "SCALE"
             with m.State("SCALE"):
                 m.d.sync += [ext_w.eq(times(ext_w, c.lanes)), ext_o.eq(Mux(mw == 1, ext_o, Mux(mw == 2, ext_o << 1,
                                                                                          ext_o << 2)))]
                 m.next = "DISPATCH"
             with m.State("DISPATCH"):
-                m.d.comb += range_ok.eq(args[0] + count <= c.pool_words)
+                m.d.comb += range_ok.eq(args_fit[0] & (args[0] + count <= c.pool_words))
                 with m.Switch(opcode):
                     with m.Case(Opcode.LOAD):
                         with m.If(~range_ok):

@@ -4,7 +4,7 @@ from amaranth import Module, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .bufpool import SUBBANKS, BufferPool
+from .bufpool import BufferPool
 from .counters import PerfCounters
 from .engine import MatmulEngine
 from .isa import AcceleratorConfig
@@ -35,10 +35,13 @@ class Accelerator(wiring.Component):
         m = Module()
         c = self.config
         m.submodules.seq = seq = Sequencer(c)
-        m.submodules.engine = eng = MatmulEngine(c.lanes, seq.addr_bits, c.acc_depth, c.requant_lanes)
-        m.submodules.pool = pool = BufferPool(8 * c.lanes, c.banks, c.bank_words)
+        m.submodules.engine = eng = MatmulEngine(c.lanes, seq.addr_bits, c.acc_depth, c.requant_lanes,
+                                                     c.serial_mul_bits, c.pool_subbanks)
+        m.submodules.pool = pool = BufferPool(8 * c.lanes, c.banks, c.bank_words, c.pool_subbanks)
         m.submodules.counters = cnt = PerfCounters(c.lanes * c.lanes)
         bank_bits = (c.bank_words - 1).bit_length()
+        S = c.pool_subbanks
+        sub_bits = (S - 1).bit_length()
 
         wiring.connect(m, wiring.flipped(self.i), seq.i)
         wiring.connect(m, seq.o, wiring.flipped(self.o))
@@ -74,12 +77,13 @@ class Accelerator(wiring.Component):
             with m.Elif(seq.rd_en & (bank_of(seq.rd_addr) == b)):
                 m.d.comb += [port.r_addr.eq(offset(seq.rd_addr)), port.r_en.eq(1)]
             with m.If(eng.o_wr.en.any() & (bank_of(eng.o_wr.addr) == b)):
-                m.d.comb += [port.w_row.eq(offset(eng.o_wr.addr) >> 2), port.w_en.eq(eng.o_wr.en)]
-                for s in range(SUBBANKS):
+                m.d.comb += [port.w_row.eq(offset(eng.o_wr.addr) >> sub_bits), port.w_en.eq(eng.o_wr.en)]
+                for s in range(S):
                     m.d.comb += port.w_data[s].eq(eng.o_wr.data[s])
             with m.Elif(seq.wr_en & (bank_of(seq.wr_addr) == b)):
-                m.d.comb += [port.w_row.eq(offset(seq.wr_addr) >> 2), port.w_en.eq(1 << seq.wr_addr[:2])]
-                for s in range(SUBBANKS):
+                m.d.comb += [port.w_row.eq(offset(seq.wr_addr) >> sub_bits),
+                             port.w_en.eq(1 << seq.wr_addr[:sub_bits] if S > 1 else 1)]
+                for s in range(S):
                     m.d.comb += port.w_data[s].eq(seq.wr_data)
         for b in range(c.banks):
             with m.If(a_bank == b):

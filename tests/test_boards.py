@@ -1,6 +1,7 @@
 """Board files, their clocks and PLLs, the build's fit check, and the programming step's messages."""
 
 import json
+import re
 
 import pytest
 
@@ -74,12 +75,17 @@ def test_programming_without_a_bitstream_or_a_programmer_says_what_to_do(tmp_pat
 
 
 def test_the_icebreaker_netlist_computes_what_the_design_does(tmp_path):
-    """Post-synthesis: the smallest iCEBreaker configuration as Yosys maps it to iCE40 cells (LUTs,
-    carries, flip-flops, block RAMs; multiplies in LUTs), simulated with Yosys' cell models, == the
-    integer reference on GEMMs of every mode. (With ``-dsp`` the netlist does not yet: see README.)"""
+    """Post-synthesis: the smallest iCEBreaker configuration as its board build maps it to iCE40 cells
+    (LUTs, carries, flip-flops, block RAMs, the array's products in SB_MAC16s), simulated with Yosys' cell
+    models, == the integer reference on GEMMs of every mode."""
     from boards.postsynth import CASES, check, netlist_sim
-    sim = netlist_sim("icebreaker", "small", dsp=False, out=tmp_path)
+    sim = netlist_sim("icebreaker", "small", out=tmp_path)
     assert check(sim) == [(shape, mode, True) for shape, mode in CASES]
+    # the 16 products in the 8 DSP blocks, each still two 8 x 8 multiplies (Yosys' DSP pass, which
+    # would rewrite them as 16 x 16 multiply-adds, did not run)
+    netlist = (tmp_path / "icebreaker-small" / "netlist.v").read_text()
+    assert netlist.count("SB_MAC16 #(") == 8
+    assert len(re.findall(r"\.MODE_8x8\((?:32'd1|1'h1)\)", netlist)) == 8
 
 
 def test_postsynthesis_simulation_refuses_a_family_without_cell_models():

@@ -53,12 +53,16 @@ def test_pe_macs_the_selected_weight():
     simulate(dut, bench)
 
 
-@pytest.mark.parametrize("rows, cols", [(2, 2), (3, 5), (4, 4)])
-def test_array_rows_come_out_after_exactly_latency_cycles(rows, cols):
-    dut = SystolicArray(rows, cols)
+@pytest.mark.parametrize("rows, cols, paired", [(2, 2, False), (3, 5, False), (4, 4, False), (4, 4, True),
+                                                 (8, 4, True)])
+def test_array_rows_come_out_after_exactly_latency_cycles(rows, cols, paired):
+    dut = SystolicArray(rows, cols, paired=paired)
     rng = np.random.default_rng(rows * 10 + cols)
     weights = rng.integers(-128, 128, (2, rows, cols), dtype=np.int8)
-    inputs = [(rng.integers(-128, 128, rows, dtype=np.int8), int(rng.integers(0, 2))) for _ in range(12)]
+    # the extremes of every column sum (the array's sums are only as wide as they can get) among the rows
+    weights[0, :, 0], weights[0, :, 1], weights[1, :, 0], weights[1, :, 1] = -128, 127, 127, -128
+    extremes = [(np.full(rows, -128, np.int8), s) for s in (0, 1)] + [(np.full(rows, 127, np.int8), 0)]
+    inputs = extremes + [(rng.integers(-128, 128, rows, dtype=np.int8), int(rng.integers(0, 2))) for _ in range(12)]
     out_cycles, outs = [], []
 
     async def bench(ctx):
@@ -94,11 +98,11 @@ def test_array_refuses_bad_shapes():
         SystolicArray(4, 33)
 
 
-@pytest.mark.parametrize("group", [4, 2, 1])
-def test_requantizer_matches_ref_requant(group):
+@pytest.mark.parametrize("group, digit_bits", [(4, None), (2, None), (1, None), (4, 8), (1, 8), (2, 4), (1, 16)])
+def test_requantizer_matches_ref_requant(group, digit_bits):
     lanes = 4
-    dut = Requantizer(lanes, group)
-    assert dut.latency == 4 + lanes // group
+    dut = Requantizer(lanes, group, digit_bits)
+    assert dut.latency == 4 + lanes // group * (1 if digit_bits is None else -(-31 // digit_bits))
     rng = random.Random(3)
     rows = []
     for _ in range(300):
@@ -144,6 +148,8 @@ def test_requantizer_matches_ref_requant(group):
 def test_requantizer_refuses_a_group_that_does_not_divide_the_lanes():
     with pytest.raises(ValueError, match="divisor"):
         Requantizer(4, 3)
+    with pytest.raises(ValueError, match="digit_bits"):
+        Requantizer(4, 1, 5)
 
 
 def test_bufpool_banks_are_independent():

@@ -11,8 +11,10 @@ from sw.compiler.gemm import gemm_program
 
 CONFIGS = {
     "4x4": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128),
-    # the small-FPGA epilogue: one column a cycle through the requantizer, last k-tiles paced to it
-    "4x4-rq1": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128, requant_lanes=1),
+    # the small-FPGA (iCE40) build: one column at a time through a digit-serial requantizer (last k-tiles
+    # paced to it), the sequencer's multiplies digit-serial too, one memory a pool bank
+    "4x4-ice40": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128, requant_lanes=1,
+                                   serial_mul_bits=8, pool_subbanks=1),
     "8x8": AcceleratorConfig(lanes=8, banks=4, bank_words=4096, acc_depth=256),
     "16x16": AcceleratorConfig(lanes=16, banks=4, bank_words=16384, acc_depth=512),
 }
@@ -149,15 +151,20 @@ def test_errors_are_reported_and_decoding_goes_on():
             .matmul(B - 2, B + 4, B + 100, 2 * B, 4, 1, 1, Mode.INT8).sync()  # A runs off its bank
             .store(cfg.pool_words - 1, 2).sync()                              # STORE past the pool
             .load(cfg.pool_words - 1, np.zeros((2, cfg.lanes), np.int8)).sync()  # LOAD past the pool
+            # addresses with bits above the pool's address width (the device keeps only those it has)
+            .matmul(1 << 31, B, B + 100, 2 * B, 4, 1, 1, Mode.INT8).sync()
+            .matmul(0, B, B + 100, (1 << 20) + 2 * B, 4, 1, 1, Mode.INT8).sync()
+            .store(1 << 24, 1).sync()
+            .load((1 << 30) + 5, np.zeros((1, cfg.lanes), np.int8)).sync()
             .info())
     prog.words.insert(1, header(0x77))                                        # unknown opcode
     prog.words.insert(2, header(0x04))                                        # SYNC
-    expect = prog.expect + 1 - 2 * cfg.host_words_per_pool_word     # +1 SYNC; the bad STORE answers nothing
+    expect = prog.expect + 1 - 3 * cfg.host_words_per_pool_word     # +1 SYNC; the bad STOREs answer nothing
     answers = sim.run(prog.words, expect).answers
     assert len(answers) == expect
     flags = [parse_status(w) for w in answers[:-3]]
     assert flags == [Error(0), Error.OPCODE, Error.SHAPE, Error.SHAPE, Error.BANK, Error.ADDRESS,
-                     Error.ADDRESS, Error.ADDRESS, Error.ADDRESS]
+                     Error.ADDRESS, Error.ADDRESS, Error.ADDRESS] + [Error.ADDRESS] * 4
     version_shape = answers[-3]
     assert version_shape >> 24 == ISA_VERSION and (version_shape >> 8) & 0xFF == cfg.lanes
     assert answers[-2:] == [cfg.bank_words, cfg.acc_depth]
