@@ -83,6 +83,27 @@ def _failure_reason(folder):
     return "see the logs in " + str(folder)
 
 
+def _packed_utilization(folder, steps, family):
+    """Rerun place and route's packing only (seconds) and read nextpnr's utilisation table."""
+    var, args = next((v, a) for v, a in steps if v.startswith("NEXTPNR"))
+    keep, skip = [], {"--quiet", "--timing-allow-fail"}
+    it = iter(args)
+    for arg in it:
+        if arg in skip:
+            continue
+        if arg in ("--report", "--log", "--asc", "--textcfg"):
+            next(it, None)              # no output files from this run
+            continue
+        keep.append(arg)
+    run = subprocess.run([_tool(var), *keep, "--pack-only"], cwd=folder, capture_output=True, text=True)
+    used = {}
+    for line in (run.stdout + run.stderr).splitlines():
+        match = re.match(r"^Info:\s+(\w+):\s+(\d+)/\s*(\d+)\s+\d+%", line)
+        if match and match.group(1) in RESOURCES[family]:
+            used[match.group(1)] = {"used": int(match.group(2)), "available": int(match.group(3))}
+    return used
+
+
 def _yosys_cells(log):
     """The cell counts of Yosys' last ``stat`` in its log."""
     cells, section = {}, []
@@ -141,6 +162,10 @@ def build(board_name, size="small", out=None, seed=1, synth_only=False):
         report["status"] = "synthesized"
         (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         return report
+    if status != "ok" and report["steps"].get(STEP_NAMES[f"NEXTPNR_{board.family.upper()}"]) is not None:
+        # place and route failed: say how much of each resource the packed design needs (a design that
+        # does not fit is the common case, and nextpnr's error names one cell, not the shortfall)
+        report["utilization"] = _packed_utilization(folder, steps, board.family)
     if (folder / "nextpnr.json").exists():
         pnr = json.loads((folder / "nextpnr.json").read_text())
         report["utilization"] = {name: pnr["utilization"][name] for name in RESOURCES[board.family]

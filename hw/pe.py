@@ -17,25 +17,22 @@ class ProcessingElement(wiring.Component):
     have a cycle: 50 -> 96 MHz on an ECP5 at 8x8, ~25 -> 32 MHz on an iCE40.) ``w[w_bank] <= w_data``
     when ``w_we``; the weight is read in the cycle its activation arrives. The weight not selected by the
     data in flight can be rewritten while the other computes: that is what lets tiles follow each other
-    without a bubble. The ``psum_bits``-wide sum wraps; callers keep sums inside it (the array sizes each
-    row's sums so that they cannot overflow).
+    without a bubble. The 32-bit accumulation wraps; callers keep sums inside int32.
 
     With ``external_product`` the multiplier is outside: the PE presents its operands on ``mul_a`` and
     ``mul_w`` and takes their product, registered, on ``mul_p`` one cycle later (an iCE40 DSP block then
     computes the products of two PEs; see :class:`hw.mac.ProductPair`). Same timing, same results.
 
-    Members: ``a_in``/``a_out`` (int8), ``sel_in``/``sel_out``, ``psum_in``/``psum_out`` (signed
-    ``psum_bits``), ``w_data`` (int8), ``w_we``, ``w_bank``; with ``external_product``, ``mul_a``,
-    ``mul_w`` (int8) and ``mul_p`` (int16).
+    Members: ``a_in``/``a_out`` (int8), ``sel_in``/``sel_out``, ``psum_in``/``psum_out`` (int32),
+    ``w_data`` (int8), ``w_we``, ``w_bank``; with ``external_product``, ``mul_a``, ``mul_w`` (int8) and
+    ``mul_p`` (int16).
     """
 
-    def __init__(self, psum_bits=32, external_product=False):
-        if not isinstance(psum_bits, int) or not 16 <= psum_bits <= 32:
-            raise ValueError(f"psum_bits must be an int in [16, 32], not {psum_bits!r}")
-        self.psum_bits, self.external_product = psum_bits, bool(external_product)
+    def __init__(self, external_product=False):
+        self.external_product = bool(external_product)
         ports = {
-            "a_in": In(signed(8)), "sel_in": In(1), "psum_in": In(signed(psum_bits)),
-            "a_out": Out(signed(8)), "sel_out": Out(1), "psum_out": Out(signed(psum_bits)),
+            "a_in": In(signed(8)), "sel_in": In(1), "psum_in": In(signed(32)),
+            "a_out": Out(signed(8)), "sel_out": Out(1), "psum_out": Out(signed(32)),
             "w_data": In(signed(8)), "w_we": In(1), "w_bank": In(1),
         }
         if self.external_product:

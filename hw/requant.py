@@ -112,8 +112,6 @@ class Requantizer(wiring.Component):
             s2, sh2 = reg(signed(32), "sum2_"), reg(unsigned(6), "sh2_")
             rounded3, s3, sh3 = reg(signed(64), "rounded"), reg(signed(32), "sum3_"), reg(unsigned(6), "sh3_")
             r, s4 = reg(signed(64), "shifted"), reg(signed(32), "sum4_")
-            with m.If(v1):
-                m.d.sync += [s2.eq(s1), sh2.eq(sh1)]
             if D == 1:
                 # stage 2: the 32 x 31-bit product as two registered halves (each a 32 x 16 multiply: two
                 # DSP blocks on ECP5, not four chained), and the rounding constant 2**(shift-1) (0 for
@@ -121,7 +119,7 @@ class Requantizer(wiring.Component):
                 lo2, hi2 = reg(signed(48), "prod_lo"), reg(signed(47), "prod_hi")
                 half2 = reg(unsigned(62), "half")
                 with m.If(v1):
-                    m.d.sync += [lo2.eq(s1 * m0_1[:16]), hi2.eq(s1 * m0_1[16:]),
+                    m.d.sync += [lo2.eq(s1 * m0_1[:16]), hi2.eq(s1 * m0_1[16:]), s2.eq(s1), sh2.eq(sh1),
                                  half2.eq(Const(1 << 61, unsigned(62)) >> (62 - sh1).as_unsigned())]
                 # stage 3: product + half; |product| < 2**62, so the sum fits 64 bits. Added as a low 16
                 # bits and a carried high part: a three-term sum of 64-bit operands is 65 bits wide in
@@ -145,7 +143,7 @@ class Requantizer(wiring.Component):
                 carry, low = reg(signed(33 + d), "carry"), reg(unsigned(D * d), "low")
                 partial = Mux(digit1 == 0, 0, carry >> d) + s1 * digit
                 with m.If(v1):
-                    m.d.sync += [carry.eq(partial), low.eq(Cat(low[d:], partial[:d]))]
+                    m.d.sync += [carry.eq(partial), low.eq(Cat(low[d:], partial[:d])), s2.eq(s1), sh2.eq(sh1)]
                 # stages 3 and 4: (p + 2**(shift-1)) >> shift as ((2p >> shift) + 1) >> 1 — the same
                 # floor for every shift, 0 included — so no rounding constant, no 64-bit three-term sum
                 # (|p| < 2**62: 2p fits 64 bits)

@@ -63,7 +63,7 @@ class Sequencer(wiring.Component):
         # width": every range check and overlap then works on addr_bits-wide numbers, not on 32-bit ones
         A = self.addr_bits
         args = [Signal(A, name=f"arg{n}") for n in range(4)] + [Signal(16, name="arg4"), Signal(32, name="arg5")]
-        args_fit = Signal(4)
+        args_fit = [Signal(name=f"arg{n}_fits") for n in range(4)]
         arg_idx = Signal(range(7))
         err = Signal(4)
         m.d.comb += self.error.eq(err)
