@@ -62,6 +62,21 @@ def test_the_smallest_ulx3s_configuration_synthesizes_into_the_ecp5(tmp_path):
     assert json.loads((tmp_path / "ulx3s-small" / "report.json").read_text())["cells"] == cells
 
 
+def test_an_icebreaker_build_reports_what_the_design_needs_of_the_up5k(tmp_path):
+    """The full build of the smallest iCEBreaker configuration (~30 s while it does not fit: nextpnr stops
+    at packing). Fit or not, the report has the logic cells, block RAMs and DSP blocks used and available;
+    a design that does not fit is reported with the resource it overflows, not just nextpnr's error."""
+    from boards.build import build
+    report = build("icebreaker", "small", out=tmp_path)
+    use = report["utilization"]
+    assert use["ICESTORM_LC"]["available"] == 5280 and use["ICESTORM_RAM"]["available"] == 30
+    assert use["ICESTORM_DSP"] == {"used": 8, "available": 8}        # the array's 16 products, two a block
+    if report["status"] == "failed":
+        assert any(u["used"] > u["available"] for u in use.values()), report
+    else:
+        assert report["bitstream"] and report["timing_met"] == (report["status"] == "pass")
+
+
 def test_programming_without_a_bitstream_or_a_programmer_says_what_to_do(tmp_path, monkeypatch, capsys):
     from boards.program import main
     assert main(["ulx3s", "--out", str(tmp_path)]) == 2

@@ -248,3 +248,17 @@ def test_transfers_overlap_a_running_matmul():
     overlapped, serial = cycles(False), cycles(True)
     compute = nt * kt * m
     assert overlapped < serial - compute // 2, (overlapped, serial)
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+def test_other_digit_widths_and_two_requantizer_columns(bits):
+    """The digit-serial multiplies at their other widths (the ``4x4-ice40`` configuration runs 8 bits), with
+    two requantizer columns a cycle: a row then takes 2 x 8 or 2 x 2 cycles."""
+    cfg = AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128, requant_lanes=2,
+                            serial_mul_bits=bits, pool_subbanks=1)
+    sim = FastSim(cfg)
+    rng = np.random.default_rng(bits)
+    for mode in Mode:
+        for shape in ((17, 33, 9), (40, 130, 70)):
+            case = random_case(rng, *shape, mode)
+            assert np.array_equal(run_gemm(sim, *case, mode), reference(*case, mode)), (mode, shape)
