@@ -75,8 +75,10 @@ def _run_step(cmd, cwd, label, index, total):
 
 
 def _failure_reason(folder):
-    """The first error line of the tools' logs (nextpnr says which resource ran out)."""
-    for name in sorted(Path(folder).glob("*.tim")) + sorted(Path(folder).glob("step*.log")):
+    """The first error line of the tools' logs (nextpnr says which resource ran out; Yosys writes its own log,
+    the .rpt, and YoWASP's Yosys stops writing to the console after its first ABC call)."""
+    logs = [sorted(Path(folder).glob(pattern)) for pattern in ("*.tim", "step*.log", "*.rpt")]
+    for name in sum(logs, []):
         for line in name.read_text(errors="replace").splitlines():
             if "ERROR" in line or "Error" in line:
                 return line.strip()

@@ -81,6 +81,13 @@ class MatmulEngine(wiring.Component):
         gap = lat + 6                   # a tile starts >= this long after the previous one (accumulator RAW)
         load_margin = lat + 8           # the idle weight bank and param buffer are free this long after a start
 
+        def delay(sig, n, name):
+            for k in range(n):
+                nxt = Signal.like(sig, name=f"{name}_d{k}")
+                m.d.sync += nxt.eq(sig)
+                sig = nxt
+            return sig
+
         def ring_delay(sigs, n, name):
             # the same delay as n registers, from a memory written every cycle and read n - 1 slots ahead
             # of the write (one read, one write a cycle instead of n copies: faster to simulate, and a
@@ -110,8 +117,8 @@ class MatmulEngine(wiring.Component):
         rows, kt_n, nt_n, mode = Signal(16), Signal(16), Signal(16), Signal(2)
         row_words = Signal(3)
         m.d.comb += row_words.eq(mode_words(mode))
+        rows_words = Mux(row_words == 4, rows << 2, Mux(row_words == 2, rows << 1, rows))   # no multiplier
 
-        o_addr = Signal.like(self.o_addr)       # where the next output row goes
         since = Signal(range(lat + 16))          # cycles since the current tile started, saturating
         m.d.sync += since.eq(Mux(since == lat + 15, since, since + 1))
 
@@ -160,6 +167,7 @@ class MatmulEngine(wiring.Component):
         fd_row, fd_kt, fd_nt = Signal(16), Signal(16), Signal(16)
         fd_sel, fd_started, fd_last_tile = Signal(), Signal(), Signal()
         a_tile, a_ptr = Signal.like(a_base), Signal.like(a_base)
+        o_tile, o_ptr = Signal.like(self.o_addr), Signal.like(self.o_addr)
         drain = Signal(range(lat + rq.latency + 11))
         last_k = Signal()
         m.d.comb += last_k.eq(fd_kt + 1 == kt_n)
@@ -173,7 +181,7 @@ class MatmulEngine(wiring.Component):
 
         # stage 1: the row whose activation word and partial sums arrive from memory this cycle
         s1_valid, s1_zero, s1_last, s1_sel, s1_pbuf = Signal(), Signal(), Signal(), Signal(), Signal()
-        s1_row = Signal.like(fd_row)
+        s1_row, s1_optr = Signal.like(fd_row), Signal.like(o_ptr)
         m.d.sync += s1_valid.eq(0)
 
         with m.FSM() as fsm:
@@ -184,7 +192,7 @@ class MatmulEngine(wiring.Component):
                                  mode.eq(self.mode),
                                  ld_kt.eq(0), ld_nt.eq(0), ld_bank.eq(0), ld_ready.eq(0), ld_pending.eq(1),
                                  fd_kt.eq(0), fd_nt.eq(0), fd_sel.eq(0), fd_started.eq(0),
-                                 a_tile.eq(self.a_addr), o_addr.eq(self.o_addr)]
+                                 a_tile.eq(self.a_addr), o_tile.eq(self.o_addr)]
                     m.next = "LOAD_FIRST"
             with m.State("LOAD_FIRST"):
                 m.d.comb += ld_go.eq(1)
@@ -192,7 +200,7 @@ class MatmulEngine(wiring.Component):
             with m.State("WAIT_TILE"):
                 with m.If(ld_ready & ~ld_busy & (~fd_started | (since >= gap))):
                     m.d.sync += [ld_ready.eq(0), fd_started.eq(1), since.eq(0), fd_row.eq(0),
-                                 a_ptr.eq(a_tile), ld_wait.eq(ld_pending),
+                                 a_ptr.eq(a_tile), o_ptr.eq(o_tile), ld_wait.eq(ld_pending),
                                  fd_last_tile.eq(last_k & (fd_nt + 1 == nt_n))]
                     m.next = "RUN"
             with m.State("RUN"):
@@ -201,12 +209,13 @@ class MatmulEngine(wiring.Component):
                 with m.If(issue):
                     m.d.comb += [self.issuing.eq(1), self.a_rd.en.eq(1), self.a_rd.addr.eq(a_ptr)]
                     m.d.sync += [s1_valid.eq(1), s1_zero.eq(fd_kt == 0), s1_last.eq(last_k),
-                                 s1_sel.eq(fd_sel), s1_pbuf.eq(fd_nt[0]), s1_row.eq(fd_row)]
-                    m.d.sync += [fd_row.eq(fd_row + 1), a_ptr.eq(a_ptr + 1)]
+                                 s1_sel.eq(fd_sel), s1_pbuf.eq(fd_nt[0]), s1_row.eq(fd_row), s1_optr.eq(o_ptr)]
+                    m.d.sync += [fd_row.eq(fd_row + 1), a_ptr.eq(a_ptr + 1), o_ptr.eq(o_ptr + row_words)]
                     with m.If(fd_row + 1 == rows):
                         m.d.sync += [fd_sel.eq(~fd_sel), a_tile.eq(a_tile + rows)]
                         with m.If(last_k):
-                            m.d.sync += [fd_kt.eq(0), fd_nt.eq(fd_nt + 1), a_tile.eq(a_base)]
+                            m.d.sync += [fd_kt.eq(0), fd_nt.eq(fd_nt + 1), a_tile.eq(a_base),
+                                         o_tile.eq(o_tile + rows_words)]
                         with m.Else():
                             m.d.sync += fd_kt.eq(fd_kt + 1)
                         with m.If(fd_last_tile):
@@ -234,16 +243,17 @@ class MatmulEngine(wiring.Component):
         # registers for 32-bit sums (32 x L(L+1)/2 flip-flops) and one adder a column. The row's
         # accumulators are read the cycle before it leaves the array (p_), added as it leaves (u_), and
         # the sum is registered (t_) before it is written back or requantized.
-        p_last, p_row, p_pbuf, p_zero = ring_delay([s1_last, s1_row, s1_pbuf, s1_zero], lat,
+        p_last, p_row, p_optr, p_pbuf, p_zero = ring_delay([s1_last, s1_row, s1_optr, s1_pbuf, s1_zero], lat,
                                                            "p_info")
         m.d.comb += acc_rd.addr.eq(p_row)
-        u_last, u_row, u_pbuf, u_zero = (Signal.like(p, name=f"u_{n}") for p, n in zip(
-            (p_last, p_row, p_pbuf, p_zero), ("last", "row", "pbuf", "zero")))
-        m.d.sync += [u.eq(p) for u, p in zip((u_last, u_row, u_pbuf, u_zero), (p_last, p_row, p_pbuf, p_zero))]
-        t_valid, t_last, t_row, t_pbuf = Signal(), Signal(), Signal.like(u_row), Signal()
+        u_last, u_row, u_optr, u_pbuf, u_zero = (Signal.like(p, name=f"u_{n}") for p, n in zip(
+            (p_last, p_row, p_optr, p_pbuf, p_zero), ("last", "row", "optr", "pbuf", "zero")))
+        m.d.sync += [u.eq(p) for u, p in zip((u_last, u_row, u_optr, u_pbuf, u_zero),
+                                             (p_last, p_row, p_optr, p_pbuf, p_zero))]
+        t_valid, t_last, t_row, t_optr, t_pbuf = Signal(), Signal(), Signal.like(u_row), Signal.like(u_optr), Signal()
         t_sum = Signal(data.ArrayLayout(unsigned(32), L), name="t_sum", reset_less=True)
         acc_in = acc_rd.data
-        m.d.sync += [t_valid.eq(array.out_valid), t_last.eq(u_last), t_row.eq(u_row),
+        m.d.sync += [t_valid.eq(array.out_valid), t_last.eq(u_last), t_row.eq(u_row), t_optr.eq(u_optr),
                      t_pbuf.eq(u_pbuf)]
         m.d.sync += [t_sum[j].eq(array.out[j] + Mux(u_zero, 0, acc_in[32 * j: 32 * j + 32])) for j in range(L)]
         m.d.comb += [acc_wr.en.eq(t_valid & ~t_last), acc_wr.addr.eq(t_row), acc_wr.data.eq(t_sum)]
@@ -257,11 +267,7 @@ class MatmulEngine(wiring.Component):
                          rq.shift[j].eq(lanes_of(pw[8:9], 8, j))]
         m.d.comb += [rq.acc.eq(t_sum), rq.valid.eq(t_valid & t_last), rq.mode.eq(mode)]
 
-        # output rows leave the requantizer in the order of their addresses (n-tile by n-tile, row by row,
-        # each n-tile's rows right after the previous one's): the address is a running pointer, not a
-        # value carried down the pipeline
-        with m.If(rq.out_valid):
-            m.d.sync += o_addr.eq(o_addr + row_words)
+        o_addr = delay(t_optr, rq.latency, "o_addr")
         out = [rq.out[j] for j in range(L)]
         w8 = Cat(*(o[:8] for o in out))
         w16 = Cat(*(o[:16] for o in out))
