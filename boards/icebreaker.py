@@ -1,7 +1,8 @@
 """iCEBreaker: Lattice iCE40 UP5K (5280 LCs, 8 SB_MAC16, 30 EBR, 4 SPRAM), 12 MHz oscillator, FT2232H UART.
 
 Yosys uses the SB_MAC16 DSPs only when asked (``-dsp``), and puts a memory in SPRAM only when its zero
-initialiser is deleted (Amaranth always emits one).
+initialiser is deleted (Amaranth always emits one). Not yet buildable: the DSP blocks and block RAMs of
+both sizes fit, but the 4x4 design packs into ~9,500 logic cells of the UP5K's 5,280 (README, Bitstreams).
 """
 
 from amaranth_boards.icebreaker import ICEBreakerPlatform
