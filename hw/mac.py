@@ -21,6 +21,9 @@ class ProductPair(wiring.Component):
     of a 4 x 4 array. (Yosys, left to itself, maps one 8 x 8 multiply to a whole SB_MAC16, and with
     ``-dsp`` packed a PE's multiply and add into one with a wrong sign extension: Yosys 0.70 zero-extended
     a 17-bit signed sum; see the README.) Elsewhere, and in simulation, the same as two multiplies.
+    That the bottom multiplier is signed in 8 x 8 mode is what Yosys' SB_MAC16 model says (its
+    ``cells_sim.v`` sign-extends A[7:0] and B[7:0] when MODE_8x8 and A_SIGNED/B_SIGNED) and what the
+    post-synthesis test relies on; no iCEBreaker has run this yet.
     """
 
     a0: In(signed(8))
