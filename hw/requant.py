@@ -110,14 +110,14 @@ class Requantizer(wiring.Component):
             with m.If(v0):
                 m.d.sync += [s1.eq(acc[j] + bias[j]), m0_1.eq(m0[j]), sh1.eq(shift[j])]
             s2, sh2 = reg(signed(32), "sum2_"), reg(unsigned(6), "sh2_")
-            rounded3, s3, sh3 = reg(signed(64), "rounded"), reg(signed(32), "sum3_"), reg(unsigned(6), "sh3_")
+            rounded3, s3 = reg(signed(64), "rounded"), reg(signed(32), "sum3_")
             r, s4 = reg(signed(64), "shifted"), reg(signed(32), "sum4_")
             if D == 1:
                 # stage 2: the 32 x 31-bit product as two registered halves (each a 32 x 16 multiply: two
                 # DSP blocks on ECP5, not four chained), and the rounding constant 2**(shift-1) (0 for
                 # shift 0), as a right shift of a constant: a variable left shift would widen to 127 bits
                 lo2, hi2 = reg(signed(48), "prod_lo"), reg(signed(47), "prod_hi")
-                half2 = reg(unsigned(62), "half")
+                half2, sh3 = reg(unsigned(62), "half"), reg(unsigned(6), "sh3_")
                 with m.If(v1):
                     m.d.sync += [lo2.eq(s1 * m0_1[:16]), hi2.eq(s1 * m0_1[16:]), s2.eq(s1), sh2.eq(sh1),
                                  half2.eq(Const(1 << 61, unsigned(62)) >> (62 - sh1).as_unsigned())]

@@ -139,9 +139,19 @@ class Sequencer(wiring.Component):
         ext_a, ext_w = Signal(32, name="ext_a"), Signal(32 + (c.lanes - 1).bit_length() + 1, name="ext_w")
         ext_p, ext_o = Signal(16 + PARAM_WORDS_PER_LANE_GROUP.bit_length(), name="ext_p"), Signal(35, name="ext_o")
         measure_step = Signal(2)
-        mul_a, mul_b, product = Signal(16), Signal(16), Signal(32)
+        product = Signal(32)
         if c.serial_mul_bits is None:
+            mul_a, mul_b = Signal(16), Signal(16)
             m.d.comb += product.eq(mul_a * mul_b)
+
+        def store_extent(first, value):
+            # the products, in order: ext_a = M x kt, ext_w = nt x kt, ext_o = nt x M (scaled in SCALE)
+            with m.Switch(measure_step):
+                for k, ext in enumerate((ext_a, ext_w, ext_o)):
+                    with m.Case(first + k):
+                        m.d.sync += ext.eq(value)
+                        if k == 2:
+                            m.next = "SCALE"
         def times(value, constant):
             # a constant multiply as shifts and adds: as a `*` synthesis would give it a DSP block too
             return sum(value << k for k in range(constant.bit_length()) if constant >> k & 1)
@@ -229,14 +239,7 @@ class Sequencer(wiring.Component):
                     # nothing); their scaling after
                     m.d.sync += [mul_a.eq(Mux(measure_step == 0, kt, nt)),
                                  mul_b.eq(Mux(measure_step == 1, kt, mm_m)), measure_step.eq(measure_step + 1)]
-                    with m.Switch(measure_step):
-                        with m.Case(1):
-                            m.d.sync += ext_a.eq(product)
-                        with m.Case(2):
-                            m.d.sync += ext_w.eq(product)
-                        with m.Case(3):
-                            m.d.sync += ext_o.eq(product)
-                            m.next = "SCALE"
+                    store_extent(1, product)
                 else:
                     # digit-serial, most significant digit first: acc = (acc << d) + a * digit, 16 / d
                     # cycles a product, in logic (the DSP blocks all went to the array)
@@ -249,14 +252,7 @@ class Sequencer(wiring.Component):
                     m.d.sync += [product.eq(acc), digit_idx.eq(digit_idx - 1)]
                     with m.If(digit_idx == 0):
                         m.d.sync += [digit_idx.eq(n_digits - 1), measure_step.eq(measure_step + 1)]
-                        with m.Switch(measure_step):
-                            with m.Case(0):
-                                m.d.sync += ext_a.eq(acc)
-                            with m.Case(1):
-                                m.d.sync += ext_w.eq(acc)
-                            with m.Case(2):
-                                m.d.sync += ext_o.eq(acc)
-                                m.next = "SCALE"
+                        store_extent(0, acc)
             with m.State("SCALE"):
                 m.d.sync += [ext_w.eq(times(ext_w, c.lanes)), ext_o.eq(Mux(mw == 1, ext_o, Mux(mw == 2, ext_o << 1,
                                                                                          ext_o << 2)))]
