@@ -11,7 +11,7 @@ import torch
 from hw.isa import MODE_BITS, Mode
 from sw.quant.ref import ref_matmul
 
-__all__ = ["random_case", "reference"]
+__all__ = ["random_case", "minilm_case", "reference"]
 
 
 def random_case(rng, m, k, n, mode, extreme=False):
@@ -29,6 +29,20 @@ def random_case(rng, m, k, n, mode, extreme=False):
     # land most outputs inside the range, a few saturating, with a spread of shifts
     shift = np.clip(np.ceil(np.log2(acc)).astype(np.int64) + 31 - bits + rng.integers(-2, 3, n), 0, 62)
     return a, w, bias, m0, shift
+
+
+def minilm_case(minilm, n_out, k_in=None):
+    """``(a, w, bias, m0, shift)`` of real data: layer 0's Q projection of the quantized bundled MiniLM
+    (``minilm`` = ``(QuantizedBert, fp32 model, tokenizer)``) on one sentence, its first ``n_out`` output
+    channels and (``k_in``; default all) input features, INT8 as the model runs it."""
+    from sw.quant.hf import encode
+    qm, _, tok = minilm
+    x8, _ = qm.embed(encode(tok, ["The quick brown fox jumps over the lazy dog near the river bank."])["input_ids"])
+    p = qm.layers[0]
+    per = lambda v: np.broadcast_to(np.asarray(v), (p.wq.shape[0],))[:n_out].astype(np.int64)   # noqa: E731
+    k = slice(None, k_in)
+    return (x8[0, :, k].numpy().astype(np.int8), p.wq[:n_out, k].numpy().astype(np.int8),
+            p.bq[:n_out].numpy().astype(np.int64), per(p.q_m0), per(p.q_shift))
 
 
 def reference(a, w, bias, m0, shift, mode):

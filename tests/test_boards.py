@@ -3,10 +3,12 @@
 import json
 import re
 
+import numpy as np
 import pytest
 
 from boards import BOARD_NAMES, get_board
 from boards.board import Board, ecp5_pll_params, ice40_pll_params
+from hw.isa import Error, Mode, parse_status
 
 
 @pytest.mark.parametrize("name", BOARD_NAMES)
@@ -92,13 +94,27 @@ def test_programming_without_a_bitstream_or_a_programmer_says_what_to_do(tmp_pat
     assert "openFPGALoader is not installed" in err and "openFPGALoader --board ulx3s" in err
 
 
-def test_the_icebreaker_netlist_computes_what_the_design_does(tmp_path):
+def _check_minilm(sim, minilm):
+    """Real data on the netlist too: a slice of MiniLM's layer-0 Q projection (its first 48 inputs — the
+    iCEBreaker's 256-word banks hold neither a 384-deep weight column nor the activations' k-tiles of one
+    sentence at that depth — and 16 output channels)."""
+    from sim.gemm_cases import minilm_case, reference
+    from sw.compiler.gemm import gemm_program
+    case = minilm_case(minilm, 16, 48)
+    prog, decode = gemm_program(sim.config, *case, Mode.INT8)
+    got, status = decode(sim.run(prog.words, prog.expect).answers)
+    assert parse_status(status) == Error(0)
+    assert np.array_equal(got, reference(*case, Mode.INT8))
+
+
+def test_the_icebreaker_netlist_computes_what_the_design_does(tmp_path, minilm):
     """Post-synthesis: the smallest iCEBreaker configuration as its board build maps it to iCE40 cells
     (LUTs, carries, flip-flops, block RAMs, the array's products in SB_MAC16s), simulated with Yosys' cell
     models, == the integer reference on GEMMs of every mode."""
     from boards.postsynth import CASES, check, netlist_sim
     sim = netlist_sim("icebreaker", "small", out=tmp_path)
     assert check(sim) == [(shape, mode, True) for shape, mode in CASES]
+    _check_minilm(sim, minilm)
     # the 16 products in the 8 DSP blocks, each still two 8 x 8 multiplies (Yosys' DSP pass, which
     # would rewrite them as 16 x 16 multiply-adds, did not run)
     netlist = (tmp_path / "icebreaker-small" / "netlist.v").read_text()
@@ -106,12 +122,13 @@ def test_the_icebreaker_netlist_computes_what_the_design_does(tmp_path):
     assert len(re.findall(r"\.MODE_8x8\((?:32'd1|1'h1)\)", netlist)) == 8
 
 
-def test_the_ulx3s_netlist_computes_what_the_design_does(tmp_path):
+def test_the_ulx3s_netlist_computes_what_the_design_does(tmp_path, minilm):
     """Post-synthesis on the ECP5: LUTs, carries, flip-flops, the DSP blocks' multiplies and the block RAMs
     as Yosys maps them (the last two with boards/ecp5_models.v), == the integer reference."""
     from boards.postsynth import CASES, check, netlist_sim
     sim = netlist_sim("ulx3s", "small", out=tmp_path)
     assert check(sim) == [(shape, mode, True) for shape, mode in CASES]
+    _check_minilm(sim, minilm)
     netlist = (tmp_path / "ulx3s-small" / "netlist.v").read_text()
     assert "MULT18X18D" in netlist and "DP16KD" in netlist        # the models were exercised
 

@@ -59,7 +59,7 @@ def test_array_rows_come_out_after_exactly_latency_cycles(rows, cols, paired):
     dut = SystolicArray(rows, cols, paired=paired)
     rng = np.random.default_rng(rows * 10 + cols)
     weights = rng.integers(-128, 128, (2, rows, cols), dtype=np.int8)
-    # the extremes of every column sum (the array's sums are only as wide as they can get) among the rows
+    # the extremes of every column sum among the rows
     weights[0, :, 0], weights[0, :, 1], weights[1, :, 0], weights[1, :, 1] = -128, 127, 127, -128
     extremes = [(np.full(rows, -128, np.int8), s) for s in (0, 1)] + [(np.full(rows, 127, np.int8), 0)]
     inputs = extremes + [(rng.integers(-128, 128, rows, dtype=np.int8), int(rng.integers(0, 2))) for _ in range(12)]
@@ -96,6 +96,8 @@ def test_array_refuses_bad_shapes():
         SystolicArray(1, 4)
     with pytest.raises(ValueError, match="cols"):
         SystolicArray(4, 33)
+    with pytest.raises(ValueError, match="paired products need an even number of columns, not 5"):
+        SystolicArray(4, 5, paired=True)
 
 
 @pytest.mark.parametrize("group, digit_bits", [(4, None), (2, None), (1, None), (4, 8), (1, 8), (2, 4), (1, 16)])
@@ -227,6 +229,15 @@ def test_config_validation():
         AcceleratorConfig(lanes=12, requant_lanes=5)
     with pytest.raises(ValueError, match="requant_lanes"):
         AcceleratorConfig(requant_lanes=0)
+    with pytest.raises(ValueError, match="serial_mul_bits must be 4, 8, 16 or None, not 5"):
+        AcceleratorConfig(serial_mul_bits=5)
+    with pytest.raises(ValueError, match="pool_subbanks must be 1 or 4, not 2"):
+        AcceleratorConfig(pool_subbanks=2)
+    with pytest.raises(ValueError, match="subbanks must be 1 or 4, not 2"):
+        BufferPool(32, 3, 64, subbanks=2)
+    # one memory a bank writes a row's up to 4 words one a cycle: a requantizer taking a row a cycle cannot
+    with pytest.raises(ValueError, match="requantizer must take >= 4 cycles a row, not 1"):
+        Accelerator(AcceleratorConfig(lanes=4, banks=3, bank_words=64, acc_depth=16, pool_subbanks=1)).elaborate(None)
     with pytest.raises(TypeError):
         Accelerator(config={"lanes": 4})
 

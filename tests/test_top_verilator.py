@@ -13,7 +13,7 @@ CONFIGS = {
     "4x4": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128),
     # the small-FPGA (iCE40) build: one column at a time through a digit-serial requantizer (last k-tiles
     # paced to it), the sequencer's multiplies digit-serial too, one memory a pool bank
-    "4x4-ice40": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128, requant_lanes=1,
+    "4x4-ice40": AcceleratorConfig(lanes=4, banks=4, bank_words=2048, acc_depth=128, requant_lanes=1,
                                    serial_mul_bits=8, pool_subbanks=1),
     "8x8": AcceleratorConfig(lanes=8, banks=4, bank_words=4096, acc_depth=256),
     "16x16": AcceleratorConfig(lanes=16, banks=4, bank_words=16384, acc_depth=512),
@@ -62,8 +62,10 @@ def test_extreme_products_at_k3072(device16, mode):
     assert np.array_equal(run_gemm(device16, a, w, bias, m0, shift, mode), reference(a, w, bias, m0, shift, mode))
 
 
-def test_minilm_layer_gemms(device16, minilm):
+@pytest.mark.parametrize("config", ["16x16", "4x4-ice40"])
+def test_minilm_layer_gemms(config, device16, minilm):
     """Every GEMM of layer 0 of the quantized bundled MiniLM, on a real sentence, through the top."""
+    sim = device16 if config == "16x16" else FastSim(CONFIGS[config])
     from sw.quant.hf import encode
     from sw.quant.ref import ref_layer
     qm, _, tok = minilm
@@ -85,7 +87,7 @@ def test_minilm_layer_gemms(device16, minilm):
         ("FFN2", n(tr["g"]), p.w2, p.b2, p.f2_m0, p.f2_shift, Mode.INT16, n(tr["f2"])),
     ]
     for name, a, w, b, m0, sh, mode, want in checks:
-        got = run_gemm(device16, a, w.numpy(), b.numpy(), np.asarray(m0), np.asarray(sh), mode)
+        got = run_gemm(sim, a, w.numpy(), b.numpy(), np.asarray(m0), np.asarray(sh), mode)
         assert np.array_equal(got, want), name
     q, k, v, probs = n(tr["q"]), n(tr["k"]), n(tr["v"]), n(tr["probs"])
     t = q.shape[0]
@@ -93,9 +95,9 @@ def test_minilm_layer_gemms(device16, minilm):
     ctx = np.zeros((t, c), dtype=np.int8)
     for h in range(heads):
         cols = slice(h * d, (h + 1) * d)
-        scores[h] = run_gemm(device16, q[:, cols], k[:, cols], np.zeros(t), per(p.score_m0, t),
+        scores[h] = run_gemm(sim, q[:, cols], k[:, cols], np.zeros(t), per(p.score_m0, t),
                              per(p.score_shift, t), Mode.INT16)
-        ctx[:, cols] = run_gemm(device16, probs[h], v[:, cols].T.copy(), np.zeros(d),
+        ctx[:, cols] = run_gemm(sim, probs[h], v[:, cols].T.copy(), np.zeros(d),
                                 p.ctx_m0[cols].numpy(), p.ctx_shift[cols].numpy(), Mode.INT8)
     assert np.array_equal(scores, n(tr["score"])), "QK^T"
     assert np.array_equal(ctx, n(tr["ctx"])), "P.V"
