@@ -18,7 +18,8 @@ class SystolicArray(wiring.Component):
     ``a`` (``rows`` x int8), ``sel`` (weight bank), ``valid``. Partial sums are continued outside, at
     the output (the engine adds its accumulators there): no input skew of 32-bit sums. (They stay 32
     bits wide inside the array, although 16 + ceil(log2(rows)) would hold them: Verilator sign-extends
-    every odd-width signed sum, and at 16 x 16 that cost 10% of the simulator's speed.) Skewing is
+    every odd-width signed sum, and at 16 x 16 that cost 10% of the simulator's speed; only with
+    ``paired`` products, for the iCE40, are they that narrow.) Skewing is
     internal: the matching ``out`` (``cols`` x int32) appears with ``out_valid`` exactly ``latency = rows
     + cols + 1`` cycles later (the PEs' product register is the 1), all columns aligned.
 
@@ -54,7 +55,10 @@ class SystolicArray(wiring.Component):
         R, C = self.rows, self.cols
         # on an iCE40 each SB_MAC16 makes two neighbours' products (C is even: lanes are multiples of 4)
         paired = is_ice40(platform) if self.paired is None else self.paired
-        pes = [[ProcessingElement(external_product=paired) for _ in range(C)] for _ in range(R)]
+        # with paired products (an iCE40: logic cells are what runs out) the partial sums are as wide as
+        # R products need, 16 + ceil(log2 R) bits, and sign-extended at the output
+        P = 16 + (R - 1).bit_length() if paired else 32
+        pes = [[ProcessingElement(external_product=paired, psum_bits=P) for _ in range(C)] for _ in range(R)]
         if paired:
             for i in range(R):
                 for j in range(0, C, 2):
@@ -91,6 +95,6 @@ class SystolicArray(wiring.Component):
             for i in range(1, R):
                 m.d.comb += pes[i][j].psum_in.eq(pes[i - 1][j].psum_out)
             # column j leaves row R-1 at R + j + 1; hold it C - j more cycles so all leave together
-            m.d.comb += self.out[j].eq(delay(pes[R - 1][j].psum_out, C - j, signed(32), f"out{j}"))
+            m.d.comb += self.out[j].eq(delay(pes[R - 1][j].psum_out, C - j, signed(P), f"out{j}"))
         m.d.comb += self.out_valid.eq(delay(self.valid, self.latency, unsigned(1), "valid", reset_less=False))
         return m

@@ -7,7 +7,7 @@ from amaranth.lib.wiring import In, Out
 from .array import SystolicArray
 from .bufpool import SUBBANKS
 from .isa import MODE_WORDS, PARAM_WORDS_PER_LANE_GROUP, Mode
-from .requant import Requantizer
+from .requant import BitSerialRequantizer, Requantizer
 
 __all__ = ["MatmulEngine", "mode_words"]
 
@@ -43,7 +43,8 @@ class MatmulEngine(wiring.Component):
     one every ``requant.steps`` cycles.
 
     The arguments must already be checked (the :class:`Sequencer` does): A, W/P and O in different banks,
-    M <= ``acc_depth``, O aligned to 4 words.
+    M <= ``acc_depth``, O aligned to 4 words, each region inside the pool (so the tile counts fit
+    ``addr_bits + 1`` bits).
 
     Pool access: ``a_rd`` (activations), ``w_rd`` (weights and parameters), ``o_wr`` (output rows); each
     read returns its word one cycle after ``en``. With ``subbanks`` 1 an output row is written a word a
@@ -57,7 +58,15 @@ class MatmulEngine(wiring.Component):
         self.word_bits = 8 * lanes
         self.subbanks = subbanks
         self.array = SystolicArray(lanes, lanes)
-        self.requant = Requantizer(lanes, requant_lanes, serial_mul_bits)
+        # bit-serial: one lane at a time, the parameters read from a memory as it needs them
+        self.bit_serial = serial_mul_bits == 1
+        if self.bit_serial:
+            if requant_lanes != 1:
+                raise ValueError(f"a bit-serial requantizer takes one lane at a time: requant_lanes must be 1, "
+                                 f"not {requant_lanes!r}")
+            self.requant = BitSerialRequantizer(lanes, tag_bits=addr_bits + 1)
+        else:
+            self.requant = Requantizer(lanes, requant_lanes, serial_mul_bits)
         if subbanks == 1 and self.requant.steps < 4:
             raise ValueError(f"a pool of one memory a bank takes an output row in up to 4 cycles: the "
                              f"requantizer must take >= 4 cycles a row, not {self.requant.steps} (requant_lanes)")
@@ -114,23 +123,32 @@ class MatmulEngine(wiring.Component):
         # latched arguments
         a_base = Signal.like(self.a_addr)
         w_ptr, p_ptr = Signal.like(self.w_addr), Signal.like(self.p_addr)
-        rows, kt_n, nt_n, mode = Signal(16), Signal(16), Signal(16), Signal(2)
+        # the counters as wide as the checked arguments can be (M <= acc_depth; a tile count, a region
+        # size in words, at most the pool's): fewer flip-flops and shorter carry chains than 16 bits
+        row_bits = self.acc_depth.bit_length()
+        tile_bits = min(16, len(self.a_addr) + 1)
+        rows, kt_n, nt_n, mode = Signal(row_bits), Signal(tile_bits), Signal(tile_bits), Signal(2)
         row_words = Signal(3)
         m.d.comb += row_words.eq(mode_words(mode))
         rows_words = Mux(row_words == 4, rows << 2, Mux(row_words == 2, rows << 1, rows))   # no multiplier
 
-        since = Signal(range(lat + 16))          # cycles since the current tile started, saturating
-        m.d.sync += since.eq(Mux(since == lat + 15, since, since + 1))
+        # a bit-serial requantizer reads a row's parameters while it works on the row, up to its latency
+        # after the row left the array: the parameter buffer is free that much later than the weight bank
+        param_margin = load_margin + rq.latency if self.bit_serial else load_margin
+        top = max(lat + 15, param_margin)
+        since = Signal(range(top + 1))           # cycles since the current tile started, saturating
+        m.d.sync += since.eq(Mux(since == top, since, since + 1))
 
         # --- the loader: the next tile's weights into the idle bank, its params at an n-tile boundary ---
         ld_go, ld_busy, ld_ready, ld_wait, ld_pending = Signal(), Signal(), Signal(), Signal(), Signal()
-        ld_kt, ld_nt = Signal(16), Signal(16)    # the tile to load next
+        ld_kt, ld_nt = Signal(tile_bits), Signal(tile_bits)    # the tile to load next
         ld_bank = Signal()
         ld_idx = Signal(range(L + P + 1))
         ld_params = Signal()
         ld_rd_valid, ld_rd_idx = Signal(), Signal.like(ld_idx)   # the word arriving this cycle
         ld_rd_pbuf = Signal()
-        params = [[Signal(WB, name=f"param{b}_{w}") for w in range(P)] for b in range(2)]
+        if not self.bit_serial:
+            params = [[Signal(WB, name=f"param{b}_{w}") for w in range(P)] for b in range(2)]
 
         m.d.sync += ld_rd_valid.eq(0)
         with m.If(ld_go):
@@ -153,18 +171,28 @@ class MatmulEngine(wiring.Component):
                     m.d.sync += ld_kt.eq(ld_kt + 1)
         m.d.comb += [array.w_data.eq(self.w_rd.data), array.w_row.eq(ld_rd_idx[:max(1, (L - 1).bit_length())]),
                      array.w_bank.eq(ld_bank), array.w_we.eq(ld_rd_valid & (ld_rd_idx < L))]
-        for w in range(P):
-            with m.If(ld_rd_valid & (ld_rd_idx == L + w)):
-                with m.If(ld_rd_pbuf):
-                    m.d.sync += params[1][w].eq(self.w_rd.data)
-                with m.Else():
-                    m.d.sync += params[0][w].eq(self.w_rd.data)
-        with m.If(ld_wait & (since >= load_margin) & ~ld_busy):
+        if self.bit_serial:
+            # the two parameter buffers in one memory (a block RAM, not 2 x 9 words of flip-flops): 16
+            # words a buffer, read by the requantizer with the buffer its row carries in its tag
+            m.submodules.param_mem = param_mem = memory.Memory(shape=unsigned(WB), depth=32, init=[])
+            p_wr, p_rd = param_mem.write_port(), param_mem.read_port(transparent_for=())
+            m.d.comb += [p_wr.en.eq(ld_rd_valid & (ld_rd_idx >= L)), p_wr.addr.eq(Cat((ld_rd_idx - L)[:4], ld_rd_pbuf)),
+                         p_wr.data.eq(self.w_rd.data),
+                         p_rd.en.eq(rq.p_en), p_rd.addr.eq(Cat(rq.p_addr, rq.tag_held[-1])), rq.p_data.eq(p_rd.data)]
+        else:
+            for w in range(P):
+                with m.If(ld_rd_valid & (ld_rd_idx == L + w)):
+                    with m.If(ld_rd_pbuf):
+                        m.d.sync += params[1][w].eq(self.w_rd.data)
+                    with m.Else():
+                        m.d.sync += params[0][w].eq(self.w_rd.data)
+        margin = Mux(ld_kt == 0, param_margin, load_margin) if self.bit_serial else load_margin
+        with m.If(ld_wait & (since >= margin) & ~ld_busy):
             m.d.comb += ld_go.eq(1)
             m.d.sync += ld_wait.eq(0)
 
         # --- the feeder: one activation row per cycle ---------------------------------------------------
-        fd_row, fd_kt, fd_nt = Signal(16), Signal(16), Signal(16)
+        fd_row, fd_kt, fd_nt = Signal(row_bits), Signal(tile_bits), Signal(tile_bits)
         fd_sel, fd_started, fd_last_tile = Signal(), Signal(), Signal()
         a_tile, a_ptr = Signal.like(a_base), Signal.like(a_base)
         o_tile, o_ptr = Signal.like(self.o_addr), Signal.like(self.o_addr)
@@ -260,14 +288,25 @@ class MatmulEngine(wiring.Component):
 
         def lanes_of(words, bits, j):
             return Cat(*words)[bits * j: bits * j + bits]
-        # the parameters of the row's n-tile: bias in words 0-3, m0 in 4-7, shifts in 8 (hw.isa)
-        pw = [Mux(t_pbuf, params[1][w], params[0][w]) for w in range(P)]
-        for j in range(L):
-            m.d.comb += [rq.bias[j].eq(lanes_of(pw[0:4], 32, j)), rq.m0[j].eq(lanes_of(pw[4:8], 32, j)),
-                         rq.shift[j].eq(lanes_of(pw[8:9], 8, j))]
         m.d.comb += [rq.acc.eq(t_sum), rq.valid.eq(t_valid & t_last), rq.mode.eq(mode)]
+        if self.bit_serial:
+            # the output address and the parameter buffer travel with the row
+            m.d.comb += rq.tag.eq(Cat(t_optr, t_pbuf))
+            self._write_lanes(m, rq, mode)
+        else:
+            # the parameters of the row's n-tile: bias in words 0-3, m0 in 4-7, shifts in 8 (hw.isa)
+            pw = [Mux(t_pbuf, params[1][w], params[0][w]) for w in range(P)]
+            for j in range(L):
+                m.d.comb += [rq.bias[j].eq(lanes_of(pw[0:4], 32, j)), rq.m0[j].eq(lanes_of(pw[4:8], 32, j)),
+                             rq.shift[j].eq(lanes_of(pw[8:9], 8, j))]
+            o_addr = delay(t_optr, rq.latency, "o_addr")
+            self._write_rows(m, rq, mode, row_words, o_addr)
+        return m
 
-        o_addr = delay(t_optr, rq.latency, "o_addr")
+    def _write_rows(self, m, rq, mode, row_words, o_addr):
+        """Write the requantizer's rows to the output region: whole rows, or a word a cycle."""
+        WB = self.word_bits
+        L = self.lanes
         out = [rq.out[j] for j in range(L)]
         w8 = Cat(*(o[:8] for o in out))
         w16 = Cat(*(o[:16] for o in out))
@@ -301,4 +340,26 @@ class MatmulEngine(wiring.Component):
                         m.d.comb += self.o_wr.en.eq(Mux(o_addr[1], 0b1100, 0b0011))
                     with m.Default():
                         m.d.comb += self.o_wr.en.eq(0b1111)
-        return m
+
+    def _write_lanes(self, m, rq, mode):
+        """Write the bit-serial requantizer's lanes as they come: each lane's int8, int16 or int32 joins
+        the earlier lanes' in a shift register, and a pool word is written when it is full (every lane
+        with int32, every ``lanes // 2`` with int16, the whole row with int8), at the row's address
+        (its tag) plus the words written before."""
+        WB, L = self.word_bits, self.lanes
+        sr = Signal(WB - 8, name="o_lanes", reset_less=True)
+        o_cnt = Signal(2, name="o_cnt")                     # words of the row written
+        in_word = Signal(range(L), name="o_in_word")       # lanes in the word being filled
+        piece = Mux(mode == Mode.INT8, Cat(sr, rq.out[:8]),
+                    Mux(mode == Mode.INT16, Cat(sr, rq.out[:16])[8:], Cat(sr, rq.out)[24:]))
+        per_word = Mux(mode == Mode.INT8, L, Mux(mode == Mode.INT16, L // 2, L // 4))
+        full = in_word + 1 == per_word
+        o_addr = rq.out_tag[:len(self.o_wr.addr)] + o_cnt
+        with m.If(rq.out_valid):
+            m.d.sync += [sr.eq(piece[8:]), in_word.eq(Mux(full, 0, in_word + 1))]
+            with m.If(full):
+                m.d.comb += self.o_wr.addr.eq(o_addr)
+                for sub in range(self.subbanks):
+                    m.d.comb += self.o_wr.data[sub].eq(piece)
+                m.d.comb += self.o_wr.en.eq(1 if self.subbanks == 1 else Const(1, 4) << o_addr[:2])
+                m.d.sync += o_cnt.eq(Mux(rq.out_lane == L - 1, 0, o_cnt + 1))

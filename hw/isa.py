@@ -72,13 +72,17 @@ class AcceleratorConfig:
     memories so an output row of up to four words is written in one cycle). ``acc_depth`` bounds M.
     ``requant_lanes`` (a divisor of ``lanes``; None: all) is how many output columns the requantizer
     takes a cycle: fewer save multipliers on a small FPGA, and the last k-tile of each n-tile then issues
-    one row every ``lanes // requant_lanes`` cycles. ``serial_mul_bits`` (4, 8 or 16; None: off) makes
+    one row every ``lanes // requant_lanes`` cycles. ``serial_mul_bits`` (1, 4, 8 or 16; None: off) makes
     the multiplies outside the array — the requantizer's 32 x 31 and the sequencer's 16 x 16 — digit-
     serial in logic, that many multiplier bits a cycle, for an FPGA whose DSP blocks all go to the array
-    (a requantized row then takes ``ceil(31 / serial_mul_bits)`` times as long). Results depend on
+    (a requantized row then takes ``ceil(31 / serial_mul_bits)`` times as long). 1 is the smallest
+    epilogue, :class:`hw.requant.BitSerialRequantizer`: one lane at a time (``requant_lanes=1``), 68
+    cycles a lane, its parameters in a block RAM. Results depend on
     neither; the host never needs them. ``pool_subbanks`` (4 or 1): memories a bank interleaves; 1
     saves block RAM (a bank is one memory) and writes an output row a word a cycle, so it needs a
-    requantizer that takes at least 4 cycles a row.
+    requantizer that takes at least 4 cycles a row. ``overlap`` (default True): the sequencer runs a
+    LOAD or STORE alongside a MATMUL (interlocked by bank and range); False runs one command at a time,
+    for an FPGA short of logic behind a slow link, where the overlap would save little.
     """
     lanes: int = 16
     banks: int = 4
@@ -87,6 +91,7 @@ class AcceleratorConfig:
     requant_lanes: int | None = None
     serial_mul_bits: int | None = None
     pool_subbanks: int = 4
+    overlap: bool = True
 
     def __post_init__(self):
         if self.lanes not in (4, 8, 12, 16, 20, 24, 28, 32):
@@ -100,10 +105,15 @@ class AcceleratorConfig:
         if self.requant_lanes is not None and (not isinstance(self.requant_lanes, int) or
                                                self.requant_lanes < 1 or self.lanes % self.requant_lanes):
             raise ValueError(f"requant_lanes must divide lanes ({self.lanes}), not {self.requant_lanes!r}")
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be True or False, not {self.overlap!r}")
         if self.pool_subbanks not in (1, 4):
             raise ValueError(f"pool_subbanks must be 1 or 4, not {self.pool_subbanks!r}")
-        if self.serial_mul_bits not in (None, 4, 8, 16):
-            raise ValueError(f"serial_mul_bits must be 4, 8, 16 or None, not {self.serial_mul_bits!r}")
+        if self.serial_mul_bits not in (None, 1, 4, 8, 16):
+            raise ValueError(f"serial_mul_bits must be 1, 4, 8, 16 or None, not {self.serial_mul_bits!r}")
+        if self.serial_mul_bits == 1 and self.requant_lanes != 1:
+            raise ValueError(f"serial_mul_bits=1 (the bit-serial requantizer, one lane at a time) needs "
+                             f"requant_lanes=1, not {self.requant_lanes!r}")
 
     @property
     def rows(self):

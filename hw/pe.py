@@ -22,17 +22,18 @@ class ProcessingElement(wiring.Component):
     With ``external_product`` the multiplier is outside: the PE presents its operands on ``mul_a`` and
     ``mul_w`` and takes their product, registered, on ``mul_p`` one cycle later (an iCE40 DSP block then
     computes the products of two PEs; see :class:`hw.mac.ProductPair`). Same timing, same results.
+    ``psum_bits`` (default 32) narrows the partial sums, for an array that knows its sums fit.
 
     Members: ``a_in``/``a_out`` (int8), ``sel_in``/``sel_out``, ``psum_in``/``psum_out`` (int32),
     ``w_data`` (int8), ``w_we``, ``w_bank``; with ``external_product``, ``mul_a``, ``mul_w`` (int8) and
     ``mul_p`` (int16).
     """
 
-    def __init__(self, external_product=False):
+    def __init__(self, external_product=False, psum_bits=32):
         self.external_product = bool(external_product)
         ports = {
-            "a_in": In(signed(8)), "sel_in": In(1), "psum_in": In(signed(32)),
-            "a_out": Out(signed(8)), "sel_out": Out(1), "psum_out": Out(signed(32)),
+            "a_in": In(signed(8)), "sel_in": In(1), "psum_in": In(signed(psum_bits)),
+            "a_out": Out(signed(8)), "sel_out": Out(1), "psum_out": Out(signed(psum_bits)),
             "w_data": In(signed(8)), "w_we": In(1), "w_bank": In(1),
         }
         if self.external_product:

@@ -169,3 +169,148 @@ class Requantizer(wiring.Component):
                     m.d.sync += out[g * G + j].eq(res)
         m.d.comb += [self.out[k].eq(out[k]) for k in range(self.lanes)]
         return m
+
+
+class BitSerialRequantizer(wiring.Component):
+    """The requantization of :class:`Requantizer`, one lane at a time and one product bit a cycle, with
+    the parameters read from the engine's parameter memory: the smallest epilogue, for an FPGA whose
+    logic, not its speed, is the limit (an iCE40 UP5K behind a UART).
+
+    ``valid`` takes a row: the ``lanes`` accumulators, ``mode``, and a ``tag`` (``tag_bits``: the
+    engine's output address and parameter buffer) that comes back with the row on ``out_tag``. The lanes'
+    parameters are then read in the pool's parameter layout (``hw.isa``; ``word_bits = 8 * lanes``):
+    ``p_en`` with ``p_addr`` (0-3 bias, 4-7 m0, 8 shifts), the word on ``p_data`` the cycle after; the
+    row's tag is on ``tag_held`` meanwhile. Lane by lane: ``x = acc + bias`` (int32, the contract), then
+    ``2p = x * (2 * m0)`` is formed LSB-first, one multiplier bit a cycle, and each product bit as it
+    appears is kept when it falls into ``2p >> shift``'s low 17 bits or folded into "some higher bit
+    differs from the sign"; the result is ``((2p >> shift) + 1) >> 1`` — the contract's one rounding,
+    half toward +inf — saturated per mode (int8, int16; int32 is ``x``, unrounded).
+
+    The results come out a lane at a time, in order: ``out`` (int32) with ``out_lane`` for one cycle of
+    ``out_valid``, the first 70 cycles after ``valid``, then one every 68 cycles; the last, lane
+    ``lanes - 1``, ``latency = steps = 68 * lanes + 2`` cycles after ``valid``. ``out_tag`` holds the
+    row's tag until the next ``valid``, which is taken when ``ready`` (every ``steps`` cycles at most).
+    """
+
+    # bits of r = 2p >> shift kept: every unsaturated int16 result comes from an r in [-2**16, 2**16), and
+    # an r outside saturates (r = -2**16 - 1 rounds to -2**15, the saturated value too)
+    WINDOW = 17
+
+    def __init__(self, lanes, tag_bits=1):
+        if not isinstance(lanes, int) or lanes < 4 or lanes % 4:
+            raise ValueError(f"lanes must be a positive multiple of 4, not {lanes!r}")
+        self.lanes, self.tag_bits = lanes, tag_bits
+        self.group, self.digits = 1, 32
+        self.steps = self.latency = 68 * lanes + 2
+        super().__init__({
+            "acc": In(data.ArrayLayout(signed(32), lanes)),
+            "mode": In(2),
+            "tag": In(tag_bits),
+            "valid": In(1),
+            "ready": Out(1),
+            "p_addr": Out(range(9)),
+            "p_en": Out(1),
+            "p_data": In(8 * lanes),
+            "tag_held": Out(tag_bits),
+            "out": Out(signed(32)),
+            "out_lane": Out(range(lanes)),
+            "out_tag": Out(tag_bits),
+            "out_valid": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        L, W = self.lanes, self.WINDOW
+        per_word = L // 4                       # lanes of bias (m0) per parameter word
+        held_acc = Signal(data.ArrayLayout(signed(32), L), reset_less=True)
+        mode, lane = Signal(2), Signal(range(L))
+        m.d.comb += self.tag_held.eq(self.out_tag)
+
+        def lane_slice(word, j):
+            # lane j's 32 bits of a bias or m0 word
+            return word.word_select(j % per_word, 32) if per_word > 1 else word
+        x = Signal(signed(32), reset_less=True)         # acc + bias
+        mul = Signal(32, reset_less=True)               # 2 * m0, shifted right a bit a cycle
+        sh = Signal(6, reset_less=True)
+        prod = Signal(signed(33), reset_less=True)      # the product's bits not yet out, as a sum
+        bit = Signal(6)                                 # the bit of 2p that comes out this cycle
+        got = Signal(range(W + 1))                      # bits of the window filled
+        win = Signal(W, reset_less=True)
+        seen0, seen1, sign = Signal(), Signal(), Signal()
+        m.d.sync += self.out_valid.eq(0)
+
+        # the finished lane: 2p >> shift is (win, then sign bits) unless a bit above the window differs
+        r = win.as_signed()
+        overflow = (win[W - 1] != sign) | Mux(sign, seen0, seen1)
+        q = Signal(signed(W + 1))
+        m.d.comb += q.eq((r + 1) >> 1)
+        lo = Mux(mode == Mode.INT8, -128, -32768)
+        hi = Mux(mode == Mode.INT8, 127, 32767)
+        res = Signal(signed(32))
+        with m.If(mode == Mode.INT32):
+            m.d.comb += res.eq(x)
+        with m.Elif(overflow):
+            m.d.comb += res.eq(Mux(sign, lo, hi))
+        with m.Elif(q < lo):
+            m.d.comb += res.eq(lo)
+        with m.Elif(q > hi):
+            m.d.comb += res.eq(hi)
+        with m.Else():
+            m.d.comb += res.eq(q)
+
+        def fetch(word):
+            m.d.comb += [self.p_en.eq(1), self.p_addr.eq(word)]
+
+        def word_of(j):
+            return j if per_word == 1 else j // per_word
+
+        with m.FSM():
+            with m.State("IDLE"):
+                m.d.comb += self.ready.eq(1)
+                with m.If(self.valid):
+                    m.d.sync += [held_acc.eq(self.acc), mode.eq(self.mode), self.out_tag.eq(self.tag),
+                                 lane.eq(0)]
+                    m.next = "BIAS"
+            with m.State("BIAS"):
+                fetch(word_of(lane))
+                m.next = "M0"
+            with m.State("M0"):
+                fetch(4 + word_of(lane))
+                m.d.sync += x.eq(held_acc[lane] + lane_slice(self.p_data, lane).as_signed())
+                m.next = "SHIFT"
+            with m.State("SHIFT"):
+                fetch(8)
+                m.d.sync += mul.eq(Cat(Const(0, 1), lane_slice(self.p_data, lane)[:31]))
+                m.next = "LOAD"
+            with m.State("LOAD"):
+                m.d.sync += [sh.eq(self.p_data.word_select(lane, 8)[:6]), prod.eq(0), bit.eq(0), got.eq(0),
+                             seen0.eq(0), seen1.eq(0)]
+                m.next = "STREAM"
+            with m.State("STREAM"):
+                # shift-and-add, LSB first: the sum's low bit is the next bit of 2p (after mul's 32 bits,
+                # the sum only shifts: the product's high bits, down to its sign)
+                total = Signal(signed(34))
+                m.d.comb += total.eq(prod + Mux(mul[0], x, 0))
+                b = total[0]
+                m.d.sync += [prod.eq(total >> 1), mul.eq(mul >> 1), bit.eq(bit + 1)]
+                with m.If(bit >= sh):
+                    with m.If(got < W):
+                        m.d.sync += got.eq(got + 1)
+                        for k in range(W):
+                            # the bit lands at its place; the last one (the sign) fills the rest too
+                            with m.If((got == k) | ((bit == 63) & (got < k))):
+                                m.d.sync += win[k].eq(b)
+                    with m.Else():
+                        m.d.sync += [seen0.eq(seen0 | ~b), seen1.eq(seen1 | b)]
+                with m.If(bit == 63):
+                    m.d.sync += sign.eq(b)
+                    m.next = "DONE"
+            with m.State("DONE"):
+                # (one result register, not one a lane: the engine writes each lane's part as it comes)
+                m.d.sync += [self.out.eq(res), self.out_lane.eq(lane), self.out_valid.eq(1), lane.eq(lane + 1)]
+                with m.If(lane == L - 1):
+                    m.next = "IDLE"
+                with m.Else():
+                    fetch(word_of(lane + 1))        # the next lane's bias
+                    m.next = "M0"
+        return m

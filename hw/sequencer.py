@@ -30,7 +30,8 @@ class Sequencer(wiring.Component):
     are idle. So a stream means exactly what it means run one command at a time — only sooner.
 
     The store unit reads up to three words ahead, so a STORE sends one host word every cycle the host
-    takes one. Pool access: ``rd_*`` (the store unit; data one cycle after ``rd_en``) and ``wr_*`` (LOAD), global
+    takes one. With ``config.overlap`` False every command waits for both units to be idle, and the
+    store unit reads one word ahead. Pool access: ``rd_*`` (the store unit; data one cycle after ``rd_en``) and ``wr_*`` (LOAD), global
     word addresses. ``busy``: the store unit or a MATMUL is running.
     """
 
@@ -169,18 +170,26 @@ class Sequencer(wiring.Component):
         x_banks = Signal(c.banks)               # the LOAD/STORE being dispatched
         m.d.comb += x_banks.eq(range_banks(args[0], count))
         x_span = (args[0], args[0] + count)
-        load_waits = ((mm_running & ((x_banks & mm_wbanks).any() | overlap(x_span, mm_spans[0])
-                                     | overlap(x_span, mm_spans[1]) | overlap(x_span, mm_spans[2])))
-                      | (st_busy & overlap(x_span, st_span)))
-        store_waits = st_busy | (mm_running & ((x_banks & mm_rbanks).any() | overlap(x_span, mm_spans[3])))
-        matmul_waits = mm_running | (st_busy & ((new_rbanks & st_banks).any() | overlap(new_spans[3], st_span)))
+        if c.overlap:
+            load_waits = ((mm_running & ((x_banks & mm_wbanks).any() | overlap(x_span, mm_spans[0])
+                                         | overlap(x_span, mm_spans[1]) | overlap(x_span, mm_spans[2])))
+                          | (st_busy & overlap(x_span, st_span)))
+            store_waits = st_busy | (mm_running & ((x_banks & mm_rbanks).any() | overlap(x_span, mm_spans[3])))
+            matmul_waits = mm_running | (st_busy & ((new_rbanks & st_banks).any() | overlap(new_spans[3], st_span)))
+        else:
+            # one command at a time: none of the bank and range bookkeeping above is used (and synthesis
+            # removes it)
+            load_waits = store_waits = matmul_waits = mm_running | st_busy
 
         # --- the store unit: reads run ahead into a small FIFO, so the stream sends a word every cycle ----
-        m.submodules.st_fifo = st_fifo = SyncFIFO(width=self.word_bits, depth=4)
+        # (without overlap, nothing else happens while a STORE runs, behind a link far slower than the
+        # pool: one word read ahead is enough)
+        fifo_depth = 4 if c.overlap else 1
+        m.submodules.st_fifo = st_fifo = SyncFIFO(width=self.word_bits, depth=fifo_depth)
         st_inflight = Signal()                  # a read issued last cycle: its word lands in the FIFO now
         m.d.sync += st_inflight.eq(self.rd_en)
         m.d.comb += [st_fifo.w_data.eq(self.rd_data), st_fifo.w_en.eq(st_inflight)]
-        with m.If(st_busy & (st_rd_left != 0) & (st_fifo.level + st_inflight < 3)):
+        with m.If(st_busy & (st_rd_left != 0) & (st_fifo.level + st_inflight < max(1, fifo_depth - 1))):
             m.d.comb += [self.rd_addr.eq(st_span[0]), self.rd_en.eq(1)]
             m.d.sync += [st_span[0].eq(st_span[0] + 1), st_rd_left.eq(st_rd_left - 1)]
         with m.If(st_fifo.r_rdy):

@@ -11,7 +11,7 @@ from hw.array import SystolicArray
 from hw.bufpool import BufferPool
 from hw.isa import AcceleratorConfig, Error, Mode, Program, parse_status
 from hw.pe import ProcessingElement
-from hw.requant import Requantizer
+from hw.requant import BitSerialRequantizer, Requantizer
 from hw.top import Accelerator
 from sw.compiler.gemm import gemm_program
 from sw.quant.ref import ref_gemm, ref_requant
@@ -147,6 +147,85 @@ def test_requantizer_matches_ref_requant(group, digit_bits):
     assert out_cycles == [t + dut.latency - 1 for t in starts]
 
 
+def _requant_rows(rng, lanes, n):
+    rows = []
+    for _ in range(n):
+        acc = [rng.choice([rng.randint(-2**31, 2**31 - 1 - 2**20), rng.randint(-5000, 5000)]) for _ in range(lanes)]
+        bias = [rng.randint(-2**20, 0) if a > 0 else rng.randint(0, 2**20) for a in acc]
+        m0 = [rng.choice([rng.randint(0, 2**31 - 1), 2**31 - 1, 1 << 30, 0, 1]) for _ in range(lanes)]
+        shift = [rng.choice([rng.randint(0, 62), 0, 1, 62, 31, 46, 47]) for _ in range(lanes)]
+        rows.append((acc, bias, m0, shift, rng.randint(0, 2)))
+    return rows
+
+
+def _want_requant(rows):
+    want = []
+    for acc, bias, m0, shift, mode in rows:
+        s = torch.tensor([a + b for a, b in zip(acc, bias)], dtype=torch.int32)
+        want.append(s.tolist() if mode == Mode.INT32 else
+                    ref_requant(s, torch.tensor(m0), torch.tensor(shift), 8 if mode == Mode.INT8 else 16).tolist())
+    return want
+
+
+@pytest.mark.parametrize("lanes, n_rows", [(4, 300), (12, 24)])
+def test_bit_serial_requantizer_matches_ref_requant(lanes, n_rows):
+    dut = BitSerialRequantizer(lanes, tag_bits=9)
+    assert dut.steps == dut.latency == 68 * lanes + 2
+    config = AcceleratorConfig(lanes=lanes)
+    rng = random.Random(5)
+    rows = _requant_rows(rng, lanes, n_rows)
+    rows[0] = ([1, 3, -1, -3] * (lanes // 4), [0] * lanes, [1 << 30] * lanes, [31] * lanes, int(Mode.INT8))  # ties
+    # the extremes: the largest products both ways, at the shifts where the window and the sign meet
+    rows[1] = ([-2**31, 2**31 - 1, -2**31, 2**31 - 1] * (lanes // 4), [0] * lanes, [2**31 - 1] * lanes,
+               [62, 62, 0, 47] * (lanes // 4), int(Mode.INT16))
+    rows[2] = ([-2**31, 2**31 - 1, -70000, 65535] * (lanes // 4), [0] * lanes, [2**31 - 1, 2**31 - 1, 1, 1] * (lanes // 4),
+               [61, 61, 1, 1] * (lanes // 4), int(Mode.INT16))
+    # each row's parameters as the pool holds them (hw.isa), one word a read, one cycle late
+    words = []
+    for acc, bias, m0, shift, mode in rows:
+        raw = config.pack_params(bias, m0, shift).view(np.uint8).reshape(9, lanes)
+        words.append([int.from_bytes(bytes(w), "little") for w in raw])
+    starts, t = [], 0
+    for _ in rows:
+        starts.append(t)
+        t += dut.steps + (rng.randint(1, 3) if rng.random() < 0.2 else 0)
+    got, out_cycles, lanes_seen, lane_cycles = [], [], [], []
+
+    async def bench(ctx):
+        p_word = None
+        for t in range(starts[-1] + dut.latency + 2):
+            i = starts.index(t) if t in starts else None
+            if i is not None:
+                assert ctx.get(dut.ready)
+                acc, bias, m0, shift, mode = rows[i]
+                ctx.set(dut.acc, acc)
+                ctx.set(dut.mode, mode)
+                ctx.set(dut.tag, i)
+            else:       # what is on the ports between rows must not matter
+                ctx.set(dut.acc, [rng.randint(-2**31, 2**31 - 1) for _ in range(lanes)])
+                ctx.set(dut.tag, rng.randint(0, 511))
+            ctx.set(dut.valid, i is not None)
+            ctx.set(dut.p_data, p_word if p_word is not None else rng.getrandbits(8 * lanes))
+            p_word = words[ctx.get(dut.tag_held)][ctx.get(dut.p_addr)] if ctx.get(dut.p_en) else None
+            await ctx.tick()
+            if ctx.get(dut.out_valid):
+                # a lane at a time, in order, with the row's tag
+                assert ctx.get(dut.out_lane) == len(lanes_seen)
+                assert ctx.get(dut.out_tag) == len(got)
+                lanes_seen.append(ctx.get(dut.out))
+                lane_cycles.append(t)
+                if len(lanes_seen) == lanes:
+                    got.append(lanes_seen[:])
+                    lanes_seen.clear()
+                    out_cycles.append(t)
+    simulate(dut, bench)
+    assert got == _want_requant(rows)
+    assert got[0][:4] == [1, 2, 0, -1]
+    assert out_cycles == [t + dut.latency - 1 for t in starts]
+    # lane k 70 + 68 k cycles after the row's valid
+    assert lane_cycles == [t + 70 + 68 * k - 1 for t in starts for k in range(lanes)]
+
+
 def test_requantizer_refuses_a_group_that_does_not_divide_the_lanes():
     with pytest.raises(ValueError, match="divisor"):
         Requantizer(4, 3)
@@ -229,8 +308,10 @@ def test_config_validation():
         AcceleratorConfig(lanes=12, requant_lanes=5)
     with pytest.raises(ValueError, match="requant_lanes"):
         AcceleratorConfig(requant_lanes=0)
-    with pytest.raises(ValueError, match="serial_mul_bits must be 4, 8, 16 or None, not 5"):
+    with pytest.raises(ValueError, match="serial_mul_bits must be 1, 4, 8, 16 or None, not 5"):
         AcceleratorConfig(serial_mul_bits=5)
+    with pytest.raises(ValueError, match="serial_mul_bits=1 .* needs requant_lanes=1, not 2"):
+        AcceleratorConfig(lanes=4, requant_lanes=2, serial_mul_bits=1)
     with pytest.raises(ValueError, match="pool_subbanks must be 1 or 4, not 2"):
         AcceleratorConfig(pool_subbanks=2)
     with pytest.raises(ValueError, match="subbanks must be 1 or 4, not 2"):

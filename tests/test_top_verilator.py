@@ -11,10 +11,11 @@ from sw.compiler.gemm import gemm_program
 
 CONFIGS = {
     "4x4": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128),
-    # the small-FPGA (iCE40) build: one column at a time through a digit-serial requantizer (last k-tiles
-    # paced to it), the sequencer's multiplies digit-serial too, one memory a pool bank
+    # the small-FPGA (iCE40) build: one column at a time through the bit-serial requantizer (last k-tiles
+    # paced to it, parameters in a block RAM), the sequencer's multiplies bit-serial too and one command
+    # at a time, one memory a pool bank
     "4x4-ice40": AcceleratorConfig(lanes=4, banks=4, bank_words=2048, acc_depth=128, requant_lanes=1,
-                                   serial_mul_bits=8, pool_subbanks=1),
+                                   serial_mul_bits=1, pool_subbanks=1, overlap=False),
     "8x8": AcceleratorConfig(lanes=8, banks=4, bank_words=4096, acc_depth=256),
     "16x16": AcceleratorConfig(lanes=16, banks=4, bank_words=16384, acc_depth=512),
 }
@@ -254,7 +255,7 @@ def test_transfers_overlap_a_running_matmul():
 
 @pytest.mark.parametrize("bits", [4, 16])
 def test_other_digit_widths_and_two_requantizer_columns(bits):
-    """The digit-serial multiplies at their other widths (the ``4x4-ice40`` configuration runs 8 bits), with
+    """The digit-serial multiplies at other widths (the ``4x4-ice40`` configuration runs 1 bit), with
     two requantizer columns a cycle: a row then takes 2 x 8 or 2 x 2 cycles."""
     cfg = AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128, requant_lanes=2,
                             serial_mul_bits=bits, pool_subbanks=1)
