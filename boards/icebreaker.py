@@ -21,11 +21,11 @@ BOARD = Board(
         # the 8 SB_MAC16 make the array's 16 products, two a block (hw.mac.ProductPair); the requantizer
         # (one column at a time) and the sequencer multiply digit-serially in logic; a pool bank is one
         # memory (two EBR at 256 words)
-        "small": AcceleratorConfig(lanes=4, banks=3, bank_words=256, acc_depth=64, requant_lanes=1, overlap=False,
-                                   serial_mul_bits=1, pool_subbanks=1),
+        "small": AcceleratorConfig(lanes=4, banks=3, bank_words=256, acc_depth=64, requant_lanes=1,
+                                   serial_mul_bits=1, pool_subbanks=1, overlap=False, compact_array=True),
         # the same with the block RAM it leaves: 3 x 512 pool words (12 EBR), M up to 128 (26 of 30 EBR)
-        "target": AcceleratorConfig(lanes=4, banks=3, bank_words=512, acc_depth=128, requant_lanes=1, overlap=False,
-                                    serial_mul_bits=1, pool_subbanks=1),
+        "target": AcceleratorConfig(lanes=4, banks=3, bank_words=512, acc_depth=128, requant_lanes=1,
+                                    serial_mul_bits=1, pool_subbanks=1, overlap=False, compact_array=True),
     },
     leds=2,                 # the two on the board itself (the others are on the snap-off PMOD)
     # no -dsp: every multiply is either an explicit SB_MAC16 or digit-serial logic. (Yosys 0.70's DSP

@@ -1,10 +1,10 @@
 """The weight-stationary systolic array."""
 
 from amaranth import Cat, Module, Signal, signed, unsigned
-from amaranth.lib import data, wiring
+from amaranth.lib import data, memory, wiring
 from amaranth.lib.wiring import In, Out
 
-from .mac import ProductPair, is_ice40
+from .mac import ProductPair
 from .pe import ProcessingElement
 
 __all__ = ["SystolicArray"]
@@ -18,26 +18,30 @@ class SystolicArray(wiring.Component):
     ``a`` (``rows`` x int8), ``sel`` (weight bank), ``valid``. Partial sums are continued outside, at
     the output (the engine adds its accumulators there): no input skew of 32-bit sums. (They stay 32
     bits wide inside the array, although 16 + ceil(log2(rows)) would hold them: Verilator sign-extends
-    every odd-width signed sum, and at 16 x 16 that cost 10% of the simulator's speed; only with
-    ``paired`` products, for the iCE40, are they that narrow.) Skewing is
+    every odd-width signed sum, and at 16 x 16 that cost 10% of the simulator's speed.) Skewing is
     internal: the matching ``out`` (``cols`` x int32) appears with ``out_valid`` exactly ``latency = rows
     + cols + 1`` cycles later (the PEs' product register is the 1), all columns aligned.
 
-    ``paired``: the products of neighbouring PEs two by two in one :class:`hw.mac.ProductPair` (default:
-    on an iCE40, where that is one DSP block per pair); same timing, same results.
+    ``paired`` (default False) is the layout for a small FPGA, where logic cells are what runs out: the
+    products of neighbouring PEs two by two in one :class:`hw.mac.ProductPair` (one DSP block per pair
+    on an iCE40), each row's activation broadcast to all its columns instead of passed along (no output
+    deskew then; a 4 x 4 array at tens of MHz needs no pipelined fan-out), each row's two weight banks
+    in one block RAM read a cycle ahead of its activation (``latency = rows + 2``), and partial sums
+    16 + ceil(log2(rows)) bits wide. Same results.
 
     Weights: ``w_we`` writes ``w_data`` (``cols`` x int8) into row ``w_row`` of bank ``w_bank``. Writing
     bank b is safe once every row issued with ``sel == b`` has been out for ``latency`` cycles.
     """
 
-    def __init__(self, rows, cols, paired=None):
+    def __init__(self, rows, cols, paired=False):
         for name, v in (("rows", rows), ("cols", cols)):
             if not isinstance(v, int) or not 2 <= v <= 32:
                 raise ValueError(f"{name} must be an int in [2, 32], not {v!r}")
         if paired and cols % 2:
             raise ValueError(f"paired products need an even number of columns, not {cols}")
         self.rows, self.cols, self.paired = rows, cols, paired
-        self.latency = rows + cols + 1
+        # (with paired products, activations are broadcast along each row: no column skew to undo)
+        self.latency = rows + 2 if paired else rows + cols + 1
         super().__init__({
             "a": In(data.ArrayLayout(signed(8), rows)),
             "sel": In(1),
@@ -53,12 +57,11 @@ class SystolicArray(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         R, C = self.rows, self.cols
-        # on an iCE40 each SB_MAC16 makes two neighbours' products (C is even: lanes are multiples of 4)
-        paired = is_ice40(platform) if self.paired is None else self.paired
-        # with paired products (an iCE40: logic cells are what runs out) the partial sums are as wide as
-        # R products need, 16 + ceil(log2 R) bits, and sign-extended at the output
+        paired = self.paired
+        # paired: the partial sums as wide as R products need, sign-extended at the output
         P = 16 + (R - 1).bit_length() if paired else 32
-        pes = [[ProcessingElement(external_product=paired, psum_bits=P) for _ in range(C)] for _ in range(R)]
+        pes = [[ProcessingElement(external_product=paired, psum_bits=P, external_weight=paired) for _ in range(C)]
+               for _ in range(R)]
         if paired:
             for i in range(R):
                 for j in range(0, C, 2):
@@ -66,12 +69,15 @@ class SystolicArray(wiring.Component):
                     left, right = pes[i][j], pes[i][j + 1]
                     m.d.comb += [mac.a0.eq(left.mul_a), mac.b0.eq(left.mul_w), left.mul_p.eq(mac.p0),
                                  mac.a1.eq(right.mul_a), mac.b1.eq(right.mul_w), right.mul_p.eq(mac.p1)]
+        row_we_of = []
         for i in range(R):
             row_we = Signal(name=f"w_we_row{i}")      # decoded once a row, not once a PE
             m.d.comb += row_we.eq(self.w_we & (self.w_row == i))
+            row_we_of.append(row_we)
             for j in range(C):
                 m.submodules[f"pe_{i}_{j}"] = pe = pes[i][j]
-                m.d.comb += [pe.w_data.eq(self.w_data[j]), pe.w_bank.eq(self.w_bank), pe.w_we.eq(row_we)]
+                if not paired:
+                    m.d.comb += [pe.w_data.eq(self.w_data[j]), pe.w_bank.eq(self.w_bank), pe.w_we.eq(row_we)]
 
         def delay(sig, n, shape, name, reset_less=True):
             # n registers: the input skew of row i / column j, the output deskew (data: no reset)
@@ -86,6 +92,18 @@ class SystolicArray(wiring.Component):
             # the activation and its bank select skewed as one register (half the copies in simulation)
             a_sel = delay(Cat(self.a[i], self.sel), i, unsigned(9), f"a_sel{i}")
             a_i, sel_i = a_sel[:8].as_signed(), a_sel[8]
+            if paired:
+                # the row's weights of bank sel read as the activation waits a cycle, then all to every PE
+                wmem = memory.Memory(shape=unsigned(8 * C), depth=2, init=[], attrs={"ram_style": "block"})
+                m.submodules[f"weights{i}"] = wmem
+                wr, rd = wmem.write_port(), wmem.read_port(transparent_for=())
+                m.d.comb += [wr.en.eq(row_we_of[i]), wr.addr.eq(self.w_bank), wr.data.eq(self.w_data),
+                             rd.addr.eq(sel_i)]
+                a_next = delay(a_i, 1, signed(8), f"a{i}")
+                for j in range(C):
+                    m.d.comb += [pes[i][j].a_in.eq(a_next), pes[i][j].sel_in.eq(0),
+                                 pes[i][j].weight.eq(rd.data[8 * j: 8 * j + 8])]
+                continue
             m.d.comb += [pes[i][0].a_in.eq(a_i), pes[i][0].sel_in.eq(sel_i)]
             for j in range(1, C):
                 m.d.comb += [pes[i][j].a_in.eq(pes[i][j - 1].a_out),
@@ -94,7 +112,10 @@ class SystolicArray(wiring.Component):
             m.d.comb += pes[0][j].psum_in.eq(0)
             for i in range(1, R):
                 m.d.comb += pes[i][j].psum_in.eq(pes[i - 1][j].psum_out)
-            # column j leaves row R-1 at R + j + 1; hold it C - j more cycles so all leave together
-            m.d.comb += self.out[j].eq(delay(pes[R - 1][j].psum_out, C - j, signed(P), f"out{j}"))
+            if paired:
+                m.d.comb += self.out[j].eq(pes[R - 1][j].psum_out)
+            else:
+                # column j leaves row R-1 at R + j + 1; hold it C - j more cycles so all leave together
+                m.d.comb += self.out[j].eq(delay(pes[R - 1][j].psum_out, C - j, signed(P), f"out{j}"))
         m.d.comb += self.out_valid.eq(delay(self.valid, self.latency, unsigned(1), "valid", reset_less=False))
         return m

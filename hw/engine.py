@@ -52,12 +52,14 @@ class MatmulEngine(wiring.Component):
     array (for the performance counters).
     """
 
-    def __init__(self, lanes, addr_bits, acc_depth, requant_lanes=None, serial_mul_bits=None, subbanks=SUBBANKS):
+    def __init__(self, lanes, addr_bits, acc_depth, requant_lanes=None, serial_mul_bits=None, subbanks=SUBBANKS,
+                 compact_array=False):
         self.lanes = lanes
         self.acc_depth = acc_depth
         self.word_bits = 8 * lanes
         self.subbanks = subbanks
-        self.array = SystolicArray(lanes, lanes)
+        self.compact_array = compact_array
+        self.array = SystolicArray(lanes, lanes, paired=compact_array)
         # bit-serial: one lane at a time, the parameters read from a memory as it needs them
         self.bit_serial = serial_mul_bits == 1
         if self.bit_serial:
@@ -102,7 +104,10 @@ class MatmulEngine(wiring.Component):
             # of the write (one read, one write a cycle instead of n copies: faster to simulate, and a
             # small RAM rather than n x width flip-flops on an FPGA); the data carries no reset
             word = Cat(*sigs)
-            m.submodules[name] = ring = memory.Memory(shape=unsigned(len(word)), depth=n, init=[])
+            # (the compact layout's few cycles would make it flip-flops: on the small FPGA it is built
+            # for, block RAM is what is left over)
+            attrs = {"ram_style": "block"} if self.compact_array else None
+            m.submodules[name] = ring = memory.Memory(shape=unsigned(len(word)), depth=n, init=[], attrs=attrs)
             wr, rd = ring.write_port(), ring.read_port(transparent_for=())
             ptr = Signal(range(n), name=f"{name}_ptr")
             m.d.sync += ptr.eq(Mux(ptr == n - 1, 0, ptr + 1))
@@ -204,7 +209,8 @@ class MatmulEngine(wiring.Component):
         # (the pace runs across tile boundaries: a tile may start the cycle after the last one's last row)
         issue = Signal()
         pace = Signal(range(rq.steps))          # cycles until the requantizer takes another row
-        m.d.comb += issue.eq(~last_k | (pace == 0))
+        # (with the bit-serial requantizer no row at all does: it reads its row from t_sum for that long)
+        m.d.comb += issue.eq((pace == 0) if self.bit_serial else (~last_k | (pace == 0)))
         m.d.sync += pace.eq(Mux(pace == 0, 0, pace - 1))
 
         # stage 1: the row whose activation word and partial sums arrive from memory this cycle
@@ -283,7 +289,14 @@ class MatmulEngine(wiring.Component):
         acc_in = acc_rd.data
         m.d.sync += [t_valid.eq(array.out_valid), t_last.eq(u_last), t_row.eq(u_row), t_optr.eq(u_optr),
                      t_pbuf.eq(u_pbuf)]
-        m.d.sync += [t_sum[j].eq(array.out[j] + Mux(u_zero, 0, acc_in[32 * j: 32 * j + 32])) for j in range(L)]
+        sums = [t_sum[j].eq(array.out[j] + Mux(u_zero, 0, acc_in[32 * j: 32 * j + 32])) for j in range(L)]
+        if self.bit_serial:
+            # the bit-serial requantizer reads its row from here, a lane at a time: t_sum holds each row
+            # until the next (and no row follows a last k-tile's sooner than the requantizer takes it)
+            with m.If(array.out_valid):
+                m.d.sync += sums
+        else:
+            m.d.sync += sums
         m.d.comb += [acc_wr.en.eq(t_valid & ~t_last), acc_wr.addr.eq(t_row), acc_wr.data.eq(t_sum)]
 
         def lanes_of(words, bits, j):

@@ -83,6 +83,8 @@ class AcceleratorConfig:
     requantizer that takes at least 4 cycles a row. ``overlap`` (default True): the sequencer runs a
     LOAD or STORE alongside a MATMUL (interlocked by bank and range); False runs one command at a time,
     for an FPGA short of logic behind a slow link, where the overlap would save little.
+    ``compact_array`` (default False): the systolic array's small-FPGA layout (``SystolicArray(paired=True)``:
+    two PEs' products in one iCE40 DSP block, activations broadcast along rows, narrow partial sums).
     """
     lanes: int = 16
     banks: int = 4
@@ -92,6 +94,7 @@ class AcceleratorConfig:
     serial_mul_bits: int | None = None
     pool_subbanks: int = 4
     overlap: bool = True
+    compact_array: bool = False
 
     def __post_init__(self):
         if self.lanes not in (4, 8, 12, 16, 20, 24, 28, 32):
@@ -105,8 +108,9 @@ class AcceleratorConfig:
         if self.requant_lanes is not None and (not isinstance(self.requant_lanes, int) or
                                                self.requant_lanes < 1 or self.lanes % self.requant_lanes):
             raise ValueError(f"requant_lanes must divide lanes ({self.lanes}), not {self.requant_lanes!r}")
-        if not isinstance(self.overlap, bool):
-            raise ValueError(f"overlap must be True or False, not {self.overlap!r}")
+        for name in ("overlap", "compact_array"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if self.pool_subbanks not in (1, 4):
             raise ValueError(f"pool_subbanks must be 1 or 4, not {self.pool_subbanks!r}")
         if self.serial_mul_bits not in (None, 1, 4, 8, 16):

@@ -22,20 +22,26 @@ class ProcessingElement(wiring.Component):
     With ``external_product`` the multiplier is outside: the PE presents its operands on ``mul_a`` and
     ``mul_w`` and takes their product, registered, on ``mul_p`` one cycle later (an iCE40 DSP block then
     computes the products of two PEs; see :class:`hw.mac.ProductPair`). Same timing, same results.
-    ``psum_bits`` (default 32) narrows the partial sums, for an array that knows its sums fit.
+    ``psum_bits`` (default 32) narrows the partial sums, for an array that knows its sums fit. With
+    ``external_weight`` the array keeps the weights (in a block RAM a row) and presents the selected one
+    on ``weight`` with ``a_in``: no weight registers, no ``w_*`` members.
 
     Members: ``a_in``/``a_out`` (int8), ``sel_in``/``sel_out``, ``psum_in``/``psum_out`` (int32),
     ``w_data`` (int8), ``w_we``, ``w_bank``; with ``external_product``, ``mul_a``, ``mul_w`` (int8) and
     ``mul_p`` (int16).
     """
 
-    def __init__(self, external_product=False, psum_bits=32):
+    def __init__(self, external_product=False, psum_bits=32, external_weight=False):
         self.external_product = bool(external_product)
+        self.external_weight = bool(external_weight)
         ports = {
             "a_in": In(signed(8)), "sel_in": In(1), "psum_in": In(signed(psum_bits)),
             "a_out": Out(signed(8)), "sel_out": Out(1), "psum_out": Out(signed(psum_bits)),
-            "w_data": In(signed(8)), "w_we": In(1), "w_bank": In(1),
         }
+        if self.external_weight:
+            ports["weight"] = In(signed(8))
+        else:
+            ports.update({"w_data": In(signed(8)), "w_we": In(1), "w_bank": In(1)})
         if self.external_product:
             ports.update({"mul_a": Out(signed(8)), "mul_w": Out(signed(8)), "mul_p": In(signed(16))})
         super().__init__(ports)
@@ -44,17 +50,20 @@ class ProcessingElement(wiring.Component):
         m = Module()
         # datapath registers carry no reset: what they hold before the first valid row is never used, and
         # without reset logic they cost fewer LUTs and simulate faster
-        w = [Signal(signed(8), name=f"w{b}", reset_less=True) for b in range(2)]
-        with m.If(self.w_we):
-            with m.If(self.w_bank):
-                m.d.sync += w[1].eq(self.w_data)
+        if self.external_weight:
+            weight = self.weight
+        else:
+            w = [Signal(signed(8), name=f"w{b}", reset_less=True) for b in range(2)]
+            with m.If(self.w_we):
+                with m.If(self.w_bank):
+                    m.d.sync += w[1].eq(self.w_data)
+                with m.Else():
+                    m.d.sync += w[0].eq(self.w_data)
+            weight = Signal(signed(8))
+            with m.If(self.sel_in):
+                m.d.comb += weight.eq(w[1])
             with m.Else():
-                m.d.sync += w[0].eq(self.w_data)
-        weight = Signal(signed(8))
-        with m.If(self.sel_in):
-            m.d.comb += weight.eq(w[1])
-        with m.Else():
-            m.d.comb += weight.eq(w[0])
+                m.d.comb += weight.eq(w[0])
         a, sel, psum = (Signal.like(port, reset_less=True) for port in (self.a_out, self.sel_out, self.psum_out))
         if self.external_product:
             prod = self.mul_p

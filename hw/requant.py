@@ -176,8 +176,10 @@ class BitSerialRequantizer(wiring.Component):
     the parameters read from the engine's parameter memory: the smallest epilogue, for an FPGA whose
     logic, not its speed, is the limit (an iCE40 UP5K behind a UART).
 
-    ``valid`` takes a row: the ``lanes`` accumulators, ``mode``, and a ``tag`` (``tag_bits``: the
-    engine's output address and parameter buffer) that comes back with the row on ``out_tag``. The lanes'
+    ``valid`` takes a row: ``mode`` and a ``tag`` (``tag_bits``: the engine's output address and
+    parameter buffer) that comes back with the row on ``out_tag``, and the ``lanes`` accumulators, which
+    are not copied but read lane by lane, lane k ``2 + 68 * k`` cycles after ``valid``: ``acc`` must
+    hold the row until then. The lanes'
     parameters are then read in the pool's parameter layout (``hw.isa``; ``word_bits = 8 * lanes``):
     ``p_en`` with ``p_addr`` (0-3 bias, 4-7 m0, 8 shifts), the word on ``p_data`` the cycle after; the
     row's tag is on ``tag_held`` meanwhile. Lane by lane: ``x = acc + bias`` (int32, the contract), then
@@ -222,7 +224,6 @@ class BitSerialRequantizer(wiring.Component):
         m = Module()
         L, W = self.lanes, self.WINDOW
         per_word = L // 4                       # lanes of bias (m0) per parameter word
-        held_acc = Signal(data.ArrayLayout(signed(32), L), reset_less=True)
         mode, lane = Signal(2), Signal(range(L))
         m.d.comb += self.tag_held.eq(self.out_tag)
 
@@ -268,15 +269,14 @@ class BitSerialRequantizer(wiring.Component):
             with m.State("IDLE"):
                 m.d.comb += self.ready.eq(1)
                 with m.If(self.valid):
-                    m.d.sync += [held_acc.eq(self.acc), mode.eq(self.mode), self.out_tag.eq(self.tag),
-                                 lane.eq(0)]
+                    m.d.sync += [mode.eq(self.mode), self.out_tag.eq(self.tag), lane.eq(0)]
                     m.next = "BIAS"
             with m.State("BIAS"):
                 fetch(word_of(lane))
                 m.next = "M0"
             with m.State("M0"):
                 fetch(4 + word_of(lane))
-                m.d.sync += x.eq(held_acc[lane] + lane_slice(self.p_data, lane).as_signed())
+                m.d.sync += x.eq(self.acc[lane] + lane_slice(self.p_data, lane).as_signed())
                 m.next = "SHIFT"
             with m.State("SHIFT"):
                 fetch(8)

@@ -137,8 +137,12 @@ class Sequencer(wiring.Component):
 
         # the extents of the four regions, registered in the MEASURE and SCALE cycles before DISPATCH: the
         # products are DSP multiplies, and checking them in the same cycle was the design's critical path
-        ext_a, ext_w = Signal(32, name="ext_a"), Signal(32 + (c.lanes - 1).bit_length() + 1, name="ext_w")
-        ext_p, ext_o = Signal(16 + PARAM_WORDS_PER_LANE_GROUP.bit_length(), name="ext_p"), Signal(35, name="ext_o")
+        # each kept as its low bank_bits + 1 bits and a flag "longer than that" (all a range check needs)
+        E = bank_bits + 1
+        ext_a, ext_w, ext_p, ext_o = (Signal(E + 1, name=f"ext_{n}") for n in "awpo")
+
+        def clip(value, big=0):
+            return Cat(value[:E], big | value[E:].any())
         measure_step = Signal(2)
         product = Signal(32)
         if c.serial_mul_bits is None:
@@ -150,7 +154,7 @@ class Sequencer(wiring.Component):
             with m.Switch(measure_step):
                 for k, ext in enumerate((ext_a, ext_w, ext_o)):
                     with m.Case(first + k):
-                        m.d.sync += ext.eq(value)
+                        m.d.sync += ext.eq(clip(value))
                         if k == 2:
                             m.next = "SCALE"
         def times(value, constant):
@@ -241,7 +245,7 @@ class Sequencer(wiring.Component):
                         m.d.sync += [idx.eq(0), sub.eq(0), measure_step.eq(0)]
                         m.next = "MEASURE"
             with m.State("MEASURE"):
-                m.d.sync += ext_p.eq(times(nt, PARAM_WORDS_PER_LANE_GROUP))
+                m.d.sync += ext_p.eq(clip(times(nt, PARAM_WORDS_PER_LANE_GROUP)))
                 if c.serial_mul_bits is None:
                     # the three products of two arguments through one 16 x 16 multiplier with registered
                     # operands, one a cycle (a small FPGA has few multipliers; three cycles per MATMUL cost
@@ -263,8 +267,8 @@ class Sequencer(wiring.Component):
                         m.d.sync += [digit_idx.eq(n_digits - 1), measure_step.eq(measure_step + 1)]
                         store_extent(0, acc)
             with m.State("SCALE"):
-                m.d.sync += [ext_w.eq(times(ext_w, c.lanes)), ext_o.eq(Mux(mw == 1, ext_o, Mux(mw == 2, ext_o << 1,
-                                                                                         ext_o << 2)))]
+                scaled_o = Mux(mw == 1, ext_o[:E], Mux(mw == 2, ext_o[:E] << 1, ext_o[:E] << 2))
+                m.d.sync += [ext_w.eq(clip(times(ext_w[:E], c.lanes), ext_w[E])), ext_o.eq(clip(scaled_o, ext_o[E]))]
                 m.next = "DISPATCH"
             with m.State("DISPATCH"):
                 m.d.comb += range_ok.eq(args_fit[0] & (args[0] + count <= c.pool_words))

@@ -36,7 +36,7 @@ class Accelerator(wiring.Component):
         c = self.config
         m.submodules.seq = seq = Sequencer(c)
         m.submodules.engine = eng = MatmulEngine(c.lanes, seq.addr_bits, c.acc_depth, c.requant_lanes,
-                                                     c.serial_mul_bits, c.pool_subbanks)
+                                                     c.serial_mul_bits, c.pool_subbanks, c.compact_array)
         m.submodules.pool = pool = BufferPool(8 * c.lanes, c.banks, c.bank_words, c.pool_subbanks)
         m.submodules.counters = cnt = PerfCounters(c.lanes * c.lanes)
         bank_bits = (c.bank_words - 1).bit_length()

@@ -1,6 +1,7 @@
 """Board files, their clocks and PLLs, the build's fit check, and the programming step's messages."""
 
 import json
+from pathlib import Path
 import re
 
 import numpy as np
@@ -67,19 +68,19 @@ def test_the_ulx3s_configurations_synthesize_into_the_ecp5(tmp_path, size):
     assert json.loads((tmp_path / f"ulx3s-{size}" / "report.json").read_text())["cells"] == cells
 
 
-def test_an_icebreaker_build_reports_what_the_design_needs_of_the_up5k(tmp_path):
-    """The full build of the smallest iCEBreaker configuration (~30 s while it does not fit: nextpnr stops
-    at packing). Fit or not, the report has the logic cells, block RAMs and DSP blocks used and available;
-    a design that does not fit is reported with the resource it overflows, not just nextpnr's error."""
+def test_the_icebreaker_builds_and_meets_timing(tmp_path):
+    """The full build of the smallest iCEBreaker configuration, as `make bitstream BOARD=icebreaker` runs
+    it (~3 min: the UP5K is ~95% full, and nextpnr works for its placement). The report has the logic
+    cells, block RAMs and DSP blocks used and available and the clock's Fmax against the 12 MHz the board
+    file declares."""
     from boards.build import build
     report = build("icebreaker", "small", out=tmp_path)
+    assert report["status"] == "pass", report.get("error")
+    assert report["timing_met"] and report["bitstream"] and Path(report["bitstream"]).stat().st_size > 100_000
     use = report["utilization"]
     assert use["ICESTORM_LC"]["available"] == 5280 and use["ICESTORM_RAM"]["available"] == 30
+    assert use["ICESTORM_LC"]["used"] <= 5280 and use["ICESTORM_RAM"]["used"] <= 30
     assert use["ICESTORM_DSP"] == {"used": 8, "available": 8}        # the array's 16 products, two a block
-    if report["status"] == "failed":
-        assert any(u["used"] > u["available"] for u in use.values()), report
-    else:
-        assert report["bitstream"] and report["timing_met"] == (report["status"] == "pass")
 
 
 def test_programming_without_a_bitstream_or_a_programmer_says_what_to_do(tmp_path, monkeypatch, capsys):

@@ -192,7 +192,7 @@ def test_bit_serial_requantizer_matches_ref_requant(lanes, n_rows):
     got, out_cycles, lanes_seen, lane_cycles = [], [], [], []
 
     async def bench(ctx):
-        p_word = None
+        p_word, held_until = None, 0
         for t in range(starts[-1] + dut.latency + 2):
             i = starts.index(t) if t in starts else None
             if i is not None:
@@ -201,8 +201,11 @@ def test_bit_serial_requantizer_matches_ref_requant(lanes, n_rows):
                 ctx.set(dut.acc, acc)
                 ctx.set(dut.mode, mode)
                 ctx.set(dut.tag, i)
-            else:       # what is on the ports between rows must not matter
-                ctx.set(dut.acc, [rng.randint(-2**31, 2**31 - 1) for _ in range(lanes)])
+                held_until = t + 2 + 68 * (lanes - 1)
+            else:       # what is on the ports between rows must not matter (acc once its last lane is read)
+                if t > held_until:
+                    ctx.set(dut.acc, [rng.randint(-2**31, 2**31 - 1) for _ in range(lanes)])
+                ctx.set(dut.mode, rng.randint(0, 2))
                 ctx.set(dut.tag, rng.randint(0, 511))
             ctx.set(dut.valid, i is not None)
             ctx.set(dut.p_data, p_word if p_word is not None else rng.getrandbits(8 * lanes))

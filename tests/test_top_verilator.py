@@ -13,9 +13,9 @@ CONFIGS = {
     "4x4": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128),
     # the small-FPGA (iCE40) build: one column at a time through the bit-serial requantizer (last k-tiles
     # paced to it, parameters in a block RAM), the sequencer's multiplies bit-serial too and one command
-    # at a time, one memory a pool bank
+    # at a time, one memory a pool bank, the array's compact layout
     "4x4-ice40": AcceleratorConfig(lanes=4, banks=4, bank_words=2048, acc_depth=128, requant_lanes=1,
-                                   serial_mul_bits=1, pool_subbanks=1, overlap=False),
+                                   serial_mul_bits=1, pool_subbanks=1, overlap=False, compact_array=True),
     "8x8": AcceleratorConfig(lanes=8, banks=4, bank_words=4096, acc_depth=256),
     "16x16": AcceleratorConfig(lanes=16, banks=4, bank_words=16384, acc_depth=512),
 }
