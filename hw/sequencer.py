@@ -265,7 +265,12 @@ class Sequencer(wiring.Component):
                     m.d.sync += [product.eq(acc), digit_idx.eq(digit_idx - 1)]
                     with m.If(digit_idx == 0):
                         m.d.sync += [digit_idx.eq(n_digits - 1), measure_step.eq(measure_step + 1)]
-                        store_extent(0, acc)
+                    # a product is stored from its register as the next one starts (the sum and the
+                    # extent's range flag in one cycle were the iCE40 build's critical path)
+                    with m.If((digit_idx == n_digits - 1) & (measure_step != 0)):
+                        store_extent(1, product)
+                        with m.If(measure_step == 3):
+                            m.d.sync += digit_idx.eq(n_digits - 1)      # ready for the next MATMUL
             with m.State("SCALE"):
                 scaled_o = Mux(mw == 1, ext_o[:E], Mux(mw == 2, ext_o[:E] << 1, ext_o[:E] << 2))
                 m.d.sync += [ext_w.eq(clip(times(ext_w[:E], c.lanes), ext_w[E])), ext_o.eq(clip(scaled_o, ext_o[E]))]
