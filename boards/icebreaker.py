@@ -1,8 +1,10 @@
 """iCEBreaker: Lattice iCE40 UP5K (5280 LCs, 8 SB_MAC16, 30 EBR, 4 SPRAM), 12 MHz oscillator, FT2232H UART.
 
-Yosys uses the SB_MAC16 DSPs only when asked (``-dsp``), and puts a memory in SPRAM only when its zero
-initialiser is deleted (Amaranth always emits one). Not yet buildable: the DSP blocks and block RAMs of
-both sizes fit, but the 4x4 design packs into ~9,500 logic cells of the UP5K's 5,280 (README, Bitstreams).
+The UP5K's limit is its logic cells, so this board gets the small-FPGA variant of every block (see
+``hw.isa.AcceleratorConfig``): the array's compact layout (two PEs' products in each of the 8 SB_MAC16, a
+block RAM of weights a row, activations broadcast, narrow partial sums), the bit-serial requantizer with
+its parameters in block RAM, the sequencer one command at a time and its multiplies bit-serial, one
+memory a pool bank. It fills ~91% of the logic cells and all 30 block RAMs, so there is one size.
 """
 
 from amaranth_boards.icebreaker import ICEBreakerPlatform
@@ -11,22 +13,19 @@ from hw.isa import AcceleratorConfig
 
 from .board import Board
 
+# 4 x 4 (the 8 SB_MAC16 make its 16 products), 3 banks of 256 words (a bank is one memory: two EBR), M up
+# to 64 (the accumulators: 8 EBR); the 4 rows of weights take 8 EBR, the link's buffers 4, the parameters 2
+# and a delay line 2: 30 of 30
+_UP5K = AcceleratorConfig(lanes=4, banks=3, bank_words=256, acc_depth=64, requant_lanes=1, serial_mul_bits=1,
+                          pool_subbanks=1, overlap=False, compact_array=True)
+
 BOARD = Board(
     name="icebreaker",
     platform=ICEBreakerPlatform,
     family="ice40",
     clock_hz=12e6,
     baud=1_000_000,
-    sizes={
-        # the 8 SB_MAC16 make the array's 16 products, two a block (hw.mac.ProductPair); the requantizer
-        # (one column at a time) and the sequencer multiply digit-serially in logic; a pool bank is one
-        # memory (two EBR at 256 words)
-        "small": AcceleratorConfig(lanes=4, banks=3, bank_words=256, acc_depth=64, requant_lanes=1,
-                                   serial_mul_bits=1, pool_subbanks=1, overlap=False, compact_array=True),
-        # the same with the block RAM it leaves: 3 x 512 pool words (12 EBR), M up to 128 (26 of 30 EBR)
-        "target": AcceleratorConfig(lanes=4, banks=3, bank_words=512, acc_depth=128, requant_lanes=1,
-                                    serial_mul_bits=1, pool_subbanks=1, overlap=False, compact_array=True),
-    },
+    sizes={"small": _UP5K, "target": _UP5K},
     leds=2,                 # the two on the board itself (the others are on the snap-off PMOD)
     # no -dsp: every multiply is either an explicit SB_MAC16 or digit-serial logic. (Yosys 0.70's DSP
     # inference miscompiled the PEs — a 17-bit signed sum zero-extended — and its ice40_dsp pass rewrites

@@ -128,10 +128,11 @@ class MatmulEngine(wiring.Component):
         # latched arguments
         a_base = Signal.like(self.a_addr)
         w_ptr, p_ptr = Signal.like(self.w_addr), Signal.like(self.p_addr)
-        # the counters as wide as the checked arguments can be (M <= acc_depth; a tile count, a region
-        # size in words, at most the pool's): fewer flip-flops and shorter carry chains than 16 bits
-        row_bits = self.acc_depth.bit_length()
-        tile_bits = min(16, len(self.a_addr) + 1)
+        # the small-FPGA variant's counters as wide as the checked arguments can be (M <= acc_depth; a tile
+        # count, a region size in words, at most the pool's): fewer logic cells than 16 bits. (Elsewhere
+        # 16: the narrower ones cost the 16 x 16 simulator 4%.)
+        row_bits = self.acc_depth.bit_length() if self.bit_serial else 16
+        tile_bits = min(16, len(self.a_addr) + 1) if self.bit_serial else 16
         rows, kt_n, nt_n, mode = Signal(row_bits), Signal(tile_bits), Signal(tile_bits), Signal(2)
         row_words = Signal(3)
         m.d.comb += row_words.eq(mode_words(mode))

@@ -137,12 +137,20 @@ class Sequencer(wiring.Component):
 
         # the extents of the four regions, registered in the MEASURE and SCALE cycles before DISPATCH: the
         # products are DSP multiplies, and checking them in the same cycle was the design's critical path
-        # each kept as its low bank_bits + 1 bits and a flag "longer than that" (all a range check needs)
+        # with the multiplies in logic (a small FPGA), each kept as its low bank_bits + 1 bits and a flag
+        # "longer than that", all a range check needs (full width elsewhere: the narrow form cost the
+        # simulated 16 x 16 device 2-5% of its speed)
         E = bank_bits + 1
-        ext_a, ext_w, ext_p, ext_o = (Signal(E + 1, name=f"ext_{n}") for n in "awpo")
+        narrow = c.serial_mul_bits is not None
+        if narrow:
+            ext_a, ext_w, ext_p, ext_o = (Signal(E + 1, name=f"ext_{n}") for n in "awpo")
+        else:
+            ext_a, ext_w = Signal(32, name="ext_a"), Signal(32 + (c.lanes - 1).bit_length() + 1, name="ext_w")
+            ext_p = Signal(16 + PARAM_WORDS_PER_LANE_GROUP.bit_length(), name="ext_p")
+            ext_o = Signal(35, name="ext_o")
 
         def clip(value, big=0):
-            return Cat(value[:E], big | value[E:].any())
+            return Cat(value[:E], big | value[E:].any()) if narrow else value
         measure_step = Signal(2)
         product = Signal(32)
         if c.serial_mul_bits is None:
@@ -272,8 +280,13 @@ class Sequencer(wiring.Component):
                         with m.If(measure_step == 3):
                             m.d.sync += digit_idx.eq(n_digits - 1)      # ready for the next MATMUL
             with m.State("SCALE"):
-                scaled_o = Mux(mw == 1, ext_o[:E], Mux(mw == 2, ext_o[:E] << 1, ext_o[:E] << 2))
-                m.d.sync += [ext_w.eq(clip(times(ext_w[:E], c.lanes), ext_w[E])), ext_o.eq(clip(scaled_o, ext_o[E]))]
+                if narrow:
+                    scaled_o = Mux(mw == 1, ext_o[:E], Mux(mw == 2, ext_o[:E] << 1, ext_o[:E] << 2))
+                    m.d.sync += [ext_w.eq(clip(times(ext_w[:E], c.lanes), ext_w[E])),
+                                 ext_o.eq(clip(scaled_o, ext_o[E]))]
+                else:
+                    m.d.sync += [ext_w.eq(times(ext_w, c.lanes)),
+                                 ext_o.eq(Mux(mw == 1, ext_o, Mux(mw == 2, ext_o << 1, ext_o << 2)))]
                 m.next = "DISPATCH"
             with m.State("DISPATCH"):
                 m.d.comb += range_ok.eq(args_fit[0] & (args[0] + count <= c.pool_words))
