@@ -317,6 +317,10 @@ def test_config_validation():
         AcceleratorConfig(lanes=4, requant_lanes=2, serial_mul_bits=1)
     with pytest.raises(ValueError, match="pool_subbanks must be 1 or 4, not 2"):
         AcceleratorConfig(pool_subbanks=2)
+    with pytest.raises(ValueError, match="overlap must be True or False, not 0"):
+        AcceleratorConfig(overlap=0)
+    with pytest.raises(ValueError, match="compact_array must be True or False, not 'yes'"):
+        AcceleratorConfig(compact_array="yes")
     with pytest.raises(ValueError, match="subbanks must be 1 or 4, not 2"):
         BufferPool(32, 3, 64, subbanks=2)
     # one memory a bank writes a row's up to 4 words one a cycle: a requantizer taking a row a cycle cannot
