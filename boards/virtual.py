@@ -1,6 +1,7 @@
 """A virtual board on a pseudo-terminal: the Verilated board top — UART PHY, link endpoint, accelerator.
 
     python -m boards.virtual --lanes 4 --banks 4 --bank-words 1024 --acc-depth 128
+    python -m boards.virtual --board icebreaker          # a board file's configuration, exactly
 
 prints the pty's path on its first line and serves until the host side closes. The host talks to it
 exactly as to a board on a UART (``device="board:/dev/pts/N"``): every byte is driven bit by bit onto the
@@ -108,6 +109,9 @@ class VirtualBoard:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m boards.virtual", description=__doc__.split("\n\n")[0])
+    p.add_argument("--board", help="serve this board's configuration (boards/<name>.py) instead of the "
+                                    "--lanes/--banks/--bank-words/--acc-depth given")
+    p.add_argument("--size", default="small", help="the board's size (with --board; default: small)")
     p.add_argument("--lanes", type=int, default=4)
     p.add_argument("--banks", type=int, default=4)
     p.add_argument("--bank-words", type=int, default=1024)
@@ -119,8 +123,15 @@ def main(argv=None):
     p.add_argument("--reset-after", type=int)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    config = AcceleratorConfig(lanes=args.lanes, banks=args.banks, bank_words=args.bank_words,
-                               acc_depth=args.acc_depth)
+    if args.board:
+        from . import get_board
+        try:
+            config = get_board(args.board).config(args.size)
+        except ValueError as e:
+            p.error(str(e))
+    else:
+        config = AcceleratorConfig(lanes=args.lanes, banks=args.banks, bank_words=args.bank_words,
+                                   acc_depth=args.acc_depth)
     master, slave = os.openpty()
     tty.setraw(slave)
     board = VirtualBoard(config, FaultyFd(master, args.flip, args.drop, args.dup, args.seed),

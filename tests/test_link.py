@@ -169,6 +169,26 @@ def test_a_bert_through_the_damaged_board_is_bit_exact(board_factory, tiny):
     assert mod.last_stats.ops == {"board": 6 * qm.config["layers"]}
 
 
+def test_a_bert_through_a_virtual_icebreaker_is_bit_exact(board_factory, tiny):
+    """The iCEBreaker's own configuration (its board file: bit-serial requantizer, compact array, one command
+    at a time, 3 x 256 pool words), Verilated with the same UART PHY and link hardware, on a damaged line."""
+    from boards import get_board
+    qm, model, tok = tiny
+    vb = board_factory("--board", "icebreaker", "--flip", "2e-4", "--drop", "2e-4", "--seed", "7")
+    # one command at a time: the board takes no words, so acknowledges none, while a MATMUL runs — at most
+    # ~15 ms on the board, ~0.5 s in this simulation (measured): the host's default patience, 40 unanswered
+    # retransmissions 50 ms apart, is 2 s; a busy machine once ran out of it
+    board = BoardDevice(vb.path, retry_s=0.2)
+    want = get_board("icebreaker").config("small")
+    assert (board.config.lanes, board.config.banks, board.config.bank_words, board.config.acc_depth) == (
+        want.lanes, want.banks, want.bank_words, want.acc_depth)
+    enc = encode_text(tok, ["the cat sat on the mat", "what is my name"])
+    mod = OffloadedBert(qm, model.config, [board, CpuDevice()])
+    out = mod(**enc).last_hidden_state
+    assert torch.equal(out, qm.forward(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]))
+    assert mod.last_stats.ops == {"board": 6 * qm.config["layers"]}
+
+
 def test_minilm_through_the_damaged_virtual_board_is_bit_exact(board_factory, minilm):
     """The whole bundled model through the board top's UART, link hardware and accelerator: ~11 MB over
     the line, a few minutes. The pool is big enough for MiniLM's FFN (K = 1536)."""
