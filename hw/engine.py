@@ -40,7 +40,11 @@ class MatmulEngine(wiring.Component):
     idle weight bank, so for M >= 3 * lanes + 20 tiles follow each other without a bubble. ``done``
     pulses when the last output row is written. With a requantizer narrower than the array
     (``requant_lanes``) or a digit-serial one (``serial_mul_bits``), the rows of each last k-tile issue
-    one every ``requant.steps`` cycles.
+    one every ``requant.steps`` cycles. With ``serial_mul_bits=1`` it is the
+    :class:`BitSerialRequantizer` (``requant_lanes`` must be 1): the parameters live in a block RAM it
+    reads itself, it reads each row from the engine's sum register, so no row at all follows a last
+    k-tile's sooner than ``requant.steps`` cycles, and its lanes go to the pool as they come out.
+    ``compact_array``: the array's small-FPGA layout (:class:`SystolicArray` ``paired``).
 
     The arguments must already be checked (the :class:`Sequencer` does): A, W/P and O in different banks,
     M <= ``acc_depth``, O aligned to 4 words, each region inside the pool (so the tile counts fit
@@ -203,15 +207,23 @@ class MatmulEngine(wiring.Component):
         a_tile, a_ptr = Signal.like(a_base), Signal.like(a_base)
         o_tile, o_ptr = Signal.like(self.o_addr), Signal.like(self.o_addr)
         drain = Signal(range(lat + rq.latency + 11))
-        last_k = Signal()
-        m.d.comb += last_k.eq(fd_kt + 1 == kt_n)
+        # in the small-FPGA variant the feeder's decisions come from registers, each set a cycle ahead
+        # (computed from the counters, they made the UP5K build's critical path after the sequencer's)
+        last_k, row_last = Signal(), Signal()
+        if not self.bit_serial:
+            m.d.comb += [last_k.eq(fd_kt + 1 == kt_n), row_last.eq(fd_row + 1 == rows)]
 
         # rows of a last k-tile go to the requantizer: no faster than it takes them
         # (the pace runs across tile boundaries: a tile may start the cycle after the last one's last row)
         issue = Signal()
         pace = Signal(range(rq.steps))          # cycles until the requantizer takes another row
         # (with the bit-serial requantizer no row at all does: it reads its row from t_sum for that long)
-        m.d.comb += issue.eq((pace == 0) if self.bit_serial else (~last_k | (pace == 0)))
+        if self.bit_serial:
+            pace_zero = Signal(init=1)
+            m.d.sync += pace_zero.eq(pace <= 1)
+            m.d.comb += issue.eq(pace_zero)
+        else:
+            m.d.comb += issue.eq(~last_k | (pace == 0))
         m.d.sync += pace.eq(Mux(pace == 0, 0, pace - 1))
 
         # stage 1: the row whose activation word and partial sums arrive from memory this cycle
@@ -228,6 +240,8 @@ class MatmulEngine(wiring.Component):
                                  ld_kt.eq(0), ld_nt.eq(0), ld_bank.eq(0), ld_ready.eq(0), ld_pending.eq(1),
                                  fd_kt.eq(0), fd_nt.eq(0), fd_sel.eq(0), fd_started.eq(0),
                                  a_tile.eq(self.a_addr), o_tile.eq(self.o_addr)]
+                    if self.bit_serial:
+                        m.d.sync += last_k.eq(self.k_tiles == 1)
                     m.next = "LOAD_FIRST"
             with m.State("LOAD_FIRST"):
                 m.d.comb += ld_go.eq(1)
@@ -237,22 +251,32 @@ class MatmulEngine(wiring.Component):
                     m.d.sync += [ld_ready.eq(0), fd_started.eq(1), since.eq(0), fd_row.eq(0),
                                  a_ptr.eq(a_tile), o_ptr.eq(o_tile), ld_wait.eq(ld_pending),
                                  fd_last_tile.eq(last_k & (fd_nt + 1 == nt_n))]
+                    if self.bit_serial:
+                        m.d.sync += row_last.eq(rows == 1)
                     m.next = "RUN"
             with m.State("RUN"):
                 with m.If(issue & last_k):
                     m.d.sync += pace.eq(rq.steps - 1)
+                    if self.bit_serial:
+                        m.d.sync += pace_zero.eq(0)
                 with m.If(issue):
                     m.d.comb += [self.issuing.eq(1), self.a_rd.en.eq(1), self.a_rd.addr.eq(a_ptr)]
                     m.d.sync += [s1_valid.eq(1), s1_zero.eq(fd_kt == 0), s1_last.eq(last_k),
                                  s1_sel.eq(fd_sel), s1_pbuf.eq(fd_nt[0]), s1_row.eq(fd_row), s1_optr.eq(o_ptr)]
                     m.d.sync += [fd_row.eq(fd_row + 1), a_ptr.eq(a_ptr + 1), o_ptr.eq(o_ptr + row_words)]
-                    with m.If(fd_row + 1 == rows):
+                    if self.bit_serial:
+                        m.d.sync += row_last.eq(fd_row + 2 == rows)
+                    with m.If(row_last):
                         m.d.sync += [fd_sel.eq(~fd_sel), a_tile.eq(a_tile + rows)]
                         with m.If(last_k):
                             m.d.sync += [fd_kt.eq(0), fd_nt.eq(fd_nt + 1), a_tile.eq(a_base),
                                          o_tile.eq(o_tile + rows_words)]
+                            if self.bit_serial:
+                                m.d.sync += last_k.eq(kt_n == 1)
                         with m.Else():
                             m.d.sync += fd_kt.eq(fd_kt + 1)
+                            if self.bit_serial:
+                                m.d.sync += last_k.eq(fd_kt + 2 == kt_n)
                         with m.If(fd_last_tile):
                             m.d.sync += drain.eq(0)
                             m.next = "DRAIN"

@@ -71,7 +71,7 @@ class Sequencer(wiring.Component):
         idx = Signal(17)                        # pool word of a LOAD
         sub = Signal(range(H + 1))              # host word within it
         word = Signal(self.word_bits)
-        range_ok = Signal()
+        range_ok, shape_ok_r, addr_ok_r, bank_ok_r = Signal(), Signal(), Signal(), Signal()
 
         def bank(addr):
             return addr >> bank_bits
@@ -215,6 +215,10 @@ class Sequencer(wiring.Component):
                     with m.If(st_tx_left == 1):
                         m.d.sync += st_busy.eq(0)
 
+        checks = [range_ok.eq(args_fit[0] & (args[0] + count <= c.pool_words)), shape_ok_r.eq(shape_ok),
+                  addr_ok_r.eq(addr_ok), bank_ok_r.eq(bank_ok)]
+        if not narrow:
+            m.d.comb += checks
         with m.FSM():
             with m.State("HEADER"):
                 m.d.comb += self.i.ready.eq(1)
@@ -287,9 +291,14 @@ class Sequencer(wiring.Component):
                 else:
                     m.d.sync += [ext_w.eq(times(ext_w, c.lanes)),
                                  ext_o.eq(Mux(mw == 1, ext_o, Mux(mw == 2, ext_o << 1, ext_o << 2)))]
-                m.next = "DISPATCH"
+                m.next = "CHECK" if narrow else "DISPATCH"
+            if narrow:
+                with m.State("CHECK"):
+                    # the small FPGA's checks registered: from the arguments through them into the
+                    # engine's start in one cycle was the UP5K build's critical path
+                    m.d.sync += checks
+                    m.next = "DISPATCH"
             with m.State("DISPATCH"):
-                m.d.comb += range_ok.eq(args_fit[0] & (args[0] + count <= c.pool_words))
                 with m.Switch(opcode):
                     with m.Case(Opcode.LOAD):
                         with m.If(~range_ok):
@@ -313,13 +322,13 @@ class Sequencer(wiring.Component):
                                          st_span[1].eq(x_span[1]), st_rd_left.eq(count), st_tx_left.eq(count)]
                             m.next = "HEADER"
                     with m.Default():      # MATMUL
-                        with m.If(~shape_ok):
+                        with m.If(~shape_ok_r):
                             m.d.sync += err.eq(err | Error.SHAPE)
                             m.next = "HEADER"
-                        with m.Elif(~addr_ok):
+                        with m.Elif(~addr_ok_r):
                             m.d.sync += err.eq(err | Error.ADDRESS)
                             m.next = "HEADER"
-                        with m.Elif(~bank_ok):
+                        with m.Elif(~bank_ok_r):
                             m.d.sync += err.eq(err | Error.BANK)
                             m.next = "HEADER"
                         with m.Elif(~matmul_waits):

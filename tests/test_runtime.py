@@ -2,6 +2,7 @@
 and faults while it runs, fall back to the CPU reference with a warning and the same bits."""
 
 import subprocess
+import warnings
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from sw.runtime.sim import SimDevice
 
 SMALL = AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128)   # built by the top tests too
 TINY_POOL = AcceleratorConfig(lanes=4, banks=3, bank_words=64, acc_depth=32)
+NO_POOL = AcceleratorConfig(lanes=4, banks=3, bank_words=16, acc_depth=32)       # not one weight tile's column
 
 
 def reference(qm, enc):
@@ -51,14 +53,26 @@ def test_minilm_through_a_narrow_requantizer_is_bit_exact(minilm):
     assert mod.last_stats.ops == {"sim": 6 * qm.config["layers"]}
 
 
+def test_gemms_deeper_than_a_bank_run_on_the_device_split_over_k(tiny):
+    """A pool too small for a GEMM's whole depth (64-word banks: the FFN's K = 64 weight column and its
+    parameters need 73) runs it as int32 partial GEMMs over K on the device, summed and requantized on the
+    host: nothing falls back, and the bits are the reference's."""
+    qm, model, tok = tiny
+    enc = encode(tok, ["the cat sat on the mat", "what is my name"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # no fallback
+        out, mod = run(qm, model, [SimDevice(TINY_POOL), CpuDevice()], enc)
+    assert torch.equal(out, reference(qm, enc))
+    assert mod.last_stats.ops == {"sim": 6 * qm.config["layers"]}
+
+
 def test_operations_too_large_for_the_pool_fall_back(tiny):
     qm, model, tok = tiny
     enc = encode(tok, ["the cat sat on the mat", "what is my name"])
-    with pytest.warns(RuntimeWarning, match="cannot take"):
-        out, mod = run(qm, model, [SimDevice(TINY_POOL), CpuDevice()], enc)
+    with pytest.warns(RuntimeWarning, match="cannot take .* not even one k-tile of weights fits half a bank"):
+        out, mod = run(qm, model, [SimDevice(NO_POOL), CpuDevice()], enc)
     assert torch.equal(out, reference(qm, enc))
-    ops = mod.last_stats.ops
-    assert ops["sim"] > 0 and ops["cpu"] > 0         # projections fit the pool, FFN2 (K=64) does not
+    assert mod.last_stats.ops == {"cpu": 6 * qm.config["layers"]}
 
 
 class FaultySim:

@@ -6,8 +6,9 @@ layer schedule announces (``expect``) load while the previous GEMM computes."""
 import numpy as np
 import torch
 
-from hw.isa import MODE_BITS, Error, Program, parse_status
+from hw.isa import MODE_BITS, PARAM_WORDS_PER_LANE_GROUP, Error, Program, parse_status
 from sw.compiler.gemm import GemmOp, Residency, compile_gemms
+from sw.quant.ref import ref_requant
 
 from .base import Device, DeviceError, DeviceUnsupported
 
@@ -31,13 +32,49 @@ class AcceleratorDevice(Device):
         self._expected = None
         self.stats.array_macs_per_cycle = config.lanes * config.lanes
 
-    def expect(self, w, bias, m0, shift, bits, rows):
+    def _expect(self, w, bias, m0, shift, bits, rows):
         k = w.shape[-1]
         self._expected = GemmOp(np.zeros((rows, k), dtype=np.int8), _as_numpy(w),
                                 np.zeros(w.shape[0]) if bias is None else _as_numpy(bias),
                                 _as_numpy(torch.as_tensor(m0)), _as_numpy(torch.as_tensor(shift)), _BITS_MODE[bits])
 
+    def _k_chunk(self, k):
+        """The depth of each partial GEMM when a weight column of depth ``k`` (plus its parameters) does not
+        fit a pool bank; None when it fits. A chunk's column takes at most half a bank, so its weights
+        stream beside the activations."""
+        c, lanes = self.config, self.config.lanes
+        if -(-k // lanes) * lanes + PARAM_WORDS_PER_LANE_GROUP <= c.bank_words:
+            return None
+        most = (c.bank_words // 2 - PARAM_WORDS_PER_LANE_GROUP) // lanes
+        if most < 1:
+            raise DeviceUnsupported(f"K={k}: not even one k-tile of weights fits half a bank of {c.bank_words} words")
+        tiles = -(-k // lanes)
+        return -(-tiles // -(-tiles // most)) * lanes          # equal chunks, whole k-tiles
+
+    def _split_k(self, a, w, bias, m0, shift, bits, chunk):
+        """The GEMM as int32 partial GEMMs over K chunks on the device; their sum (acc + bias, which fits
+        int32 by the contract) and the requantization on the host, with the contract's own ref_requant:
+        the same bits. For a pool too small for the whole depth (an iCEBreaker's 256-word banks against
+        MiniLM's K = 384)."""
+        self._expected = None
+        k = a.shape[-1]
+        total = None
+        for k0 in range(0, k, chunk):
+            part = self.matmul(a[..., k0:k0 + chunk], w[..., k0:k0 + chunk], bias if k0 == 0 else None,
+                               m0, shift, None).to(torch.int64)
+            total = part if total is None else total + part
+        acc = total.to(torch.int32)
+        return acc if bits is None else ref_requant(acc, m0, shift, bits)
+
+    def expect(self, w, bias, m0, shift, bits, rows):
+        lanes = self.config.lanes
+        if -(-w.shape[-1] // lanes) * lanes + PARAM_WORDS_PER_LANE_GROUP <= self.config.bank_words:
+            self._expect(w, bias, m0, shift, bits, rows)      # (a GEMM split over K is not prefetched)
+
     def matmul(self, a, w, bias, m0, shift, bits):
+        chunk = self._k_chunk(a.shape[-1])
+        if chunk is not None:
+            return self._split_k(a, w, bias, m0, shift, bits, chunk)
         if w.dim() == 2 and a.dim() > 2 and torch.as_tensor(m0).dim() <= 1 and torch.as_tensor(shift).dim() <= 1:
             # shared weights (a projection): every token is a row of one GEMM, weights loaded once
             out = self.matmul(a.reshape(-1, a.shape[-1]), w, bias, m0, shift, bits)
@@ -59,6 +96,11 @@ class AcceleratorDevice(Device):
             compiled = compile_gemms(self.config, ops, self.residency, prefetch)
         except ValueError as e:
             self.residency.reset()          # the planner may hold half a program's ranges
+            k_tiles = -(-a.shape[-1] // self.config.lanes)
+            if prefetch is not None:        # without the next GEMM's weights beside it, it may fit
+                return self.matmul(a, w, bias, m0, shift, bits)
+            if k_tiles > 1:                 # or in halves of its depth
+                return self._split_k(a, w, bias, m0, shift, bits, -(-k_tiles // 2) * self.config.lanes)
             raise DeviceUnsupported(str(e)) from None
         self.stats.pool_peak_words = max(self.stats.pool_peak_words, compiled.peak_words)
         self.stats.pool_naive_words = max(self.stats.pool_naive_words, compiled.naive_words)
