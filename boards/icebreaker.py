@@ -4,7 +4,7 @@ The UP5K's limit is its logic cells, so this board gets the small-FPGA variant o
 ``hw.isa.AcceleratorConfig``): the array's compact layout (two PEs' products in each of the 8 SB_MAC16, a
 block RAM of weights a row, activations broadcast, narrow partial sums), the bit-serial requantizer with
 its parameters in block RAM, the sequencer one command at a time and its multiplies bit-serial, one
-memory a pool bank. It fills ~91% of the logic cells and all 30 block RAMs, so there is one size.
+memory a pool bank. It fills 92% of the logic cells and all 30 block RAMs, so there is one size.
 """
 
 from amaranth_boards.icebreaker import ICEBreakerPlatform
