@@ -186,9 +186,10 @@ class MatmulEngine(wiring.Component):
             # words a buffer, read by the requantizer with the buffer its row carries in its tag
             m.submodules.param_mem = param_mem = memory.Memory(shape=unsigned(WB), depth=32, init=[])
             p_wr, p_rd = param_mem.write_port(), param_mem.read_port(transparent_for=())
-            m.d.comb += [p_wr.en.eq(ld_rd_valid & (ld_rd_idx >= L)), p_wr.addr.eq(Cat((ld_rd_idx - L)[:4], ld_rd_pbuf)),
-                         p_wr.data.eq(self.w_rd.data),
-                         p_rd.en.eq(rq.p_en), p_rd.addr.eq(Cat(rq.p_addr, rq.tag_held[-1])), rq.p_data.eq(p_rd.data)]
+            m.d.comb += [p_wr.en.eq(ld_rd_valid & (ld_rd_idx >= L)), p_wr.data.eq(self.w_rd.data),
+                         p_wr.addr.eq(Cat((ld_rd_idx - L)[:4], ld_rd_pbuf)),
+                         p_rd.en.eq(rq.p_en), p_rd.addr.eq(Cat(rq.p_addr, rq.tag_held[-1])),
+                         rq.p_data.eq(p_rd.data)]
         else:
             for w in range(P):
                 with m.If(ld_rd_valid & (ld_rd_idx == L + w)):

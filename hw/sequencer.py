@@ -31,8 +31,8 @@ class Sequencer(wiring.Component):
 
     The store unit reads up to three words ahead, so a STORE sends one host word every cycle the host
     takes one. With ``config.overlap`` False every command waits for both units to be idle, and the
-    store unit reads one word ahead. Pool access: ``rd_*`` (the store unit; data one cycle after ``rd_en``) and ``wr_*`` (LOAD), global
-    word addresses. ``busy``: the store unit or a MATMUL is running.
+    store unit reads one word ahead. Pool access: ``rd_*`` (the store unit; data one cycle after
+    ``rd_en``) and ``wr_*`` (LOAD), global word addresses. ``busy``: the store unit or a MATMUL is running.
     """
 
     def __init__(self, config):
@@ -187,7 +187,8 @@ class Sequencer(wiring.Component):
                                          | overlap(x_span, mm_spans[1]) | overlap(x_span, mm_spans[2])))
                           | (st_busy & overlap(x_span, st_span)))
             store_waits = st_busy | (mm_running & ((x_banks & mm_rbanks).any() | overlap(x_span, mm_spans[3])))
-            matmul_waits = mm_running | (st_busy & ((new_rbanks & st_banks).any() | overlap(new_spans[3], st_span)))
+            matmul_waits = mm_running | (st_busy & ((new_rbanks & st_banks).any()
+                                                    | overlap(new_spans[3], st_span)))
         else:
             # one command at a time: none of the bank and range bookkeeping above is used (and synthesis
             # removes it)

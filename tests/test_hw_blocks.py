@@ -100,19 +100,35 @@ def test_array_refuses_bad_shapes():
         SystolicArray(4, 5, paired=True)
 
 
+def _requant_rows(rng, lanes, n):
+    """n random rows (acc, bias, m0, shift, mode), the extremes of m0 and shift among them."""
+    rows = []
+    for _ in range(n):
+        acc = [rng.choice([rng.randint(-2**31, 2**31 - 1 - 2**20), rng.randint(-5000, 5000)])
+               for _ in range(lanes)]
+        bias = [rng.randint(-2**20, 0) if a > 0 else rng.randint(0, 2**20) for a in acc]
+        m0 = [rng.choice([rng.randint(0, 2**31 - 1), 2**31 - 1, 1 << 30, 0, 1]) for _ in range(lanes)]
+        shift = [rng.choice([rng.randint(0, 62), 0, 1, 62, 31, 46, 47]) for _ in range(lanes)]
+        rows.append((acc, bias, m0, shift, rng.randint(0, 2)))
+    return rows
+
+
+def _want_requant(rows):
+    want = []
+    for acc, bias, m0, shift, mode in rows:
+        s = torch.tensor([a + b for a, b in zip(acc, bias)], dtype=torch.int32)
+        want.append(s.tolist() if mode == Mode.INT32 else
+                    ref_requant(s, torch.tensor(m0), torch.tensor(shift), 8 if mode == Mode.INT8 else 16).tolist())
+    return want
+
+
 @pytest.mark.parametrize("group, digit_bits", [(4, None), (2, None), (1, None), (4, 8), (1, 8), (2, 4), (1, 16)])
 def test_requantizer_matches_ref_requant(group, digit_bits):
     lanes = 4
     dut = Requantizer(lanes, group, digit_bits)
     assert dut.latency == 4 + lanes // group * (1 if digit_bits is None else -(-31 // digit_bits))
     rng = random.Random(3)
-    rows = []
-    for _ in range(300):
-        acc = [rng.choice([rng.randint(-2**31, 2**31 - 1 - 2**20), rng.randint(-5000, 5000)]) for _ in range(lanes)]
-        bias = [rng.randint(-2**20, 0) if a > 0 else rng.randint(0, 2**20) for a in acc]
-        m0 = [rng.choice([rng.randint(0, 2**31 - 1), 2**31 - 1, 1 << 30]) for _ in range(lanes)]
-        shift = [rng.randint(0, 62) for _ in range(lanes)]
-        rows.append((acc, bias, m0, shift, rng.randint(0, 2)))
+    rows = _requant_rows(rng, lanes, 300)
     rows[0] = ([1, 3, -1, -3], [0] * 4, [1 << 30] * 4, [31] * 4, int(Mode.INT8))      # ties
     # rows as fast as the datapath takes them (every `steps` cycles), and now and then a gap
     starts, t = [], 0
@@ -136,35 +152,10 @@ def test_requantizer_matches_ref_requant(group, digit_bits):
                 got.append([ctx.get(dut.out[j]) for j in range(lanes)])
                 out_cycles.append(t)
     simulate(dut, bench)
-    want = []
-    for acc, bias, m0, shift, mode in rows:
-        s = torch.tensor([a + b for a, b in zip(acc, bias)], dtype=torch.int32)
-        want.append(s.tolist() if mode == Mode.INT32 else
-                    ref_requant(s, torch.tensor(m0), torch.tensor(shift), 8 if mode == Mode.INT8 else 16).tolist())
-    assert got == want
+    assert got == _want_requant(rows)
     assert got[0] == [1, 2, 0, -1]
     # presented in cycle t (sampled at edge t + 1), out_valid seen after edge t + latency
     assert out_cycles == [t + dut.latency - 1 for t in starts]
-
-
-def _requant_rows(rng, lanes, n):
-    rows = []
-    for _ in range(n):
-        acc = [rng.choice([rng.randint(-2**31, 2**31 - 1 - 2**20), rng.randint(-5000, 5000)]) for _ in range(lanes)]
-        bias = [rng.randint(-2**20, 0) if a > 0 else rng.randint(0, 2**20) for a in acc]
-        m0 = [rng.choice([rng.randint(0, 2**31 - 1), 2**31 - 1, 1 << 30, 0, 1]) for _ in range(lanes)]
-        shift = [rng.choice([rng.randint(0, 62), 0, 1, 62, 31, 46, 47]) for _ in range(lanes)]
-        rows.append((acc, bias, m0, shift, rng.randint(0, 2)))
-    return rows
-
-
-def _want_requant(rows):
-    want = []
-    for acc, bias, m0, shift, mode in rows:
-        s = torch.tensor([a + b for a, b in zip(acc, bias)], dtype=torch.int32)
-        want.append(s.tolist() if mode == Mode.INT32 else
-                    ref_requant(s, torch.tensor(m0), torch.tensor(shift), 8 if mode == Mode.INT8 else 16).tolist())
-    return want
 
 
 @pytest.mark.parametrize("lanes, n_rows", [(4, 300), (12, 24)])
@@ -178,8 +169,8 @@ def test_bit_serial_requantizer_matches_ref_requant(lanes, n_rows):
     # the extremes: the largest products both ways, at the shifts where the window and the sign meet
     rows[1] = ([-2**31, 2**31 - 1, -2**31, 2**31 - 1] * (lanes // 4), [0] * lanes, [2**31 - 1] * lanes,
                [62, 62, 0, 47] * (lanes // 4), int(Mode.INT16))
-    rows[2] = ([-2**31, 2**31 - 1, -70000, 65535] * (lanes // 4), [0] * lanes, [2**31 - 1, 2**31 - 1, 1, 1] * (lanes // 4),
-               [61, 61, 1, 1] * (lanes // 4), int(Mode.INT16))
+    rows[2] = ([-2**31, 2**31 - 1, -70000, 65535] * (lanes // 4), [0] * lanes,
+               [2**31 - 1, 2**31 - 1, 1, 1] * (lanes // 4), [61, 61, 1, 1] * (lanes // 4), int(Mode.INT16))
     # each row's parameters as the pool holds them (hw.isa), one word a read, one cycle late
     words = []
     for acc, bias, m0, shift, mode in rows:

@@ -47,7 +47,8 @@ class AcceleratorDevice(Device):
             return None
         most = (c.bank_words // 2 - PARAM_WORDS_PER_LANE_GROUP) // lanes
         if most < 1:
-            raise DeviceUnsupported(f"K={k}: not even one k-tile of weights fits half a bank of {c.bank_words} words")
+            raise DeviceUnsupported(f"K={k}: not even one k-tile of weights fits half a bank of "
+                                    f"{c.bank_words} words")
         tiles = -(-k // lanes)
         return -(-tiles // -(-tiles // most)) * lanes          # equal chunks, whole k-tiles
 
