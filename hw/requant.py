@@ -9,6 +9,20 @@ from .isa import Mode
 __all__ = ["Requantizer"]
 
 
+def _saturate(m, res, value, bypass, mode):
+    """``res`` = ``value`` saturated to int8 or int16 per ``mode``, or ``bypass`` in the int32 mode."""
+    lo = Mux(mode == Mode.INT8, -128, -32768)
+    hi = Mux(mode == Mode.INT8, 127, 32767)
+    with m.If(mode == Mode.INT32):
+        m.d.comb += res.eq(bypass)
+    with m.Elif(value < lo):
+        m.d.comb += res.eq(lo)
+    with m.Elif(value > hi):
+        m.d.comb += res.eq(hi)
+    with m.Else():
+        m.d.comb += res.eq(value)
+
+
 class Requantizer(wiring.Component):
     """``lanes`` columns of ``out = sat((acc + bias) * m0 + 2**(shift-1)) >> shift)``, as the contract's
     ``ref_gemm(..., bias)`` followed by ``ref_requant`` (one rounding, half toward +inf).
@@ -153,17 +167,8 @@ class Requantizer(wiring.Component):
                 with m.If(v3):
                     m.d.sync += [r.eq((rounded3 + 1) >> 1), s4.eq(s3)]
             # stage 5: saturate per mode, into this group's slot of the output row
-            lo = Mux(mode4 == Mode.INT8, -128, -32768)
-            hi = Mux(mode4 == Mode.INT8, 127, 32767)
             res = Signal(signed(32), name=f"res{j}")
-            with m.If(mode4 == Mode.INT32):
-                m.d.comb += res.eq(s4)
-            with m.Elif(r < lo):
-                m.d.comb += res.eq(lo)
-            with m.Elif(r > hi):
-                m.d.comb += res.eq(hi)
-            with m.Else():
-                m.d.comb += res.eq(r)
+            _saturate(m, res, r, s4, mode4)
             for g in range(R):
                 with m.If(v4 & (group4 == g)):
                     m.d.sync += out[g * G + j].eq(res)
@@ -245,19 +250,9 @@ class BitSerialRequantizer(wiring.Component):
         overflow = (win[W - 1] != sign) | Mux(sign, seen0, seen1)
         q = Signal(signed(W + 1))
         m.d.comb += q.eq((r + 1) >> 1)
-        lo = Mux(mode == Mode.INT8, -128, -32768)
-        hi = Mux(mode == Mode.INT8, 127, 32767)
         res = Signal(signed(32))
-        with m.If(mode == Mode.INT32):
-            m.d.comb += res.eq(x)
-        with m.Elif(overflow):
-            m.d.comb += res.eq(Mux(sign, lo, hi))
-        with m.Elif(q < lo):
-            m.d.comb += res.eq(lo)
-        with m.Elif(q > hi):
-            m.d.comb += res.eq(hi)
-        with m.Else():
-            m.d.comb += res.eq(q)
+        # (an overflow saturates by its sign: any value beyond int16 does)
+        _saturate(m, res, Mux(overflow, Mux(sign, -(1 << W), 1 << W), q), x, mode)
 
         def fetch(word):
             m.d.comb += [self.p_en.eq(1), self.p_addr.eq(word)]
