@@ -225,6 +225,8 @@ def test_requantizer_refuses_a_group_that_does_not_divide_the_lanes():
         Requantizer(4, 3)
     with pytest.raises(ValueError, match="digit_bits"):
         Requantizer(4, 1, 5)
+    with pytest.raises(ValueError, match="lanes must be a positive multiple of 4, not 6"):
+        BitSerialRequantizer(6)
 
 
 def test_bufpool_banks_are_independent():

@@ -189,6 +189,16 @@ def test_a_bert_through_a_virtual_icebreaker_is_bit_exact(board_factory, tiny):
     assert mod.last_stats.ops == {"board": 6 * qm.config["layers"]}
 
 
+def test_the_virtual_board_refuses_an_unknown_board_or_size(capsys):
+    from boards.virtual import main
+    for args, why in ((["--board", "nexys"], "unknown board 'nexys'"),
+                      (["--board", "icebreaker", "--size", "huge"],
+                       "icebreaker has sizes small, target, not 'huge'")):
+        with pytest.raises(SystemExit):
+            main(args)
+        assert why in capsys.readouterr().err
+
+
 def test_minilm_through_the_damaged_virtual_board_is_bit_exact(board_factory, minilm):
     """The whole bundled model through the board top's UART, link hardware and accelerator: ~11 MB over
     the line, a few minutes. The pool is big enough for MiniLM's FFN (K = 1536)."""

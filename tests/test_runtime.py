@@ -66,6 +66,20 @@ def test_gemms_deeper_than_a_bank_run_on_the_device_split_over_k(tiny):
     assert mod.last_stats.ops == {"sim": 6 * qm.config["layers"]}
 
 
+def test_minilm_on_the_icebreaker_configuration_is_bit_exact(minilm):
+    """Real data through the iCEBreaker's configuration (its board file) on the simulated device: every
+    GEMM deeper than its 256-word banks split over K, the bit-serial requantizer, the compact array, one
+    command at a time; nothing falls back."""
+    from boards import get_board
+    qm, model, tok = minilm
+    enc = encode(tok, ["The cat sat on the mat."])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # no fallback
+        out, mod = run(qm, model, [SimDevice(get_board("icebreaker").config("small")), CpuDevice()], enc)
+    assert torch.equal(out, reference(qm, enc))
+    assert mod.last_stats.ops == {"sim": 6 * qm.config["layers"]}
+
+
 def test_operations_too_large_for_the_pool_fall_back(tiny):
     qm, model, tok = tiny
     enc = encode(tok, ["the cat sat on the mat", "what is my name"])
