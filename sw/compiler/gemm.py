@@ -23,7 +23,7 @@ from hw.isa import MODE_WORDS, PARAM_WORDS_PER_LANE_GROUP, Mode, Program
 
 from .pool import PoolFull, PoolPlanner
 
-__all__ = ["GemmPlan", "GemmOp", "Residency", "plan_gemm", "compile_gemms", "gemm_program"]
+__all__ = ["balanced", "column_words", "GemmPlan", "GemmOp", "Residency", "plan_gemm", "compile_gemms", "gemm_program"]
 
 _DTYPES = {Mode.INT8: np.int8, Mode.INT16: np.int16, Mode.INT32: np.int32}
 
@@ -63,7 +63,12 @@ class GemmPlan:
                 yield n0, ntc, m0, min(self.m_chunk, self.m - m0)
 
 
-def _balanced(total, most):
+def column_words(config, k):
+    """Pool words one n-tile of a depth-``k`` GEMM's weights takes: its k-tiles and its parameters."""
+    return -(-k // config.lanes) * config.lanes + PARAM_WORDS_PER_LANE_GROUP
+
+
+def balanced(total, most):
     """The chunk size that splits ``total`` into as few equal-as-possible chunks of at most ``most``."""
     return -(-total // -(-total // most))
 
@@ -78,7 +83,7 @@ def plan_gemm(config, m, k, n, mode):
     lanes, bank = config.lanes, config.bank_words
     k_tiles = -(-k // lanes)
     n_tiles = -(-n // lanes)
-    per_n_tile = k_tiles * lanes + PARAM_WORDS_PER_LANE_GROUP
+    per_n_tile = column_words(config, k)
     if per_n_tile > bank or k_tiles > bank:
         raise ValueError(f"K={k} needs {per_n_tile} pool words per weight tile column; a bank has {bank}")
     nt_chunk = min(n_tiles, max(1, (bank // 4) // per_n_tile), 0xFFFF)
@@ -89,8 +94,8 @@ def plan_gemm(config, m, k, n, mode):
     if m_chunk < 1:
         raise ValueError(f"GEMM {m}x{k}x{n} does not fit a bank of {bank} words")
     # equal chunks: a short last chunk would leave the array waiting on loads
-    return GemmPlan(m=m, k=k, n=n, mode=mode, k_tiles=k_tiles, n_tiles=n_tiles, m_chunk=_balanced(m, m_chunk),
-                    n_tiles_chunk=_balanced(n_tiles, nt_chunk), lanes=lanes)
+    return GemmPlan(m=m, k=k, n=n, mode=mode, k_tiles=k_tiles, n_tiles=n_tiles, m_chunk=balanced(m, m_chunk),
+                    n_tiles_chunk=balanced(n_tiles, nt_chunk), lanes=lanes)
 
 
 @dataclass

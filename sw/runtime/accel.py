@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from hw.isa import MODE_BITS, PARAM_WORDS_PER_LANE_GROUP, Error, Program, parse_status
-from sw.compiler.gemm import GemmOp, Residency, compile_gemms
+from sw.compiler.gemm import GemmOp, Residency, balanced, column_words, compile_gemms
 from sw.quant.ref import ref_requant
 
 from .base import Device, DeviceError, DeviceUnsupported
@@ -43,14 +43,13 @@ class AcceleratorDevice(Device):
         fit a pool bank; None when it fits. A chunk's column takes at most half a bank, so its weights
         stream beside the activations."""
         c, lanes = self.config, self.config.lanes
-        if -(-k // lanes) * lanes + PARAM_WORDS_PER_LANE_GROUP <= c.bank_words:
+        if column_words(c, k) <= c.bank_words:
             return None
         most = (c.bank_words // 2 - PARAM_WORDS_PER_LANE_GROUP) // lanes
         if most < 1:
             raise DeviceUnsupported(f"K={k}: not even one k-tile of weights fits half a bank of "
                                     f"{c.bank_words} words")
-        tiles = -(-k // lanes)
-        return -(-tiles // -(-tiles // most)) * lanes          # equal chunks, whole k-tiles
+        return balanced(-(-k // lanes), most) * lanes          # equal chunks, whole k-tiles
 
     def _split_k(self, a, w, bias, m0, shift, bits, chunk):
         """The GEMM as int32 partial GEMMs over K chunks on the device; their sum (acc + bias, which fits
@@ -68,8 +67,7 @@ class AcceleratorDevice(Device):
         return acc if bits is None else ref_requant(acc, m0, shift, bits)
 
     def expect(self, w, bias, m0, shift, bits, rows):
-        lanes = self.config.lanes
-        if -(-w.shape[-1] // lanes) * lanes + PARAM_WORDS_PER_LANE_GROUP <= self.config.bank_words:
+        if column_words(self.config, w.shape[-1]) <= self.config.bank_words:
             self._expect(w, bias, m0, shift, bits, rows)      # (a GEMM split over K is not prefetched)
 
     def matmul(self, a, w, bias, m0, shift, bits):
