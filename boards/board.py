@@ -87,7 +87,8 @@ def ice40_pll_params(f_in, f_out):
             vco = pfd * (divf + 1)
             for divq in range(1, 7):
                 if 533e6 <= vco <= 1066e6 and abs(vco / 2 ** divq - f_out) < 1:
-                    filter_range = next(k for k, lim in enumerate((17e6, 26e6, 44e6, 66e6, 101e6, 1e12))
+                    # the loop filter for the phase detector's frequency, numbered from 1 (as icepll)
+                    filter_range = next(k for k, lim in enumerate((17e6, 26e6, 44e6, 66e6, 101e6, 1e12), 1)
                                         if pfd < lim)
                     return divr, divf, divq, filter_range
     raise ValueError(f"no iCE40 PLL setting makes {f_out / 1e6} MHz from {f_in / 1e6} MHz")

@@ -4,7 +4,9 @@ The UP5K's limit is its logic cells, so this board gets the small-FPGA variant o
 ``hw.isa.AcceleratorConfig``): the array's compact layout (two PEs' products in each of the 8 SB_MAC16, a
 block RAM of weights a row, activations broadcast, narrow partial sums), the bit-serial requantizer with
 its parameters in block RAM, the sequencer one command at a time and its multiplies bit-serial, one
-memory a pool bank. It fills 92% of the logic cells and all 30 block RAMs, so there is one size.
+memory a pool bank. It fills 92% of the logic cells and all 30 block RAMs, so there is one size. At 30 MHz
+the paths that would run through several counters, compares and carry chains in a cycle are registered a
+cycle ahead (the link's ACK and word bookkeeping, the engine's loader and feeder decisions).
 """
 
 from amaranth_boards.icebreaker import ICEBreakerPlatform
@@ -23,8 +25,8 @@ BOARD = Board(
     name="icebreaker",
     platform=ICEBreakerPlatform,
     family="ice40",
-    clock_hz=12e6,
-    baud=1_000_000,
+    clock_hz=30e6,          # from the 12 MHz oscillator through the SB_PLL40 (12 / 1 * 80 / 32)
+    baud=3_000_000,         # the FT2232H's UART takes 3 Mbaud; 10 clock cycles a bit
     sizes={"small": _UP5K, "target": _UP5K},
     leds=2,                 # the two on the board itself (the others are on the snap-off PMOD)
     # no -dsp: every multiply is either an explicit SB_MAC16 or digit-serial logic. (Yosys 0.70's DSP

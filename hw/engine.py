@@ -160,6 +160,14 @@ class MatmulEngine(wiring.Component):
         if not self.bit_serial:
             params = [[Signal(WB, name=f"param{b}_{w}") for w in range(P)] for b in range(2)]
 
+        if self.bit_serial:
+            # the loader's tile is a last k-tile; n-tiles follow it. Registered a cycle late: they are read
+            # when a load ends, at least L + 2 cycles after the counters last moved (an increment and
+            # compare in one cycle was the UP5K build's critical path)
+            ld_last_k, ld_more_n = Signal(), Signal()
+            m.d.sync += [ld_last_k.eq(ld_kt + 1 == kt_n), ld_more_n.eq(ld_nt + 1 != nt_n)]
+        else:
+            ld_last_k, ld_more_n = ld_kt + 1 == kt_n, ld_nt + 1 != nt_n
         m.d.sync += ld_rd_valid.eq(0)
         with m.If(ld_go):
             m.d.sync += [ld_busy.eq(1), ld_idx.eq(0), ld_params.eq(ld_kt == 0)]
@@ -175,8 +183,8 @@ class MatmulEngine(wiring.Component):
             with m.Elif(~ld_rd_valid):
                 # the last word has landed: the tile is ready; step to the following tile
                 m.d.sync += [ld_busy.eq(0), ld_ready.eq(1), ld_bank.eq(~ld_bank)]
-                with m.If(ld_kt + 1 == kt_n):
-                    m.d.sync += [ld_kt.eq(0), ld_nt.eq(ld_nt + 1), ld_pending.eq(ld_nt + 1 != nt_n)]
+                with m.If(ld_last_k):
+                    m.d.sync += [ld_kt.eq(0), ld_nt.eq(ld_nt + 1), ld_pending.eq(ld_more_n)]
                 with m.Else():
                     m.d.sync += ld_kt.eq(ld_kt + 1)
         m.d.comb += [array.w_data.eq(self.w_rd.data), array.w_row.eq(ld_rd_idx[:max(1, (L - 1).bit_length())]),
@@ -197,8 +205,17 @@ class MatmulEngine(wiring.Component):
                         m.d.sync += params[1][w].eq(self.w_rd.data)
                     with m.Else():
                         m.d.sync += params[0][w].eq(self.w_rd.data)
-        margin = Mux(ld_kt == 0, param_margin, load_margin) if self.bit_serial else load_margin
-        with m.If(ld_wait & (since >= margin) & ~ld_busy):
+        if self.bit_serial:
+            # whether ``since`` has passed each margin, as flip-flops set a cycle ahead (``since`` counts up
+            # from 0 after a tile starts and saturates above both margins); the comparison against a
+            # multiplexed margin was the UP5K build's critical path
+            restart, past_load, past_param = Signal(), Signal(), Signal()
+            m.d.sync += [past_load.eq(~restart & (since >= load_margin - 1)),
+                         past_param.eq(~restart & (since >= param_margin - 1))]
+            margin_passed = Mux(ld_kt == 0, past_param, past_load)
+        else:
+            margin_passed = since >= load_margin
+        with m.If(ld_wait & margin_passed & ~ld_busy):
             m.d.comb += ld_go.eq(1)
             m.d.sync += ld_wait.eq(0)
 
@@ -211,7 +228,11 @@ class MatmulEngine(wiring.Component):
         # in the small-FPGA variant the feeder's decisions come from registers, each set a cycle ahead
         # (computed from the counters, they made the UP5K build's critical path after the sequencer's)
         last_k, row_last = Signal(), Signal()
-        if not self.bit_serial:
+        if self.bit_serial:
+            # (compared with the counts less two, registered at the start: an add and compare in one cycle
+            # was the UP5K build's critical path; a count of one never matches, as a counter is never -1)
+            kt_m2, rows_m2 = Signal.like(kt_n), Signal.like(rows)
+        else:
             m.d.comb += [last_k.eq(fd_kt + 1 == kt_n), row_last.eq(fd_row + 1 == rows)]
 
         # rows of a last k-tile go to the requantizer: no faster than it takes them
@@ -242,7 +263,8 @@ class MatmulEngine(wiring.Component):
                                  fd_kt.eq(0), fd_nt.eq(0), fd_sel.eq(0), fd_started.eq(0),
                                  a_tile.eq(self.a_addr), o_tile.eq(self.o_addr)]
                     if self.bit_serial:
-                        m.d.sync += last_k.eq(self.k_tiles == 1)
+                        m.d.sync += [last_k.eq(self.k_tiles == 1), kt_m2.eq(self.k_tiles - 2),
+                                     rows_m2.eq(self.m - 2)]
                     m.next = "LOAD_FIRST"
             with m.State("LOAD_FIRST"):
                 m.d.comb += ld_go.eq(1)
@@ -254,6 +276,7 @@ class MatmulEngine(wiring.Component):
                                  fd_last_tile.eq(last_k & (fd_nt + 1 == nt_n))]
                     if self.bit_serial:
                         m.d.sync += row_last.eq(rows == 1)
+                        m.d.comb += restart.eq(1)
                     m.next = "RUN"
             with m.State("RUN"):
                 with m.If(issue & last_k):
@@ -266,7 +289,7 @@ class MatmulEngine(wiring.Component):
                                  s1_sel.eq(fd_sel), s1_pbuf.eq(fd_nt[0]), s1_row.eq(fd_row), s1_optr.eq(o_ptr)]
                     m.d.sync += [fd_row.eq(fd_row + 1), a_ptr.eq(a_ptr + 1), o_ptr.eq(o_ptr + row_words)]
                     if self.bit_serial:
-                        m.d.sync += row_last.eq(fd_row + 2 == rows)
+                        m.d.sync += row_last.eq(fd_row == rows_m2)
                     with m.If(row_last):
                         m.d.sync += [fd_sel.eq(~fd_sel), a_tile.eq(a_tile + rows)]
                         with m.If(last_k):
@@ -277,7 +300,7 @@ class MatmulEngine(wiring.Component):
                         with m.Else():
                             m.d.sync += fd_kt.eq(fd_kt + 1)
                             if self.bit_serial:
-                                m.d.sync += last_k.eq(fd_kt + 2 == kt_n)
+                                m.d.sync += last_k.eq(fd_kt == kt_m2)
                         with m.If(fd_last_tile):
                             m.d.sync += drain.eq(0)
                             m.next = "DRAIN"

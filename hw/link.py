@@ -101,6 +101,12 @@ class LinkDeframer(wiring.Component):
         byte = Signal(8)
         have = Signal()
 
+        # what the header says, registered a cycle after its bytes: a frame's four CRC bytes come between
+        # them and its end, and these compares in the end's decision were the UP5K build's critical path
+        known, fits, frame_end = Signal(), Signal(), Signal.like(count)
+        m.d.sync += [known.eq((hdr[0] >= min(FrameType)) & (hdr[0] <= max(FrameType))),
+                     fits.eq(length <= self.max_payload), frame_end.eq(length + 8)]
+
         with m.If(self.frame_valid & self.frame_done):
             m.d.sync += self.frame_valid.eq(0)
         m.d.sync += self.ctl_valid.eq(0)
@@ -111,9 +117,7 @@ class LinkDeframer(wiring.Component):
         with m.If(self.i.valid):
             with m.If(self.i.payload == 0x7E):
                 # a FLAG ends a frame (if any bytes came) and starts the next
-                known = (hdr[0] >= min(FrameType)) & (hdr[0] <= max(FrameType))
-                good = (~broken & ~escaped & (crc == CRC32_RESIDUE) & (count == length + 8)
-                        & (length <= self.max_payload) & known)
+                good = (~broken & ~escaped & (crc == CRC32_RESIDUE) & (count == frame_end) & fits & known)
                 with m.If(count != 0):
                     with m.If(~good):
                         m.d.sync += self.bad_frames.eq(self.bad_frames + 1)
@@ -177,11 +181,12 @@ class LinkFramer(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        kind, seq, length = Signal(8), Signal(8), Signal(16)
+        kind, seq, length = Signal(8), Signal(8), Signal(range(self.max_payload + 1))
         crc = Signal(32)
         k = Signal(range(self.max_payload + 9))          # the unstuffed byte being sent
         raw, held = Signal(8), Signal(8)                  # the byte picked; the byte being sent
-        pos = Signal(16)
+        summed = Signal()                                 # ... and whether it goes into the CRC
+        pos = Signal(len(k))
         m.d.comb += pos.eq(k - 4)
         with m.FSM() as fsm:
             with m.State("IDLE"):
@@ -197,7 +202,7 @@ class LinkFramer(wiring.Component):
                 m.d.comb += self.rd_addr.eq(pos >> 2)     # the word arrives next cycle
                 m.next = "PICK"
             with m.State("PICK"):
-                header = [kind, seq, length[:8], length[8:]]
+                header = [kind, seq, length.as_unsigned()[:8], Cat(length, Const(0, 16))[8:16]]
                 with m.If(k < 4):
                     with m.Switch(k):
                         for n, b in enumerate(header):
@@ -207,9 +212,8 @@ class LinkFramer(wiring.Component):
                     m.d.comb += raw.eq(self.rd_data.word_select(pos[:2], 8))
                 with m.Else():
                     m.d.comb += raw.eq((~crc).word_select((pos - length)[:2], 8))
-                with m.If((k < 4) | (pos < length)):
-                    m.d.sync += crc.eq(crc32_byte_logic(crc, raw))
-                m.d.sync += held.eq(raw)
+                # the CRC takes the byte a cycle later (in STEP), not through the byte's multiplexer
+                m.d.sync += [held.eq(raw), summed.eq((k < 4) | (pos < length))]
                 m.next = "SEND"
             with m.State("SEND"):
                 special = (held == 0x7E) | (held == 0x7D)
@@ -226,6 +230,8 @@ class LinkFramer(wiring.Component):
                     m.d.sync += k.eq(k + 1)
                     m.next = "STEP"
             with m.State("STEP"):
+                with m.If(summed):
+                    m.d.sync += crc.eq(crc32_byte_logic(crc, held))
                 with m.If(k == length + 8):
                     m.next = "CLOSE"
                 with m.Else():
@@ -293,7 +299,10 @@ class LinkEndpoint(wiring.Component):
         # --- state ---
         rx_expected = Signal(8)
         tx_base, tx_next = Signal(8), Signal(8)         # oldest unacknowledged; the one being filled
-        outstanding = Signal(8)
+        # distances inside the window (at most W) are exact in the low bits of the sequence numbers'
+        # difference: narrow subtractors keep the ACK bookkeeping off the critical path
+        win_bits = W.bit_length()
+        outstanding = Signal(win_bits)
         m.d.comb += outstanding.eq(tx_next - tx_base)
         fill = Signal(range(N + 1))                     # words in slot tx_next
         slot_len = Array(Signal(range(self.max_payload + 1), name=f"slot_len{k}") for k in range(W))
@@ -310,13 +319,19 @@ class LinkEndpoint(wiring.Component):
         tb_wr, tb_rd = txbuf.write_port(), txbuf.read_port()
 
         # --- answers from the accelerator into the slot being filled ---
+        # A word is taken into a register first and written to the slot from there: ``i.ready`` is then a
+        # flip-flop, not the window arithmetic below (on the UP5K that path ran on into the accelerator's
+        # sequencer and was the critical one). A word every other cycle is still far above the UART's rate.
         launch = Signal()                               # the framer starts this cycle
         closing = Signal()                              # ... with the slot being filled
-        m.d.comb += self.i.ready.eq((outstanding < W) & (fill < N) & ~closing & ~self.accel_reset)
+        held, held_word = Signal(), Signal(32)
+        m.d.comb += self.i.ready.eq(~held)
         with m.If(self.i.valid & self.i.ready):
+            m.d.sync += [held.eq(1), held_word.eq(self.i.payload)]
+        with m.If(held & (outstanding < W) & (fill < N) & ~closing):
             m.d.comb += [tb_wr.addr.eq(Cat(fill[:(N - 1).bit_length()], slot(tx_next)) if N > 1 else slot(tx_next)),
-                         tb_wr.data.eq(self.i.payload), tb_wr.en.eq(1)]
-            m.d.sync += fill.eq(fill + 1)
+                         tb_wr.data.eq(held_word), tb_wr.en.eq(1)]
+            m.d.sync += [fill.eq(fill + 1), held.eq(0)]
 
         # --- the framer: what goes out next ---
         started = Signal()                              # the framer raises busy the cycle after a start
@@ -340,7 +355,9 @@ class LinkEndpoint(wiring.Component):
                 m.d.comb += [launch.eq(1), fr.frame_type.eq(_DATA), fr.frame_seq.eq(resend_ptr),
                              fr.frame_len.eq(slot_len[slot(resend_ptr)])]
                 m.d.sync += [send_hello.eq(0), send_slot.eq(slot(resend_ptr)), resend_ptr.eq(resend_ptr + 1)]
-                with m.If(resend_ptr + 1 == tx_next):
+                left = Signal(win_bits)                 # frames still to resend, this one included
+                m.d.comb += left.eq(tx_next - resend_ptr)
+                with m.If(left == 1):
                     m.d.sync += resending.eq(0)
             with m.Elif((fill != 0) & (outstanding < W)):
                 m.d.comb += [launch.eq(1), closing.eq(1), fr.frame_type.eq(_DATA), fr.frame_seq.eq(tx_next),
@@ -349,31 +366,42 @@ class LinkEndpoint(wiring.Component):
                              tx_next.eq(tx_next + 1), fill.eq(0)]
         m.d.comb += fr.start.eq(launch)
 
+        # --- acknowledgements (they arrive as control frames, even while a DATA frame is held) ---
+        # An ACK is decided the cycle the deframer announces it and acted on the next: the window's state
+        # cannot move in between in a way that changes the decision (control frames are a frame's bytes
+        # apart, and tx_next and resend_ptr only step forward inside the window).
+        ctl = dfr.ctl_valid
+        ack, ack_seq, skip_resent = Signal(), Signal(8), Signal()
+        distance, resent = Signal(8), Signal(win_bits)
+        m.d.comb += [distance.eq(dfr.ctl_seq - tx_base), resent.eq(resend_ptr - tx_base)]
+        m.d.sync += [ack.eq(ctl & (dfr.ctl_type == _ACK) & (distance != 0) & (distance <= outstanding)),
+                     ack_seq.eq(dfr.ctl_seq),
+                     skip_resent.eq(resent < distance[:win_bits])]
+        with m.If(ack):
+            m.d.sync += [tx_base.eq(ack_seq), timer.eq(0)]
+            # a retransmission round in progress skips what is now acknowledged
+            with m.If(skip_resent):
+                m.d.sync += resend_ptr.eq(ack_seq)
+                with m.If(ack_seq == tx_next):
+                    m.d.sync += resending.eq(0)
+
         # --- the retransmission timer: runs while frames are unacknowledged ---
         with m.If(outstanding == 0):
             m.d.sync += timer.eq(0)
+        with m.Elif(ctl | ack):
+            pass                # an ACK being taken restarts it: no round may begin under the ACK's decision
         with m.Elif(timer == self.retry_cycles):
             m.d.sync += [timer.eq(0), resending.eq(1), resend_ptr.eq(tx_base),
                          self.retransmits.eq(self.retransmits + 1)]
         with m.Else():
             m.d.sync += timer.eq(timer + 1)
 
-        # --- acknowledgements (they arrive as control frames, even while a DATA frame is held) ---
-        ctl = dfr.ctl_valid
-        advanced = Signal(8)
-        m.d.comb += advanced.eq(dfr.ctl_seq - tx_base)
-        with m.If(ctl & (dfr.ctl_type == _ACK) & (advanced != 0) & (advanced <= outstanding)):
-            m.d.sync += [tx_base.eq(dfr.ctl_seq), timer.eq(0)]
-            # a retransmission round in progress skips what is now acknowledged
-            with m.If(((resend_ptr - tx_base)[:8] < advanced)):
-                m.d.sync += resend_ptr.eq(dfr.ctl_seq)
-                with m.If(dfr.ctl_seq == tx_next):
-                    m.d.sync += resending.eq(0)
-
         # --- DATA frames to the accelerator, in order ---
         idx = Signal(range(N))
         n_words = Signal(range(N + 1))
         m.d.comb += n_words.eq(dfr.frame_len >> 2)
+        last_word = Signal()                            # idx is the frame's last word (registered: the
+                                                        # compare ran on into the deframer's enables)
         host_hello = ctl & (dfr.ctl_type == _HELLO)
 
         def void_on_hello():
@@ -387,7 +415,7 @@ class LinkEndpoint(wiring.Component):
                 with m.If(dfr.frame_valid):
                     with m.If((dfr.frame_type == _DATA) & (dfr.frame_seq == rx_expected)
                               & (dfr.frame_len[:2] == 0)):
-                        m.d.sync += idx.eq(0)
+                        m.d.sync += [idx.eq(0), last_word.eq(n_words == 1)]
                         m.next = "FETCH"
                     with m.Else():                       # out of order, or not a frame the host sends held
                         m.d.comb += dfr.frame_done.eq(1)
@@ -405,12 +433,12 @@ class LinkEndpoint(wiring.Component):
             with m.State("PRESENT"):
                 m.d.comb += [dfr.rd_addr.eq(idx), self.o.valid.eq(1), self.o.payload.eq(dfr.rd_data)]
                 with m.If(self.o.ready):
-                    with m.If(idx == n_words - 1):
+                    with m.If(last_word):
                         m.d.comb += dfr.frame_done.eq(1)
                         m.d.sync += [rx_expected.eq(rx_expected + 1), ack_pending.eq(1)]
                         m.next = "IDLE"
                     with m.Else():
-                        m.d.sync += idx.eq(idx + 1)
+                        m.d.sync += [idx.eq(idx + 1), last_word.eq(idx + 2 == n_words)]
                         m.next = "FETCH"
                 void_on_hello()
 
@@ -418,8 +446,8 @@ class LinkEndpoint(wiring.Component):
         with m.If(host_hello):
             m.d.comb += self.accel_reset.eq(1)
             m.d.sync += [rx_expected.eq(0), tx_base.eq(0), tx_next.eq(0), fill.eq(0), resending.eq(0),
-                         ack_pending.eq(0), hello_pending.eq(1), timer.eq(0)]
+                         ack_pending.eq(0), hello_pending.eq(1), timer.eq(0), held.eq(0)]
 
-        m.d.comb += self.active.eq(hello_pending | ack_pending | resending | (fill != 0) | (outstanding != 0)
+        m.d.comb += self.active.eq(hello_pending | ack_pending | resending | held | (fill != 0) | (outstanding != 0)
                                    | fr.busy | started | dfr.frame_valid | ~rx_fsm.ongoing("IDLE"))
         return m

@@ -152,7 +152,7 @@ class Sequencer(wiring.Component):
         def clip(value, big=0):
             return Cat(value[:E], big | value[E:].any()) if narrow else value
         measure_step = Signal(2)
-        product = Signal(32)
+        product = Signal(32 if c.serial_mul_bits is None else E + 2)
         if c.serial_mul_bits is None:
             mul_a, mul_b = Signal(16), Signal(16)
             m.d.comb += product.eq(mul_a * mul_b)
@@ -272,10 +272,20 @@ class Sequencer(wiring.Component):
                     d = c.serial_mul_bits
                     n_digits = 16 // d
                     digit_idx = Signal(range(n_digits), init=n_digits - 1)     # counts down
+                    # only the low E + 1 bits of a product are kept, and a sticky flag for any above them
+                    # (an extent that long is refused, whatever it is): an 11-bit adder, not a 32-bit one,
+                    # which was the UP5K build's critical path. Exact: once the sum reaches 2**(E + 1) it
+                    # only grows, and below that the kept bits are the whole sum.
                     op_a = Mux(measure_step == 0, kt, nt)
                     op_b = Mux(measure_step == 1, kt, mm_m)
-                    acc = Mux(digit_idx == n_digits - 1, 0, product << d) + op_a * op_b.word_select(digit_idx, d)
-                    m.d.sync += [product.eq(acc), digit_idx.eq(digit_idx - 1)]
+                    digit = op_b.word_select(digit_idx, d)
+                    first = digit_idx == n_digits - 1
+                    kept, big = product[:E + 1], product[E + 1]
+                    acc = Signal(E + 1 + d + 1)
+                    m.d.comb += acc.eq(Mux(first, 0, kept << d) + op_a[:E + 1] * digit)
+                    m.d.sync += [product.eq(Cat(acc[:E + 1], ~first & big | acc[E + 1:].any()
+                                                | (op_a[E + 1:].any() & digit.any()))),
+                                 digit_idx.eq(digit_idx - 1)]
                     with m.If(digit_idx == 0):
                         m.d.sync += [digit_idx.eq(n_digits - 1), measure_step.eq(measure_step + 1)]
                     # a product is stored from its register as the next one starts (the sum and the

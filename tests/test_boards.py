@@ -44,6 +44,14 @@ def test_ice40_pll_settings_make_the_frequency_with_pfd_and_vco_in_range(f_out):
     assert abs(pfd * (divf + 1) / 2 ** divq - f_out) < 1
 
 
+@pytest.mark.parametrize("f_in, f_out, want", [(12e6, 30e6, (0, 79, 5, 1)), (12e6, 96e6, (0, 63, 3, 1)),
+                                               (48e6, 100e6, (2, 49, 3, 1)), (48e6, 150e6, (1, 24, 2, 2)),
+                                               (48e6, 60e6, (0, 19, 4, 4))])
+def test_ice40_pll_settings_are_icepll_s(f_in, f_out, want):
+    """DIVR, DIVF, DIVQ and FILTER_RANGE as IceStorm's icepll prints them for these frequencies."""
+    assert ice40_pll_params(f_in, f_out) == want
+
+
 def test_impossible_plls_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="no iCE40 PLL setting makes 1000.0 MHz from 12.0 MHz"):
         ice40_pll_params(12e6, 1000e6)
@@ -71,8 +79,8 @@ def test_the_ulx3s_configurations_synthesize_into_the_ecp5(tmp_path, size):
 def test_the_icebreaker_builds_and_meets_timing(tmp_path):
     """The full build of the smallest iCEBreaker configuration, as `make bitstream BOARD=icebreaker` runs
     it (~3 min: the UP5K is ~95% full, and nextpnr works for its placement). The report has the logic
-    cells, block RAMs and DSP blocks used and available and the clock's Fmax against the 12 MHz the board
-    file declares."""
+    cells, block RAMs and DSP blocks used and available and the clock's Fmax against the 30 MHz the board
+    file declares (made by the PLL from the 12 MHz oscillator)."""
     from boards.build import build
     report = build("icebreaker", "small", out=tmp_path)
     assert report["status"] == "pass", report.get("error")

@@ -141,8 +141,11 @@ def test_fuzzed_streams_never_hang_and_a_valid_program_runs_after(seed):
     del first
 
 
-def test_errors_are_reported_and_decoding_goes_on():
-    cfg = CONFIGS["4x4"]
+@pytest.mark.parametrize("config", ["4x4", "4x4-ice40"])
+def test_errors_are_reported_and_decoding_goes_on(config):
+    """Every error, on the full-size sequencer and on the small-FPGA one (its region sizes bit-serial
+    products kept as their low bits and a sticky "longer" flag)."""
+    cfg = CONFIGS[config]
     sim = FastSim(cfg)
     B = cfg.bank_words
     prog = (Program(cfg)
@@ -152,6 +155,10 @@ def test_errors_are_reported_and_decoding_goes_on():
             .matmul(0, 0, B + 100, 2 * B, 4, 1, 1, Mode.INT8).sync()          # A and W share a bank
             .matmul(0, B, B + 100, 2 * B + 2, 4, 1, 1, Mode.INT8).sync()      # misaligned output
             .matmul(B - 2, B + 4, B + 100, 2 * B, 4, 1, 1, Mode.INT8).sync()  # A runs off its bank
+            # A far longer than a bank, W exactly one: M x kt = 2**16 words, whose bits all leave the
+            # small sequencer's kept low bits before the product ends (only the sticky flag remembers)
+            .matmul(0, B, B + 100, 2 * B, cfg.acc_depth, B // cfg.lanes, 1, Mode.INT8).sync()
+            .matmul(0, B, B + 100, 2 * B, 1, 1 << 15, 1, Mode.INT8).sync()    # kt alone is too long
             .store(cfg.pool_words - 1, 2).sync()                              # STORE past the pool
             .load(cfg.pool_words - 1, np.zeros((2, cfg.lanes), np.int8)).sync()  # LOAD past the pool
             # addresses with bits above the pool's address width (the device keeps only those it has)
@@ -167,7 +174,7 @@ def test_errors_are_reported_and_decoding_goes_on():
     assert len(answers) == expect
     flags = [parse_status(w) for w in answers[:-3]]
     assert flags == [Error(0), Error.OPCODE, Error.SHAPE, Error.SHAPE, Error.BANK, Error.ADDRESS,
-                     Error.ADDRESS, Error.ADDRESS, Error.ADDRESS] + [Error.ADDRESS] * 4
+                     Error.ADDRESS, Error.ADDRESS, Error.ADDRESS, Error.ADDRESS, Error.ADDRESS] + [Error.ADDRESS] * 4
     version_shape = answers[-3]
     assert version_shape >> 24 == ISA_VERSION and (version_shape >> 8) & 0xFF == cfg.lanes
     assert answers[-2:] == [cfg.bank_words, cfg.acc_depth]
