@@ -272,3 +272,62 @@ def test_a_hello_mid_transfer_restarts_the_link_and_the_accelerator():
     assert 0 < res["answered_before_reset"] < len(words)      # the restart came mid-transfer
     assert len(hellos) == 1                 # the answer to the second HELLO
     assert got == [(3 * w + 1) & 0xFFFFFFFF for w in words], res
+
+
+def test_acks_outside_the_window_are_ignored_and_one_mid_round_trims_the_resend():
+    """Crafted ACKs no host sends: one ahead of every frame sent and one behind the window change nothing
+    (the next timeout resends all three outstanding frames); an ACK of the first two arriving while the
+    next round resends frame 0 skips frame 1; after the last ACK nothing is sent again."""
+    from hw.link import LinkEndpoint
+    retry = 2000
+    dut = LinkEndpoint(bytes(range(16)), max_payload=64, window=4, retry_cycles=retry)
+
+    async def bench(ctx):
+        decoder, to_device, words, sent = Decoder(max_payload=64), [], [0x11, 0x22, 0x33], []
+
+        async def run(cycles, until=None):
+            for cycle in range(cycles):
+                feed = cycle % 2 == 0 and bool(to_device)
+                ctx.set(dut.rx.valid, feed)
+                ctx.set(dut.rx.payload, to_device.pop(0) if feed else 0)
+                ctx.set(dut.tx.ready, 1)
+                if ctx.get(dut.tx.valid):
+                    sent.extend(f for f in decoder.feed(bytes([ctx.get(dut.tx.payload)]))
+                                if f.type == FrameType.DATA)
+                # one answer word at a time, each once the frame before it is out: three frames
+                give = bool(words) and len(sent) == 3 - len(words)
+                ctx.set(dut.i.valid, give)
+                ctx.set(dut.i.payload, words[0] if give else 0)
+                if give and ctx.get(dut.i.ready):
+                    words.pop(0)
+                await ctx.tick()
+                if until is not None and until():
+                    return
+            assert until is None, "timed out"
+
+        def ack(seq):
+            to_device.extend(encode(Frame(FrameType.ACK, seq)))
+
+        round_starts = lambda n: lambda: ctx.get(dut.retransmits) == n      # noqa: E731
+        await run(retry, until=lambda: len(sent) == 3)                     # frames 0, 1, 2, one word each
+        assert [f.seq for f in sent] == [0, 1, 2] and ctx.get(dut.retransmits) == 0
+        ack(7)                                      # ahead of everything sent
+        ack(255)                                    # behind the window
+        await run(2 * retry, until=round_starts(1))
+        await run(retry // 2, until=lambda: len(sent) == 6)
+        assert [f.seq for f in sent[3:]] == [0, 1, 2] and [f.payload for f in sent[3:]] == [f.payload for f in sent[:3]]
+        await run(2 * retry, until=round_starts(2))
+        ack(2)                                      # lands while frame 0 goes out again: frame 1 is skipped
+        await run(retry // 2, until=lambda: len(sent) == 8)
+        assert [f.seq for f in sent[6:]] == [0, 2]
+        await run(2 * retry, until=round_starts(3))
+        ack(3)
+        await run(3 * retry, until=lambda: not ctx.get(dut.active))
+        await run(2 * retry)                        # nothing outstanding: no timeout, nothing sent
+        assert [f.seq for f in sent[8:]] == [2]
+        assert ctx.get(dut.retransmits) == 3 and not ctx.get(dut.active)
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
