@@ -78,7 +78,7 @@ def test_the_ulx3s_configurations_synthesize_into_the_ecp5(tmp_path, size):
 
 def test_the_icebreaker_builds_and_meets_timing(tmp_path):
     """The full build of the smallest iCEBreaker configuration, as `make bitstream BOARD=icebreaker` runs
-    it (~3 min: the UP5K is ~95% full, and nextpnr works for its placement). The report has the logic
+    it (~1.5 min: the UP5K is 92% full, and nextpnr works for its placement). The report has the logic
     cells, block RAMs and DSP blocks used and available and the clock's Fmax against the 30 MHz the board
     file declares (made by the PLL from the 12 MHz oscillator)."""
     from boards.build import build
