@@ -273,9 +273,9 @@ class Sequencer(wiring.Component):
                     n_digits = 16 // d
                     digit_idx = Signal(range(n_digits), init=n_digits - 1)     # counts down
                     # only the low E + 1 bits of a product are kept, and a sticky flag for any above them
-                    # (an extent that long is refused, whatever it is): an 11-bit adder, not a 32-bit one,
-                    # which was the UP5K build's critical path. Exact: once the sum reaches 2**(E + 1) it
-                    # only grows, and below that the kept bits are the whole sum.
+                    # (an extent that long is refused, whatever it is): an adder of E + 1 + d bits (11 on
+                    # the iCEBreaker), not a 32-bit one, which was the UP5K build's critical path. Exact:
+                    # once the sum reaches 2**(E + 1) it only grows; below that the kept bits are all of it.
                     op_a = Mux(measure_step == 0, kt, nt)
                     op_b = Mux(measure_step == 1, kt, mm_m)
                     digit = op_b.word_select(digit_idx, d)
