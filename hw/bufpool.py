@@ -12,7 +12,8 @@ SUBBANKS = 4     # by default each bank interleaves four memories, so an output 
 class BankPort(wiring.Signature):
     """One bank's ports, from the user's side.
 
-    Read: ``r_addr`` (word offset in the bank) with ``r_en``; ``r_data`` is valid the next cycle.
+    Read: ``r_addr`` (word offset in the bank) with ``r_en``; ``r_data`` is valid ``read_latency``
+    cycles later (the pool's, 1 or 2).
     Write: ``w_en[s]`` writes ``w_data[s]`` to word ``subbanks * w_row + s``: up to ``subbanks`` aligned
     words a cycle.
     """
@@ -31,7 +32,8 @@ class BankPort(wiring.Signature):
 class BufferPool(wiring.Component):
     """``banks`` independent banks of ``bank_words`` words of ``word_bits`` bits.
 
-    Each bank has one read port (one word a cycle, one cycle of latency) and one write port (up to
+    Each bank has one read port (one word a cycle, ``read_latency`` cycles of latency: 2 registers each
+    memory's output before the multiplexer that picks the sub-bank) and one write port (up to
     ``subbanks`` aligned words a cycle), so three streams — activations in, weights in, outputs out — run
     at full rate when they live in different banks. ``subbanks`` (4 or 1) is how many memories a bank
     interleaves: 4 writes a whole INT32 output row of a wide array at once; 1 is one memory a bank, for
@@ -41,12 +43,15 @@ class BufferPool(wiring.Component):
     Members: ``bank`` (``banks`` x :class:`BankPort`, flipped).
     """
 
-    def __init__(self, word_bits, banks, bank_words, subbanks=SUBBANKS):
+    def __init__(self, word_bits, banks, bank_words, subbanks=SUBBANKS, read_latency=1):
+        if read_latency not in (1, 2):
+            raise ValueError(f"read_latency must be 1 or 2, not {read_latency!r}")
         if subbanks not in (1, SUBBANKS):
             raise ValueError(f"subbanks must be 1 or {SUBBANKS}, not {subbanks!r}")
         if bank_words % subbanks or bank_words < subbanks:
             raise ValueError(f"bank_words must be a positive multiple of {subbanks}, not {bank_words}")
         self.word_bits, self.banks, self.bank_words, self.subbanks = word_bits, banks, bank_words, subbanks
+        self.read_latency = read_latency
         super().__init__({"bank": In(BankPort(word_bits, bank_words, subbanks)).array(banks)})
 
     def elaborate(self, platform):
@@ -60,6 +65,10 @@ class BufferPool(wiring.Component):
             if S > 1:
                 with m.If(port.r_en):
                     m.d.sync += sub_sel.eq(port.r_addr[:sub_bits])
+                if self.read_latency == 2:
+                    sub_sel_q = Signal.like(sub_sel, name=f"sub_sel{b}_q")
+                    m.d.sync += sub_sel_q.eq(sub_sel)
+                    sub_sel = sub_sel_q
             for s in range(S):
                 mem = memory.Memory(shape=unsigned(self.word_bits), depth=depth, init=[])
                 m.submodules[f"bank{b}_sub{s}"] = mem
@@ -67,6 +76,10 @@ class BufferPool(wiring.Component):
                 wp = mem.write_port()
                 m.d.comb += [rp.addr.eq(port.r_addr >> sub_bits), rp.en.eq(port.r_en),
                              wp.addr.eq(port.w_row), wp.data.eq(port.w_data[s]), wp.en.eq(port.w_en[s])]
+                r_data = rp.data
+                if self.read_latency == 2:
+                    r_data = Signal(self.word_bits, name=f"bank{b}_sub{s}_q", reset_less=True)
+                    m.d.sync += r_data.eq(rp.data)
                 with m.If(sub_sel == s):
-                    m.d.comb += port.r_data.eq(rp.data)
+                    m.d.comb += port.r_data.eq(r_data)
         return m

@@ -51,14 +51,19 @@ class MatmulEngine(wiring.Component):
     ``addr_bits + 1`` bits).
 
     Pool access: ``a_rd`` (activations), ``w_rd`` (weights and parameters), ``o_wr`` (output rows); each
-    read returns its word one cycle after ``en``. With ``subbanks`` 1 an output row is written a word a
-    cycle (up to 4 cycles, which a requantizer taking >= 4 cycles a row leaves). ``issuing`` is high in cycles that feed a row to the
-    array (for the performance counters).
+    read returns its word ``read_latency`` (1 or 2) cycles after ``en``: a pool with its memories' outputs
+    registered (2) delays the rows, the loads and the end of a MATMUL by a cycle, nothing else. With
+    ``subbanks`` 1 an output row is written a word a cycle (up to 4 cycles, which a requantizer taking
+    >= 4 cycles a row leaves). ``issuing`` is high in cycles that feed a row to the array (for the
+    performance counters).
     """
 
     def __init__(self, lanes, addr_bits, acc_depth, requant_lanes=None, serial_mul_bits=None, subbanks=SUBBANKS,
-                 compact_array=False):
+                 compact_array=False, read_latency=1):
+        if read_latency not in (1, 2):
+            raise ValueError(f"read_latency must be 1 or 2, not {read_latency!r}")
         self.lanes = lanes
+        self.read_latency = read_latency
         self.acc_depth = acc_depth
         self.word_bits = 8 * lanes
         self.subbanks = subbanks
@@ -93,6 +98,7 @@ class MatmulEngine(wiring.Component):
         m.submodules.array = array = self.array
         m.submodules.requant = rq = self.requant
         lat = array.latency
+        extra = self.read_latency - 1   # cycles the pool's reads take beyond one
         gap = lat + 6                   # a tile starts >= this long after the previous one (accumulator RAW)
         load_margin = lat + 8           # the idle weight bank and param buffer are free this long after a start
 
@@ -157,6 +163,12 @@ class MatmulEngine(wiring.Component):
         ld_params = Signal()
         ld_rd_valid, ld_rd_idx = Signal(), Signal.like(ld_idx)   # the word arriving this cycle
         ld_rd_pbuf = Signal()
+        # the word read last cycle: it arrives now, or (a pool with registered outputs) next cycle
+        if extra:
+            ld_iss_valid, ld_iss_idx, ld_iss_pbuf = Signal(), Signal.like(ld_idx), Signal()
+            m.d.sync += [ld_rd_valid.eq(ld_iss_valid), ld_rd_idx.eq(ld_iss_idx), ld_rd_pbuf.eq(ld_iss_pbuf)]
+        else:
+            ld_iss_valid, ld_iss_idx, ld_iss_pbuf = ld_rd_valid, ld_rd_idx, ld_rd_pbuf
         if not self.bit_serial:
             params = [[Signal(WB, name=f"param{b}_{w}") for w in range(P)] for b in range(2)]
 
@@ -168,20 +180,28 @@ class MatmulEngine(wiring.Component):
             m.d.sync += [ld_last_k.eq(ld_kt + 1 == kt_n), ld_more_n.eq(ld_nt + 1 != nt_n)]
         else:
             ld_last_k, ld_more_n = ld_kt + 1 == kt_n, ld_nt + 1 != nt_n
-        m.d.sync += ld_rd_valid.eq(0)
+        m.d.sync += ld_iss_valid.eq(0)
+        # whether the loader reads this cycle, and whether a weight word (else a parameter word): flags set
+        # a cycle ahead, so the pool's address comes from flip-flops through one multiplexer (the compare
+        # of ld_idx against the load's length, on into the bank multiplexers and the block RAMs' address
+        # inputs, was the ECP5 8 x 8 build's critical path)
+        ld_reading, ld_on_w = Signal(), Signal()
         with m.If(ld_go):
-            m.d.sync += [ld_busy.eq(1), ld_idx.eq(0), ld_params.eq(ld_kt == 0)]
+            m.d.sync += [ld_busy.eq(1), ld_idx.eq(0), ld_params.eq(ld_kt == 0), ld_reading.eq(1), ld_on_w.eq(1)]
         with m.If(ld_busy):
-            with m.If(ld_idx < Mux(ld_params, L + P, L)):
-                m.d.comb += [self.w_rd.en.eq(1), self.w_rd.addr.eq(Mux(ld_idx < L, w_ptr, p_ptr))]
-                m.d.sync += [ld_rd_valid.eq(1), ld_rd_idx.eq(ld_idx), ld_rd_pbuf.eq(ld_nt[0]),
-                             ld_idx.eq(ld_idx + 1)]
-                with m.If(ld_idx < L):
+            with m.If(ld_reading):
+                m.d.comb += [self.w_rd.en.eq(1), self.w_rd.addr.eq(Mux(ld_on_w, w_ptr, p_ptr))]
+                m.d.sync += [ld_iss_valid.eq(1), ld_iss_idx.eq(ld_idx), ld_iss_pbuf.eq(ld_nt[0]),
+                             ld_idx.eq(ld_idx + 1),
+                             ld_on_w.eq(ld_on_w & (ld_idx != L - 1)),
+                             ld_reading.eq(ld_idx != Mux(ld_params, L + P - 1, L - 1))]
+                with m.If(ld_on_w):
                     m.d.sync += w_ptr.eq(w_ptr + 1)
                 with m.Else():
                     m.d.sync += p_ptr.eq(p_ptr + 1)
             with m.Elif(~ld_rd_valid):
-                # the last word has landed: the tile is ready; step to the following tile
+                # the last word has landed (a load reads every cycle, more words than the read latency,
+                # so its words land back to back): the tile is ready; step to the following tile
                 m.d.sync += [ld_busy.eq(0), ld_ready.eq(1), ld_bank.eq(~ld_bank)]
                 with m.If(ld_last_k):
                     m.d.sync += [ld_kt.eq(0), ld_nt.eq(ld_nt + 1), ld_pending.eq(ld_more_n)]
@@ -248,7 +268,8 @@ class MatmulEngine(wiring.Component):
             m.d.comb += issue.eq(~last_k | (pace == 0))
         m.d.sync += pace.eq(Mux(pace == 0, 0, pace - 1))
 
-        # stage 1: the row whose activation word and partial sums arrive from memory this cycle
+        # stage 1: the row whose activation word arrives from memory this cycle (with a read latency of 2,
+        # the next)
         s1_valid, s1_zero, s1_last, s1_sel, s1_pbuf = Signal(), Signal(), Signal(), Signal(), Signal()
         s1_row, s1_optr = Signal.like(fd_row), Signal.like(o_ptr)
         m.d.sync += s1_valid.eq(0)
@@ -309,7 +330,7 @@ class MatmulEngine(wiring.Component):
             with m.State("DRAIN"):
                 m.d.sync += drain.eq(drain + 1)
                 # (+3: the last words of a row written one a cycle)
-                with m.If(drain == lat + rq.latency + 6 + (3 if self.subbanks == 1 else 0)):
+                with m.If(drain == lat + rq.latency + 6 + extra + (3 if self.subbanks == 1 else 0)):
                     m.d.comb += self.done.eq(1)
                     m.next = "IDLE"
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
@@ -318,7 +339,9 @@ class MatmulEngine(wiring.Component):
         # bank multiplexer end at a flip-flop rather than run on into the multipliers
         s2_a = Signal(8 * L, name="s2_a", reset_less=True)
         s2_sel, s2_valid = Signal(), Signal()
-        m.d.sync += [s2_a.eq(self.a_rd.data), s2_sel.eq(s1_sel), s2_valid.eq(s1_valid)]
+        # (a pool with registered outputs: its word comes a cycle after stage 1, and the row's data waits)
+        m.d.sync += [s2_a.eq(self.a_rd.data), s2_sel.eq(delay(s1_sel, extra, "s1_sel")),
+                     s2_valid.eq(delay(s1_valid, extra, "s1_valid"))]
         m.d.comb += [array.a.eq(s2_a), array.sel.eq(s2_sel), array.valid.eq(s2_valid)]
 
         # --- drain: the array's sums plus the accumulators, back to them or through the epilogue --------
@@ -326,8 +349,8 @@ class MatmulEngine(wiring.Component):
         # registers for 32-bit sums (32 x L(L+1)/2 flip-flops) and one adder a column. The row's
         # accumulators are read the cycle before it leaves the array (p_), added as it leaves (u_), and
         # the sum is registered (t_) before it is written back or requantized.
-        p_last, p_row, p_optr, p_pbuf, p_zero = ring_delay([s1_last, s1_row, s1_optr, s1_pbuf, s1_zero], lat,
-                                                           "p_info")
+        p_last, p_row, p_optr, p_pbuf, p_zero = ring_delay([s1_last, s1_row, s1_optr, s1_pbuf, s1_zero],
+                                                           lat + extra, "p_info")
         m.d.comb += acc_rd.addr.eq(p_row)
         u_last, u_row, u_optr, u_pbuf, u_zero = (Signal.like(p, name=f"u_{n}") for p, n in zip(
             (p_last, p_row, p_optr, p_pbuf, p_zero), ("last", "row", "optr", "pbuf", "zero")))

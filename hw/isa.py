@@ -85,6 +85,10 @@ class AcceleratorConfig:
     for an FPGA short of logic behind a slow link, where the overlap would save little.
     ``compact_array`` (default False): the systolic array's small-FPGA layout (``SystolicArray(paired=True)``:
     two PEs' products in one iCE40 DSP block, activations broadcast along rows, narrow partial sums).
+    ``pool_read_latency`` (1 or 2; default 1): cycles from a pool read to its data. 2 registers each
+    memory's output before the sub-bank and bank multiplexers, for an FPGA whose block RAMs' clock-to-out
+    leaves no time for them (an ECP5's DP16KD: 5.8 ns); a MATMUL then takes a cycle longer to start and to
+    drain. Results do not depend on it.
     """
     lanes: int = 16
     banks: int = 4
@@ -95,6 +99,7 @@ class AcceleratorConfig:
     pool_subbanks: int = 4
     overlap: bool = True
     compact_array: bool = False
+    pool_read_latency: int = 1
 
     def __post_init__(self):
         if self.lanes not in (4, 8, 12, 16, 20, 24, 28, 32):
@@ -111,6 +116,8 @@ class AcceleratorConfig:
         for name in ("overlap", "compact_array"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if self.pool_read_latency not in (1, 2):
+            raise ValueError(f"pool_read_latency must be 1 or 2, not {self.pool_read_latency!r}")
         if self.pool_subbanks not in (1, 4):
             raise ValueError(f"pool_subbanks must be 1 or 4, not {self.pool_subbanks!r}")
         if self.serial_mul_bits not in (None, 1, 4, 8, 16):

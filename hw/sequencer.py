@@ -29,10 +29,11 @@ class Sequencer(wiring.Component):
     writing; a MATMUL writing over the range being stored). SYNC, COUNTERS and INFO wait until both units
     are idle. So a stream means exactly what it means run one command at a time — only sooner.
 
-    The store unit reads up to three words ahead, so a STORE sends one host word every cycle the host
-    takes one. With ``config.overlap`` False every command waits for both units to be idle, and the
-    store unit reads one word ahead. Pool access: ``rd_*`` (the store unit; data one cycle after
-    ``rd_en``) and ``wr_*`` (LOAD), global word addresses. ``busy``: the store unit or a MATMUL is running.
+    The store unit reads up to ``2 + config.pool_read_latency`` words ahead, so a STORE sends one host word
+    every cycle the host takes one. With ``config.overlap`` False every command waits for both units to be
+    idle, and the store unit reads one word ahead. Pool access: ``rd_*`` (the store unit; data
+    ``config.pool_read_latency`` cycles after ``rd_en``) and ``wr_*`` (LOAD), global word addresses.
+    ``busy``: the store unit or a MATMUL is running.
     """
 
     def __init__(self, config):
@@ -197,12 +198,15 @@ class Sequencer(wiring.Component):
         # --- the store unit: reads run ahead into a small FIFO, so the stream sends a word every cycle ----
         # (without overlap, nothing else happens while a STORE runs, behind a link far slower than the
         # pool: one word read ahead is enough)
-        fifo_depth = 4 if c.overlap else 1
+        # (a read more in flight with a pool read latency of 2: one more FIFO word keeps a word a cycle)
+        fifo_depth = 3 + c.pool_read_latency if c.overlap else 1
         m.submodules.st_fifo = st_fifo = SyncFIFO(width=self.word_bits, depth=fifo_depth)
-        st_inflight = Signal()                  # a read issued last cycle: its word lands in the FIFO now
-        m.d.sync += st_inflight.eq(self.rd_en)
-        m.d.comb += [st_fifo.w_data.eq(self.rd_data), st_fifo.w_en.eq(st_inflight)]
-        with m.If(st_busy & (st_rd_left != 0) & (st_fifo.level + st_inflight < max(1, fifo_depth - 1))):
+        # the reads of the last pool_read_latency cycles: the oldest one's word lands in the FIFO now
+        st_inflight = [Signal(name=f"st_inflight{k}") for k in range(c.pool_read_latency)]
+        m.d.sync += [x.eq(y) for x, y in zip(st_inflight, [self.rd_en, *st_inflight])]
+        m.d.comb += [st_fifo.w_data.eq(self.rd_data), st_fifo.w_en.eq(st_inflight[-1])]
+        in_flight = sum(st_inflight[1:], st_inflight[0])
+        with m.If(st_busy & (st_rd_left != 0) & (st_fifo.level + in_flight < max(1, fifo_depth - 1))):
             m.d.comb += [self.rd_addr.eq(st_span[0]), self.rd_en.eq(1)]
             m.d.sync += [st_span[0].eq(st_span[0] + 1), st_rd_left.eq(st_rd_left - 1)]
         with m.If(st_fifo.r_rdy):

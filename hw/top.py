@@ -36,8 +36,10 @@ class Accelerator(wiring.Component):
         c = self.config
         m.submodules.seq = seq = Sequencer(c)
         m.submodules.engine = eng = MatmulEngine(c.lanes, seq.addr_bits, c.acc_depth, c.requant_lanes,
-                                                     c.serial_mul_bits, c.pool_subbanks, c.compact_array)
-        m.submodules.pool = pool = BufferPool(8 * c.lanes, c.banks, c.bank_words, c.pool_subbanks)
+                                                     c.serial_mul_bits, c.pool_subbanks, c.compact_array,
+                                                     c.pool_read_latency)
+        m.submodules.pool = pool = BufferPool(8 * c.lanes, c.banks, c.bank_words, c.pool_subbanks,
+                                              c.pool_read_latency)
         m.submodules.counters = cnt = PerfCounters(c.lanes * c.lanes)
         bank_bits = (c.bank_words - 1).bit_length()
         S = c.pool_subbanks
@@ -61,10 +63,14 @@ class Accelerator(wiring.Component):
         def offset(addr):
             return addr[:bank_bits]
 
-        # who read which bank last cycle, to route the read data back
-        a_bank, w_bank, s_bank = (Signal(range(c.banks), name=n) for n in ("a_bank", "w_bank", "s_bank"))
-        m.d.sync += [a_bank.eq(bank_of(eng.a_rd.addr)), w_bank.eq(bank_of(eng.w_rd.addr)),
-                     s_bank.eq(bank_of(seq.rd_addr))]
+        # who read which bank pool_read_latency cycles ago, to route the read data back
+        selects = [bank_of(eng.a_rd.addr), bank_of(eng.w_rd.addr), bank_of(seq.rd_addr)]
+        for k in range(c.pool_read_latency):
+            suffix = "" if k == c.pool_read_latency - 1 else f"_d{k}"
+            held = [Signal(range(c.banks), name=f"{n}_bank{suffix}") for n in "aws"]
+            m.d.sync += [h.eq(x) for h, x in zip(held, selects)]
+            selects = held
+        a_bank, w_bank, s_bank = selects
         for b in range(c.banks):
             port = pool.bank[b]
             # the checked MATMUL keeps its three streams in different banks, and the sequencer holds back

@@ -229,13 +229,15 @@ def test_requantizer_refuses_a_group_that_does_not_divide_the_lanes():
         BitSerialRequantizer(6)
 
 
-def test_bufpool_banks_are_independent():
-    dut = BufferPool(16, 3, 16)
+@pytest.mark.parametrize("read_latency", [1, 2])
+def test_bufpool_banks_are_independent(read_latency):
+    dut = BufferPool(16, 3, 16, read_latency=read_latency)
     rng = random.Random(4)
     model = [dict() for _ in range(3)]
 
     async def bench(ctx):
-        for _ in range(300):
+        issued = []                 # per cycle, what each bank's read returns (read before that cycle's write)
+        for cycle in range(300):
             reads = []
             for b in range(3):
                 port = dut.bank[b]
@@ -251,9 +253,13 @@ def test_bufpool_banks_are_independent():
                 for s in range(4):
                     if en >> s & 1:
                         model[b][4 * row + s] = data[s]
+            issued.append(reads)
             await ctx.tick()
-            assert [ctx.get(dut.bank[b].r_data) for b in range(3)] == reads
+            if cycle + 1 >= read_latency:
+                assert [ctx.get(dut.bank[b].r_data) for b in range(3)] == issued[cycle + 1 - read_latency]
     simulate(dut, bench)
+    with pytest.raises(ValueError, match="read_latency must be 1 or 2, not 3"):
+        BufferPool(16, 3, 16, read_latency=3)
 
 
 async def exchange(ctx, dut, words, expect, max_cycles=20000):

@@ -17,6 +17,9 @@ CONFIGS = {
     "4x4-ice40": AcceleratorConfig(lanes=4, banks=4, bank_words=2048, acc_depth=128, requant_lanes=1,
                                    serial_mul_bits=1, pool_subbanks=1, overlap=False, compact_array=True),
     "8x8": AcceleratorConfig(lanes=8, banks=4, bank_words=4096, acc_depth=256),
+    # the ULX3S target: 12 lanes, the requantizer two columns a cycle, the pool's reads registered
+    "12x12-ecp5": AcceleratorConfig(lanes=12, banks=4, bank_words=4096, acc_depth=512, requant_lanes=2,
+                                    pool_read_latency=2),
     "16x16": AcceleratorConfig(lanes=16, banks=4, bank_words=16384, acc_depth=512),
 }
 
