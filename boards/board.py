@@ -22,7 +22,9 @@ class Board:
     oscillator when they differ); ``baud``: the UART's (an exact divisor of ``clock_hz``); ``uart``:
     the resource number; ``leds``: how many LEDs show the status; ``sizes``: named accelerator
     configurations, "small" (what CI builds) and "target" (what the board is for); ``synth_opts``,
-    ``nextpnr_opts``, ``script_after_read``: passed to the platform build.
+    ``nextpnr_opts``, ``script_after_read``: passed to the platform build. ``dsp_layout``: the sizes
+    whose array multipliers :mod:`boards.layout` places (an ECP5-85F's), built with nextpnr's static
+    placer and router2 — what made the ULX3S's 12 x 12 routable.
     """
 
     name: str
@@ -36,6 +38,7 @@ class Board:
     synth_opts: str = ""
     nextpnr_opts: str = ""
     script_after_read: str = ""
+    dsp_layout: tuple = ()
     programmer: tuple = ()          # the command that programs the bitstream (file name appended)
     notes: str = ""
 
@@ -44,6 +47,9 @@ class Board:
             raise ValueError(f"family must be 'ice40' or 'ecp5', not {self.family!r}")
         if round(self.clock_hz) % self.baud:
             raise ValueError(f"{self.name}: {self.baud} baud does not divide the {self.clock_hz / 1e6} MHz clock")
+        for size in self.dsp_layout:
+            if self.family != "ecp5" or size not in self.sizes:
+                raise ValueError(f"{self.name}: dsp_layout names {size!r}, not an ECP5 size of this board")
         for size, config in self.sizes.items():
             if not isinstance(config, AcceleratorConfig):
                 raise TypeError(f"{self.name}: size {size!r} must be an AcceleratorConfig")

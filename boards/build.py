@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import BOARD_NAMES, get_board
 from .board import PlatformTop
+from .layout import constrain_array
 
 __all__ = ["build", "print_report", "main"]
 
@@ -138,10 +139,13 @@ def build(board_name, size="small", out=None, seed=1, synth_only=False):
     for old in ("report.json", "nextpnr.json", board.bitstream_name):
         (folder / old).unlink(missing_ok=True)
     platform = board.platform()
+    laid_out = size in board.dsp_layout
+    layout_opts = "--placer static --router router2" if laid_out else ""
     script_after_read = "\n".join(filter(None, (NO_COLLISION_MEMORIES, board.script_after_read)))
     plan = platform.build(PlatformTop(board, size), name="ambert", do_build=False, do_program=False,
                           synth_opts=board.synth_opts, script_after_read=script_after_read,
-                          nextpnr_opts=f"--report nextpnr.json --timing-allow-fail --seed {seed} {board.nextpnr_opts}")
+                          nextpnr_opts=f"--report nextpnr.json --timing-allow-fail --seed {seed} {board.nextpnr_opts} "
+                                       f"{layout_opts}")
     plan.extract(str(folder))
     steps = _steps(folder / "build_ambert.sh")
     if synth_only:
@@ -153,6 +157,11 @@ def build(board_name, size="small", out=None, seed=1, synth_only=False):
           f"{config.bank_words} pool words) at {board.clock_hz / 1e6:g} MHz in {folder}", file=sys.stderr)
     status = "ok"
     for k, (var, args) in enumerate(steps, 1):
+        if var.startswith("NEXTPNR") and laid_out:
+            # the array's multipliers on their DSP sites (boards.layout), in the netlist Yosys wrote
+            netlist = json.loads((folder / "ambert.json").read_text())
+            report["dsp_layout"] = constrain_array(netlist, config.rows, config.cols)
+            (folder / "ambert.json").write_text(json.dumps(netlist))
         rc, took = _run_step([_tool(var), *args], folder, STEP_NAMES[var], k, len(steps))
         report["steps"][STEP_NAMES[var]] = round(took, 1)
         if rc:

@@ -28,5 +28,6 @@ BOARD = Board(
         "target": AcceleratorConfig(lanes=12, banks=4, bank_words=4096, acc_depth=512, requant_lanes=2,
                                     pool_read_latency=2),
     },
+    dsp_layout=("target",),
     programmer=("openFPGALoader", "--board", "ulx3s"),
 )

@@ -61,6 +61,34 @@ def test_impossible_plls_are_refused_with_the_reason():
         ecp5_pll_params(25e6, 48e6)
 
 
+def test_the_dsp_layout_puts_each_array_column_on_adjacent_multipliers_of_one_strip():
+    from boards.layout import SITES, array_bels, constrain_array
+    bels = array_bels(12, 12)
+    assert len(set(bels.values())) == 144 <= SITES
+    site = {b: tuple(int(v) for v in re.match(r"X(\d+)/Y(\d+)/MULT18_(\d)$", b).groups()) for b in bels.values()}
+    assert {y for _, y, _ in site.values()} == {10, 34, 58}
+    for j in range(12):
+        column = [site[bels[i, j]] for i in range(12)]
+        assert len({y for _, y, _ in column}) == 1                      # one strip
+        xs = [x for x, _, _ in column]
+        assert xs == sorted(xs) and xs[-1] - xs[0] <= 3 * 9           # in order, within three blocks
+        assert all(x - slot in (4, 13, 22, 31, 40, 49, 58, 69, 78, 87, 96, 105, 114) for x, _, slot in column)
+    with pytest.raises(ValueError, match="does not fit"):
+        array_bels(12, 13)
+    # a netlist as Yosys writes it: the constraint lands on each PE's multiplier, nothing else
+    cells = {f"board.accel.engine.array.pe_{i}_{j}.prod_MULT18X18D_P0": {"type": "MULT18X18D", "attributes": {}}
+             for i in range(2) for j in range(2)}
+    cells["board.accel.engine.requant.prod_MULT18X18D_P0"] = {"type": "MULT18X18D", "attributes": {}}
+    netlist = {"modules": {"ambert": {"cells": cells}}}
+    assert constrain_array(netlist, 2, 2) == 4
+    assert cells["board.accel.engine.array.pe_1_0.prod_MULT18X18D_P0"]["attributes"]["BEL"] == array_bels(2, 2)[1, 0]
+    assert "BEL" not in cells["board.accel.engine.requant.prod_MULT18X18D_P0"]["attributes"]
+    with pytest.raises(ValueError, match="has 4 PE multipliers, not 9"):
+        constrain_array(netlist, 3, 3)
+    with pytest.raises(ValueError, match="dsp_layout names 'huge'"):
+        Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, dsp_layout=("huge",))
+
+
 @pytest.mark.parametrize("size", ["small", "medium"])
 def test_the_ulx3s_configurations_synthesize_into_the_ecp5(tmp_path, size):
     """Yosys only (~40 s each; place and route: `make bitstream BOARD=ulx3s SIZE=...`, minutes to an hour).
