@@ -128,6 +128,12 @@ def _yosys_cells(log):
 NO_COLLISION_MEMORIES = ("setparam -set COLLISION_X_MASK 1'1 t:$memrd_v2 r:MEMID=\\bank*_sub* "
                          "r:MEMID=\\acc_mem %u r:MEMID=\\p_info %u %i")
 
+# The registers that the design copies on purpose, to place one copy beside each group of its loads (the
+# array's weight-write enables once a column: hw.array, write_latency): keep them, else Yosys merges
+# the copies, whose inputs are the same, back into one register driving every load. (After `proc`: Amaranth
+# writes registers with a reset as processes, whose flip-flops only `proc` makes.)
+KEEP_REPLICAS = "proc; setattr -set keep 1 a:ambert_replica %ci1 c:* %i"
+
 
 def build(board_name, size="small", out=None, seed=1, synth_only=False):
     """Build ``board_name`` at ``size``; return the report (a dict, also written as report.json).
@@ -141,7 +147,7 @@ def build(board_name, size="small", out=None, seed=1, synth_only=False):
     platform = board.platform()
     laid_out = size in board.dsp_layout
     layout_opts = "--placer static --router router2" if laid_out else ""
-    script_after_read = "\n".join(filter(None, (NO_COLLISION_MEMORIES, board.script_after_read)))
+    script_after_read = "\n".join(filter(None, (NO_COLLISION_MEMORIES, KEEP_REPLICAS, board.script_after_read)))
     plan = platform.build(PlatformTop(board, size), name="ambert", do_build=False, do_program=False,
                           synth_opts=board.synth_opts, script_after_read=script_after_read,
                           nextpnr_opts=f"--report nextpnr.json --timing-allow-fail --seed {seed} {board.nextpnr_opts} "

@@ -24,9 +24,11 @@ BOARD = Board(
         # were its critical path)
         "medium": AcceleratorConfig(lanes=8, banks=4, bank_words=4096, acc_depth=512, pool_read_latency=2),
         # the target, 12x12 = 144 MACs a cycle: the PEs take 144 DSP blocks, so the requantizer takes two
-        # columns a cycle (2 x 4 blocks; the last k-tile of each n-tile then issues a row every 6 cycles)
+        # columns a cycle (2 x 4 blocks; the last k-tile of each n-tile then issues a row every 6 cycles).
+        # Its pool's 96 block RAMs and its array's four DSP strips span the chip: the pool's read addresses
+        # and the array's weight writes are registered on their way across
         "target": AcceleratorConfig(lanes=12, banks=4, bank_words=4096, acc_depth=512, requant_lanes=2,
-                                    pool_read_latency=2),
+                                    pool_read_latency=3, weight_write_latency=1),
     },
     dsp_layout=("target",),
     programmer=("openFPGALoader", "--board", "ulx3s"),

@@ -29,17 +29,28 @@ class SystolicArray(wiring.Component):
     in one block RAM read a cycle ahead of its activation (``latency = rows + 2``), and partial sums
     16 + ceil(log2(rows)) bits wide. Same results.
 
-    Weights: ``w_we`` writes ``w_data`` (``cols`` x int8) into row ``w_row`` of bank ``w_bank``. Writing
-    bank b is safe once every row issued with ``sel == b`` has been out for ``latency`` cycles.
+    Weights: ``w_we`` writes ``w_data`` (``cols`` x int8) into row ``w_row`` of bank ``w_bank``,
+    ``write_latency`` (0 or 1) cycles later: 1 registers the write once a column (its weight byte, its
+    bank and a decoded enable for each row), so that on an FPGA each column's PEs take it from
+    flip-flops placed beside them rather than from one enable routed to every PE. (Those registers
+    carry the ``ambert_replica`` attribute: a synthesis script marks them ``keep``, else Yosys merges
+    the columns' identical enables back into one.) Writing bank b is safe once every row issued with
+    ``sel == b`` has been out for ``latency`` cycles; a row issued with ``sel == b`` sees a write to bank
+    b issued ``write_latency`` cycles before it or earlier.
     """
 
-    def __init__(self, rows, cols, paired=False):
+    def __init__(self, rows, cols, paired=False, write_latency=0):
         for name, v in (("rows", rows), ("cols", cols)):
             if not isinstance(v, int) or not 2 <= v <= 32:
                 raise ValueError(f"{name} must be an int in [2, 32], not {v!r}")
         if paired and cols % 2:
             raise ValueError(f"paired products need an even number of columns, not {cols}")
+        if write_latency not in (0, 1):
+            raise ValueError(f"write_latency must be 0 or 1, not {write_latency!r}")
+        if paired and write_latency:
+            raise ValueError("paired products keep their weights in a block RAM a row: write_latency must be 0")
         self.rows, self.cols, self.paired = rows, cols, paired
+        self.write_latency = write_latency
         # (with paired products, activations are broadcast along each row: no column skew to undo)
         self.latency = rows + 2 if paired else rows + cols + 1
         super().__init__({
@@ -74,10 +85,25 @@ class SystolicArray(wiring.Component):
             row_we = Signal(name=f"w_we_row{i}")      # decoded once a row, not once a PE
             m.d.comb += row_we.eq(self.w_we & (self.w_row == i))
             row_we_of.append(row_we)
+        if self.write_latency:
+            # column j's copy of the write: its byte, the bank and every row's enable
+            replica = {"ambert_replica": 1}
+            col_data = [Signal(signed(8), name=f"w_data_col{j}", reset_less=True) for j in range(C)]
+            col_bank = [Signal(name=f"w_bank_col{j}", reset_less=True, attrs=replica) for j in range(C)]
+            col_we = [[Signal(name=f"w_we_row{i}_col{j}", attrs=replica) for j in range(C)] for i in range(R)]
+            m.d.sync += [col_data[j].eq(self.w_data[j]) for j in range(C)]
+            m.d.sync += [col_bank[j].eq(self.w_bank) for j in range(C)]
+            m.d.sync += [col_we[i][j].eq(row_we_of[i]) for i in range(R) for j in range(C)]
+        for i in range(R):
             for j in range(C):
                 m.submodules[f"pe_{i}_{j}"] = pe = pes[i][j]
-                if not paired:
-                    m.d.comb += [pe.w_data.eq(self.w_data[j]), pe.w_bank.eq(self.w_bank), pe.w_we.eq(row_we)]
+                if paired:
+                    continue
+                if self.write_latency:
+                    m.d.comb += [pe.w_data.eq(col_data[j]), pe.w_bank.eq(col_bank[j]), pe.w_we.eq(col_we[i][j])]
+                else:
+                    m.d.comb += [pe.w_data.eq(self.w_data[j]), pe.w_bank.eq(self.w_bank),
+                                 pe.w_we.eq(row_we_of[i])]
 
         def delay(sig, n, shape, name, reset_less=True):
             # n registers: the input skew of row i / column j, the output deskew (data: no reset)

@@ -13,7 +13,8 @@ class BankPort(wiring.Signature):
     """One bank's ports, from the user's side.
 
     Read: ``r_addr`` (word offset in the bank) with ``r_en``; ``r_data`` is valid ``read_latency``
-    cycles later (the pool's, 1 or 2).
+    cycles later (the pool's, 1 to 3): the word before the writes of the cycle the read is issued in, or
+    with a read latency of 3 (the address registered, the memory read a cycle later) after them.
     Write: ``w_en[s]`` writes ``w_data[s]`` to word ``subbanks * w_row + s``: up to ``subbanks`` aligned
     words a cycle.
     """
@@ -33,7 +34,8 @@ class BufferPool(wiring.Component):
     """``banks`` independent banks of ``bank_words`` words of ``word_bits`` bits.
 
     Each bank has one read port (one word a cycle, ``read_latency`` cycles of latency: 2 registers each
-    memory's output before the multiplexer that picks the sub-bank) and one write port (up to
+    memory's output before the multiplexer that picks the sub-bank; 3 also registers the bank's read
+    address and enable in front of its memories, which may lie across the chip) and one write port (up to
     ``subbanks`` aligned words a cycle), so three streams — activations in, weights in, outputs out — run
     at full rate when they live in different banks. ``subbanks`` (4 or 1) is how many memories a bank
     interleaves: 4 writes a whole INT32 output row of a wide array at once; 1 is one memory a bank, for
@@ -44,8 +46,8 @@ class BufferPool(wiring.Component):
     """
 
     def __init__(self, word_bits, banks, bank_words, subbanks=SUBBANKS, read_latency=1):
-        if read_latency not in (1, 2):
-            raise ValueError(f"read_latency must be 1 or 2, not {read_latency!r}")
+        if read_latency not in (1, 2, 3):
+            raise ValueError(f"read_latency must be 1, 2 or 3, not {read_latency!r}")
         if subbanks not in (1, SUBBANKS):
             raise ValueError(f"subbanks must be 1 or {SUBBANKS}, not {subbanks!r}")
         if bank_words % subbanks or bank_words < subbanks:
@@ -61,11 +63,18 @@ class BufferPool(wiring.Component):
         depth = self.bank_words // S
         for b in range(self.banks):
             port = self.bank[b]
+            r_addr, r_en = port.r_addr, port.r_en
+            if self.read_latency == 3:
+                # (the write is not registered: the memories' write data is a whole row, 4 x 96 bits a
+                # bank on the 12 x 12, whose copy in flip-flops would cost more routing than it saves)
+                r_addr = Signal.like(port.r_addr, name=f"bank{b}_r_addr")
+                r_en = Signal(name=f"bank{b}_r_en")
+                m.d.sync += [r_addr.eq(port.r_addr), r_en.eq(port.r_en)]
             sub_sel = Signal(max(1, sub_bits), name=f"sub_sel{b}")
             if S > 1:
-                with m.If(port.r_en):
-                    m.d.sync += sub_sel.eq(port.r_addr[:sub_bits])
-                if self.read_latency == 2:
+                with m.If(r_en):
+                    m.d.sync += sub_sel.eq(r_addr[:sub_bits])
+                if self.read_latency >= 2:
                     sub_sel_q = Signal.like(sub_sel, name=f"sub_sel{b}_q")
                     m.d.sync += sub_sel_q.eq(sub_sel)
                     sub_sel = sub_sel_q
@@ -74,10 +83,10 @@ class BufferPool(wiring.Component):
                 m.submodules[f"bank{b}_sub{s}"] = mem
                 rp = mem.read_port()
                 wp = mem.write_port()
-                m.d.comb += [rp.addr.eq(port.r_addr >> sub_bits), rp.en.eq(port.r_en),
+                m.d.comb += [rp.addr.eq(r_addr >> sub_bits), rp.en.eq(r_en),
                              wp.addr.eq(port.w_row), wp.data.eq(port.w_data[s]), wp.en.eq(port.w_en[s])]
                 r_data = rp.data
-                if self.read_latency == 2:
+                if self.read_latency >= 2:
                     r_data = Signal(self.word_bits, name=f"bank{b}_sub{s}_q", reset_less=True)
                     m.d.sync += r_data.eq(rp.data)
                 with m.If(sub_sel == s):

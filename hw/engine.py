@@ -51,24 +51,26 @@ class MatmulEngine(wiring.Component):
     ``addr_bits + 1`` bits).
 
     Pool access: ``a_rd`` (activations), ``w_rd`` (weights and parameters), ``o_wr`` (output rows); each
-    read returns its word ``read_latency`` (1 or 2) cycles after ``en``: a pool with its memories' outputs
-    registered (2) delays the rows, the loads and the end of a MATMUL by a cycle, nothing else. With
+    read returns its word ``read_latency`` (1 to 3) cycles after ``en``: each cycle beyond one delays the
+    rows, the loads and the end of a MATMUL by a cycle, nothing else; so does ``weight_write_latency``
+    (0 or 1, the array's ``write_latency``) the end of each load. (With 3, the pool of a large FPGA, the
+    accumulator memories' row address comes from flip-flops too.) With
     ``subbanks`` 1 an output row is written a word a cycle (up to 4 cycles, which a requantizer taking
     >= 4 cycles a row leaves). ``issuing`` is high in cycles that feed a row to the array (for the
     performance counters).
     """
 
     def __init__(self, lanes, addr_bits, acc_depth, requant_lanes=None, serial_mul_bits=None, subbanks=SUBBANKS,
-                 compact_array=False, read_latency=1):
-        if read_latency not in (1, 2):
-            raise ValueError(f"read_latency must be 1 or 2, not {read_latency!r}")
+                 compact_array=False, read_latency=1, weight_write_latency=0):
+        if read_latency not in (1, 2, 3):
+            raise ValueError(f"read_latency must be 1, 2 or 3, not {read_latency!r}")
         self.lanes = lanes
         self.read_latency = read_latency
         self.acc_depth = acc_depth
         self.word_bits = 8 * lanes
         self.subbanks = subbanks
         self.compact_array = compact_array
-        self.array = SystolicArray(lanes, lanes, paired=compact_array)
+        self.array = SystolicArray(lanes, lanes, paired=compact_array, write_latency=weight_write_latency)
         # bit-serial: one lane at a time, the parameters read from a memory as it needs them
         self.bit_serial = serial_mul_bits == 1
         if self.bit_serial:
@@ -163,12 +165,20 @@ class MatmulEngine(wiring.Component):
         ld_params = Signal()
         ld_rd_valid, ld_rd_idx = Signal(), Signal.like(ld_idx)   # the word arriving this cycle
         ld_rd_pbuf = Signal()
-        # the word read last cycle: it arrives now, or (a pool with registered outputs) next cycle
-        if extra:
-            ld_iss_valid, ld_iss_idx, ld_iss_pbuf = Signal(), Signal.like(ld_idx), Signal()
-            m.d.sync += [ld_rd_valid.eq(ld_iss_valid), ld_rd_idx.eq(ld_iss_idx), ld_rd_pbuf.eq(ld_iss_pbuf)]
-        else:
-            ld_iss_valid, ld_iss_idx, ld_iss_pbuf = ld_rd_valid, ld_rd_idx, ld_rd_pbuf
+        # the word read last cycle: it arrives now, or (a pool with registered outputs) ``extra`` cycles later
+        ld_iss_valid, ld_iss_idx, ld_iss_pbuf = ld_rd_valid, ld_rd_idx, ld_rd_pbuf
+        ld_in_flight = [ld_rd_valid]             # the valid flags of the words read and not yet arrived
+        for k in range(extra):
+            later = (ld_iss_valid, ld_iss_idx, ld_iss_pbuf)
+            ld_iss_valid, ld_iss_idx, ld_iss_pbuf = Signal(name=f"ld_iss{k}_valid"), Signal.like(ld_idx,
+                name=f"ld_iss{k}_idx"), Signal(name=f"ld_iss{k}_pbuf")
+            m.d.sync += [x.eq(y) for x, y in zip(later, (ld_iss_valid, ld_iss_idx, ld_iss_pbuf))]
+            ld_in_flight.append(ld_iss_valid)
+        # a weight word is in the array a cycle after it arrives when the array registers its writes
+        if weight_write_latency := self.array.write_latency:
+            ld_wr_valid = Signal()
+            m.d.sync += ld_wr_valid.eq(ld_rd_valid & (ld_rd_idx < L))
+            ld_in_flight.append(ld_wr_valid)
         if not self.bit_serial:
             params = [[Signal(WB, name=f"param{b}_{w}") for w in range(P)] for b in range(2)]
 
@@ -199,9 +209,10 @@ class MatmulEngine(wiring.Component):
                     m.d.sync += w_ptr.eq(w_ptr + 1)
                 with m.Else():
                     m.d.sync += p_ptr.eq(p_ptr + 1)
-            with m.Elif(~ld_rd_valid):
+            with m.Elif(~Cat(*ld_in_flight).any() if weight_write_latency else ~ld_rd_valid):
                 # the last word has landed (a load reads every cycle, more words than the read latency,
-                # so its words land back to back): the tile is ready; step to the following tile
+                # so its words land back to back) and, where the array registers its writes, is in the
+                # array: the tile is ready; step to the following tile
                 m.d.sync += [ld_busy.eq(0), ld_ready.eq(1), ld_bank.eq(~ld_bank)]
                 with m.If(ld_last_k):
                     m.d.sync += [ld_kt.eq(0), ld_nt.eq(ld_nt + 1), ld_pending.eq(ld_more_n)]
@@ -276,16 +287,19 @@ class MatmulEngine(wiring.Component):
 
         with m.FSM() as fsm:
             with m.State("IDLE"):
+                # the arguments are latched every idle cycle, so in the cycle of ``start`` too: ``start``
+                # (the sequencer's dispatch checks) then drives the state register only, not the enables
+                # of all these registers (on the ECP5 12 x 12, a critical path); nothing reads them idle
+                m.d.sync += [a_base.eq(self.a_addr), w_ptr.eq(self.w_addr), p_ptr.eq(self.p_addr),
+                             rows.eq(self.m), kt_n.eq(self.k_tiles), nt_n.eq(self.n_tiles),
+                             mode.eq(self.mode),
+                             ld_kt.eq(0), ld_nt.eq(0), ld_bank.eq(0), ld_ready.eq(0), ld_pending.eq(1),
+                             fd_kt.eq(0), fd_nt.eq(0), fd_sel.eq(0), fd_started.eq(0),
+                             a_tile.eq(self.a_addr), o_tile.eq(self.o_addr)]
+                if self.bit_serial:
+                    m.d.sync += [last_k.eq(self.k_tiles == 1), kt_m2.eq(self.k_tiles - 2),
+                                 rows_m2.eq(self.m - 2)]
                 with m.If(self.start):
-                    m.d.sync += [a_base.eq(self.a_addr), w_ptr.eq(self.w_addr), p_ptr.eq(self.p_addr),
-                                 rows.eq(self.m), kt_n.eq(self.k_tiles), nt_n.eq(self.n_tiles),
-                                 mode.eq(self.mode),
-                                 ld_kt.eq(0), ld_nt.eq(0), ld_bank.eq(0), ld_ready.eq(0), ld_pending.eq(1),
-                                 fd_kt.eq(0), fd_nt.eq(0), fd_sel.eq(0), fd_started.eq(0),
-                                 a_tile.eq(self.a_addr), o_tile.eq(self.o_addr)]
-                    if self.bit_serial:
-                        m.d.sync += [last_k.eq(self.k_tiles == 1), kt_m2.eq(self.k_tiles - 2),
-                                     rows_m2.eq(self.m - 2)]
                     m.next = "LOAD_FIRST"
             with m.State("LOAD_FIRST"):
                 m.d.comb += ld_go.eq(1)
@@ -349,8 +363,14 @@ class MatmulEngine(wiring.Component):
         # registers for 32-bit sums (32 x L(L+1)/2 flip-flops) and one adder a column. The row's
         # accumulators are read the cycle before it leaves the array (p_), added as it leaves (u_), and
         # the sum is registered (t_) before it is written back or requantized.
-        p_last, p_row, p_optr, p_pbuf, p_zero = ring_delay([s1_last, s1_row, s1_optr, s1_pbuf, s1_zero],
-                                                           lat + extra, "p_info")
+        p_info = [s1_last, s1_row, s1_optr, s1_pbuf, s1_zero]
+        if self.read_latency == 3:
+            # (a large FPGA's: the ring's block RAM output registered, so that the accumulator memories'
+            # address comes from flip-flops placed near them)
+            p_last, p_row, p_optr, p_pbuf, p_zero = (delay(p, 1, f"p_{n}") for p, n in zip(
+                ring_delay(p_info, lat + extra - 1, "p_info"), ("last", "row", "optr", "pbuf", "zero")))
+        else:
+            p_last, p_row, p_optr, p_pbuf, p_zero = ring_delay(p_info, lat + extra, "p_info")
         m.d.comb += acc_rd.addr.eq(p_row)
         u_last, u_row, u_optr, u_pbuf, u_zero = (Signal.like(p, name=f"u_{n}") for p, n in zip(
             (p_last, p_row, p_optr, p_pbuf, p_zero), ("last", "row", "optr", "pbuf", "zero")))

@@ -98,6 +98,8 @@ class Sequencer(wiring.Component):
         mm_spans = [span(n) for n in ("mm_a", "mm_w", "mm_p", "mm_o")]
         with m.If(self.mm_done):
             m.d.sync += mm_running.eq(0)
+        # the banks and ranges of the MATMUL being dispatched, latched in every cycle none runs (so in the
+        # one that starts it): the dispatch decision then enables one flip-flop, not all of these
         st_busy, st_banks, st_span = Signal(), Signal(c.banks), span("st")
         st_rd_left, st_tx_left = Signal(16), Signal(16)     # pool words still to read, to send
         st_sub = Signal(range(H))
@@ -180,6 +182,9 @@ class Sequencer(wiring.Component):
         m.d.comb += [new_rbanks.eq(bank_bit(a) | bank_bit(w) | bank_bit(p)), new_wbanks.eq(bank_bit(o))]
         # (exact when addr_ok holds: the extents are then no longer than a bank)
         new_spans = [(x, x + ext[:bank_bits + 1]) for x, ext in ((a, ext_a), (w, ext_w), (p, ext_p), (o, ext_o))]
+        with m.If(~mm_running):
+            m.d.sync += [mm_rbanks.eq(new_rbanks), mm_wbanks.eq(new_wbanks)]
+            m.d.sync += [x.eq(y) for held, new in zip(mm_spans, new_spans) for x, y in zip(held, new)]
         x_banks = Signal(c.banks)               # the LOAD/STORE being dispatched
         m.d.comb += x_banks.eq(range_banks(args[0], count))
         x_span = (args[0], args[0] + count)
@@ -348,9 +353,7 @@ class Sequencer(wiring.Component):
                             m.next = "HEADER"
                         with m.Elif(~matmul_waits):
                             m.d.comb += self.mm_start.eq(1)
-                            m.d.sync += [mm_running.eq(1), mm_rbanks.eq(new_rbanks), mm_wbanks.eq(new_wbanks)]
-                            m.d.sync += [x.eq(y) for held, new in zip(mm_spans, new_spans)
-                                         for x, y in zip(held, new)]
+                            m.d.sync += mm_running.eq(1)
                             m.next = "HEADER"
             with m.State("LOAD"):
                 # host words shift in from the top, so the first lands in the low bits (lane 0)

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -87,6 +88,25 @@ def test_the_dsp_layout_puts_each_array_column_on_adjacent_multipliers_of_one_st
         constrain_array(netlist, 3, 3)
     with pytest.raises(ValueError, match="dsp_layout names 'huge'"):
         Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, dsp_layout=("huge",))
+
+
+def test_the_arrays_registered_weight_writes_stay_one_copy_a_column_through_yosys(tmp_path):
+    """SystolicArray(write_latency=1) copies each row's write enable and the bank once a column; the
+    copies have the same inputs, so Yosys' opt_merge makes them one register again unless the build's
+    script marks them keep. 3 x 3: 9 enables and 3 banks kept; without the script, 3 and 1 (counted as the
+    cells that drive the wires marked as copies)."""
+    from amaranth.back import rtlil
+    from boards.build import KEEP_REPLICAS, _tool
+    from hw.array import SystolicArray
+    (tmp_path / "array.il").write_text(rtlil.convert(SystolicArray(3, 3, write_latency=1)))
+    REGISTERS = "a:ambert_replica %ci1 c:* %i"
+    counts = []
+    for script in (KEEP_REPLICAS, ""):
+        cmd = f"read_rtlil array.il; {script or 'proc'}; flatten; opt; tee -o count.txt select -count {REGISTERS}"
+        run = subprocess.run([_tool("YOSYS"), "-q", "-p", cmd], cwd=tmp_path, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        counts.append(int(re.search(r"(\d+) objects", (tmp_path / "count.txt").read_text()).group(1)))
+    assert counts == [12, 4]
 
 
 @pytest.mark.parametrize("size", ["small", "medium"])

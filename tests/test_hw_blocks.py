@@ -53,10 +53,11 @@ def test_pe_macs_the_selected_weight():
     simulate(dut, bench)
 
 
-@pytest.mark.parametrize("rows, cols, paired", [(2, 2, False), (3, 5, False), (4, 4, False), (4, 4, True),
-                                                 (8, 4, True)])
-def test_array_rows_come_out_after_exactly_latency_cycles(rows, cols, paired):
-    dut = SystolicArray(rows, cols, paired=paired)
+@pytest.mark.parametrize("rows, cols, paired, write_latency", [
+    (2, 2, False, 0), (3, 5, False, 0), (4, 4, False, 0), (4, 4, True, 0), (8, 4, True, 0),
+    (3, 5, False, 1), (4, 4, False, 1)])
+def test_array_rows_come_out_after_exactly_latency_cycles(rows, cols, paired, write_latency):
+    dut = SystolicArray(rows, cols, paired=paired, write_latency=write_latency)
     rng = np.random.default_rng(rows * 10 + cols)
     weights = rng.integers(-128, 128, (2, rows, cols), dtype=np.int8)
     # the extremes of every column sum among the rows
@@ -74,6 +75,8 @@ def test_array_rows_come_out_after_exactly_latency_cycles(rows, cols, paired):
                 ctx.set(dut.w_data, [int(v) for v in weights[b, i]])
                 await ctx.tick()
         ctx.set(dut.w_we, 0)
+        for _ in range(write_latency):          # the last write lands
+            await ctx.tick()
         for t in range(len(inputs) + dut.latency + 2):
             if t < len(inputs):
                 a, s = inputs[t]
@@ -98,6 +101,10 @@ def test_array_refuses_bad_shapes():
         SystolicArray(4, 33)
     with pytest.raises(ValueError, match="paired products need an even number of columns, not 5"):
         SystolicArray(4, 5, paired=True)
+    with pytest.raises(ValueError, match="write_latency must be 0 or 1, not 2"):
+        SystolicArray(4, 4, write_latency=2)
+    with pytest.raises(ValueError, match="paired products keep their weights in a block RAM a row"):
+        SystolicArray(4, 4, paired=True, write_latency=1)
 
 
 def _requant_rows(rng, lanes, n):
@@ -229,14 +236,16 @@ def test_requantizer_refuses_a_group_that_does_not_divide_the_lanes():
         BitSerialRequantizer(6)
 
 
-@pytest.mark.parametrize("read_latency", [1, 2])
+@pytest.mark.parametrize("read_latency", [1, 2, 3])
 def test_bufpool_banks_are_independent(read_latency):
     dut = BufferPool(16, 3, 16, read_latency=read_latency)
     rng = random.Random(4)
     model = [dict() for _ in range(3)]
 
     async def bench(ctx):
-        issued = []                 # per cycle, what each bank's read returns (read before that cycle's write)
+        # per cycle, what each bank's read returns: the word before that cycle's write, or (the address
+        # registered, read a cycle later) after it
+        issued = []
         for cycle in range(300):
             reads = []
             for b in range(3):
@@ -244,22 +253,26 @@ def test_bufpool_banks_are_independent(read_latency):
                 addr = rng.randrange(16)
                 ctx.set(port.r_en, 1)
                 ctx.set(port.r_addr, addr)
-                reads.append(model[b].get(addr, 0))
+                reads.append(addr)
                 en, row = rng.randrange(16), rng.randrange(4)
                 data = [rng.getrandbits(16) for _ in range(4)]
                 ctx.set(port.w_en, en)
                 ctx.set(port.w_row, row)
                 ctx.set(port.w_data, data)
+                if read_latency < 3:
+                    reads[b] = model[b].get(addr, 0)
                 for s in range(4):
                     if en >> s & 1:
                         model[b][4 * row + s] = data[s]
+                if read_latency == 3:
+                    reads[b] = model[b].get(addr, 0)
             issued.append(reads)
             await ctx.tick()
             if cycle + 1 >= read_latency:
                 assert [ctx.get(dut.bank[b].r_data) for b in range(3)] == issued[cycle + 1 - read_latency]
     simulate(dut, bench)
-    with pytest.raises(ValueError, match="read_latency must be 1 or 2, not 3"):
-        BufferPool(16, 3, 16, read_latency=3)
+    with pytest.raises(ValueError, match="read_latency must be 1, 2 or 3, not 4"):
+        BufferPool(16, 3, 16, read_latency=4)
 
 
 async def exchange(ctx, dut, words, expect, max_cycles=20000):
@@ -320,6 +333,12 @@ def test_config_validation():
         AcceleratorConfig(overlap=0)
     with pytest.raises(ValueError, match="compact_array must be True or False, not 'yes'"):
         AcceleratorConfig(compact_array="yes")
+    with pytest.raises(ValueError, match="pool_read_latency must be 1, 2 or 3, not 0"):
+        AcceleratorConfig(pool_read_latency=0)
+    with pytest.raises(ValueError, match="weight_write_latency must be 0 or 1, not 2"):
+        AcceleratorConfig(weight_write_latency=2)
+    with pytest.raises(ValueError, match="compact_array=True needs weight_write_latency=0"):
+        AcceleratorConfig(compact_array=True, weight_write_latency=1)
     with pytest.raises(ValueError, match="subbanks must be 1 or 4, not 2"):
         BufferPool(32, 3, 64, subbanks=2)
     # one memory a bank writes a row's up to 4 words one a cycle: a requantizer taking a row a cycle cannot

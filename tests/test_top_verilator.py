@@ -4,6 +4,7 @@ MiniLM layer, and malformed instruction streams. Golden model: the contract's re
 import numpy as np
 import pytest
 
+from boards import get_board
 from hw.isa import ISA_VERSION, AcceleratorConfig, Error, Mode, Program, header, parse_status
 from sim.fastsim import FastSim
 from sim.gemm_cases import random_case, reference
@@ -16,10 +17,11 @@ CONFIGS = {
     # at a time, one memory a pool bank, the array's compact layout
     "4x4-ice40": AcceleratorConfig(lanes=4, banks=4, bank_words=2048, acc_depth=128, requant_lanes=1,
                                    serial_mul_bits=1, pool_subbanks=1, overlap=False, compact_array=True),
-    "8x8": AcceleratorConfig(lanes=8, banks=4, bank_words=4096, acc_depth=256),
-    # the ULX3S target: 12 lanes, the requantizer two columns a cycle, the pool's reads registered
-    "12x12-ecp5": AcceleratorConfig(lanes=12, banks=4, bank_words=4096, acc_depth=512, requant_lanes=2,
-                                    pool_read_latency=2),
+    # the ULX3S medium: the pool's memory outputs registered (read latency 2)
+    "8x8-ecp5": get_board("ulx3s").config("medium"),
+    # the ULX3S target: 12 lanes, the requantizer two columns a cycle, the pool's read addresses registered
+    # too (read latency 3), the weight writes registered once a column
+    "12x12-ecp5": get_board("ulx3s").config("target"),
     "16x16": AcceleratorConfig(lanes=16, banks=4, bank_words=16384, acc_depth=512),
 }
 
