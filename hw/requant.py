@@ -81,22 +81,32 @@ class Requantizer(wiring.Component):
                     for port, name in zip(ports, ("acc", "bias", "m0", "shift"))]
             held_mode = Signal(2)
             step = Signal(range(T))
-            with m.If(self.valid):
-                m.d.sync += [h.eq(port) for h, port in zip(held, ports)]
-                m.d.sync += [held_mode.eq(self.mode), step.eq(1)]
-            with m.Elif(step != 0):
-                m.d.sync += step.eq(Mux(step == T - 1, 0, step + 1))
             v0 = self.valid | (step != 0)
             mode0 = Mux(self.valid, self.mode, held_mode)
             step0 = Mux(self.valid, 0, step)
             group0 = step0[digit_shift:] if R > 1 else Const(0, 1)
             digit0 = step0[:digit_shift] if D > 1 else Const(0, 1)
+            # a group's lanes (in bits) of each port
+            width = [len(port.as_value()) // R for port in ports]
+            # with several groups the held row shifts down a group as each group is done, so the group
+            # in work is always the lowest: each lane's register takes the one a group above it, not one
+            # of R through a multiplexer (12 lanes into 2 was the ECP5 12 x 12's most congested logic)
+            shifted = [Cat(port.as_value()[w:], Const(0, w)) for port, w in zip(ports, width)]
+            with m.If(self.valid):
+                # (group 0 goes from the ports now; held from the next step: group 0 again for its
+                # remaining digits, or else group 1)
+                m.d.sync += [h.eq(port if D > 1 or R == 1 else sh) for h, port, sh in zip(held, ports, shifted)]
+                m.d.sync += [held_mode.eq(self.mode), step.eq(1)]
+            with m.Elif(step != 0):
+                m.d.sync += step.eq(Mux(step == T - 1, 0, step + 1))
+                if R > 1:
+                    with m.If(digit0 == D - 1):
+                        m.d.sync += [h.eq(h.as_value()[w:]) for h, w in zip(held, width)]
             if R == 1:
                 feed = [Mux(self.valid, port.as_value(), h.as_value()) for port, h in zip(ports, held)]
             else:
-                feed = [Mux(self.valid, port.as_value().word_select(0, len(port.as_value()) // R),
-                            h.as_value().word_select(group0, len(port.as_value()) // R))
-                        for port, h in zip(ports, held)]
+                feed = [Mux(self.valid, port.as_value()[:w], h.as_value()[:w])
+                        for port, h, w in zip(ports, held, width)]
             feed = [data.View(data.ArrayLayout(port.shape().elem_shape, G), f) for port, f in zip(ports, feed)]
 
         v1, v2, v3, v4 = Signal(), Signal(), Signal(), Signal()
@@ -166,12 +176,14 @@ class Requantizer(wiring.Component):
                                  s3.eq(s2)]
                 with m.If(v3):
                     m.d.sync += [r.eq((rounded3 + 1) >> 1), s4.eq(s3)]
-            # stage 5: saturate per mode, into this group's slot of the output row
+            # stage 5: saturate per mode, into the output row: it shifts down a group as each lands in
+            # the top group, so group g ends in its slot after the last (again each lane's register takes
+            # one neighbour, not a result broadcast to every group)
             res = Signal(signed(32), name=f"res{j}")
             _saturate(m, res, r, s4, mode4)
-            for g in range(R):
-                with m.If(v4 & (group4 == g)):
-                    m.d.sync += out[g * G + j].eq(res)
+            with m.If(v4):
+                m.d.sync += [out[k].eq(out[k + G]) for k in range(j, self.lanes - G, G)]
+                m.d.sync += out[self.lanes - G + j].eq(res)
         m.d.comb += [self.out[k].eq(out[k]) for k in range(self.lanes)]
         return m
 
