@@ -289,7 +289,7 @@ class MatmulEngine(wiring.Component):
             with m.State("IDLE"):
                 # the arguments are latched every idle cycle, so in the cycle of ``start`` too: ``start``
                 # (the sequencer's dispatch checks) then drives the state register only, not the enables
-                # of all these registers (on the ECP5 12 x 12, a critical path); nothing reads them idle
+                # of all these registers (the ECP5 8 x 8 build's critical path); nothing reads them idle
                 m.d.sync += [a_base.eq(self.a_addr), w_ptr.eq(self.w_addr), p_ptr.eq(self.p_addr),
                              rows.eq(self.m), kt_n.eq(self.k_tiles), nt_n.eq(self.n_tiles),
                              mode.eq(self.mode),
