@@ -1,7 +1,8 @@
 # ambert: two commands set everything up on a fresh machine.
 #   make demo   quantize the bundled MiniLM and compare the integer model with FP32
 #   make test   the whole test suite (pytest)
-#   make bitstream BOARD=ulx3s|icebreaker [SIZE=small|medium|target]   build a board's bitstream and its report
+#   make bitstream BOARD=ulx3s|icebreaker [SIZE=small|medium|target] [TIME_LIMIT=seconds a tool may run]
+#                  build a board's bitstream and its report
 #   make program   BOARD=ulx3s|icebreaker [SIZE=small|medium|target]   program it (openFPGALoader / iceprog)
 # Both create and fill .venv when it is missing or pyproject.toml changed.
 
@@ -36,7 +37,7 @@ bench: $(STAMP)
 
 bitstream: $(STAMP)
 	@test -n "$(BOARD)" || { echo "usage: make bitstream BOARD=ulx3s|icebreaker [SIZE=small|medium|target]"; exit 2; }
-	$(BIN)/python -m boards.build $(BOARD) --size $(SIZE)
+	$(BIN)/python -m boards.build $(BOARD) --size $(SIZE) $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT))
 
 program: $(STAMP)
 	@test -n "$(BOARD)" || { echo "usage: make program BOARD=ulx3s|icebreaker [SIZE=small|medium|target]"; exit 2; }

@@ -52,26 +52,42 @@ def _steps(script):
     return steps
 
 
-def _run_step(cmd, cwd, label, index, total):
-    """Run one tool, showing the step and the time it has taken so far."""
+def _router_progress(cwd):
+    """nextpnr's last router2 iteration line (``iter=N ... overused=M``) from its log, or ''."""
+    log = next(Path(cwd).glob("*.tim"), None)
+    if log is None:
+        return ""
+    with open(log, "rb") as f:
+        f.seek(max(0, log.stat().st_size - 4096))
+        lines = [line for line in f.read().decode(errors="replace").splitlines() if "overused=" in line]
+    match = re.search(r"iter=(\d+).*overused=(\d+)", lines[-1]) if lines else None
+    return f" (router iteration {match.group(1)}: {match.group(2)} wires overused)" if match else ""
+
+
+def _run_step(cmd, cwd, label, index, total, time_limit=None):
+    """Run one tool, showing the step, the time it has taken so far and the router's progress; stop it
+    after ``time_limit`` seconds (returncode None then)."""
     done = threading.Event()
     start = time.monotonic()
     tty = sys.stderr.isatty()
 
     def ticker():
         while not done.wait(1.0 if tty else 30.0):
-            print(f"\r  [{index}/{total}] {label} ... {time.monotonic() - start:5.0f} s", end="" if tty else "\n",
-                  file=sys.stderr, flush=True)
+            print(f"\r  [{index}/{total}] {label} ... {time.monotonic() - start:5.0f} s{_router_progress(cwd)}",
+                  end="" if tty else "\n", file=sys.stderr, flush=True)
     thread = threading.Thread(target=ticker, daemon=True)
     print(f"  [{index}/{total}] {label} ...", end="\r" if tty else "\n", file=sys.stderr, flush=True)
     thread.start()
     with open(Path(cwd) / f"step{index}.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT).returncode
+        try:
+            rc = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, timeout=time_limit).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
     done.set()
     thread.join()
     took = time.monotonic() - start
-    print(f"\r  [{index}/{total}] {label}: {'done' if rc == 0 else 'FAILED'} in {took:.0f} s      ",
-          file=sys.stderr, flush=True)
+    outcome = "done" if rc == 0 else ("STOPPED (time limit)" if rc is None else "FAILED")
+    print(f"\r  [{index}/{total}] {label}: {outcome} in {took:.0f} s      ", file=sys.stderr, flush=True)
     return rc, took
 
 
@@ -135,9 +151,11 @@ NO_COLLISION_MEMORIES = ("setparam -set COLLISION_X_MASK 1'1 t:$memrd_v2 r:MEMID
 KEEP_REPLICAS = "proc; setattr -set keep 1 a:ambert_replica %ci1 c:* %i"
 
 
-def build(board_name, size="small", out=None, seed=1, synth_only=False):
+def build(board_name, size="small", out=None, seed=1, synth_only=False, time_limit=None):
     """Build ``board_name`` at ``size``; return the report (a dict, also written as report.json).
-    ``synth_only``: stop after synthesis and report the cells Yosys mapped to (a quick fit check)."""
+    ``synth_only``: stop after synthesis and report the cells Yosys mapped to (a quick fit check).
+    ``time_limit``: seconds any one tool may run before it is stopped and the build fails (nextpnr's
+    router does not give up by itself on a design it cannot route)."""
     board = get_board(board_name)
     config = board.config(size)
     folder = Path(out or ROOT / "build" / "boards") / f"{board.name}-{size}"
@@ -168,8 +186,13 @@ def build(board_name, size="small", out=None, seed=1, synth_only=False):
             netlist = json.loads((folder / "ambert.json").read_text())
             report["dsp_layout"] = constrain_array(netlist, config.rows, config.cols)
             (folder / "ambert.json").write_text(json.dumps(netlist))
-        rc, took = _run_step([_tool(var), *args], folder, STEP_NAMES[var], k, len(steps))
+        rc, took = _run_step([_tool(var), *args], folder, STEP_NAMES[var], k, len(steps), time_limit)
         report["steps"][STEP_NAMES[var]] = round(took, 1)
+        if rc is None:
+            status = "failed"
+            report["error"] = (f"{STEP_NAMES[var]} stopped after {took:.0f} s, the time limit"
+                               f"{_router_progress(folder)}")
+            break
         if rc:
             status = "failed"
             report["error"] = _failure_reason(folder)
@@ -225,9 +248,11 @@ def main(argv=None):
     p.add_argument("--out", help="build folder (default build/boards)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr's placement seed")
     p.add_argument("--synth-only", action="store_true", help="stop after synthesis (a quick fit check)")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="stop a tool that runs longer (nextpnr's router never gives up by itself)")
     args = p.parse_args(argv)
     try:
-        report = build(args.board, args.size, args.out, args.seed, args.synth_only)
+        report = build(args.board, args.size, args.out, args.seed, args.synth_only, args.time_limit)
     except ValueError as e:
         p.error(str(e))
     print_report(report)

@@ -139,6 +139,25 @@ def test_the_icebreaker_builds_and_meets_timing(tmp_path):
     assert use["ICESTORM_DSP"] == {"used": 8, "available": 8}        # the array's 16 products, two a block
 
 
+def test_a_build_past_its_time_limit_stops_and_says_so(tmp_path, capsys):
+    """nextpnr's router never gives up on a design it cannot route; ``--time-limit`` stops any tool that
+    runs longer (here Yosys, 14 s on the iCEBreaker, after 2) and the build fails saying so."""
+    from boards.build import main
+    assert main(["icebreaker", "--out", str(tmp_path), "--time-limit", "2"]) == 2
+    report = json.loads((tmp_path / "icebreaker-small" / "report.json").read_text())
+    assert report["status"] == "failed" and report["bitstream"] is None
+    assert re.fullmatch(r"synthesis \(yosys\) stopped after \d s, the time limit", report["error"])
+    assert "STOPPED (time limit)" in capsys.readouterr().err
+
+
+def test_the_progress_line_shows_the_routers_last_iteration(tmp_path):
+    from boards.build import _router_progress
+    assert _router_progress(tmp_path) == ""
+    (tmp_path / "ambert.tim").write_text("Info: Running router2...\n" + "".join(
+        f"Info:     iter={k} wires=5{k:05d} overused={3000 - k} overuse={3001 - k} archfail=NA\n" for k in (1, 2, 60)))
+    assert _router_progress(tmp_path) == " (router iteration 60: 2940 wires overused)"
+
+
 def test_programming_without_a_bitstream_or_a_programmer_says_what_to_do(tmp_path, monkeypatch, capsys):
     from boards.program import main
     assert main(["ulx3s", "--out", str(tmp_path)]) == 2
