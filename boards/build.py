@@ -156,6 +156,8 @@ def build(board_name, size="small", out=None, seed=1, synth_only=False, time_lim
     ``synth_only``: stop after synthesis and report the cells Yosys mapped to (a quick fit check).
     ``time_limit``: seconds any one tool may run before it is stopped and the build fails (nextpnr's
     router does not give up by itself on a design it cannot route)."""
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"the time limit must be a positive number of seconds, not {time_limit!r}")
     board = get_board(board_name)
     config = board.config(size)
     folder = Path(out or ROOT / "build" / "boards") / f"{board.name}-{size}"

@@ -148,6 +148,9 @@ def test_a_build_past_its_time_limit_stops_and_says_so(tmp_path, capsys):
     assert report["status"] == "failed" and report["bitstream"] is None
     assert re.fullmatch(r"synthesis \(yosys\) stopped after \d s, the time limit", report["error"])
     assert "STOPPED (time limit)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["icebreaker", "--out", str(tmp_path), "--time-limit", "0"])
+    assert "the time limit must be a positive number of seconds, not 0.0" in capsys.readouterr().err
 
 
 def test_the_progress_line_shows_the_routers_last_iteration(tmp_path):
