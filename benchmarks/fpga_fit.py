@@ -31,7 +31,7 @@ def main():
         board = get_board(name)
         config = board.config(args.size)
         fmax = min((f["achieved"] for f in report.get("fmax_mhz", {}).values()), default=0.0)
-        rows.append((name, config.lanes, board.clock_hz / 1e6, fmax, report["status"],
+        rows.append((name, config.lanes, board.clock(args.size) / 1e6, fmax, report["status"],
                      sum(report["steps"].values())))
     print(f"\n{'board':<12} {'array':>6} {'clock MHz':>10} {'Fmax MHz':>9} {'GOPS@clock':>11} {'build s':>8}  status")
     for name, lanes, clock, fmax, status, secs in rows:

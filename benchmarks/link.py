@@ -132,10 +132,10 @@ def board_latency(payload_fraction, sentence="Hello there!"):
             built = "not built"
             if report.exists():
                 r = json.loads(report.read_text())
-                same = (abs(r.get("clock_mhz", 0) - board.clock_hz / 1e6) < 1e-6
+                same = (abs(r.get("clock_mhz", 0) - board.clock(size) / 1e6) < 1e-6
                         and r.get("config") == dataclasses.asdict(config))
                 built = r["status"] if same else "stale (rebuild)"
-            clock = board.clock_hz
+            clock = board.clock(size)
             mod = OffloadedBert(qm, model.config, [SimDevice(config)])
             try:
                 mod(**enc)

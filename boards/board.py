@@ -19,7 +19,9 @@ class Board:
 
     ``platform``: the amaranth-boards class; ``family``: "ice40" or "ecp5" (which tools and which PLL);
     ``clock_hz``: the clock the design runs at, the one timing must pass (a PLL makes it from the board's
-    oscillator when they differ); ``baud``: the UART's (an exact divisor of ``clock_hz``); ``uart``:
+    oscillator when they differ); ``size_clock_hz``: the sizes that run at another clock than
+    ``clock_hz`` (a larger array that does not reach it); ``baud``: the UART's (an exact divisor of
+    every clock); ``uart``:
     the resource number; ``leds``: how many LEDs show the status; ``sizes``: named accelerator
     configurations, "small" (what CI builds) and "target" (what the board is for); ``synth_opts``,
     ``nextpnr_opts``, ``script_after_read``: passed to the platform build. ``dsp_layout``: the sizes
@@ -39,14 +41,19 @@ class Board:
     nextpnr_opts: str = ""
     script_after_read: str = ""
     dsp_layout: tuple = ()
+    size_clock_hz: dict = field(default_factory=dict)
     programmer: tuple = ()          # the command that programs the bitstream (file name appended)
     notes: str = ""
 
     def __post_init__(self):
         if self.family not in ("ice40", "ecp5"):
             raise ValueError(f"family must be 'ice40' or 'ecp5', not {self.family!r}")
-        if round(self.clock_hz) % self.baud:
-            raise ValueError(f"{self.name}: {self.baud} baud does not divide the {self.clock_hz / 1e6} MHz clock")
+        for size in self.size_clock_hz:
+            if size not in self.sizes:
+                raise ValueError(f"{self.name}: size_clock_hz names {size!r}, not a size of this board")
+        for clock_hz in (self.clock_hz, *self.size_clock_hz.values()):
+            if round(clock_hz) % self.baud:
+                raise ValueError(f"{self.name}: {self.baud} baud does not divide the {clock_hz / 1e6} MHz clock")
         for size in self.dsp_layout:
             if self.family != "ecp5" or size not in self.sizes:
                 raise ValueError(f"{self.name}: dsp_layout names {size!r}, not an ECP5 size of this board")
@@ -59,9 +66,14 @@ class Board:
         """What the build writes and the programmer takes."""
         return "ambert.bin" if self.family == "ice40" else "ambert.bit"
 
-    @property
-    def divisor(self):
-        return round(self.clock_hz) // self.baud
+    def clock(self, size):
+        """The clock ``size`` runs at (Hz): the one its build must meet."""
+        self.config(size)
+        return self.size_clock_hz.get(size, self.clock_hz)
+
+    def divisor(self, size):
+        """Clock cycles per UART bit at ``size``'s clock."""
+        return round(self.clock(size)) // self.baud
 
     def config(self, size):
         if size not in self.sizes:
@@ -130,12 +142,13 @@ def _ice40_pll(m, clk_pin, f_in, f_out, domain):
 
 class PlatformTop(Elaboratable):
     """A board's pins around :class:`hw.board.BoardTop`: the clock (through a PLL when the board's
-    oscillator is not ``board.clock_hz``), a reset held until the PLL locks and for 2**16 cycles after, the
+    oscillator is not ``board.clock(size)``), a reset held until the PLL locks and for 2**16 cycles after, the
     UART and the status LEDs."""
 
     def __init__(self, board, size):
         self.board, self.size = board, size
         self.config = board.config(size)
+        self.clock_hz = board.clock(size)
 
     def elaborate(self, platform):
         b = self.board
@@ -143,16 +156,16 @@ class PlatformTop(Elaboratable):
         m.domains.sync = cd = ClockDomain("sync", reset_less=False)
         f_osc = platform.default_clk_frequency
         osc = platform.request(platform.default_clk, dir="-")
-        if b.family == "ice40" and abs(f_osc - b.clock_hz) >= 1:
-            locked = _ice40_pll(m, osc.io, f_osc, b.clock_hz, "sync")   # the PLL sits on the clock's pad
+        if b.family == "ice40" and abs(f_osc - self.clock_hz) >= 1:
+            locked = _ice40_pll(m, osc.io, f_osc, self.clock_hz, "sync")   # the PLL sits on the clock's pad
         else:
             m.submodules.osc_buf = osc_buf = io.Buffer("i", osc)
-            if abs(f_osc - b.clock_hz) < 1:
+            if abs(f_osc - self.clock_hz) < 1:
                 m.d.comb += cd.clk.eq(osc_buf.i)
                 locked = Const(1)
             else:
-                locked = _ecp5_pll(m, osc_buf.i, f_osc, b.clock_hz, "sync")
-        platform.add_clock_constraint(cd.clk, b.clock_hz)
+                locked = _ecp5_pll(m, osc_buf.i, f_osc, self.clock_hz, "sync")
+        platform.add_clock_constraint(cd.clk, self.clock_hz)
 
         # power-on reset: count in a reset-less domain of the same clock, release after the PLL locks
         m.domains.por = por = ClockDomain("por", reset_less=True)
@@ -164,7 +177,8 @@ class PlatformTop(Elaboratable):
             m.d.por += count.eq(count + 1)
         m.d.comb += ResetSignal("sync").eq(~count[-1])
 
-        m.submodules.board = top = BoardTop(self.config, divisor=b.divisor, retry_cycles=int(RETRY_S * b.clock_hz))
+        m.submodules.board = top = BoardTop(self.config, divisor=b.divisor(self.size),
+                                            retry_cycles=int(RETRY_S * self.clock_hz))
         uart = platform.request("uart", b.uart, dir="-")
         m.submodules.rx_buf = rx_buf = io.Buffer("i", uart.rx)
         m.submodules.tx_buf = tx_buf = io.Buffer("o", uart.tx)

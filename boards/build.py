@@ -177,10 +177,10 @@ def build(board_name, size="small", out=None, seed=1, synth_only=False, time_lim
     if synth_only:
         steps = steps[:1]
     report = {"board": board.name, "size": size, "config": dataclasses.asdict(config),
-              "family": board.family, "clock_mhz": board.clock_hz / 1e6, "baud": board.baud,
+              "family": board.family, "clock_mhz": board.clock(size) / 1e6, "baud": board.baud,
               "steps": {}, "built": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"building {board.name} ({size}: {config.lanes}x{config.lanes} array, {config.banks} x "
-          f"{config.bank_words} pool words) at {board.clock_hz / 1e6:g} MHz in {folder}", file=sys.stderr)
+          f"{config.bank_words} pool words) at {board.clock(size) / 1e6:g} MHz in {folder}", file=sys.stderr)
     status = "ok"
     for k, (var, args) in enumerate(steps, 1):
         if var.startswith("NEXTPNR") and laid_out:

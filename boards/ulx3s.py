@@ -1,6 +1,6 @@
 """ULX3S 85F: Lattice ECP5 LFE5U-85F (156 MULT18X18D, 208 DP16KD, 84k LUT4), 25 MHz oscillator, FT231X UART.
 
-The accelerator's clock comes from the oscillator through the EHXPLLL when ``clock_hz`` is not 25 MHz.
+The accelerator's clock comes from the oscillator through the EHXPLLL (60 MHz; the target 45 MHz).
 The UART is the FT231X's (the USB port marked US1), at a baud rate that divides the clock exactly.
 """
 
@@ -25,11 +25,17 @@ BOARD = Board(
         "medium": AcceleratorConfig(lanes=8, banks=4, bank_words=4096, acc_depth=512, pool_read_latency=2),
         # the target, 12x12 = 144 MACs a cycle: the PEs take 144 DSP blocks, so the requantizer takes two
         # columns a cycle (2 x 4 blocks; the last k-tile of each n-tile then issues a row every 6 cycles).
-        # Its pool's 96 block RAMs and its array's four DSP strips span the chip: the pool's read addresses
-        # and the array's weight writes are registered on their way across
-        "target": AcceleratorConfig(lanes=12, banks=4, bank_words=4096, acc_depth=512, requant_lanes=2,
-                                    pool_read_latency=3, weight_write_latency=1),
+        # Its pool's block RAMs and its array's DSP strips span the chip: each pool bank is one memory
+        # (one 96-bit write port, not four: an output row is written a word a cycle, inside those 6) of
+        # 2048 words (MiniLM's K = 1536 still whole; at 4096 each bank is 22 block RAMs and nextpnr's
+        # static placer stalled with a bank's overlapping in four of six runs), its reads and writes
+        # registered in front of it; the array's weight writes registered a column
+        "target": AcceleratorConfig(lanes=12, banks=4, bank_words=2048, acc_depth=512, requant_lanes=2,
+                                    pool_subbanks=1, pool_read_latency=3, weight_write_latency=1),
     },
     dsp_layout=("target",),
+    # the 12 x 12 does not reach 60 MHz yet (51.8-57.5 MHz routed, session 11); 45 MHz is the fastest
+    # clock below 60 that the PLL makes from 25 MHz and 3 Mbaud divides (25 / 5 * 9; 15 cycles a bit)
+    size_clock_hz={"target": 45e6},
     programmer=("openFPGALoader", "--board", "ulx3s"),
 )

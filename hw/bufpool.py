@@ -13,8 +13,7 @@ class BankPort(wiring.Signature):
     """One bank's ports, from the user's side.
 
     Read: ``r_addr`` (word offset in the bank) with ``r_en``; ``r_data`` is valid ``read_latency``
-    cycles later (the pool's, 1 to 3): the word before the writes of the cycle the read is issued in, or
-    with a read latency of 3 (the address registered, the memory read a cycle later) after them.
+    cycles later (the pool's, 1 to 3): the word before the writes of the cycle the read is issued in.
     Write: ``w_en[s]`` writes ``w_data[s]`` to word ``subbanks * w_row + s``: up to ``subbanks`` aligned
     words a cycle.
     """
@@ -35,7 +34,8 @@ class BufferPool(wiring.Component):
 
     Each bank has one read port (one word a cycle, ``read_latency`` cycles of latency: 2 registers each
     memory's output before the multiplexer that picks the sub-bank; 3 also registers the bank's read
-    address and enable in front of its memories, which may lie across the chip) and one write port (up to
+    address and enable, and its write, in front of its memories, which may lie across the chip: a write
+    then lands a cycle later, as the read it must stay ahead of) and one write port (up to
     ``subbanks`` aligned words a cycle), so three streams — activations in, weights in, outputs out — run
     at full rate when they live in different banks. ``subbanks`` (4 or 1) is how many memories a bank
     interleaves: 4 writes a whole INT32 output row of a wide array at once; 1 is one memory a bank, for
@@ -64,12 +64,17 @@ class BufferPool(wiring.Component):
         for b in range(self.banks):
             port = self.bank[b]
             r_addr, r_en = port.r_addr, port.r_en
+            w_row, w_data, w_en = port.w_row, port.w_data, port.w_en
             if self.read_latency == 3:
-                # (the write is not registered: the memories' write data is a whole row, 4 x 96 bits a
-                # bank on the 12 x 12, whose copy in flip-flops would cost more routing than it saves)
+                # (the write too, so that a read still sees every write issued before it; the ULX3S
+                # target's pool is one memory a bank, so that is its 96-bit word, not four)
                 r_addr = Signal.like(port.r_addr, name=f"bank{b}_r_addr")
                 r_en = Signal(name=f"bank{b}_r_en")
-                m.d.sync += [r_addr.eq(port.r_addr), r_en.eq(port.r_en)]
+                w_row = Signal.like(port.w_row, name=f"bank{b}_w_row")
+                w_data = Signal.like(port.w_data, name=f"bank{b}_w_data", reset_less=True)
+                w_en = Signal.like(port.w_en, name=f"bank{b}_w_en")
+                m.d.sync += [r_addr.eq(port.r_addr), r_en.eq(port.r_en), w_row.eq(port.w_row),
+                             w_data.eq(port.w_data), w_en.eq(port.w_en)]
             sub_sel = Signal(max(1, sub_bits), name=f"sub_sel{b}")
             if S > 1:
                 with m.If(r_en):
@@ -84,7 +89,7 @@ class BufferPool(wiring.Component):
                 rp = mem.read_port()
                 wp = mem.write_port()
                 m.d.comb += [rp.addr.eq(r_addr >> sub_bits), rp.en.eq(r_en),
-                             wp.addr.eq(port.w_row), wp.data.eq(port.w_data[s]), wp.en.eq(port.w_en[s])]
+                             wp.addr.eq(w_row), wp.data.eq(w_data[s]), wp.en.eq(w_en[s])]
                 r_data = rp.data
                 if self.read_latency >= 2:
                     r_data = Signal(self.word_bits, name=f"bank{b}_sub{s}_q", reset_less=True)

@@ -17,7 +17,9 @@ from hw.isa import Error, Mode, parse_status
 def test_board_files_are_consistent(name):
     board = get_board(name)
     assert board.name == name and {"small", "target"} <= set(board.sizes)
-    assert board.divisor * board.baud == round(board.clock_hz) and board.divisor >= 4   # the UART PHY's minimum
+    for size in board.sizes:
+        # (the UART PHY's minimum: 4 cycles a bit)
+        assert board.divisor(size) * board.baud == round(board.clock(size)) and board.divisor(size) >= 4
     small, target = board.config("small"), board.config("target")
     assert small.lanes <= target.lanes
 
@@ -88,6 +90,18 @@ def test_the_dsp_layout_puts_each_array_column_on_adjacent_multipliers_of_one_st
         constrain_array(netlist, 3, 3)
     with pytest.raises(ValueError, match="dsp_layout names 'huge'"):
         Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, dsp_layout=("huge",))
+    # a size's own clock: named sizes only, divisible by the baud rate like the board's
+    from hw.isa import AcceleratorConfig
+    sizes = {"small": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128)}
+    board = Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
+                  size_clock_hz={"small": 45e6})
+    assert board.clock("small") == 45e6 and board.divisor("small") == 15
+    with pytest.raises(ValueError, match="size_clock_hz names 'huge'"):
+        Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
+              size_clock_hz={"huge": 45e6})
+    with pytest.raises(ValueError, match="3000000 baud does not divide the 50.0 MHz clock"):
+        Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
+              size_clock_hz={"small": 50e6})
 
 
 def test_the_arrays_registered_weight_writes_stay_one_copy_a_column_through_yosys(tmp_path):
