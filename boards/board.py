@@ -142,8 +142,8 @@ def _ice40_pll(m, clk_pin, f_in, f_out, domain):
 
 class PlatformTop(Elaboratable):
     """A board's pins around :class:`hw.board.BoardTop`: the clock (through a PLL when the board's
-    oscillator is not ``board.clock(size)``), a reset held until the PLL locks and for 2**16 cycles after, the
-    UART and the status LEDs."""
+    oscillator is not ``board.clock(size)``), a reset held until the PLL locks and for 2**16 cycles after,
+    the UART and the status LEDs."""
 
     def __init__(self, board, size):
         self.board, self.size = board, size

@@ -88,8 +88,8 @@ class AcceleratorConfig:
     ``pool_read_latency`` (1 to 3; default 1): cycles from a pool read to its data. 2 registers each
     memory's output before the sub-bank and bank multiplexers, for an FPGA whose block RAMs' clock-to-out
     leaves no time for them (an ECP5's DP16KD: 5.8 ns); 3 also registers each bank's read address and its
-    write, for a pool whose block RAMs spread across a large chip. Each cycle more makes a MATMUL a cycle longer to
-    start and to drain. ``weight_write_latency`` (0 or 1; default 0): 1 registers the weight writes once
+    write, for a pool whose block RAMs spread across a large chip. Each cycle more makes a MATMUL a cycle
+    longer to start and to drain. ``weight_write_latency`` (0 or 1; default 0): 1 registers the weight writes once
     an array column, beside its PEs, instead of fanning them out from one place to every PE; a tile's
     weights then land a cycle later. Results depend on neither.
     """

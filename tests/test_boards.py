@@ -10,7 +10,7 @@ import pytest
 
 from boards import BOARD_NAMES, get_board
 from boards.board import Board, ecp5_pll_params, ice40_pll_params
-from hw.isa import Error, Mode, parse_status
+from hw.isa import AcceleratorConfig, Error, Mode, parse_status
 
 
 @pytest.mark.parametrize("name", BOARD_NAMES)
@@ -90,8 +90,10 @@ def test_the_dsp_layout_puts_each_array_column_on_adjacent_multipliers_of_one_st
         constrain_array(netlist, 3, 3)
     with pytest.raises(ValueError, match="dsp_layout names 'huge'"):
         Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, dsp_layout=("huge",))
-    # a size's own clock: named sizes only, divisible by the baud rate like the board's
-    from hw.isa import AcceleratorConfig
+
+
+def test_a_size_may_run_at_its_own_clock():
+    """Named sizes only, each clock divisible by the baud rate like the board's."""
     sizes = {"small": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128)}
     board = Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
                   size_clock_hz={"small": 45e6})
