@@ -1,7 +1,7 @@
 // Behavioural models of the two ECP5 primitives Yosys ships only as black boxes (MULT18X18D, DP16KD),
-// for what its ECP5 flow makes of ambert: a combinational 18 x 18 multiply (mul2dsp -> MULT18X18D, no
-// register), and block RAMs of 18-bit true dual ports or a 36-bit write / 36-bit read pseudo dual port,
-// unregistered outputs. Anything else stops the simulation with a message instead of running wrongly.
+// for what its ECP5 flow makes of ambert: an 18 x 18 multiply (mul2dsp -> MULT18X18D, no register; or
+// instantiated by hw.pe with its input and output registers), and block RAMs of 18-bit true dual ports
+// or a 36-bit write / 36-bit read pseudo dual port, unregistered outputs. Anything else stops the simulation with a message instead of running wrongly.
 // Port names and parameters as in Yosys' share/lattice/cells_bb_ecp5.v; used by boards/postsynth.py.
 // Written from the ECP5 memory and DSP usage guides as Yosys maps to them (share/lattice/
 // brams_map_16kd.v, dsp_map_18x18.v): in x18 mode AD[13:4] is the word, AD[1:0] the byte (9-bit)
@@ -71,18 +71,40 @@ module MULT18X18D(
   parameter MULT_BYPASS = "DISABLED";
   parameter RESETMODE = "SYNC";
 
+  // the multiply, its A and B inputs and its P output each registered on CLK0 or not (ambert's PEs
+  // register all three: hw.pe); the registers' enable CE0 and synchronous reset RST0
   initial begin
-    if (REG_INPUTA_CLK != "NONE" || REG_INPUTB_CLK != "NONE" || REG_INPUTC_CLK != "NONE"
-        || REG_PIPELINE_CLK != "NONE" || REG_OUTPUT_CLK != "NONE" || MULT_BYPASS != "DISABLED")
-      $fatal(1, "MULT18X18D model: only the unregistered multiply is modelled");
+    if (REG_INPUTA_CLK != "NONE" && REG_INPUTA_CLK != "CLK0" || REG_INPUTB_CLK != "NONE" && REG_INPUTB_CLK != "CLK0"
+        || REG_OUTPUT_CLK != "NONE" && REG_OUTPUT_CLK != "CLK0" || REG_INPUTC_CLK != "NONE"
+        || REG_PIPELINE_CLK != "NONE" || MULT_BYPASS != "DISABLED")
+      $fatal(1, "MULT18X18D model: only the multiply, its inputs and output unregistered or on CLK0");
+    if (REG_INPUTA_CE != "CE0" || REG_INPUTB_CE != "CE0" || REG_OUTPUT_CE != "CE0" || REG_INPUTA_RST != "RST0"
+        || REG_INPUTB_RST != "RST0" || REG_OUTPUT_RST != "RST0" || RESETMODE != "SYNC")
+      $fatal(1, "MULT18X18D model: only registers enabled by CE0 and reset by RST0, synchronously");
   end
 
-  wire [17:0] a = {A17, A16, A15, A14, A13, A12, A11, A10, A9, A8, A7, A6, A5, A4, A3, A2, A1, A0};
-  wire [17:0] b = {B17, B16, B15, B14, B13, B12, B11, B10, B9, B8, B7, B6, B5, B4, B3, B2, B1, B0};
-  wire signed [36:0] a_ext = SIGNEDA ? {{19{a[17]}}, a} : {19'b0, a};
-  wire signed [36:0] b_ext = SIGNEDB ? {{19{b[17]}}, b} : {19'b0, b};
+  wire [17:0] a_in = {A17, A16, A15, A14, A13, A12, A11, A10, A9, A8, A7, A6, A5, A4, A3, A2, A1, A0};
+  wire [17:0] b_in = {B17, B16, B15, B14, B13, B12, B11, B10, B9, B8, B7, B6, B5, B4, B3, B2, B1, B0};
+  reg [17:0] a_reg = 0, b_reg = 0;
+  reg sa_reg = 0, sb_reg = 0;
+  reg [35:0] p_reg = 0;
+  wire [17:0] a = REG_INPUTA_CLK == "CLK0" ? a_reg : a_in;
+  wire [17:0] b = REG_INPUTB_CLK == "CLK0" ? b_reg : b_in;
+  // (the signedness of each input travels with it through its register)
+  wire sa = REG_INPUTA_CLK == "CLK0" ? sa_reg : SIGNEDA;
+  wire sb = REG_INPUTB_CLK == "CLK0" ? sb_reg : SIGNEDB;
+  wire signed [36:0] a_ext = sa ? {{19{a[17]}}, a} : {19'b0, a};
+  wire signed [36:0] b_ext = sb ? {{19{b[17]}}, b} : {19'b0, b};
   wire signed [73:0] product = a_ext * b_ext;
-  assign {P35, P34, P33, P32, P31, P30, P29, P28, P27, P26, P25, P24, P23, P22, P21, P20, P19, P18, P17, P16, P15, P14, P13, P12, P11, P10, P9, P8, P7, P6, P5, P4, P3, P2, P1, P0} = product[35:0];
+  always @(posedge CLK0) begin
+    if (RST0) begin
+      a_reg <= 0; b_reg <= 0; sa_reg <= 0; sb_reg <= 0; p_reg <= 0;
+    end else if (CE0) begin
+      a_reg <= a_in; b_reg <= b_in; sa_reg <= SIGNEDA; sb_reg <= SIGNEDB; p_reg <= product[35:0];
+    end
+  end
+  wire [35:0] p = REG_OUTPUT_CLK == "CLK0" ? p_reg : product[35:0];
+  assign {P35, P34, P33, P32, P31, P30, P29, P28, P27, P26, P25, P24, P23, P22, P21, P20, P19, P18, P17, P16, P15, P14, P13, P12, P11, P10, P9, P8, P7, P6, P5, P4, P3, P2, P1, P0} = p;
   assign SIGNEDP = SIGNEDA | SIGNEDB;
   assign {SROA17, SROA16, SROA15, SROA14, SROA13, SROA12, SROA11, SROA10, SROA9, SROA8, SROA7, SROA6, SROA5, SROA4, SROA3, SROA2, SROA1, SROA0} = 18'b0;
   assign {SROB17, SROB16, SROB15, SROB14, SROB13, SROB12, SROB11, SROB10, SROB9, SROB8, SROB7, SROB6, SROB5, SROB4, SROB3, SROB2, SROB1, SROB0} = 18'b0;

@@ -20,7 +20,7 @@ class SystolicArray(wiring.Component):
     bits wide inside the array, although 16 + ceil(log2(rows)) would hold them: Verilator sign-extends
     every odd-width signed sum, and at 16 x 16 that cost 10% of the simulator's speed.) Skewing is
     internal: the matching ``out`` (``cols`` x int32) appears with ``out_valid`` exactly ``latency = rows
-    + cols + 1`` cycles later (the PEs' product register is the 1), all columns aligned.
+    + cols + product_latency`` cycles later (1: the PEs' product register), all columns aligned.
 
     ``paired`` (default False) is the layout for a small FPGA, where logic cells are what runs out: the
     products of neighbouring PEs two by two in one :class:`hw.mac.ProductPair` (one DSP block per pair
@@ -37,9 +37,13 @@ class SystolicArray(wiring.Component):
     the columns' identical enables back into one.) Writing bank b is safe once every row issued with
     ``sel == b`` has been out for ``latency`` cycles; a row issued with ``sel == b`` sees a write to bank
     b issued ``write_latency`` cycles before it or earlier.
+
+    ``product_latency`` (1 or 2; the PEs', :class:`hw.pe.ProcessingElement`) 2 registers each PE's operands
+    before its multiply too (on an ECP5, the DSP block's own registers): the latency is a cycle longer,
+    ``rows + cols + 2``, nothing else.
     """
 
-    def __init__(self, rows, cols, paired=False, write_latency=0):
+    def __init__(self, rows, cols, paired=False, write_latency=0, product_latency=1):
         for name, v in (("rows", rows), ("cols", cols)):
             if not isinstance(v, int) or not 2 <= v <= 32:
                 raise ValueError(f"{name} must be an int in [2, 32], not {v!r}")
@@ -49,10 +53,14 @@ class SystolicArray(wiring.Component):
             raise ValueError(f"write_latency must be 0 or 1, not {write_latency!r}")
         if paired and write_latency:
             raise ValueError("paired products keep their weights in a block RAM a row: write_latency must be 0")
+        if product_latency not in (1, 2):
+            raise ValueError(f"product_latency must be 1 or 2, not {product_latency!r}")
+        if paired and product_latency != 1:
+            raise ValueError("paired products are registered once, in their DSP block: product_latency must be 1")
         self.rows, self.cols, self.paired = rows, cols, paired
-        self.write_latency = write_latency
+        self.write_latency, self.product_latency = write_latency, product_latency
         # (with paired products, activations are broadcast along each row: no column skew to undo)
-        self.latency = rows + 2 if paired else rows + cols + 1
+        self.latency = rows + 2 if paired else rows + cols + product_latency
         super().__init__({
             "a": In(data.ArrayLayout(signed(8), rows)),
             "sel": In(1),
@@ -71,8 +79,8 @@ class SystolicArray(wiring.Component):
         paired = self.paired
         # paired: the partial sums as wide as R products need, sign-extended at the output
         P = 16 + (R - 1).bit_length() if paired else 32
-        pes = [[ProcessingElement(external_product=paired, psum_bits=P, external_weight=paired) for _ in range(C)]
-               for _ in range(R)]
+        pes = [[ProcessingElement(external_product=paired, psum_bits=P, external_weight=paired,
+                                  product_latency=self.product_latency) for _ in range(C)] for _ in range(R)]
         if paired:
             for i in range(R):
                 for j in range(0, C, 2):
@@ -88,7 +96,9 @@ class SystolicArray(wiring.Component):
         if self.write_latency:
             # column j's copy of the write: its byte, the bank and every row's enable
             replica = {"ambert_replica": 1}
-            col_data = [Signal(signed(8), name=f"w_data_col{j}", reset_less=True) for j in range(C)]
+            # (the data bytes marked too: the engine keeps a copy of the whole word, for its parameters,
+            # that Yosys would otherwise merge into these, beside one column's PEs)
+            col_data = [Signal(signed(8), name=f"w_data_col{j}", reset_less=True, attrs=replica) for j in range(C)]
             col_bank = [Signal(name=f"w_bank_col{j}", reset_less=True, attrs=replica) for j in range(C)]
             col_we = [[Signal(name=f"w_we_row{i}_col{j}", attrs=replica) for j in range(C)] for i in range(R)]
             m.d.sync += [col_data[j].eq(self.w_data[j]) for j in range(C)]
@@ -141,7 +151,8 @@ class SystolicArray(wiring.Component):
             if paired:
                 m.d.comb += self.out[j].eq(pes[R - 1][j].psum_out)
             else:
-                # column j leaves row R-1 at R + j + 1; hold it C - j more cycles so all leave together
+                # column j leaves row R-1 at R + j + product_latency; hold it C - j more cycles so all
+                # leave together
                 m.d.comb += self.out[j].eq(delay(pes[R - 1][j].psum_out, C - j, signed(P), f"out{j}"))
         m.d.comb += self.out_valid.eq(delay(self.valid, self.latency, unsigned(1), "valid", reset_less=False))
         return m

@@ -1,6 +1,6 @@
 """The board top: UART PHY <-> link endpoint <-> accelerator, the same for every board and the virtual one."""
 
-from amaranth import Cat, Module, ResetInserter, Signal
+from amaranth import Cat, ClockDomain, ClockSignal, DomainRenamer, Module, ResetSignal, Signal
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -53,18 +53,30 @@ class BoardTop(wiring.Component):
         m.submodules.uart_tx = utx = UartTx(self.divisor)
         m.submodules.link = link = LinkEndpoint(hello_payload(self.config, self.max_payload, self.window),
                                                 self.max_payload, self.window, self.retry_cycles)
-        # the host's HELLO restarts the accelerator as well as the link: the pool's contents are gone
-        m.submodules.accel = accel = ResetInserter(link.accel_reset)(Accelerator(self.config))
+        # the host's HELLO restarts the accelerator as well as the link: the pool's contents are gone. The
+        # accelerator runs in a domain of the same clock whose reset is one flip-flop, set by the board's
+        # reset and a cycle after a HELLO: decoded from the frame, and or-ed with the board's reset, it
+        # had to reach every resettable register of the accelerator in a cycle (the ECP5 12 x 12's
+        # critical path, twice). In that cycle no word passes between the link and the accelerator.
+        accel_reset = Signal(init=1)
+        m.d.sync += accel_reset.eq(link.accel_reset)
+        m.domains.accel = ClockDomain("accel", local=True)
+        m.d.comb += [ClockSignal("accel").eq(ClockSignal()), ResetSignal("accel").eq(accel_reset)]
+        m.submodules.accel = accel = DomainRenamer("accel")(Accelerator(self.config))
         m.d.comb += [urx.rx.eq(self.rx), self.tx.eq(utx.tx)]
         wiring.connect(m, urx.o, link.rx)
         wiring.connect(m, link.tx, utx.i)
         # the link's words leave its frame buffer (a block RAM) and go straight into the sequencer's
         # decoder: a registered two-word FIFO between them takes the RAM's clock-to-out off that path
         # (it was the ULX3S 4x4 build's critical path). A HELLO empties it with the accelerator.
-        m.submodules.in_fifo = in_fifo = ResetInserter(link.accel_reset)(SyncFIFOBuffered(width=32, depth=2))
-        wiring.connect(m, link.o, in_fifo.w_stream)
+        m.submodules.in_fifo = in_fifo = DomainRenamer("accel")(SyncFIFOBuffered(width=32, depth=2))
+        m.d.comb += [in_fifo.w_stream.payload.eq(link.o.payload),
+                     in_fifo.w_stream.valid.eq(link.o.valid & ~accel_reset),
+                     link.o.ready.eq(in_fifo.w_stream.ready & ~accel_reset),
+                     link.i.payload.eq(accel.o.payload),
+                     link.i.valid.eq(accel.o.valid & ~accel_reset),
+                     accel.o.ready.eq(link.i.ready & ~accel_reset)]
         wiring.connect(m, in_fifo.r_stream, accel.i)
-        wiring.connect(m, accel.o, link.i)
 
         bad_seen = Signal()
         last_bad = Signal.like(link.bad_frames)

@@ -53,15 +53,15 @@ class MatmulEngine(wiring.Component):
     Pool access: ``a_rd`` (activations), ``w_rd`` (weights and parameters), ``o_wr`` (output rows); each
     read returns its word ``read_latency`` (1 to 3) cycles after ``en``: each cycle beyond one delays the
     rows, the loads and the end of a MATMUL by a cycle, nothing else; so does ``weight_write_latency``
-    (0 or 1, the array's ``write_latency``) the end of each load. (With 3, the pool of a large FPGA, the
-    accumulator memories' row address comes from flip-flops too.) With
-    ``subbanks`` 1 an output row is written a word a cycle (up to 4 cycles, which a requantizer taking
-    >= 4 cycles a row leaves). ``issuing`` is high in cycles that feed a row to the array (for the
+    (0 or 1, the array's ``write_latency``; 1 registers the parameter words' writes too) the end of each
+    load, and ``product_latency`` (1 or 2, the array's) the rows. (With 3, the pool of a large FPGA, the
+    accumulator memories' row address comes from flip-flops too.) With ``subbanks`` 1 an output row is
+    written a word a cycle (up to 4 cycles, which a requantizer taking >= 4 cycles a row leaves). ``issuing`` is high in cycles that feed a row to the array (for the
     performance counters).
     """
 
     def __init__(self, lanes, addr_bits, acc_depth, requant_lanes=None, serial_mul_bits=None, subbanks=SUBBANKS,
-                 compact_array=False, read_latency=1, weight_write_latency=0):
+                 compact_array=False, read_latency=1, weight_write_latency=0, product_latency=1):
         if read_latency not in (1, 2, 3):
             raise ValueError(f"read_latency must be 1, 2 or 3, not {read_latency!r}")
         self.lanes = lanes
@@ -70,7 +70,8 @@ class MatmulEngine(wiring.Component):
         self.word_bits = 8 * lanes
         self.subbanks = subbanks
         self.compact_array = compact_array
-        self.array = SystolicArray(lanes, lanes, paired=compact_array, write_latency=weight_write_latency)
+        self.array = SystolicArray(lanes, lanes, paired=compact_array, write_latency=weight_write_latency,
+                                   product_latency=product_latency)
         # bit-serial: one lane at a time, the parameters read from a memory as it needs them
         self.bit_serial = serial_mul_bits == 1
         if self.bit_serial:
@@ -174,10 +175,11 @@ class MatmulEngine(wiring.Component):
                 name=f"ld_iss{k}_idx"), Signal(name=f"ld_iss{k}_pbuf")
             m.d.sync += [x.eq(y) for x, y in zip(later, (ld_iss_valid, ld_iss_idx, ld_iss_pbuf))]
             ld_in_flight.append(ld_iss_valid)
-        # a weight word is in the array a cycle after it arrives when the array registers its writes
+        # a weight word is in the array a cycle after it arrives when the array registers its writes (and
+        # a parameter word in its buffer: see below)
         if weight_write_latency := self.array.write_latency:
             ld_wr_valid = Signal()
-            m.d.sync += ld_wr_valid.eq(ld_rd_valid & (ld_rd_idx < L))
+            m.d.sync += ld_wr_valid.eq(ld_rd_valid)
             ld_in_flight.append(ld_wr_valid)
         if not self.bit_serial:
             params = [[Signal(WB, name=f"param{b}_{w}") for w in range(P)] for b in range(2)]
@@ -230,12 +232,22 @@ class MatmulEngine(wiring.Component):
                          p_rd.en.eq(rq.p_en), p_rd.addr.eq(Cat(rq.p_addr, rq.tag_held[-1])),
                          rq.p_data.eq(p_rd.data)]
         else:
-            for w in range(P):
-                with m.If(ld_rd_valid & (ld_rd_idx == L + w)):
-                    with m.If(ld_rd_pbuf):
-                        m.d.sync += params[1][w].eq(self.w_rd.data)
-                    with m.Else():
-                        m.d.sync += params[0][w].eq(self.w_rd.data)
+            p_data = self.w_rd.data
+            p_we = [[ld_rd_valid & (ld_rd_idx == L + w) & (ld_rd_pbuf == b) for w in range(P)] for b in range(2)]
+            if weight_write_latency:
+                # registered like the array's weight writes: the pool's bank multiplexer on into the 2 x 9
+                # words of parameter flip-flops was the ECP5 12 x 12's critical path. (A copy of the
+                # array's column registers of the same word, kept apart: merged, the parameters came from
+                # one PE's, across the die; see hw.array.)
+                p_data = Signal(WB, name="p_wr_data", reset_less=True, attrs={"ambert_replica": 1})
+                p_we_reg = [[Signal(name=f"p_we{b}_{w}") for w in range(P)] for b in range(2)]
+                m.d.sync += p_data.eq(self.w_rd.data)
+                m.d.sync += [p_we_reg[b][w].eq(p_we[b][w]) for b in range(2) for w in range(P)]
+                p_we = p_we_reg
+            for b in range(2):
+                for w in range(P):
+                    with m.If(p_we[b][w]):
+                        m.d.sync += params[b][w].eq(p_data)
         if self.bit_serial:
             # whether ``since`` has passed each margin, as flip-flops set a cycle ahead (``since`` counts up
             # from 0 after a tile starts and saturates above both margins); the comparison against a

@@ -91,7 +91,10 @@ class AcceleratorConfig:
     write, for a pool whose block RAMs spread across a large chip. Each cycle more makes a MATMUL a cycle
     longer to start and to drain. ``weight_write_latency`` (0 or 1; default 0): 1 registers the weight writes once
     an array column, beside its PEs, instead of fanning them out from one place to every PE; a tile's
-    weights then land a cycle later. Results depend on neither.
+    weights then land a cycle later. ``product_latency`` (1 or 2; default 1): 2 registers each PE's
+    operands before its multiply as well (on an ECP5, the DSP block's own input and output registers: the
+    multiply leaves the fabric's paths), for a large array whose neighbouring columns are far apart on
+    the chip; each row then takes a cycle longer through the array. Results depend on none of them.
     """
     lanes: int = 16
     banks: int = 4
@@ -104,6 +107,7 @@ class AcceleratorConfig:
     compact_array: bool = False
     pool_read_latency: int = 1
     weight_write_latency: int = 0
+    product_latency: int = 1
 
     def __post_init__(self):
         if self.lanes not in (4, 8, 12, 16, 20, 24, 28, 32):
@@ -127,6 +131,11 @@ class AcceleratorConfig:
         if self.weight_write_latency and self.compact_array:
             raise ValueError("weight_write_latency applies to the full array: the compact array keeps its "
                              "weights in a block RAM a row (compact_array=True needs weight_write_latency=0)")
+        if self.product_latency not in (1, 2):
+            raise ValueError(f"product_latency must be 1 or 2, not {self.product_latency!r}")
+        if self.product_latency != 1 and self.compact_array:
+            raise ValueError("the compact array's products are registered once, in its DSP blocks "
+                             "(compact_array=True needs product_latency=1)")
         if self.pool_subbanks not in (1, 4):
             raise ValueError(f"pool_subbanks must be 1 or 4, not {self.pool_subbanks!r}")
         if self.serial_mul_bits not in (None, 1, 4, 8, 16):

@@ -1,10 +1,15 @@
 """One processing element of the weight-stationary systolic array."""
 
-from amaranth import Module, Signal, signed
+from amaranth import ClockSignal, Instance, Module, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["ProcessingElement"]
+__all__ = ["ProcessingElement", "is_ecp5"]
+
+
+def is_ecp5(platform):
+    """Whether ``platform`` builds for an ECP5 (Amaranth's Lattice platforms say so in ``family``)."""
+    return getattr(platform, "family", None) == "ecp5"
 
 
 class ProcessingElement(wiring.Component):
@@ -26,14 +31,25 @@ class ProcessingElement(wiring.Component):
     ``external_weight`` the array keeps the weights (in a block RAM a row) and presents the selected one
     on ``weight`` with ``a_in``: no weight registers, no ``w_*`` members.
 
+    ``product_latency`` 2 (default 1) registers the operands as well: ``a_in`` and the selected weight,
+    then their product, so a product is added a cycle later (``psum_out`` in cycle t + 3), nothing else.
+    On an ECP5 that is one MULT18X18D with its input and output registers, the multiply wholly inside the
+    DSP block: what reaches it from the fabric (the activation from the neighbouring column, the weight)
+    only has to arrive, and what leaves it starts from a register.
+
     Members: ``a_in``/``a_out`` (int8), ``sel_in``/``sel_out``, ``psum_in``/``psum_out`` (int32),
     ``w_data`` (int8), ``w_we``, ``w_bank``; with ``external_product``, ``mul_a``, ``mul_w`` (int8) and
     ``mul_p`` (int16).
     """
 
-    def __init__(self, external_product=False, psum_bits=32, external_weight=False):
+    def __init__(self, external_product=False, psum_bits=32, external_weight=False, product_latency=1):
+        if product_latency not in (1, 2):
+            raise ValueError(f"product_latency must be 1 or 2, not {product_latency!r}")
+        if external_product and product_latency != 1:
+            raise ValueError("an external product is registered once: product_latency must be 1")
         self.external_product = bool(external_product)
         self.external_weight = bool(external_weight)
+        self.product_latency = product_latency
         ports = {
             "a_in": In(signed(8)), "sel_in": In(1), "psum_in": In(signed(psum_bits)),
             "a_out": Out(signed(8)), "sel_out": Out(1), "psum_out": Out(signed(psum_bits)),
@@ -68,9 +84,35 @@ class ProcessingElement(wiring.Component):
         if self.external_product:
             prod = self.mul_p
             m.d.comb += [self.mul_a.eq(self.a_in), self.mul_w.eq(weight)]
-        else:
+        elif self.product_latency == 1:
             prod = Signal(signed(16), name="prod", reset_less=True)
             m.d.sync += prod.eq(self.a_in * weight)
+        elif is_ecp5(platform):
+            prod = Signal(signed(16), name="prod")
+            a18, w18, p36 = Signal(signed(18)), Signal(signed(18)), Signal(36)
+            m.d.comb += [a18.eq(self.a_in), w18.eq(weight), prod.eq(p36[:16])]
+            # Yosys maps multiplies to MULT18X18D without its registers; instantiated, they are used: A and
+            # B registered on CLK0 (always enabled, never reset), then P. Its ports are single bits.
+            bits = {f"i_A{k}": a18[k] for k in range(18)}
+            bits.update({f"i_B{k}": w18[k] for k in range(18)})
+            bits.update({f"i_C{k}": 0 for k in range(18)})
+            bits.update({f"o_P{k}": p36[k] for k in range(36)})
+            m.submodules.mult = Instance(
+                "MULT18X18D",
+                p_REG_INPUTA_CLK="CLK0", p_REG_INPUTA_CE="CE0", p_REG_INPUTA_RST="RST0",
+                p_REG_INPUTB_CLK="CLK0", p_REG_INPUTB_CE="CE0", p_REG_INPUTB_RST="RST0",
+                p_REG_OUTPUT_CLK="CLK0", p_REG_OUTPUT_CE="CE0", p_REG_OUTPUT_RST="RST0",
+                p_REG_INPUTC_CLK="NONE", p_REG_PIPELINE_CLK="NONE",
+                p_CLK0_DIV="ENABLED", p_GSR="DISABLED", p_RESETMODE="SYNC",
+                p_SOURCEB_MODE="B_SHIFT", p_MULT_BYPASS="DISABLED",
+                i_SIGNEDA=1, i_SIGNEDB=1, i_SOURCEA=0, i_SOURCEB=0,
+                i_CLK0=ClockSignal(), i_CE0=1, i_RST0=0,
+                **bits,
+            )
+        else:
+            a_reg, w_reg = Signal(signed(8), reset_less=True), Signal(signed(8), reset_less=True)
+            prod = Signal(signed(16), name="prod", reset_less=True)
+            m.d.sync += [a_reg.eq(self.a_in), w_reg.eq(weight), prod.eq(a_reg * w_reg)]
         m.d.sync += [a.eq(self.a_in), sel.eq(self.sel_in), psum.eq(self.psum_in + prod)]
         m.d.comb += [self.a_out.eq(a), self.sel_out.eq(sel), self.psum_out.eq(psum)]
         return m

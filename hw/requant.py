@@ -35,12 +35,14 @@ class Requantizer(wiring.Component):
     ``group`` lanes (a divisor of ``lanes``; default all) go through the datapath a cycle: with fewer, a
     row takes ``lanes // group`` passes through one narrower datapath (a small FPGA has too few
     multipliers for one per lane). ``digit_bits`` (4, 8 or 16; default None: one 32 x 31 multiply a
-    cycle, in two halves) makes the product digit-serial, ``digits = ceil(31 / digit_bits)`` cycles of a
+    cycle, as four 16 x 16 partial products) makes the product digit-serial, ``digits = ceil(31 / digit_bits)`` cycles of a
     32 x ``digit_bits`` multiply each, in logic: for an FPGA whose DSP blocks all go to the array. A row
     takes ``steps = lanes // group * digits`` cycles, and rows must come at least ``steps`` cycles apart.
-    Latency: ``latency = 4 + steps`` cycles from ``valid`` to ``out_valid`` (5 for a full-width datapath:
-    bias, the product, the rounding sum, the shift, the saturation); ``out`` holds the row from then until
-    the next row's first group lands, one cycle later at the earliest.
+    Latency: ``latency`` cycles from ``valid`` to ``out_valid``: 6 for a full-width datapath (bias, the
+    partial products, the product's halves, the rounding sum, the shift, the saturation), ``6 + steps``
+    for a narrower one (the row is copied first, and goes through from the copy), ``5 + steps`` with a
+    digit-serial product; ``out`` holds the row from then until the next row's first group
+    lands, one cycle later at the earliest.
     """
 
     def __init__(self, lanes, group=None, digit_bits=None):
@@ -54,7 +56,8 @@ class Requantizer(wiring.Component):
         self.lanes, self.group, self.digit_bits = lanes, group, digit_bits
         self.digits = 1 if digit_bits is None else -(-31 // digit_bits)
         self.steps = lanes // group * self.digits
-        self.latency = 4 + self.steps
+        # (a row that takes several steps is copied first: a cycle more; a full-width product takes two)
+        self.latency = 4 + self.steps + (self.steps > 1) + (digit_bits is None)
         super().__init__({
             "acc": In(data.ArrayLayout(signed(32), lanes)),
             "bias": In(data.ArrayLayout(signed(32), lanes)),
@@ -75,48 +78,49 @@ class Requantizer(wiring.Component):
             v0, mode0, group0, digit0 = self.valid, self.mode, Const(0, 1), Const(0, 1)
             feed = ports
         else:
-            # the row is held while it goes through: group 0, digit 0 straight from the ports in the valid
-            # cycle, then step s (group s // digits, digit s % digits) from the held copy
+            # the row is copied in its valid cycle and goes through from the copy, a step a cycle from the
+            # next: step s is group s // digits, digit s % digits. (Fed from flip-flops only, the first
+            # stage needs no enable: on the ECP5 12 x 12 the valid fanning out to its 138 flip-flops'
+            # enables was the critical path.)
             held = [Signal.like(port, name=f"held_{name}", reset_less=True)
                     for port, name in zip(ports, ("acc", "bias", "m0", "shift"))]
             held_mode = Signal(2)
-            step = Signal(range(T))
-            v0 = self.valid | (step != 0)
-            mode0 = Mux(self.valid, self.mode, held_mode)
-            step0 = Mux(self.valid, 0, step)
-            group0 = step0[digit_shift:] if R > 1 else Const(0, 1)
-            digit0 = step0[:digit_shift] if D > 1 else Const(0, 1)
+            first, step = Signal(), Signal(range(T))
+            m.d.sync += first.eq(self.valid)
+            v0, mode0 = first | (step != 0), held_mode
+            group0 = step[digit_shift:] if R > 1 else Const(0, 1)
+            digit0 = step[:digit_shift] if D > 1 else Const(0, 1)
             # a group's lanes (in bits) of each port
             width = [len(port.as_value()) // R for port in ports]
-            # with several groups the held row shifts down a group as each group is done, so the group
-            # in work is always the lowest: each lane's register takes the one a group above it, not one
-            # of R through a multiplexer (12 lanes into 2 was the ECP5 12 x 12's most congested logic)
-            shifted = [Cat(port.as_value()[w:], Const(0, w)) for port, w in zip(ports, width)]
-            with m.If(self.valid):
-                # (group 0 goes from the ports now; held from the next step: group 0 again for its
-                # remaining digits, or else group 1)
-                m.d.sync += [h.eq(port if D > 1 or R == 1 else sh) for h, port, sh in zip(held, ports, shifted)]
-                m.d.sync += [held_mode.eq(self.mode), step.eq(1)]
-            with m.Elif(step != 0):
+            with m.If(v0):
                 m.d.sync += step.eq(Mux(step == T - 1, 0, step + 1))
-                if R > 1:
-                    with m.If(digit0 == D - 1):
-                        m.d.sync += [h.eq(h.as_value()[w:]) for h, w in zip(held, width)]
-            if R == 1:
-                feed = [Mux(self.valid, port.as_value(), h.as_value()) for port, h in zip(ports, held)]
-            else:
-                feed = [Mux(self.valid, port.as_value()[:w], h.as_value()[:w])
-                        for port, h, w in zip(ports, held, width)]
-            feed = [data.View(data.ArrayLayout(port.shape().elem_shape, G), f) for port, f in zip(ports, feed)]
+            with m.If(self.valid):
+                m.d.sync += [h.eq(port) for h, port in zip(held, ports)]
+                m.d.sync += held_mode.eq(self.mode)
+            if R > 1:
+                # the held row shifts down a group as each group is done, so the group in work is always
+                # the lowest: each lane's register takes the one a group above it, not one of R through a
+                # multiplexer (12 lanes into 2 was the ECP5 12 x 12's most congested logic)
+                with m.Elif(v0 & (digit0 == D - 1)):
+                    m.d.sync += [h.eq(h.as_value()[w:]) for h, w in zip(held, width)]
+            feed = [data.View(data.ArrayLayout(port.shape().elem_shape, G), h.as_value()[:w])
+                    for port, h, w in zip(ports, held, width)]
 
         v1, v2, v3, v4 = Signal(), Signal(), Signal(), Signal()
         mode1, mode2, mode3, mode4 = Signal(2), Signal(2), Signal(2), Signal(2)
         group1, group2, group3, group4 = (Signal.like(group0, name=f"group{k}") for k in (1, 2, 3, 4))
         digit1 = Signal.like(digit0, name="digit1")
         last_digit1 = digit1 == D - 1
-        m.d.sync += [v1.eq(v0), v2.eq(v1 & last_digit1), v3.eq(v2), v4.eq(v3),
-                     mode1.eq(mode0), mode2.eq(mode1), mode3.eq(mode2), mode4.eq(mode3), digit1.eq(digit0),
-                     group1.eq(group0), group2.eq(group1), group3.eq(group2), group4.eq(group3)]
+        m.d.sync += [v1.eq(v0), v3.eq(v2), v4.eq(v3),
+                     mode1.eq(mode0), mode3.eq(mode2), mode4.eq(mode3), digit1.eq(digit0),
+                     group1.eq(group0), group3.eq(group2), group4.eq(group3)]
+        if D == 1:
+            # the full-width product takes two cycles (its partial products, then their sums): stage 2b
+            v1b, mode1b, group1b = Signal(), Signal(2), Signal.like(group0, name="group1b")
+            m.d.sync += [v1b.eq(v1), mode1b.eq(mode1), group1b.eq(group1),
+                         v2.eq(v1b), mode2.eq(mode1b), group2.eq(group1b)]
+        else:
+            m.d.sync += [v2.eq(v1 & last_digit1), mode2.eq(mode1), group2.eq(group1)]
         m.d.sync += self.out_valid.eq(v4 & (group4 == R - 1))
         acc, bias, m0, shift = feed
         # the output row as one register a lane (a row-wide register is copied whole every cycle in
@@ -131,20 +135,36 @@ class Requantizer(wiring.Component):
             s1, m0_1, sh1 = reg(signed(32), "sum"), reg(unsigned(31), "m0_1_"), reg(unsigned(6), "sh1_")
             # each stage's registers load only with a row in it (a clock enable: nothing to compute, and
             # the simulator skips the stage, in the cycles without one)
-            with m.If(v0):
-                m.d.sync += [s1.eq(acc[j] + bias[j]), m0_1.eq(m0[j]), sh1.eq(shift[j])]
+            stage1 = [s1.eq(acc[j] + bias[j]), m0_1.eq(m0[j]), sh1.eq(shift[j])]
+            if T == 1:
+                with m.If(v0):
+                    m.d.sync += stage1
+            else:
+                m.d.sync += stage1
             s2, sh2 = reg(signed(32), "sum2_"), reg(unsigned(6), "sh2_")
             rounded3, s3 = reg(signed(64), "rounded"), reg(signed(32), "sum3_")
             r, s4 = reg(signed(64), "shifted"), reg(signed(32), "sum4_")
             if D == 1:
-                # stage 2: the 32 x 31-bit product as two registered halves (each a 32 x 16 multiply: two
-                # DSP blocks on ECP5, not four chained), and the rounding constant 2**(shift-1) (0 for
-                # shift 0), as a right shift of a constant: a variable left shift would widen to 127 bits
+                # stage 2a: the 32 x 31-bit product's four 16 x 16 partial products, registered (each one
+                # DSP block on an ECP5, its output registered beside it: a multiply and the sum of its
+                # parts in one cycle, across the die from where the array left a free DSP block, was the
+                # 12 x 12's critical path)
+                s_lo, s_hi = s1[:16], s1[16:].as_signed()
+                m_lo, m_hi = m0_1[:16], m0_1[16:]
+                pp = [reg(unsigned(32), "pp_ll"), reg(unsigned(31), "pp_lh"), reg(signed(33), "pp_hl"),
+                      reg(signed(32), "pp_hh")]
+                s1b, sh1b = reg(signed(32), "sum1b_"), reg(unsigned(6), "sh1b_")
+                with m.If(v1):
+                    m.d.sync += [pp[0].eq(s_lo * m_lo), pp[1].eq(s_lo * m_hi), pp[2].eq(s_hi * m_lo),
+                                 pp[3].eq(s_hi * m_hi), s1b.eq(s1), sh1b.eq(sh1)]
+                # stage 2b: the product as two registered halves, s1 * m0[:16] and s1 * m0[16:], and the
+                # rounding constant 2**(shift-1) (0 for shift 0), as a right shift of a constant: a
+                # variable left shift would widen to 127 bits
                 lo2, hi2 = reg(signed(48), "prod_lo"), reg(signed(47), "prod_hi")
                 half2, sh3 = reg(unsigned(62), "half"), reg(unsigned(6), "sh3_")
-                with m.If(v1):
-                    m.d.sync += [lo2.eq(s1 * m0_1[:16]), hi2.eq(s1 * m0_1[16:]), s2.eq(s1), sh2.eq(sh1),
-                                 half2.eq(Const(1 << 61, unsigned(62)) >> (62 - sh1).as_unsigned())]
+                with m.If(v1b):
+                    m.d.sync += [lo2.eq(pp[0] + (pp[2] << 16)), hi2.eq(pp[1] + (pp[3] << 16)), s2.eq(s1b),
+                                 sh2.eq(sh1b), half2.eq(Const(1 << 61, unsigned(62)) >> (62 - sh1b).as_unsigned())]
                 # stage 3: product + half; |product| < 2**62, so the sum fits 64 bits. Added as a low 16
                 # bits and a carried high part: a three-term sum of 64-bit operands is 65 bits wide in
                 # Verilog, and Verilator computes values over 64 bits as arrays of words, unconditionally

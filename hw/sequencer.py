@@ -154,11 +154,14 @@ class Sequencer(wiring.Component):
 
         def clip(value, big=0):
             return Cat(value[:E], big | value[E:].any()) if narrow else value
-        measure_step = Signal(2)
+        measure_step = Signal(3)
         product = Signal(32 if c.serial_mul_bits is None else E + 2)
         if c.serial_mul_bits is None:
             mul_a, mul_b = Signal(16), Signal(16)
-            m.d.comb += product.eq(mul_a * mul_b)
+            # the product registered before it is stored: on a full ECP5 its DSP block is whichever one
+            # the array left, far from these registers (operands -> multiply -> extent in one cycle was
+            # the 12 x 12's critical path)
+            m.d.sync += product.eq(mul_a * mul_b)
 
         def store_extent(first, value):
             # the products, in order: ext_a = M x kt, ext_w = nt x kt, ext_o = nt x M (scaled in SCALE)
@@ -270,11 +273,11 @@ class Sequencer(wiring.Component):
                 m.d.sync += ext_p.eq(clip(times(nt, PARAM_WORDS_PER_LANE_GROUP)))
                 if c.serial_mul_bits is None:
                     # the three products of two arguments through one 16 x 16 multiplier with registered
-                    # operands, one a cycle (a small FPGA has few multipliers; three cycles per MATMUL cost
-                    # nothing); their scaling after
+                    # operands and product, one a cycle (a small FPGA has few multipliers; four cycles per
+                    # MATMUL cost nothing); their scaling after
                     m.d.sync += [mul_a.eq(Mux(measure_step == 0, kt, nt)),
                                  mul_b.eq(Mux(measure_step == 1, kt, mm_m)), measure_step.eq(measure_step + 1)]
-                    store_extent(1, product)
+                    store_extent(2, product)
                 else:
                     # digit-serial, most significant digit first: acc = (acc << d) + a * digit, 16 / d
                     # cycles a product, in logic (the DSP blocks all went to the array)

@@ -37,7 +37,8 @@ class Accelerator(wiring.Component):
         m.submodules.seq = seq = Sequencer(c)
         m.submodules.engine = eng = MatmulEngine(c.lanes, seq.addr_bits, c.acc_depth, c.requant_lanes,
                                                      c.serial_mul_bits, c.pool_subbanks, c.compact_array,
-                                                     c.pool_read_latency, c.weight_write_latency)
+                                                     c.pool_read_latency, c.weight_write_latency,
+                                                     c.product_latency)
         m.submodules.pool = pool = BufferPool(8 * c.lanes, c.banks, c.bank_words, c.pool_subbanks,
                                               c.pool_read_latency)
         m.submodules.counters = cnt = PerfCounters(c.lanes * c.lanes)

@@ -53,11 +53,12 @@ def test_pe_macs_the_selected_weight():
     simulate(dut, bench)
 
 
-@pytest.mark.parametrize("rows, cols, paired, write_latency", [
-    (2, 2, False, 0), (3, 5, False, 0), (4, 4, False, 0), (4, 4, True, 0), (8, 4, True, 0),
-    (3, 5, False, 1), (4, 4, False, 1)])
-def test_array_rows_come_out_after_exactly_latency_cycles(rows, cols, paired, write_latency):
-    dut = SystolicArray(rows, cols, paired=paired, write_latency=write_latency)
+@pytest.mark.parametrize("rows, cols, paired, write_latency, product_latency", [
+    (2, 2, False, 0, 1), (3, 5, False, 0, 1), (4, 4, False, 0, 1), (4, 4, True, 0, 1), (8, 4, True, 0, 1),
+    (3, 5, False, 1, 1), (4, 4, False, 1, 1), (3, 5, False, 0, 2), (4, 4, False, 1, 2)])
+def test_array_rows_come_out_after_exactly_latency_cycles(rows, cols, paired, write_latency, product_latency):
+    dut = SystolicArray(rows, cols, paired=paired, write_latency=write_latency, product_latency=product_latency)
+    assert dut.latency == (rows + 2 if paired else rows + cols + product_latency)
     rng = np.random.default_rng(rows * 10 + cols)
     weights = rng.integers(-128, 128, (2, rows, cols), dtype=np.int8)
     # the extremes of every column sum among the rows
@@ -103,6 +104,10 @@ def test_array_refuses_bad_shapes():
         SystolicArray(4, 5, paired=True)
     with pytest.raises(ValueError, match="write_latency must be 0 or 1, not 2"):
         SystolicArray(4, 4, write_latency=2)
+    with pytest.raises(ValueError, match="product_latency must be 1 or 2, not 3"):
+        SystolicArray(4, 4, product_latency=3)
+    with pytest.raises(ValueError, match="paired products are registered once"):
+        SystolicArray(4, 4, paired=True, product_latency=2)
     with pytest.raises(ValueError, match="paired products keep their weights in a block RAM a row"):
         SystolicArray(4, 4, paired=True, write_latency=1)
 
@@ -133,7 +138,9 @@ def _want_requant(rows):
 def test_requantizer_matches_ref_requant(group, digit_bits):
     lanes = 4
     dut = Requantizer(lanes, group, digit_bits)
-    assert dut.latency == 4 + lanes // group * (1 if digit_bits is None else -(-31 // digit_bits))
+    assert dut.steps == lanes // group * (1 if digit_bits is None else -(-31 // digit_bits))
+    # (a row taking several steps is copied first; a full-width product takes two cycles)
+    assert dut.latency == 4 + dut.steps + (dut.steps > 1) + (digit_bits is None)
     rng = random.Random(3)
     rows = _requant_rows(rng, lanes, 300)
     rows[0] = ([1, 3, -1, -3], [0] * 4, [1 << 30] * 4, [31] * 4, int(Mode.INT8))      # ties
@@ -336,6 +343,10 @@ def test_config_validation():
         AcceleratorConfig(weight_write_latency=2)
     with pytest.raises(ValueError, match="compact_array=True needs weight_write_latency=0"):
         AcceleratorConfig(compact_array=True, weight_write_latency=1)
+    with pytest.raises(ValueError, match="product_latency must be 1 or 2, not 0"):
+        AcceleratorConfig(product_latency=0)
+    with pytest.raises(ValueError, match="compact_array=True needs product_latency=1"):
+        AcceleratorConfig(compact_array=True, product_latency=2)
     with pytest.raises(ValueError, match="subbanks must be 1 or 4, not 2"):
         BufferPool(32, 3, 64, subbanks=2)
     # one memory a bank writes a row's up to 4 words one a cycle: a requantizer taking a row a cycle cannot
