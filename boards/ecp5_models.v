@@ -1,7 +1,8 @@
 // Behavioural models of the two ECP5 primitives Yosys ships only as black boxes (MULT18X18D, DP16KD),
 // for what its ECP5 flow makes of ambert: an 18 x 18 multiply (mul2dsp -> MULT18X18D, no register; or
 // instantiated by hw.pe with its input and output registers), and block RAMs of 18-bit true dual ports
-// or a 36-bit write / 36-bit read pseudo dual port, unregistered outputs. Anything else stops the simulation with a message instead of running wrongly.
+// or a 36-bit write / 36-bit read pseudo dual port, unregistered outputs. Anything else stops the
+// simulation with a message instead of running wrongly.
 // Port names and parameters as in Yosys' share/lattice/cells_bb_ecp5.v; used by boards/postsynth.py.
 // Written from the ECP5 memory and DSP usage guides as Yosys maps to them (share/lattice/
 // brams_map_16kd.v, dsp_map_18x18.v): in x18 mode AD[13:4] is the word, AD[1:0] the byte (9-bit)

@@ -56,8 +56,8 @@ class MatmulEngine(wiring.Component):
     (0 or 1, the array's ``write_latency``; 1 registers the parameter words' writes too) the end of each
     load, and ``product_latency`` (1 or 2, the array's) the rows. (With 3, the pool of a large FPGA, the
     accumulator memories' row address comes from flip-flops too.) With ``subbanks`` 1 an output row is
-    written a word a cycle (up to 4 cycles, which a requantizer taking >= 4 cycles a row leaves). ``issuing`` is high in cycles that feed a row to the array (for the
-    performance counters).
+    written a word a cycle (up to 4 cycles, which a requantizer taking >= 4 cycles a row leaves).
+    ``issuing`` is high in cycles that feed a row to the array (for the performance counters).
     """
 
     def __init__(self, lanes, addr_bits, acc_depth, requant_lanes=None, serial_mul_bits=None, subbanks=SUBBANKS,
@@ -233,7 +233,8 @@ class MatmulEngine(wiring.Component):
                          rq.p_data.eq(p_rd.data)]
         else:
             p_data = self.w_rd.data
-            p_we = [[ld_rd_valid & (ld_rd_idx == L + w) & (ld_rd_pbuf == b) for w in range(P)] for b in range(2)]
+            p_we = [[ld_rd_valid & (ld_rd_idx == L + w) & (ld_rd_pbuf == b) for w in range(P)]
+                    for b in range(2)]
             if weight_write_latency:
                 # registered like the array's weight writes: the pool's bank multiplexer on into the 2 x 9
                 # words of parameter flip-flops was the ECP5 12 x 12's critical path. (A copy of the

@@ -89,9 +89,9 @@ class AcceleratorConfig:
     memory's output before the sub-bank and bank multiplexers, for an FPGA whose block RAMs' clock-to-out
     leaves no time for them (an ECP5's DP16KD: 5.8 ns); 3 also registers each bank's read address and its
     write, for a pool whose block RAMs spread across a large chip. Each cycle more makes a MATMUL a cycle
-    longer to start and to drain. ``weight_write_latency`` (0 or 1; default 0): 1 registers the weight writes once
-    an array column, beside its PEs, instead of fanning them out from one place to every PE; a tile's
-    weights then land a cycle later. ``product_latency`` (1 or 2; default 1): 2 registers each PE's
+    longer to start and to drain. ``weight_write_latency`` (0 or 1; default 0): 1 registers the weight
+    writes once an array column, beside its PEs, instead of fanning them out from one place to every
+    PE; a tile's weights then land a cycle later. ``product_latency`` (1 or 2; default 1): 2 registers each PE's
     operands before its multiply as well (on an ECP5, the DSP block's own input and output registers: the
     multiply leaves the fabric's paths), for a large array whose neighbouring columns are far apart on
     the chip; each row then takes a cycle longer through the array. Results depend on none of them.

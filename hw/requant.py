@@ -35,9 +35,10 @@ class Requantizer(wiring.Component):
     ``group`` lanes (a divisor of ``lanes``; default all) go through the datapath a cycle: with fewer, a
     row takes ``lanes // group`` passes through one narrower datapath (a small FPGA has too few
     multipliers for one per lane). ``digit_bits`` (4, 8 or 16; default None: one 32 x 31 multiply a
-    cycle, as four 16 x 16 partial products) makes the product digit-serial, ``digits = ceil(31 / digit_bits)`` cycles of a
-    32 x ``digit_bits`` multiply each, in logic: for an FPGA whose DSP blocks all go to the array. A row
-    takes ``steps = lanes // group * digits`` cycles, and rows must come at least ``steps`` cycles apart.
+    cycle, as four 16 x 16 partial products) makes the product digit-serial, ``digits = ceil(31 /
+    digit_bits)`` cycles of a 32 x ``digit_bits`` multiply each, in logic: for an FPGA whose DSP blocks
+    all go to the array. A row takes ``steps = lanes // group * digits`` cycles, and rows must come at
+    least ``steps`` cycles apart.
     Latency: ``latency`` cycles from ``valid`` to ``out_valid``: 6 for a full-width datapath (bias, the
     partial products, the product's halves, the rounding sum, the shift, the saturation), ``6 + steps``
     for a narrower one (the row is copied first, and goes through from the copy), ``5 + steps`` with a
@@ -134,7 +135,8 @@ class Requantizer(wiring.Component):
             # stage 1: add the bias (the sum fits int32 by contract; keep 32 bits)
             s1, m0_1, sh1 = reg(signed(32), "sum"), reg(unsigned(31), "m0_1_"), reg(unsigned(6), "sh1_")
             # each stage's registers load only with a row in it (a clock enable: nothing to compute, and
-            # the simulator skips the stage, in the cycles without one)
+            # the simulator skips the stage, in the cycles without one), but stage 1 of a row held in
+            # flip-flops, which loads every cycle (see above)
             stage1 = [s1.eq(acc[j] + bias[j]), m0_1.eq(m0[j]), sh1.eq(shift[j])]
             if T == 1:
                 with m.If(v0):
@@ -164,7 +166,8 @@ class Requantizer(wiring.Component):
                 half2, sh3 = reg(unsigned(62), "half"), reg(unsigned(6), "sh3_")
                 with m.If(v1b):
                     m.d.sync += [lo2.eq(pp[0] + (pp[2] << 16)), hi2.eq(pp[1] + (pp[3] << 16)), s2.eq(s1b),
-                                 sh2.eq(sh1b), half2.eq(Const(1 << 61, unsigned(62)) >> (62 - sh1b).as_unsigned())]
+                                 sh2.eq(sh1b),
+                                 half2.eq(Const(1 << 61, unsigned(62)) >> (62 - sh1b).as_unsigned())]
                 # stage 3: product + half; |product| < 2**62, so the sum fits 64 bits. Added as a low 16
                 # bits and a carried high part: a three-term sum of 64-bit operands is 65 bits wide in
                 # Verilog, and Verilator computes values over 64 bits as arrays of words, unconditionally
