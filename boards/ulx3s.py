@@ -1,6 +1,6 @@
 """ULX3S 85F: Lattice ECP5 LFE5U-85F (156 MULT18X18D, 208 DP16KD, 84k LUT4), 25 MHz oscillator, FT231X UART.
 
-The accelerator's clock comes from the oscillator through the EHXPLLL (60 MHz).
+The accelerator's clock comes from the oscillator through the EHXPLLL: 60 MHz, the target's 75 MHz.
 The UART is the FT231X's (the USB port marked US1), at a baud rate that divides the clock exactly.
 """
 
@@ -15,12 +15,16 @@ BOARD = Board(
     platform=ULX3S_85F_Platform,
     family="ecp5",
     clock_hz=60e6,          # from the 25 MHz oscillator through the EHXPLLL (25 / 5 * 12)
-    baud=3_000_000,         # the FT231X's fastest; 20 clock cycles a bit
+    # the target's own: the fastest clock the PLL makes from 25 MHz, that 3 Mbaud divides and that the 12 x 12
+    # meets (81.9 and 77.9 MHz at seeds 1 and 2; the next such clock is 90 MHz)
+    size_clock_hz={"target": 75e6},
+    baud=3_000_000,         # the FT231X's fastest; 20 clock cycles a bit (25 at 75 MHz)
     sizes={
         # the smallest array, with banks deep enough for MiniLM's FFN (K = 1536 needs 1545 words)
         # (its PEs' multiplies with the DSP blocks' own registers, as the target's: what the CI's
         # post-synthesis simulation checks)
-        "small": AcceleratorConfig(lanes=4, banks=4, bank_words=4096, acc_depth=128, product_latency=2),
+        "small": AcceleratorConfig(lanes=4, banks=4, bank_words=4096, acc_depth=128, product_latency=2,
+                                   hop_latency=2),
         # 64 MACs a cycle: the largest array whose PEs and requantizer products both fit the 156 DSP blocks;
         # the pool's block RAM outputs registered (their 5.8 ns clock-to-out and the bank multiplexers
         # were its critical path)
@@ -31,12 +35,14 @@ BOARD = Board(
         # (one 96-bit write port, not four: an output row is written a word a cycle, inside those 6) of
         # 2048 words (MiniLM's K = 1536 still whole; at 4096 each bank is 22 block RAMs and nextpnr's
         # static placer stalled with a bank's overlapping in four of six runs), its reads and writes
-        # registered in front of it; the array's weight writes registered a column, and each PE's
-        # multiply wholly inside its DSP block (operands and product in its registers: the activation
-        # between neighbouring columns, 27 tiles apart on a strip, then has a cycle only to arrive)
+        # registered in front of it and each reader's word after its bank multiplexer too (read latency 4:
+        # a word crosses the die in two cycles); the array's weight writes registered a column, each
+        # multiply wholly inside its DSP block (operands and product in its registers, the requantizer's
+        # too), and a register between neighbouring columns on each activation's way (27 tiles apart on a
+        # strip)
         "target": AcceleratorConfig(lanes=12, banks=4, bank_words=2048, acc_depth=512, requant_lanes=2,
-                                    pool_subbanks=1, pool_read_latency=3, weight_write_latency=1,
-                                    product_latency=2),
+                                    pool_subbanks=1, pool_read_latency=4, weight_write_latency=1,
+                                    product_latency=2, hop_latency=2),
     },
     dsp_layout=("target",),
     programmer=("openFPGALoader", "--board", "ulx3s"),

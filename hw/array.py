@@ -40,10 +40,13 @@ class SystolicArray(wiring.Component):
 
     ``product_latency`` (1 or 2; the PEs', :class:`hw.pe.ProcessingElement`) 2 registers each PE's operands
     before its multiply too (on an ECP5, the DSP block's own registers): the latency is a cycle longer,
-    ``rows + cols + 2``, nothing else.
+    ``rows + cols + 2``, nothing else. ``hop_latency`` (1 or 2) is how many cycles an activation takes
+    from a column's PE to the next column's: 2 puts a register between them (on a large FPGA, whose DSP
+    blocks for neighbouring columns may lie far apart), so ``latency = rows + 2 * (cols - 1) + 1 +
+    product_latency`` (the output deskew is longer to match), nothing else.
     """
 
-    def __init__(self, rows, cols, paired=False, write_latency=0, product_latency=1):
+    def __init__(self, rows, cols, paired=False, write_latency=0, product_latency=1, hop_latency=1):
         for name, v in (("rows", rows), ("cols", cols)):
             if not isinstance(v, int) or not 2 <= v <= 32:
                 raise ValueError(f"{name} must be an int in [2, 32], not {v!r}")
@@ -57,10 +60,14 @@ class SystolicArray(wiring.Component):
             raise ValueError(f"product_latency must be 1 or 2, not {product_latency!r}")
         if paired and product_latency != 1:
             raise ValueError("paired products are registered once, in their DSP block: product_latency must be 1")
+        if hop_latency not in (1, 2):
+            raise ValueError(f"hop_latency must be 1 or 2, not {hop_latency!r}")
+        if paired and hop_latency != 1:
+            raise ValueError("paired products broadcast each row's activation: hop_latency must be 1")
         self.rows, self.cols, self.paired = rows, cols, paired
-        self.write_latency, self.product_latency = write_latency, product_latency
+        self.write_latency, self.product_latency, self.hop_latency = write_latency, product_latency, hop_latency
         # (with paired products, activations are broadcast along each row: no column skew to undo)
-        self.latency = rows + 2 if paired else rows + cols + product_latency
+        self.latency = rows + 2 if paired else rows + hop_latency * (cols - 1) + 1 + product_latency
         super().__init__({
             "a": In(data.ArrayLayout(signed(8), rows)),
             "sel": In(1),
@@ -100,7 +107,11 @@ class SystolicArray(wiring.Component):
             # that Yosys would otherwise merge into these, beside one column's PEs)
             col_data = [Signal(signed(8), name=f"w_data_col{j}", reset_less=True, attrs=replica) for j in range(C)]
             col_bank = [Signal(name=f"w_bank_col{j}", reset_less=True, attrs=replica) for j in range(C)]
-            col_we = [[Signal(name=f"w_we_row{i}_col{j}", attrs=replica) for j in range(C)] for i in range(R)]
+            # (the enables without reset, as the data: a write in flight at a reset lands in a weight bank
+            # that the next tile's load writes anyway; with one, the reset joined the row decode on its
+            # way across the die, the ECP5 12 x 12's critical path)
+            col_we = [[Signal(name=f"w_we_row{i}_col{j}", reset_less=True, attrs=replica) for j in range(C)]
+                      for i in range(R)]
             m.d.sync += [col_data[j].eq(self.w_data[j]) for j in range(C)]
             m.d.sync += [col_bank[j].eq(self.w_bank) for j in range(C)]
             m.d.sync += [col_we[i][j].eq(row_we_of[i]) for i in range(R) for j in range(C)]
@@ -142,8 +153,10 @@ class SystolicArray(wiring.Component):
                 continue
             m.d.comb += [pes[i][0].a_in.eq(a_i), pes[i][0].sel_in.eq(sel_i)]
             for j in range(1, C):
-                m.d.comb += [pes[i][j].a_in.eq(pes[i][j - 1].a_out),
-                             pes[i][j].sel_in.eq(pes[i][j - 1].sel_out)]
+                # (a hop of two cycles: one register more between the columns, the two as one)
+                hop = delay(Cat(pes[i][j - 1].a_out, pes[i][j - 1].sel_out), self.hop_latency - 1, unsigned(9),
+                            f"a_hop{i}_{j}")
+                m.d.comb += [pes[i][j].a_in.eq(hop[:8].as_signed()), pes[i][j].sel_in.eq(hop[8])]
         for j in range(C):
             m.d.comb += pes[0][j].psum_in.eq(0)
             for i in range(1, R):
@@ -151,8 +164,9 @@ class SystolicArray(wiring.Component):
             if paired:
                 m.d.comb += self.out[j].eq(pes[R - 1][j].psum_out)
             else:
-                # column j leaves row R-1 at R + j + product_latency; hold it C - j more cycles so all
-                # leave together
-                m.d.comb += self.out[j].eq(delay(pes[R - 1][j].psum_out, C - j, signed(P), f"out{j}"))
+                # column j leaves row R-1 at R + hop_latency * j + product_latency; hold it
+                # hop_latency * (C - 1 - j) + 1 more cycles so all leave together
+                hold = self.hop_latency * (C - 1 - j) + 1
+                m.d.comb += self.out[j].eq(delay(pes[R - 1][j].psum_out, hold, signed(P), f"out{j}"))
         m.d.comb += self.out_valid.eq(delay(self.valid, self.latency, unsigned(1), "valid", reset_less=False))
         return m

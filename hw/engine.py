@@ -51,19 +51,20 @@ class MatmulEngine(wiring.Component):
     ``addr_bits + 1`` bits).
 
     Pool access: ``a_rd`` (activations), ``w_rd`` (weights and parameters), ``o_wr`` (output rows); each
-    read returns its word ``read_latency`` (1 to 3) cycles after ``en``: each cycle beyond one delays the
+    read returns its word ``read_latency`` (1 to 4) cycles after ``en``: each cycle beyond one delays the
     rows, the loads and the end of a MATMUL by a cycle, nothing else; so does ``weight_write_latency``
     (0 or 1, the array's ``write_latency``; 1 registers the parameter words' writes too) the end of each
-    load, and ``product_latency`` (1 or 2, the array's) the rows. (With 3, the pool of a large FPGA, the
+    load, and ``product_latency`` (1 or 2, the array's and the requantizer's) and ``hop_latency`` (1 or
+    2, the array's; 2: ``lanes - 1`` cycles) the rows. (With 3 or 4, the pool of a large FPGA, the
     accumulator memories' row address comes from flip-flops too.) With ``subbanks`` 1 an output row is
     written a word a cycle (up to 4 cycles, which a requantizer taking >= 4 cycles a row leaves).
     ``issuing`` is high in cycles that feed a row to the array (for the performance counters).
     """
 
     def __init__(self, lanes, addr_bits, acc_depth, requant_lanes=None, serial_mul_bits=None, subbanks=SUBBANKS,
-                 compact_array=False, read_latency=1, weight_write_latency=0, product_latency=1):
-        if read_latency not in (1, 2, 3):
-            raise ValueError(f"read_latency must be 1, 2 or 3, not {read_latency!r}")
+                 compact_array=False, read_latency=1, weight_write_latency=0, product_latency=1, hop_latency=1):
+        if read_latency not in (1, 2, 3, 4):
+            raise ValueError(f"read_latency must be 1 to 4, not {read_latency!r}")
         self.lanes = lanes
         self.read_latency = read_latency
         self.acc_depth = acc_depth
@@ -71,7 +72,7 @@ class MatmulEngine(wiring.Component):
         self.subbanks = subbanks
         self.compact_array = compact_array
         self.array = SystolicArray(lanes, lanes, paired=compact_array, write_latency=weight_write_latency,
-                                   product_latency=product_latency)
+                                   product_latency=product_latency, hop_latency=hop_latency)
         # bit-serial: one lane at a time, the parameters read from a memory as it needs them
         self.bit_serial = serial_mul_bits == 1
         if self.bit_serial:
@@ -80,7 +81,7 @@ class MatmulEngine(wiring.Component):
                                  f"not {requant_lanes!r}")
             self.requant = BitSerialRequantizer(lanes, tag_bits=addr_bits + 1)
         else:
-            self.requant = Requantizer(lanes, requant_lanes, serial_mul_bits)
+            self.requant = Requantizer(lanes, requant_lanes, serial_mul_bits, product_latency)
         if subbanks == 1 and self.requant.steps < 4:
             raise ValueError(f"a pool of one memory a bank takes an output row in up to 4 cycles: the "
                              f"requantizer must take >= 4 cycles a row, not {self.requant.steps} (requant_lanes)")
@@ -184,14 +185,11 @@ class MatmulEngine(wiring.Component):
         if not self.bit_serial:
             params = [[Signal(WB, name=f"param{b}_{w}") for w in range(P)] for b in range(2)]
 
-        if self.bit_serial:
-            # the loader's tile is a last k-tile; n-tiles follow it. Registered a cycle late: they are read
-            # when a load ends, at least L + 2 cycles after the counters last moved (an increment and
-            # compare in one cycle was the UP5K build's critical path)
-            ld_last_k, ld_more_n = Signal(), Signal()
-            m.d.sync += [ld_last_k.eq(ld_kt + 1 == kt_n), ld_more_n.eq(ld_nt + 1 != nt_n)]
-        else:
-            ld_last_k, ld_more_n = ld_kt + 1 == kt_n, ld_nt + 1 != nt_n
+        # the loader's tile is a last k-tile; n-tiles follow it. Registered a cycle late: they are read
+        # when a load ends, at least L + 2 cycles after the counters last moved (an increment and compare
+        # in one cycle was the UP5K build's critical path, and the ECP5 12 x 12's on into the counters)
+        ld_last_k, ld_more_n = Signal(), Signal()
+        m.d.sync += [ld_last_k.eq(ld_kt + 1 == kt_n), ld_more_n.eq(ld_nt + 1 != nt_n)]
         m.d.sync += ld_iss_valid.eq(0)
         # whether the loader reads this cycle, and whether a weight word (else a parameter word): flags set
         # a cycle ahead, so the pool's address comes from flip-flops through one multiplexer (the compare
@@ -249,16 +247,14 @@ class MatmulEngine(wiring.Component):
                 for w in range(P):
                     with m.If(p_we[b][w]):
                         m.d.sync += params[b][w].eq(p_data)
-        if self.bit_serial:
-            # whether ``since`` has passed each margin, as flip-flops set a cycle ahead (``since`` counts up
-            # from 0 after a tile starts and saturates above both margins); the comparison against a
-            # multiplexed margin was the UP5K build's critical path
-            restart, past_load, past_param = Signal(), Signal(), Signal()
-            m.d.sync += [past_load.eq(~restart & (since >= load_margin - 1)),
-                         past_param.eq(~restart & (since >= param_margin - 1))]
-            margin_passed = Mux(ld_kt == 0, past_param, past_load)
-        else:
-            margin_passed = since >= load_margin
+        # whether ``since`` has passed each margin (and the gap), as flip-flops set a cycle ahead (``since``
+        # counts up from 0 after a tile starts and saturates above them all); the comparison against a
+        # multiplexed margin was the UP5K build's critical path
+        restart, past_load, past_param, past_gap = Signal(), Signal(), Signal(), Signal()
+        m.d.sync += [past_load.eq(~restart & (since >= load_margin - 1)),
+                     past_param.eq(~restart & (since >= param_margin - 1)),
+                     past_gap.eq(~restart & (since >= gap - 1))]
+        margin_passed = Mux(ld_kt == 0, past_param, past_load) if param_margin != load_margin else past_load
         with m.If(ld_wait & margin_passed & ~ld_busy):
             m.d.comb += ld_go.eq(1)
             m.d.sync += ld_wait.eq(0)
@@ -269,15 +265,12 @@ class MatmulEngine(wiring.Component):
         a_tile, a_ptr = Signal.like(a_base), Signal.like(a_base)
         o_tile, o_ptr = Signal.like(self.o_addr), Signal.like(self.o_addr)
         drain = Signal(range(lat + rq.latency + 11))
-        # in the small-FPGA variant the feeder's decisions come from registers, each set a cycle ahead
-        # (computed from the counters, they made the UP5K build's critical path after the sequencer's)
-        last_k, row_last = Signal(), Signal()
-        if self.bit_serial:
-            # (compared with the counts less two, registered at the start: an add and compare in one cycle
-            # was the UP5K build's critical path; a count of one never matches, as a counter is never -1)
-            kt_m2, rows_m2 = Signal.like(kt_n), Signal.like(rows)
-        else:
-            m.d.comb += [last_k.eq(fd_kt + 1 == kt_n), row_last.eq(fd_row + 1 == rows)]
+        # the feeder's decisions come from registers, each set a cycle ahead (computed from the counters,
+        # they made the UP5K build's critical path after the sequencer's, and the ECP5 12 x 12's): compared
+        # with the counts less two, registered at the start (a count of one never matches, as a counter
+        # is never -1)
+        last_k, row_last, nt_last = Signal(), Signal(), Signal()
+        kt_m2, rows_m2, nt_m2 = Signal.like(kt_n), Signal.like(rows), Signal.like(nt_n)
 
         # rows of a last k-tile go to the requantizer: no faster than it takes them
         # (the pace runs across tile boundaries: a tile may start the cycle after the last one's last row)
@@ -309,22 +302,19 @@ class MatmulEngine(wiring.Component):
                              ld_kt.eq(0), ld_nt.eq(0), ld_bank.eq(0), ld_ready.eq(0), ld_pending.eq(1),
                              fd_kt.eq(0), fd_nt.eq(0), fd_sel.eq(0), fd_started.eq(0),
                              a_tile.eq(self.a_addr), o_tile.eq(self.o_addr)]
-                if self.bit_serial:
-                    m.d.sync += [last_k.eq(self.k_tiles == 1), kt_m2.eq(self.k_tiles - 2),
-                                 rows_m2.eq(self.m - 2)]
+                m.d.sync += [last_k.eq(self.k_tiles == 1), kt_m2.eq(self.k_tiles - 2), rows_m2.eq(self.m - 2),
+                             nt_last.eq(self.n_tiles == 1), nt_m2.eq(self.n_tiles - 2)]
                 with m.If(self.start):
                     m.next = "LOAD_FIRST"
             with m.State("LOAD_FIRST"):
                 m.d.comb += ld_go.eq(1)
                 m.next = "WAIT_TILE"
             with m.State("WAIT_TILE"):
-                with m.If(ld_ready & ~ld_busy & (~fd_started | (since >= gap))):
+                with m.If(ld_ready & ~ld_busy & (~fd_started | past_gap)):
                     m.d.sync += [ld_ready.eq(0), fd_started.eq(1), since.eq(0), fd_row.eq(0),
                                  a_ptr.eq(a_tile), o_ptr.eq(o_tile), ld_wait.eq(ld_pending),
-                                 fd_last_tile.eq(last_k & (fd_nt + 1 == nt_n))]
-                    if self.bit_serial:
-                        m.d.sync += row_last.eq(rows == 1)
-                        m.d.comb += restart.eq(1)
+                                 fd_last_tile.eq(last_k & nt_last), row_last.eq(rows == 1)]
+                    m.d.comb += restart.eq(1)
                     m.next = "RUN"
             with m.State("RUN"):
                 with m.If(issue & last_k):
@@ -335,20 +325,16 @@ class MatmulEngine(wiring.Component):
                     m.d.comb += [self.issuing.eq(1), self.a_rd.en.eq(1), self.a_rd.addr.eq(a_ptr)]
                     m.d.sync += [s1_valid.eq(1), s1_zero.eq(fd_kt == 0), s1_last.eq(last_k),
                                  s1_sel.eq(fd_sel), s1_pbuf.eq(fd_nt[0]), s1_row.eq(fd_row), s1_optr.eq(o_ptr)]
-                    m.d.sync += [fd_row.eq(fd_row + 1), a_ptr.eq(a_ptr + 1), o_ptr.eq(o_ptr + row_words)]
-                    if self.bit_serial:
-                        m.d.sync += row_last.eq(fd_row == rows_m2)
+                    m.d.sync += [fd_row.eq(fd_row + 1), a_ptr.eq(a_ptr + 1), o_ptr.eq(o_ptr + row_words),
+                                 row_last.eq(fd_row == rows_m2)]
                     with m.If(row_last):
                         m.d.sync += [fd_sel.eq(~fd_sel), a_tile.eq(a_tile + rows)]
                         with m.If(last_k):
                             m.d.sync += [fd_kt.eq(0), fd_nt.eq(fd_nt + 1), a_tile.eq(a_base),
-                                         o_tile.eq(o_tile + rows_words)]
-                            if self.bit_serial:
-                                m.d.sync += last_k.eq(kt_n == 1)
+                                         o_tile.eq(o_tile + rows_words), last_k.eq(kt_n == 1),
+                                         nt_last.eq(fd_nt == nt_m2)]
                         with m.Else():
-                            m.d.sync += fd_kt.eq(fd_kt + 1)
-                            if self.bit_serial:
-                                m.d.sync += last_k.eq(fd_kt == kt_m2)
+                            m.d.sync += [fd_kt.eq(fd_kt + 1), last_k.eq(fd_kt == kt_m2)]
                         with m.If(fd_last_tile):
                             m.d.sync += drain.eq(0)
                             m.next = "DRAIN"
@@ -377,7 +363,7 @@ class MatmulEngine(wiring.Component):
         # accumulators are read the cycle before it leaves the array (p_), added as it leaves (u_), and
         # the sum is registered (t_) before it is written back or requantized.
         p_info = [s1_last, s1_row, s1_optr, s1_pbuf, s1_zero]
-        if self.read_latency == 3:
+        if self.read_latency >= 3:
             # (a large FPGA's: the ring's block RAM output registered, so that the accumulator memories'
             # address comes from flip-flops placed near them)
             p_last, p_row, p_optr, p_pbuf, p_zero = (delay(p, 1, f"p_{n}") for p, n in zip(
@@ -392,8 +378,11 @@ class MatmulEngine(wiring.Component):
         t_valid, t_last, t_row, t_optr, t_pbuf = Signal(), Signal(), Signal.like(u_row), Signal.like(u_optr), Signal()
         t_sum = Signal(data.ArrayLayout(unsigned(32), L), name="t_sum", reset_less=True)
         acc_in = acc_rd.data
+        # (a row for the requantizer flagged from a flip-flop of its own: its valid loads the requantizer's
+        # copy of the row, over a thousand flip-flops on the ECP5 12 x 12)
+        t_requant = Signal()
         m.d.sync += [t_valid.eq(array.out_valid), t_last.eq(u_last), t_row.eq(u_row), t_optr.eq(u_optr),
-                     t_pbuf.eq(u_pbuf)]
+                     t_pbuf.eq(u_pbuf), t_requant.eq(array.out_valid & u_last)]
         sums = [t_sum[j].eq(array.out[j] + Mux(u_zero, 0, acc_in[32 * j: 32 * j + 32])) for j in range(L)]
         if self.bit_serial:
             # the bit-serial requantizer reads its row from here, a lane at a time: t_sum holds each row
@@ -406,7 +395,7 @@ class MatmulEngine(wiring.Component):
 
         def lanes_of(words, bits, j):
             return Cat(*words)[bits * j: bits * j + bits]
-        m.d.comb += [rq.acc.eq(t_sum), rq.valid.eq(t_valid & t_last), rq.mode.eq(mode)]
+        m.d.comb += [rq.acc.eq(t_sum), rq.valid.eq(t_requant), rq.mode.eq(mode)]
         if self.bit_serial:
             # the output address and the parameter buffer travel with the row
             m.d.comb += rq.tag.eq(Cat(t_optr, t_pbuf))

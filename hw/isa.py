@@ -85,16 +85,21 @@ class AcceleratorConfig:
     for an FPGA short of logic behind a slow link, where the overlap would save little.
     ``compact_array`` (default False): the systolic array's small-FPGA layout (``SystolicArray(paired=True)``:
     two PEs' products in one iCE40 DSP block, activations broadcast along rows, narrow partial sums).
-    ``pool_read_latency`` (1 to 3; default 1): cycles from a pool read to its data. 2 registers each
+    ``pool_read_latency`` (1 to 4; default 1): cycles from a pool read to its data. 2 registers each
     memory's output before the sub-bank and bank multiplexers, for an FPGA whose block RAMs' clock-to-out
     leaves no time for them (an ECP5's DP16KD: 5.8 ns); 3 also registers each bank's read address and its
-    write, for a pool whose block RAMs spread across a large chip. Each cycle more makes a MATMUL a cycle
+    write, for a pool whose block RAMs spread across a large chip; 4 also each reader's word after the bank
+    multiplexer, so that the word crosses such a chip in two cycles,
+    the multiplexer between them. Each cycle more makes a MATMUL a cycle
     longer to start and to drain. ``weight_write_latency`` (0 or 1; default 0): 1 registers the weight
     writes once an array column, beside its PEs, instead of fanning them out from one place to every
-    PE; a tile's weights then land a cycle later. ``product_latency`` (1 or 2; default 1): 2 registers each PE's
-    operands before its multiply as well (on an ECP5, the DSP block's own input and output registers: the
-    multiply leaves the fabric's paths), for a large array whose neighbouring columns are far apart on
-    the chip; each row then takes a cycle longer through the array. Results depend on none of them.
+    PE; a tile's weights then land a cycle later. ``product_latency`` (1 or 2; default 1): 2 registers each
+    PE's operands before its multiply as well (on an ECP5, the DSP block's own input and output registers:
+    the multiply leaves the fabric's paths), and the requantizer's partial products' too, for a large
+    array whose neighbouring columns are far apart on the chip; each row then takes a cycle longer through
+    the array and the requantizer. ``hop_latency`` (1 or 2; default 1): cycles an activation takes from one
+    array column to the next (2: a register between them, for columns far apart on the chip): each row
+    then takes ``lanes - 1`` cycles longer through the array. Results depend on none of them.
     """
     lanes: int = 16
     banks: int = 4
@@ -108,6 +113,7 @@ class AcceleratorConfig:
     pool_read_latency: int = 1
     weight_write_latency: int = 0
     product_latency: int = 1
+    hop_latency: int = 1
 
     def __post_init__(self):
         if self.lanes not in (4, 8, 12, 16, 20, 24, 28, 32):
@@ -124,8 +130,8 @@ class AcceleratorConfig:
         for name in ("overlap", "compact_array"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
-        if self.pool_read_latency not in (1, 2, 3):
-            raise ValueError(f"pool_read_latency must be 1, 2 or 3, not {self.pool_read_latency!r}")
+        if self.pool_read_latency not in (1, 2, 3, 4):
+            raise ValueError(f"pool_read_latency must be 1 to 4, not {self.pool_read_latency!r}")
         if self.weight_write_latency not in (0, 1):
             raise ValueError(f"weight_write_latency must be 0 or 1, not {self.weight_write_latency!r}")
         if self.weight_write_latency and self.compact_array:
@@ -136,6 +142,11 @@ class AcceleratorConfig:
         if self.product_latency != 1 and self.compact_array:
             raise ValueError("the compact array's products are registered once, in its DSP blocks "
                              "(compact_array=True needs product_latency=1)")
+        if self.hop_latency not in (1, 2):
+            raise ValueError(f"hop_latency must be 1 or 2, not {self.hop_latency!r}")
+        if self.hop_latency != 1 and self.compact_array:
+            raise ValueError("hop_latency applies to the full array: the compact array broadcasts each row's "
+                             "activation (compact_array=True needs hop_latency=1)")
         if self.pool_subbanks not in (1, 4):
             raise ValueError(f"pool_subbanks must be 1 or 4, not {self.pool_subbanks!r}")
         if self.serial_mul_bits not in (None, 1, 4, 8, 16):

@@ -167,7 +167,7 @@ class LinkFramer(wiring.Component):
     While idle (``busy`` low), ``start`` with ``frame_type``, ``frame_seq`` and ``frame_len`` (bytes, at
     most ``max_payload``) begins a frame; its payload is read as 32-bit little-endian words through
     ``rd_addr``/``rd_data`` (one cycle of latency: a memory read port, such as the retransmit buffer's).
-    Up to four cycles a byte — the UART needs ten bit times — and ``o`` honours backpressure.
+    Up to five cycles a byte — the UART needs ten bit times — and ``o`` honours backpressure.
     """
 
     def __init__(self, max_payload=256):
@@ -184,6 +184,7 @@ class LinkFramer(wiring.Component):
         kind, seq, length = Signal(8), Signal(8), Signal(range(self.max_payload + 1))
         crc = Signal(32)
         k = Signal(range(self.max_payload + 9))          # the unstuffed byte being sent
+        word = Signal(32)                                 # the payload word read
         raw, held = Signal(8), Signal(8)                  # the byte picked; the byte being sent
         summed = Signal()                                 # ... and whether it goes into the CRC
         pos = Signal(len(k))
@@ -200,6 +201,12 @@ class LinkFramer(wiring.Component):
                     m.next = "FETCH"
             with m.State("FETCH"):
                 m.d.comb += self.rd_addr.eq(pos >> 2)     # the word arrives next cycle
+                m.next = "LATCH"
+            with m.State("LATCH"):
+                # the word registered before a byte is picked from it: a block RAM's output (the
+                # retransmit buffer's) on through the byte multiplexers in one cycle was the ECP5 12 x 12
+                # build's critical path
+                m.d.sync += word.eq(self.rd_data)
                 m.next = "PICK"
             with m.State("PICK"):
                 header = [kind, seq, length.as_unsigned()[:8], Cat(length, Const(0, 16))[8:16]]
@@ -209,7 +216,7 @@ class LinkFramer(wiring.Component):
                             with m.Case(n):
                                 m.d.comb += raw.eq(b)
                 with m.Elif(pos < length):
-                    m.d.comb += raw.eq(self.rd_data.word_select(pos[:2], 8))
+                    m.d.comb += raw.eq(word.word_select(pos[:2], 8))
                 with m.Else():
                     m.d.comb += raw.eq((~crc).word_select((pos - length)[:2], 8))
                 # the CRC takes the byte a cycle later (in STEP), not through the byte's multiplexer

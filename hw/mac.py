@@ -1,15 +1,62 @@
-"""Two PEs' products in one multiplier block: an iCE40 SB_MAC16 in its dual 8x8 mode."""
+"""The FPGAs' multiplier blocks, where Yosys would not use them as they can be: two PEs' products in one
+iCE40 SB_MAC16 (its dual 8x8 mode); a multiply with its operands and product registered inside an ECP5
+MULT18X18D."""
 
 from amaranth import Cat, ClockSignal, Const, Instance, Module, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["ProductPair", "is_ice40"]
+__all__ = ["ProductPair", "is_ecp5", "is_ice40", "registered_product"]
 
 
 def is_ice40(platform):
     """Whether ``platform`` builds for an iCE40 (Amaranth's SiliconBlue platforms say so in ``family``)."""
     return getattr(platform, "family", None) == "iCE40"
+
+
+def is_ecp5(platform):
+    """Whether ``platform`` builds for an ECP5 (Amaranth's Lattice platforms say so in ``family``)."""
+    return getattr(platform, "family", None) == "ecp5"
+
+
+def registered_product(m, platform, a, b, name):
+    """``a * b`` two cycles later: the operands registered, then their product (every cycle, no enable,
+    no reset). Operands of up to 18 bits as signed, 17 as unsigned; the product is as wide as both.
+
+    On an ECP5 that is one MULT18X18D with its input and output registers: Yosys maps a multiply to one
+    without them (it has only black boxes), so a multiply between fabric registers has the routing into
+    the block and out of it in one cycle, across the die where the block is far from its logic.
+    Elsewhere, and in simulation, two flip-flop stages.
+    """
+    shape = (a * b).shape()
+    if any(len(x) + (not x.shape().signed) > 18 for x in (a, b)):
+        raise ValueError(f"{name}: a MULT18X18D takes 18-bit signed operands, not {a.shape()} x {b.shape()}")
+    p = Signal(shape, name=f"{name}_p")
+    if not is_ecp5(platform):
+        a_reg = Signal(a.shape(), name=f"{name}_a", reset_less=True)
+        b_reg = Signal(b.shape(), name=f"{name}_b", reset_less=True)
+        m.d.sync += [a_reg.eq(a), b_reg.eq(b), p.eq(a_reg * b_reg)]
+        return p
+    a18, b18, p36 = Signal(signed(18), name=f"{name}_a18"), Signal(signed(18), name=f"{name}_b18"), Signal(36)
+    m.d.comb += [a18.eq(a), b18.eq(b), p.eq(p36[:len(p)])]
+    # A and B registered on CLK0 (always enabled, never reset), then P; the ports are single bits
+    bits = {f"i_A{k}": a18[k] for k in range(18)}
+    bits.update({f"i_B{k}": b18[k] for k in range(18)})
+    bits.update({f"i_C{k}": 0 for k in range(18)})
+    bits.update({f"o_P{k}": p36[k] for k in range(36)})
+    m.submodules[name] = Instance(
+        "MULT18X18D",
+        p_REG_INPUTA_CLK="CLK0", p_REG_INPUTA_CE="CE0", p_REG_INPUTA_RST="RST0",
+        p_REG_INPUTB_CLK="CLK0", p_REG_INPUTB_CE="CE0", p_REG_INPUTB_RST="RST0",
+        p_REG_OUTPUT_CLK="CLK0", p_REG_OUTPUT_CE="CE0", p_REG_OUTPUT_RST="RST0",
+        p_REG_INPUTC_CLK="NONE", p_REG_PIPELINE_CLK="NONE",
+        p_CLK0_DIV="ENABLED", p_GSR="DISABLED", p_RESETMODE="SYNC",
+        p_SOURCEB_MODE="B_SHIFT", p_MULT_BYPASS="DISABLED",
+        i_SIGNEDA=1, i_SIGNEDB=1, i_SOURCEA=0, i_SOURCEB=0,
+        i_CLK0=ClockSignal(), i_CE0=1, i_RST0=0,
+        **bits,
+    )
+    return p
 
 
 class ProductPair(wiring.Component):

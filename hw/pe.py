@@ -1,15 +1,12 @@
 """One processing element of the weight-stationary systolic array."""
 
-from amaranth import ClockSignal, Instance, Module, Signal, signed
+from amaranth import Module, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["ProcessingElement", "is_ecp5"]
+from .mac import registered_product
 
-
-def is_ecp5(platform):
-    """Whether ``platform`` builds for an ECP5 (Amaranth's Lattice platforms say so in ``family``)."""
-    return getattr(platform, "family", None) == "ecp5"
+__all__ = ["ProcessingElement"]
 
 
 class ProcessingElement(wiring.Component):
@@ -80,39 +77,19 @@ class ProcessingElement(wiring.Component):
                 m.d.comb += weight.eq(w[1])
             with m.Else():
                 m.d.comb += weight.eq(w[0])
-        a, sel, psum = (Signal.like(port, reset_less=True) for port in (self.a_out, self.sel_out, self.psum_out))
+        a, psum = (Signal.like(port, reset_less=True) for port in (self.a_out, self.psum_out))
+        # (the bank select is the same bit in every PE a given number of cycles after the array's input:
+        # kept apart, ``ambert_replica``, as Yosys would merge them and give one PE's to another across the die)
+        sel = Signal.like(self.sel_out, reset_less=True, attrs={"ambert_replica": 1})
         if self.external_product:
             prod = self.mul_p
             m.d.comb += [self.mul_a.eq(self.a_in), self.mul_w.eq(weight)]
         elif self.product_latency == 1:
             prod = Signal(signed(16), name="prod", reset_less=True)
             m.d.sync += prod.eq(self.a_in * weight)
-        elif is_ecp5(platform):
-            prod = Signal(signed(16), name="prod")
-            a18, w18, p36 = Signal(signed(18)), Signal(signed(18)), Signal(36)
-            m.d.comb += [a18.eq(self.a_in), w18.eq(weight), prod.eq(p36[:16])]
-            # Yosys maps multiplies to MULT18X18D without its registers; instantiated, they are used: A and
-            # B registered on CLK0 (always enabled, never reset), then P. Its ports are single bits.
-            bits = {f"i_A{k}": a18[k] for k in range(18)}
-            bits.update({f"i_B{k}": w18[k] for k in range(18)})
-            bits.update({f"i_C{k}": 0 for k in range(18)})
-            bits.update({f"o_P{k}": p36[k] for k in range(36)})
-            m.submodules.mult = Instance(
-                "MULT18X18D",
-                p_REG_INPUTA_CLK="CLK0", p_REG_INPUTA_CE="CE0", p_REG_INPUTA_RST="RST0",
-                p_REG_INPUTB_CLK="CLK0", p_REG_INPUTB_CE="CE0", p_REG_INPUTB_RST="RST0",
-                p_REG_OUTPUT_CLK="CLK0", p_REG_OUTPUT_CE="CE0", p_REG_OUTPUT_RST="RST0",
-                p_REG_INPUTC_CLK="NONE", p_REG_PIPELINE_CLK="NONE",
-                p_CLK0_DIV="ENABLED", p_GSR="DISABLED", p_RESETMODE="SYNC",
-                p_SOURCEB_MODE="B_SHIFT", p_MULT_BYPASS="DISABLED",
-                i_SIGNEDA=1, i_SIGNEDB=1, i_SOURCEA=0, i_SOURCEB=0,
-                i_CLK0=ClockSignal(), i_CE0=1, i_RST0=0,
-                **bits,
-            )
         else:
-            a_reg, w_reg = Signal(signed(8), reset_less=True), Signal(signed(8), reset_less=True)
-            prod = Signal(signed(16), name="prod", reset_less=True)
-            m.d.sync += [a_reg.eq(self.a_in), w_reg.eq(weight), prod.eq(a_reg * w_reg)]
+            # on an ECP5 one MULT18X18D with its own registers
+            prod = registered_product(m, platform, self.a_in, weight, "mult")
         m.d.sync += [a.eq(self.a_in), sel.eq(self.sel_in), psum.eq(self.psum_in + prod)]
         m.d.comb += [self.a_out.eq(a), self.sel_out.eq(sel), self.psum_out.eq(psum)]
         return m

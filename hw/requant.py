@@ -5,22 +5,40 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from .isa import Mode
+from .mac import registered_product
 
 __all__ = ["Requantizer"]
 
 
-def _saturate(m, res, value, bypass, mode):
-    """``res`` = ``value`` saturated to int8 or int16 per ``mode``, or ``bypass`` in the int32 mode."""
+def _saturate(m, res, value, bypass, mode, by_bits=False):
+    """``res`` = ``value`` saturated to int8 or int16 per ``mode``, or ``bypass`` in the int32 mode.
+
+    ``by_bits``: a value fits int8 (int16) when its bits from 7 (15) up are all equal, else its sign picks
+    the bound: the same as comparing it with the bounds, but trees of gates rather than two carry chains
+    as long as the value (for the 64-bit one: they were the ECP5 12 x 12's critical path; on an iCE40 a
+    narrow value's compare, along its fast carry chain, is the quicker).
+    """
+    if by_bits:
+        above = [value[7:], value[15:]]
+        fits = Mux(mode == Mode.INT8, above[0].all() | ~above[0].any(), above[1].all() | ~above[1].any())
     lo = Mux(mode == Mode.INT8, -128, -32768)
     hi = Mux(mode == Mode.INT8, 127, 32767)
     with m.If(mode == Mode.INT32):
         m.d.comb += res.eq(bypass)
-    with m.Elif(value < lo):
-        m.d.comb += res.eq(lo)
-    with m.Elif(value > hi):
-        m.d.comb += res.eq(hi)
-    with m.Else():
-        m.d.comb += res.eq(value)
+    if by_bits:
+        with m.Elif(fits):
+            m.d.comb += res.eq(value)
+        with m.Elif(value[-1]):
+            m.d.comb += res.eq(lo)
+        with m.Else():
+            m.d.comb += res.eq(hi)
+    else:
+        with m.Elif(value < lo):
+            m.d.comb += res.eq(lo)
+        with m.Elif(value > hi):
+            m.d.comb += res.eq(hi)
+        with m.Else():
+            m.d.comb += res.eq(value)
 
 
 class Requantizer(wiring.Component):
@@ -43,10 +61,13 @@ class Requantizer(wiring.Component):
     partial products, the product's halves, the rounding sum, the shift, the saturation), ``6 + steps``
     for a narrower one (the row is copied first, and goes through from the copy), ``5 + steps`` with a
     digit-serial product; ``out`` holds the row from then until the next row's first group
-    lands, one cycle later at the earliest.
+    lands, one cycle later at the earliest. ``product_latency`` 2 (default 1) gives the full-width
+    partial products two cycles, their operands registered and then the products (on an ECP5 each
+    wholly inside a MULT18X18D: :func:`hw.mac.registered_product`): a cycle more of latency (no effect
+    with ``digit_bits``).
     """
 
-    def __init__(self, lanes, group=None, digit_bits=None):
+    def __init__(self, lanes, group=None, digit_bits=None, product_latency=1):
         if not isinstance(lanes, int) or lanes < 1:
             raise ValueError(f"lanes must be a positive int, not {lanes!r}")
         group = lanes if group is None else group
@@ -54,11 +75,15 @@ class Requantizer(wiring.Component):
             raise ValueError(f"group must be a positive divisor of lanes ({lanes}), not {group!r}")
         if digit_bits not in (None, 4, 8, 16):
             raise ValueError(f"digit_bits must be 4, 8, 16 or None, not {digit_bits!r}")
+        if product_latency not in (1, 2):
+            raise ValueError(f"product_latency must be 1 or 2, not {product_latency!r}")
         self.lanes, self.group, self.digit_bits = lanes, group, digit_bits
         self.digits = 1 if digit_bits is None else -(-31 // digit_bits)
         self.steps = lanes // group * self.digits
-        # (a row that takes several steps is copied first: a cycle more; a full-width product takes two)
-        self.latency = 4 + self.steps + (self.steps > 1) + (digit_bits is None)
+        self.product_latency = product_latency if digit_bits is None else 1
+        # (a row that takes several steps is copied first: a cycle more; a full-width product takes two,
+        # or three)
+        self.latency = 4 + self.steps + (self.steps > 1) + (digit_bits is None) * self.product_latency
         super().__init__({
             "acc": In(data.ArrayLayout(signed(32), lanes)),
             "bias": In(data.ArrayLayout(signed(32), lanes)),
@@ -116,10 +141,16 @@ class Requantizer(wiring.Component):
                      mode1.eq(mode0), mode3.eq(mode2), mode4.eq(mode3), digit1.eq(digit0),
                      group1.eq(group0), group3.eq(group2), group4.eq(group3)]
         if D == 1:
-            # the full-width product takes two cycles (its partial products, then their sums): stage 2b
+            # the full-width product takes two cycles or three (its partial products, then their sums):
+            # stages 2a (and 2a'), 2b
             v1b, mode1b, group1b = Signal(), Signal(2), Signal.like(group0, name="group1b")
-            m.d.sync += [v1b.eq(v1), mode1b.eq(mode1), group1b.eq(group1),
-                         v2.eq(v1b), mode2.eq(mode1b), group2.eq(group1b)]
+            if self.product_latency == 2:
+                v1a, mode1a, group1a = Signal(), Signal(2), Signal.like(group0, name="group1a")
+                m.d.sync += [v1a.eq(v1), mode1a.eq(mode1), group1a.eq(group1),
+                             v1b.eq(v1a), mode1b.eq(mode1a), group1b.eq(group1a)]
+            else:
+                m.d.sync += [v1b.eq(v1), mode1b.eq(mode1), group1b.eq(group1)]
+            m.d.sync += [v2.eq(v1b), mode2.eq(mode1b), group2.eq(group1b)]
         else:
             m.d.sync += [v2.eq(v1 & last_digit1), mode2.eq(mode1), group2.eq(group1)]
         m.d.sync += self.out_valid.eq(v4 & (group4 == R - 1))
@@ -153,12 +184,21 @@ class Requantizer(wiring.Component):
                 # 12 x 12's critical path)
                 s_lo, s_hi = s1[:16], s1[16:].as_signed()
                 m_lo, m_hi = m0_1[:16], m0_1[16:]
-                pp = [reg(unsigned(32), "pp_ll"), reg(unsigned(31), "pp_lh"), reg(signed(33), "pp_hl"),
-                      reg(signed(32), "pp_hh")]
+                operands = [(s_lo, m_lo, "pp_ll"), (s_lo, m_hi, "pp_lh"), (s_hi, m_lo, "pp_hl"), (s_hi, m_hi, "pp_hh")]
                 s1b, sh1b = reg(signed(32), "sum1b_"), reg(unsigned(6), "sh1b_")
-                with m.If(v1):
-                    m.d.sync += [pp[0].eq(s_lo * m_lo), pp[1].eq(s_lo * m_hi), pp[2].eq(s_hi * m_lo),
-                                 pp[3].eq(s_hi * m_hi), s1b.eq(s1), sh1b.eq(sh1)]
+                if self.product_latency == 2:
+                    # (every cycle, with the sum and shift beside them two registers deep)
+                    pp = [registered_product(m, platform, x, y, f"{name}{j}") for x, y, name in operands]
+                    s1a, sh1a = reg(signed(32), "sum1a_"), reg(unsigned(6), "sh1a_")
+                    with m.If(v1):
+                        m.d.sync += [s1a.eq(s1), sh1a.eq(sh1)]
+                    with m.If(v1a):
+                        m.d.sync += [s1b.eq(s1a), sh1b.eq(sh1a)]
+                else:
+                    pp = [reg((x * y).shape(), name) for x, y, name in operands]
+                    with m.If(v1):
+                        m.d.sync += [p.eq(x * y) for p, (x, y, _) in zip(pp, operands)]
+                        m.d.sync += [s1b.eq(s1), sh1b.eq(sh1)]
                 # stage 2b: the product as two registered halves, s1 * m0[:16] and s1 * m0[16:], and the
                 # rounding constant 2**(shift-1) (0 for shift 0), as a right shift of a constant: a
                 # variable left shift would widen to 127 bits
@@ -203,7 +243,7 @@ class Requantizer(wiring.Component):
             # the top group, so group g ends in its slot after the last (again each lane's register takes
             # one neighbour, not a result broadcast to every group)
             res = Signal(signed(32), name=f"res{j}")
-            _saturate(m, res, r, s4, mode4)
+            _saturate(m, res, r, s4, mode4, by_bits=True)
             with m.If(v4):
                 m.d.sync += [out[k].eq(out[k + G]) for k in range(j, self.lanes - G, G)]
                 m.d.sync += out[self.lanes - G + j].eq(res)

@@ -7,6 +7,7 @@ from amaranth.lib.wiring import In, Out
 
 from .engine import mode_words
 from .isa import ARG_WORDS, ISA_VERSION, PARAM_WORDS_PER_LANE_GROUP, STATUS_MAGIC, Error, Mode, Opcode
+from .mac import registered_product
 
 __all__ = ["Sequencer"]
 
@@ -157,11 +158,11 @@ class Sequencer(wiring.Component):
         measure_step = Signal(3)
         product = Signal(32 if c.serial_mul_bits is None else E + 2)
         if c.serial_mul_bits is None:
+            # operands registered, then the product, before it is stored: on a full ECP5 its DSP block is
+            # whichever one the array left, far from this logic (operands -> multiply -> extent in one
+            # cycle was the 12 x 12's critical path, then the routing into the block and out of it)
             mul_a, mul_b = Signal(16), Signal(16)
-            # the product registered before it is stored: on a full ECP5 its DSP block is whichever one
-            # the array left, far from these registers (operands -> multiply -> extent in one cycle was
-            # the 12 x 12's critical path)
-            m.d.sync += product.eq(mul_a * mul_b)
+            m.d.comb += product.eq(registered_product(m, platform, mul_a, mul_b, "extent_mul"))
 
         def store_extent(first, value):
             # the products, in order: ext_a = M x kt, ext_w = nt x kt, ext_o = nt x M (scaled in SCALE)
@@ -192,12 +193,23 @@ class Sequencer(wiring.Component):
         m.d.comb += x_banks.eq(range_banks(args[0], count))
         x_span = (args[0], args[0] + count)
         if c.overlap:
-            load_waits = ((mm_running & ((x_banks & mm_wbanks).any() | overlap(x_span, mm_spans[0])
-                                         | overlap(x_span, mm_spans[1]) | overlap(x_span, mm_spans[2])))
-                          | (st_busy & overlap(x_span, st_span)))
-            store_waits = st_busy | (mm_running & ((x_banks & mm_rbanks).any() | overlap(x_span, mm_spans[3])))
-            matmul_waits = mm_running | (st_busy & ((new_rbanks & st_banks).any()
-                                                    | overlap(new_spans[3], st_span)))
+            # the clashes of ranges and banks registered every cycle, so a cycle old in DISPATCH (the
+            # comparators chained on into the store unit's registers were the ECP5 12 x 12's critical
+            # path). The dispatching command's ranges were final the cycle before (CHECK); a unit running
+            # now was running then (only DISPATCH starts one, and then leaves), with the same ranges and
+            # banks, except the store unit's next read, which only moves up: a clash a cycle old is the
+            # clash now, or (the store's read just past the range) a cycle more of waiting.
+            load_mm, load_st, store_mm, matmul_st = (Signal(name=n) for n in
+                                                     ("load_mm_clash", "load_st_clash", "store_mm_clash",
+                                                      "matmul_st_clash"))
+            m.d.sync += [load_mm.eq((x_banks & mm_wbanks).any() | overlap(x_span, mm_spans[0])
+                                    | overlap(x_span, mm_spans[1]) | overlap(x_span, mm_spans[2])),
+                         load_st.eq(overlap(x_span, st_span)),
+                         store_mm.eq((x_banks & mm_rbanks).any() | overlap(x_span, mm_spans[3])),
+                         matmul_st.eq((new_rbanks & st_banks).any() | overlap(new_spans[3], st_span))]
+            load_waits = (mm_running & load_mm) | (st_busy & load_st)
+            store_waits = st_busy | (mm_running & store_mm)
+            matmul_waits = mm_running | (st_busy & matmul_st)
         else:
             # one command at a time: none of the bank and range bookkeeping above is used (and synthesis
             # removes it)
@@ -230,8 +242,6 @@ class Sequencer(wiring.Component):
 
         checks = [range_ok.eq(args_fit[0] & (args[0] + count <= c.pool_words)), shape_ok_r.eq(shape_ok),
                   addr_ok_r.eq(addr_ok), bank_ok_r.eq(bank_ok)]
-        if not narrow:
-            m.d.comb += checks
         with m.FSM():
             with m.State("HEADER"):
                 m.d.comb += self.i.ready.eq(1)
@@ -275,8 +285,8 @@ class Sequencer(wiring.Component):
                     # the three products of two arguments through one 16 x 16 multiplier with registered
                     # operands and product, one a cycle (a small FPGA has few multipliers; four cycles per
                     # MATMUL cost nothing); their scaling after
-                    m.d.sync += [mul_a.eq(Mux(measure_step == 0, kt, nt)),
-                                 mul_b.eq(Mux(measure_step == 1, kt, mm_m)), measure_step.eq(measure_step + 1)]
+                    m.d.comb += [mul_a.eq(Mux(measure_step == 0, kt, nt)), mul_b.eq(Mux(measure_step == 1, kt, mm_m))]
+                    m.d.sync += measure_step.eq(measure_step + 1)
                     store_extent(2, product)
                 else:
                     # digit-serial, most significant digit first: acc = (acc << d) + a * digit, 16 / d
@@ -314,13 +324,12 @@ class Sequencer(wiring.Component):
                 else:
                     m.d.sync += [ext_w.eq(times(ext_w, c.lanes)),
                                  ext_o.eq(Mux(mw == 1, ext_o, Mux(mw == 2, ext_o << 1, ext_o << 2)))]
-                m.next = "CHECK" if narrow else "DISPATCH"
-            if narrow:
-                with m.State("CHECK"):
-                    # the small FPGA's checks registered: from the arguments through them into the
-                    # engine's start in one cycle was the UP5K build's critical path
-                    m.d.sync += checks
-                    m.next = "DISPATCH"
+                m.next = "CHECK"
+            with m.State("CHECK"):
+                # the checks registered (from the arguments through them into the engine's start in one
+                # cycle was the UP5K build's critical path), and the clashes with the final extents
+                m.d.sync += checks
+                m.next = "DISPATCH"
             with m.State("DISPATCH"):
                 with m.Switch(opcode):
                     with m.Case(Opcode.LOAD):

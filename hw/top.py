@@ -1,6 +1,6 @@
 """The accelerator: sequencer, MATMUL engine (systolic array + requantizer), buffer pool, counters."""
 
-from amaranth import Module, Signal
+from amaranth import Cat, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -38,9 +38,10 @@ class Accelerator(wiring.Component):
         m.submodules.engine = eng = MatmulEngine(c.lanes, seq.addr_bits, c.acc_depth, c.requant_lanes,
                                                      c.serial_mul_bits, c.pool_subbanks, c.compact_array,
                                                      c.pool_read_latency, c.weight_write_latency,
-                                                     c.product_latency)
-        m.submodules.pool = pool = BufferPool(8 * c.lanes, c.banks, c.bank_words, c.pool_subbanks,
-                                              c.pool_read_latency)
+                                                     c.product_latency, c.hop_latency)
+        # (a pool read latency of 4 is the pool's 3 and a register after the bank multiplexer, below)
+        pool_latency = min(c.pool_read_latency, 3)
+        m.submodules.pool = pool = BufferPool(8 * c.lanes, c.banks, c.bank_words, c.pool_subbanks, pool_latency)
         m.submodules.counters = cnt = PerfCounters(c.lanes * c.lanes)
         bank_bits = (c.bank_words - 1).bit_length()
         S = c.pool_subbanks
@@ -64,14 +65,31 @@ class Accelerator(wiring.Component):
         def offset(addr):
             return addr[:bank_bits]
 
-        # who read which bank pool_read_latency cycles ago, to route the read data back
-        selects = [bank_of(eng.a_rd.addr), bank_of(eng.w_rd.addr), bank_of(seq.rd_addr)]
-        for k in range(c.pool_read_latency):
-            suffix = "" if k == c.pool_read_latency - 1 else f"_d{k}"
-            held = [Signal(range(c.banks), name=f"{n}_bank{suffix}") for n in "aws"]
+        # who read which bank pool_read_latency cycles ago, to route the read data back: a flag a bank
+        # (a bank number decoded after its register fanned out to every multiplexer of the read word,
+        # 12.5 ns of routing across the ECP5 12 x 12's die)
+        selects = [Cat(*(bank_of(addr) == b for b in range(c.banks)))
+                   for addr in (eng.a_rd.addr, eng.w_rd.addr, seq.rd_addr)]
+        for k in range(pool_latency):
+            suffix = "" if k == pool_latency - 1 else f"_d{k}"
+            held = [Signal(c.banks, name=f"{n}_bank{suffix}") for n in "aws"]
             m.d.sync += [h.eq(x) for h, x in zip(held, selects)]
             selects = held
         a_bank, w_bank, s_bank = selects
+        # a LOAD's words, and which bank each goes to
+        seq_wr_addr, seq_wr_data = seq.wr_addr, seq.wr_data
+        seq_w_sel = [seq.wr_en & (bank_of(seq.wr_addr) == b) for b in range(c.banks)]
+        if c.pool_read_latency >= 3:
+            # (a large FPGA's: written a cycle later, from flip-flops, with a flag a bank that picks them
+            # over the engine's words, so no decode fans out to a bank's write-data multiplexers: from the
+            # engine's write decode to the 4 x 96 of them across the die was the 12 x 12's critical path.
+            # Nothing reads a LOAD's words sooner than the next command's dispatch, cycles later.)
+            seq_wr_addr = Signal.like(seq.wr_addr, name="seq_wr_addr")
+            seq_wr_data = Signal.like(seq.wr_data, name="seq_wr_data", reset_less=True)
+            sel = [Signal(name=f"seq_w_sel{b}") for b in range(c.banks)]
+            m.d.sync += [seq_wr_addr.eq(seq.wr_addr), seq_wr_data.eq(seq.wr_data)]
+            m.d.sync += [x.eq(y) for x, y in zip(sel, seq_w_sel)]
+            seq_w_sel = sel
         for b in range(c.banks):
             port = pool.bank[b]
             # the checked MATMUL keeps its three streams in different banks, and the sequencer holds back
@@ -83,20 +101,24 @@ class Accelerator(wiring.Component):
                 m.d.comb += [port.r_addr.eq(offset(eng.w_rd.addr)), port.r_en.eq(1)]
             with m.Elif(seq.rd_en & (bank_of(seq.rd_addr) == b)):
                 m.d.comb += [port.r_addr.eq(offset(seq.rd_addr)), port.r_en.eq(1)]
-            with m.If(eng.o_wr.en.any() & (bank_of(eng.o_wr.addr) == b)):
+            with m.If(seq_w_sel[b]):
+                m.d.comb += [port.w_row.eq(offset(seq_wr_addr) >> sub_bits),
+                             port.w_en.eq(1 << seq_wr_addr[:sub_bits] if S > 1 else 1)]
+            with m.Elif(eng.o_wr.en.any() & (bank_of(eng.o_wr.addr) == b)):
                 m.d.comb += [port.w_row.eq(offset(eng.o_wr.addr) >> sub_bits), port.w_en.eq(eng.o_wr.en)]
-                for s in range(S):
-                    m.d.comb += port.w_data[s].eq(eng.o_wr.data[s])
-            with m.Elif(seq.wr_en & (bank_of(seq.wr_addr) == b)):
-                m.d.comb += [port.w_row.eq(offset(seq.wr_addr) >> sub_bits),
-                             port.w_en.eq(1 << seq.wr_addr[:sub_bits] if S > 1 else 1)]
-                for s in range(S):
-                    m.d.comb += port.w_data[s].eq(seq.wr_data)
+            for s in range(S):
+                m.d.comb += port.w_data[s].eq(Mux(seq_w_sel[b], seq_wr_data, eng.o_wr.data[s]))
+        words = [eng.a_rd.data, eng.w_rd.data, seq.rd_data]
+        if c.pool_read_latency == 4:
+            # each reader's word registered after the bank multiplexer: from the banks' output registers,
+            # spread across the chip, to the multiplexer, then on to the reader, a cycle each (a select
+            # fanning out to the multiplexers of a word on its way to the array's columns across the ECP5
+            # 12 x 12's die took 12.5 ns of routing)
+            muxed = [Signal.like(w, name=f"{n}_word", reset_less=True) for w, n in zip(words, "aws")]
+            m.d.sync += [w.eq(x) for w, x in zip(words, muxed)]
+            words = muxed
         for b in range(c.banks):
-            with m.If(a_bank == b):
-                m.d.comb += eng.a_rd.data.eq(pool.bank[b].r_data)
-            with m.If(w_bank == b):
-                m.d.comb += eng.w_rd.data.eq(pool.bank[b].r_data)
-            with m.If(s_bank == b):
-                m.d.comb += seq.rd_data.eq(pool.bank[b].r_data)
+            for word, sel in zip(words, (a_bank, w_bank, s_bank)):
+                with m.If(sel[b]):
+                    m.d.comb += word.eq(pool.bank[b].r_data)
         return m

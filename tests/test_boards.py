@@ -227,11 +227,11 @@ def test_the_ulx3s_netlist_computes_what_the_design_does(tmp_path, minilm):
     _check_minilm(sim, minilm)
     netlist = (tmp_path / "ulx3s-small" / "netlist.v").read_text()
     assert "DP16KD" in netlist                                    # the model was exercised
-    # the PEs' 16 multiplies in DSP blocks with their registers (hw.pe, product_latency 2), the
-    # requantizer's in DSP blocks without
+    # every multiply in a DSP block with its registers (hw.mac.registered_product, product_latency 2):
+    # the PEs' 16, the requantizer's 4 lanes x 4 partial products, the sequencer's one
     cells = re.findall(r"^\s*MULT18X18D (#\(.*?\)\s*)?\S+\s+\(", netlist, flags=re.S | re.M)
     registered = [p for p in cells if all(f'.REG_{r}_CLK("CLK0")' in p for r in ("INPUTA", "INPUTB", "OUTPUT"))]
-    assert len(registered) == 16 and len(cells) > 16
+    assert len(registered) == len(cells) == 16 + 4 * 4 + 1
 
 
 def test_postsynthesis_simulation_names_the_sizes_a_board_has(capsys):

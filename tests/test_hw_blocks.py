@@ -53,12 +53,15 @@ def test_pe_macs_the_selected_weight():
     simulate(dut, bench)
 
 
-@pytest.mark.parametrize("rows, cols, paired, write_latency, product_latency", [
-    (2, 2, False, 0, 1), (3, 5, False, 0, 1), (4, 4, False, 0, 1), (4, 4, True, 0, 1), (8, 4, True, 0, 1),
-    (3, 5, False, 1, 1), (4, 4, False, 1, 1), (3, 5, False, 0, 2), (4, 4, False, 1, 2)])
-def test_array_rows_come_out_after_exactly_latency_cycles(rows, cols, paired, write_latency, product_latency):
-    dut = SystolicArray(rows, cols, paired=paired, write_latency=write_latency, product_latency=product_latency)
-    assert dut.latency == (rows + 2 if paired else rows + cols + product_latency)
+@pytest.mark.parametrize("rows, cols, paired, write_latency, product_latency, hop_latency", [
+    (2, 2, False, 0, 1, 1), (3, 5, False, 0, 1, 1), (4, 4, False, 0, 1, 1), (4, 4, True, 0, 1, 1),
+    (8, 4, True, 0, 1, 1), (3, 5, False, 1, 1, 1), (4, 4, False, 1, 1, 1), (3, 5, False, 0, 2, 1),
+    (4, 4, False, 1, 2, 1), (3, 5, False, 0, 1, 2), (4, 4, False, 1, 2, 2)])
+def test_array_rows_come_out_after_exactly_latency_cycles(rows, cols, paired, write_latency, product_latency,
+                                                          hop_latency):
+    dut = SystolicArray(rows, cols, paired=paired, write_latency=write_latency, product_latency=product_latency,
+                        hop_latency=hop_latency)
+    assert dut.latency == (rows + 2 if paired else rows + hop_latency * (cols - 1) + 1 + product_latency)
     rng = np.random.default_rng(rows * 10 + cols)
     weights = rng.integers(-128, 128, (2, rows, cols), dtype=np.int8)
     # the extremes of every column sum among the rows
@@ -110,6 +113,10 @@ def test_array_refuses_bad_shapes():
         SystolicArray(4, 4, paired=True, product_latency=2)
     with pytest.raises(ValueError, match="paired products keep their weights in a block RAM a row"):
         SystolicArray(4, 4, paired=True, write_latency=1)
+    with pytest.raises(ValueError, match="hop_latency must be 1 or 2, not 0"):
+        SystolicArray(4, 4, hop_latency=0)
+    with pytest.raises(ValueError, match="paired products broadcast each row's activation"):
+        SystolicArray(4, 4, paired=True, hop_latency=2)
 
 
 def _requant_rows(rng, lanes, n):
@@ -134,13 +141,16 @@ def _want_requant(rows):
     return want
 
 
-@pytest.mark.parametrize("group, digit_bits", [(4, None), (2, None), (1, None), (4, 8), (1, 8), (2, 4), (1, 16)])
-def test_requantizer_matches_ref_requant(group, digit_bits):
+@pytest.mark.parametrize("group, digit_bits, product_latency", [
+    (4, None, 1), (2, None, 1), (1, None, 1), (4, 8, 1), (1, 8, 1), (2, 4, 1), (1, 16, 1),
+    (4, None, 2), (2, None, 2), (1, 8, 2)])
+def test_requantizer_matches_ref_requant(group, digit_bits, product_latency):
     lanes = 4
-    dut = Requantizer(lanes, group, digit_bits)
+    dut = Requantizer(lanes, group, digit_bits, product_latency)
     assert dut.steps == lanes // group * (1 if digit_bits is None else -(-31 // digit_bits))
-    # (a row taking several steps is copied first; a full-width product takes two cycles)
-    assert dut.latency == 4 + dut.steps + (dut.steps > 1) + (digit_bits is None)
+    # (a row taking several steps is copied first; a full-width product takes two cycles, three with its
+    # operands registered; a digit-serial one has none)
+    assert dut.latency == 4 + dut.steps + (dut.steps > 1) + (digit_bits is None) * product_latency
     rng = random.Random(3)
     rows = _requant_rows(rng, lanes, 300)
     rows[0] = ([1, 3, -1, -3], [0] * 4, [1 << 30] * 4, [31] * 4, int(Mode.INT8))      # ties
@@ -239,6 +249,8 @@ def test_requantizer_refuses_a_group_that_does_not_divide_the_lanes():
         Requantizer(4, 3)
     with pytest.raises(ValueError, match="digit_bits"):
         Requantizer(4, 1, 5)
+    with pytest.raises(ValueError, match="product_latency must be 1 or 2, not 3"):
+        Requantizer(4, product_latency=3)
     with pytest.raises(ValueError, match="lanes must be a positive multiple of 4, not 6"):
         BitSerialRequantizer(6)
 
@@ -337,7 +349,7 @@ def test_config_validation():
         AcceleratorConfig(overlap=0)
     with pytest.raises(ValueError, match="compact_array must be True or False, not 'yes'"):
         AcceleratorConfig(compact_array="yes")
-    with pytest.raises(ValueError, match="pool_read_latency must be 1, 2 or 3, not 0"):
+    with pytest.raises(ValueError, match="pool_read_latency must be 1 to 4, not 0"):
         AcceleratorConfig(pool_read_latency=0)
     with pytest.raises(ValueError, match="weight_write_latency must be 0 or 1, not 2"):
         AcceleratorConfig(weight_write_latency=2)
@@ -347,6 +359,10 @@ def test_config_validation():
         AcceleratorConfig(product_latency=0)
     with pytest.raises(ValueError, match="compact_array=True needs product_latency=1"):
         AcceleratorConfig(compact_array=True, product_latency=2)
+    with pytest.raises(ValueError, match="hop_latency must be 1 or 2, not 3"):
+        AcceleratorConfig(hop_latency=3)
+    with pytest.raises(ValueError, match="compact_array=True needs hop_latency=1"):
+        AcceleratorConfig(compact_array=True, hop_latency=2)
     with pytest.raises(ValueError, match="subbanks must be 1 or 4, not 2"):
         BufferPool(32, 3, 64, subbanks=2)
     # one memory a bank writes a row's up to 4 words one a cycle: a requantizer taking a row a cycle cannot
