@@ -1,7 +1,7 @@
 // Behavioural models of the two ECP5 primitives Yosys ships only as black boxes (MULT18X18D, DP16KD),
 // for what its ECP5 flow makes of ambert: an 18 x 18 multiply (mul2dsp -> MULT18X18D, no register; or
-// instantiated by hw.pe with its input and output registers), and block RAMs of 18-bit true dual ports
-// or a 36-bit write / 36-bit read pseudo dual port, unregistered outputs. Anything else stops the
+// instantiated by hw.mac.registered_product with its input and output registers), and block RAMs of
+// 18-bit true dual ports or a 36-bit write / 36-bit read pseudo dual port, unregistered outputs. Anything else stops the
 // simulation with a message instead of running wrongly.
 // Port names and parameters as in Yosys' share/lattice/cells_bb_ecp5.v; used by boards/postsynth.py.
 // Written from the ECP5 memory and DSP usage guides as Yosys maps to them (share/lattice/
@@ -72,8 +72,9 @@ module MULT18X18D(
   parameter MULT_BYPASS = "DISABLED";
   parameter RESETMODE = "SYNC";
 
-  // the multiply, its A and B inputs and its P output each registered on CLK0 or not (ambert's PEs
-  // register all three: hw.pe); the registers' enable CE0 and synchronous reset RST0
+  // the multiply, its A and B inputs and its P output each registered on CLK0 or not (ambert's
+  // registered multiplies, hw.mac.registered_product, all three); the registers' enable CE0 and
+  // synchronous reset RST0
   initial begin
     if (REG_INPUTA_CLK != "NONE" && REG_INPUTA_CLK != "CLK0" || REG_INPUTB_CLK != "NONE" && REG_INPUTB_CLK != "CLK0"
         || REG_OUTPUT_CLK != "NONE" && REG_OUTPUT_CLK != "CLK0" || REG_INPUTC_CLK != "NONE"

@@ -111,7 +111,9 @@ def test_the_arrays_registered_weight_writes_stay_one_copy_a_column_through_yosy
     copies have the same inputs, so Yosys' opt_merge makes them one register again unless the build's
     script marks them keep. 3 x 3: 9 enables and 3 banks kept; without the script, 3 and 1 (counted as the
     cells that drive the wires marked as copies), besides the 3 columns' weight bytes (marked so that
-    another copy of the word, the engine's for its parameters, is not merged into them)."""
+    another copy of the word, the engine's for its parameters, is not merged into them) and the PEs' 9
+    bank-select registers (the same bit wherever it is as many cycles from the input: without the script
+    Yosys leaves 6 of them, one PE then taking another's)."""
     from amaranth.back import rtlil
     from boards.build import KEEP_REPLICAS, _tool
     from hw.array import SystolicArray
@@ -123,7 +125,7 @@ def test_the_arrays_registered_weight_writes_stay_one_copy_a_column_through_yosy
         run = subprocess.run([_tool("YOSYS"), "-q", "-p", cmd], cwd=tmp_path, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
         counts.append(int(re.search(r"(\d+) objects", (tmp_path / "count.txt").read_text()).group(1)))
-    assert counts == [12 + 3, 4 + 3]
+    assert counts == [12 + 3 + 9, 4 + 3 + 6]
 
 
 @pytest.mark.parametrize("size", ["small", "medium"])
