@@ -153,10 +153,12 @@ class SystolicArray(wiring.Component):
                 continue
             m.d.comb += [pes[i][0].a_in.eq(a_i), pes[i][0].sel_in.eq(sel_i)]
             for j in range(1, C):
-                # (a hop of two cycles: one register more between the columns, the two as one)
-                hop = delay(Cat(pes[i][j - 1].a_out, pes[i][j - 1].sel_out), self.hop_latency - 1, unsigned(9),
-                            f"a_hop{i}_{j}")
-                m.d.comb += [pes[i][j].a_in.eq(hop[:8].as_signed()), pes[i][j].sel_in.eq(hop[8])]
+                a_prev, sel_prev = pes[i][j - 1].a_out, pes[i][j - 1].sel_out
+                if self.hop_latency == 2:
+                    # (one register more between the columns, activation and select as one)
+                    hop = delay(Cat(a_prev, sel_prev), 1, unsigned(9), f"a_hop{i}_{j}")
+                    a_prev, sel_prev = hop[:8].as_signed(), hop[8]
+                m.d.comb += [pes[i][j].a_in.eq(a_prev), pes[i][j].sel_in.eq(sel_prev)]
         for j in range(C):
             m.d.comb += pes[0][j].psum_in.eq(0)
             for i in range(1, R):

@@ -1,6 +1,6 @@
 """The accelerator: sequencer, MATMUL engine (systolic array + requantizer), buffer pool, counters."""
 
-from amaranth import Cat, Module, Mux, Signal
+from amaranth import Cat, Module, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -101,13 +101,16 @@ class Accelerator(wiring.Component):
                 m.d.comb += [port.r_addr.eq(offset(eng.w_rd.addr)), port.r_en.eq(1)]
             with m.Elif(seq.rd_en & (bank_of(seq.rd_addr) == b)):
                 m.d.comb += [port.r_addr.eq(offset(seq.rd_addr)), port.r_en.eq(1)]
+            # (the engine's words unless a LOAD writes the bank: the write data's select is the LOAD's
+            # flag, not the engine's decode; as branches, not a multiplexer a sub-bank, for the simulator)
             with m.If(seq_w_sel[b]):
                 m.d.comb += [port.w_row.eq(offset(seq_wr_addr) >> sub_bits),
                              port.w_en.eq(1 << seq_wr_addr[:sub_bits] if S > 1 else 1)]
-            with m.Elif(eng.o_wr.en.any() & (bank_of(eng.o_wr.addr) == b)):
-                m.d.comb += [port.w_row.eq(offset(eng.o_wr.addr) >> sub_bits), port.w_en.eq(eng.o_wr.en)]
-            for s in range(S):
-                m.d.comb += port.w_data[s].eq(Mux(seq_w_sel[b], seq_wr_data, eng.o_wr.data[s]))
+                m.d.comb += [port.w_data[s].eq(seq_wr_data) for s in range(S)]
+            with m.Else():
+                m.d.comb += [port.w_data[s].eq(eng.o_wr.data[s]) for s in range(S)]
+                with m.If(eng.o_wr.en.any() & (bank_of(eng.o_wr.addr) == b)):
+                    m.d.comb += [port.w_row.eq(offset(eng.o_wr.addr) >> sub_bits), port.w_en.eq(eng.o_wr.en)]
         words = [eng.a_rd.data, eng.w_rd.data, seq.rd_data]
         if c.pool_read_latency == 4:
             # each reader's word registered after the bank multiplexer: from the banks' output registers,
