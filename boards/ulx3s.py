@@ -16,7 +16,7 @@ BOARD = Board(
     family="ecp5",
     clock_hz=60e6,          # from the 25 MHz oscillator through the EHXPLLL (25 / 5 * 12)
     # the target's own: the fastest clock the PLL makes from 25 MHz, that 3 Mbaud divides and that the 12 x 12
-    # meets (81.9 and 77.9 MHz at seeds 1 and 2; the next such clock is 90 MHz)
+    # meets (78.1 and 77.4 MHz at seeds 1 and 2; the next such clock is 90 MHz)
     size_clock_hz={"target": 75e6},
     baud=3_000_000,         # the FT231X's fastest; 20 clock cycles a bit (25 at 75 MHz)
     sizes={
