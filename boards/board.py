@@ -20,9 +20,9 @@ class Board:
     ``platform``: the amaranth-boards class; ``family``: "ice40" or "ecp5" (which tools and which PLL);
     ``clock_hz``: the clock the design runs at, the one timing must pass (a PLL makes it from the board's
     oscillator when they differ); ``size_clock_hz``: the sizes that run at another clock than
-    ``clock_hz`` (a larger array that does not reach it); ``baud``: the UART's (an exact divisor of
-    every clock); ``uart``:
-    the resource number; ``leds``: how many LEDs show the status; ``sizes``: named accelerator
+    ``clock_hz`` (a larger array that does not reach it); ``size_seed``: nextpnr's placement seed for
+    the sizes whose board file names one (else 1; a build is deterministic for a seed); ``baud``: the
+    UART's (an exact divisor of every clock); ``uart``: the resource number; ``leds``: how many LEDs show the status; ``sizes``: named accelerator
     configurations, "small" (what CI builds) and "target" (what the board is for); ``synth_opts``,
     ``nextpnr_opts``, ``script_after_read``: passed to the platform build. ``dsp_layout``: the sizes
     whose array multipliers :mod:`boards.layout` places (an ECP5-85F's), built with nextpnr's static
@@ -42,15 +42,17 @@ class Board:
     script_after_read: str = ""
     dsp_layout: tuple = ()
     size_clock_hz: dict = field(default_factory=dict)
+    size_seed: dict = field(default_factory=dict)
     programmer: tuple = ()          # the command that programs the bitstream (file name appended)
     notes: str = ""
 
     def __post_init__(self):
         if self.family not in ("ice40", "ecp5"):
             raise ValueError(f"family must be 'ice40' or 'ecp5', not {self.family!r}")
-        for size in self.size_clock_hz:
-            if size not in self.sizes:
-                raise ValueError(f"{self.name}: size_clock_hz names {size!r}, not a size of this board")
+        for name in ("size_clock_hz", "size_seed"):
+            for size in getattr(self, name):
+                if size not in self.sizes:
+                    raise ValueError(f"{self.name}: {name} names {size!r}, not a size of this board")
         for clock_hz in (self.clock_hz, *self.size_clock_hz.values()):
             if round(clock_hz) % self.baud:
                 raise ValueError(f"{self.name}: {self.baud} baud does not divide the {clock_hz / 1e6} MHz clock")
@@ -70,6 +72,11 @@ class Board:
         """The clock ``size`` runs at (Hz): the one its build must meet."""
         self.config(size)
         return self.size_clock_hz.get(size, self.clock_hz)
+
+    def seed(self, size):
+        """nextpnr's placement seed for ``size``: the board file's, else 1."""
+        self.config(size)
+        return self.size_seed.get(size, 1)
 
     def divisor(self, size):
         """Clock cycles per UART bit at ``size``'s clock."""

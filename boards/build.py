@@ -151,8 +151,9 @@ NO_COLLISION_MEMORIES = ("setparam -set COLLISION_X_MASK 1'1 t:$memrd_v2 r:MEMID
 KEEP_REPLICAS = "proc; setattr -set keep 1 a:ambert_replica %ci1 c:* %i"
 
 
-def build(board_name, size="small", out=None, seed=1, synth_only=False, time_limit=None):
+def build(board_name, size="small", out=None, seed=None, synth_only=False, time_limit=None):
     """Build ``board_name`` at ``size``; return the report (a dict, also written as report.json).
+    ``seed``: nextpnr's placement seed (default: the one the board file names for the size, else 1).
     ``synth_only``: stop after synthesis and report the cells Yosys mapped to (a quick fit check).
     ``time_limit``: seconds any one tool may run before it is stopped and the build fails (nextpnr's
     router does not give up by itself on a design it cannot route)."""
@@ -160,6 +161,7 @@ def build(board_name, size="small", out=None, seed=1, synth_only=False, time_lim
         raise ValueError(f"the time limit must be a positive number of seconds, not {time_limit!r}")
     board = get_board(board_name)
     config = board.config(size)
+    seed = board.seed(size) if seed is None else seed
     folder = Path(out or ROOT / "build" / "boards") / f"{board.name}-{size}"
     folder.mkdir(parents=True, exist_ok=True)
     for old in ("report.json", "nextpnr.json", board.bitstream_name):
@@ -177,7 +179,7 @@ def build(board_name, size="small", out=None, seed=1, synth_only=False, time_lim
     if synth_only:
         steps = steps[:1]
     report = {"board": board.name, "size": size, "config": dataclasses.asdict(config),
-              "family": board.family, "clock_mhz": board.clock(size) / 1e6, "baud": board.baud,
+              "family": board.family, "clock_mhz": board.clock(size) / 1e6, "baud": board.baud, "seed": seed,
               "steps": {}, "built": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"building {board.name} ({size}: {config.lanes}x{config.lanes} array, {config.banks} x "
           f"{config.bank_words} pool words) at {board.clock(size) / 1e6:g} MHz in {folder}", file=sys.stderr)
@@ -248,7 +250,8 @@ def main(argv=None):
     p.add_argument("board", choices=BOARD_NAMES)
     p.add_argument("--size", default="small", help="a size the board file names (small, target)")
     p.add_argument("--out", help="build folder (default build/boards)")
-    p.add_argument("--seed", type=int, default=1, help="nextpnr's placement seed")
+    p.add_argument("--seed", type=int, help="nextpnr's placement seed (default: the board file's for the size, "
+                                            "else 1)")
     p.add_argument("--synth-only", action="store_true", help="stop after synthesis (a quick fit check)")
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
                    help="stop a tool that runs longer (nextpnr's router never gives up by itself)")

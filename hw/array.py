@@ -30,9 +30,10 @@ class SystolicArray(wiring.Component):
     16 + ceil(log2(rows)) bits wide. Same results.
 
     Weights: ``w_we`` writes ``w_data`` (``cols`` x int8) into row ``w_row`` of bank ``w_bank``,
-    ``write_latency`` (0 or 1) cycles later: 1 registers the write once a column (its weight byte, its
+    ``write_latency`` (0, 1 or 2) cycles later: 1 registers the write once a column (its weight byte, its
     bank and a decoded enable for each row), so that on an FPGA each column's PEs take it from
-    flip-flops placed beside them rather than from one enable routed to every PE. (Those registers
+    flip-flops placed beside them rather than from one enable routed to every PE; 2 registers it once
+    more before that, decoded (the decode's way to the far columns in a cycle of its own). (Those registers
     carry the ``ambert_replica`` attribute: a synthesis script marks them ``keep``, else Yosys merges
     the columns' identical enables back into one.) Writing bank b is safe once every row issued with
     ``sel == b`` has been out for ``latency`` cycles; a row issued with ``sel == b`` sees a write to bank
@@ -42,8 +43,9 @@ class SystolicArray(wiring.Component):
     before its multiply too (on an ECP5, the DSP block's own registers): the latency is a cycle longer,
     ``rows + cols + 2``, nothing else. ``hop_latency`` (1 or 2) is how many cycles an activation takes
     from a column's PE to the next column's: 2 puts a register between them (on a large FPGA, whose DSP
-    blocks for neighbouring columns may lie far apart), so ``latency = rows + 2 * (cols - 1) + 1 +
-    product_latency`` (the output deskew is longer to match), nothing else.
+    blocks for neighbouring columns may lie far apart), so ``latency = rows + 2 * cols +
+    product_latency`` (the output deskew is longer to match, a register more for the last column's
+    sums too), nothing else.
     """
 
     def __init__(self, rows, cols, paired=False, write_latency=0, product_latency=1, hop_latency=1):
@@ -52,8 +54,8 @@ class SystolicArray(wiring.Component):
                 raise ValueError(f"{name} must be an int in [2, 32], not {v!r}")
         if paired and cols % 2:
             raise ValueError(f"paired products need an even number of columns, not {cols}")
-        if write_latency not in (0, 1):
-            raise ValueError(f"write_latency must be 0 or 1, not {write_latency!r}")
+        if write_latency not in (0, 1, 2):
+            raise ValueError(f"write_latency must be 0, 1 or 2, not {write_latency!r}")
         if paired and write_latency:
             raise ValueError("paired products keep their weights in a block RAM a row: write_latency must be 0")
         if product_latency not in (1, 2):
@@ -67,7 +69,8 @@ class SystolicArray(wiring.Component):
         self.rows, self.cols, self.paired = rows, cols, paired
         self.write_latency, self.product_latency, self.hop_latency = write_latency, product_latency, hop_latency
         # (with paired products, activations are broadcast along each row: no column skew to undo)
-        self.latency = rows + 2 if paired else rows + hop_latency * (cols - 1) + 1 + product_latency
+        # (two hops: the sums leave through a register more, as the activations come)
+        self.latency = rows + 2 if paired else rows + hop_latency * cols + product_latency
         super().__init__({
             "a": In(data.ArrayLayout(signed(8), rows)),
             "sel": In(1),
@@ -100,6 +103,17 @@ class SystolicArray(wiring.Component):
             row_we = Signal(name=f"w_we_row{i}")      # decoded once a row, not once a PE
             m.d.comb += row_we.eq(self.w_we & (self.w_row == i))
             row_we_of.append(row_we)
+        w_data, w_bank = self.w_data, self.w_bank
+        if self.write_latency == 2:
+            # the write registered once before the columns' copies, each row's enable decoded: the decode
+            # on its way across the die to the far columns' enables was the 12 x 12's critical path at
+            # 100 MHz
+            w_data = Signal.like(self.w_data, name="w_data_q", reset_less=True)
+            w_bank = Signal(name="w_bank_q", reset_less=True)
+            row_we_q = [Signal(name=f"w_we_row{i}_q", reset_less=True) for i in range(R)]
+            m.d.sync += [w_data.eq(self.w_data), w_bank.eq(self.w_bank)]
+            m.d.sync += [q.eq(we) for q, we in zip(row_we_q, row_we_of)]
+            row_we_of = row_we_q
         if self.write_latency:
             # column j's copy of the write: its byte, the bank and every row's enable
             replica = {"ambert_replica": 1}
@@ -112,8 +126,8 @@ class SystolicArray(wiring.Component):
             # way across the die, the ECP5 12 x 12's critical path)
             col_we = [[Signal(name=f"w_we_row{i}_col{j}", reset_less=True, attrs=replica) for j in range(C)]
                       for i in range(R)]
-            m.d.sync += [col_data[j].eq(self.w_data[j]) for j in range(C)]
-            m.d.sync += [col_bank[j].eq(self.w_bank) for j in range(C)]
+            m.d.sync += [col_data[j].eq(w_data[j]) for j in range(C)]
+            m.d.sync += [col_bank[j].eq(w_bank) for j in range(C)]
             m.d.sync += [col_we[i][j].eq(row_we_of[i]) for i in range(R) for j in range(C)]
         for i in range(R):
             for j in range(C):
@@ -167,8 +181,9 @@ class SystolicArray(wiring.Component):
                 m.d.comb += self.out[j].eq(pes[R - 1][j].psum_out)
             else:
                 # column j leaves row R-1 at R + hop_latency * j + product_latency; hold it
-                # hop_latency * (C - 1 - j) + 1 more cycles so all leave together
-                hold = self.hop_latency * (C - 1 - j) + 1
+                # hop_latency * (C - j) more cycles so all leave together (the last column's sums too then
+                # cross to the array's edge in two hops)
+                hold = self.hop_latency * (C - j)
                 m.d.comb += self.out[j].eq(delay(pes[R - 1][j].psum_out, hold, signed(P), f"out{j}"))
         m.d.comb += self.out_valid.eq(delay(self.valid, self.latency, unsigned(1), "valid", reset_less=False))
         return m

@@ -1,6 +1,6 @@
 """The MATMUL engine: walks the tiles of one GEMM through the array, the accumulators and the epilogue."""
 
-from amaranth import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth import Cat, Const, Module, Mux, Signal, Value, unsigned
 from amaranth.lib import data, memory, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -52,12 +52,15 @@ class MatmulEngine(wiring.Component):
 
     Pool access: ``a_rd`` (activations), ``w_rd`` (weights and parameters), ``o_wr`` (output rows); each
     read returns its word ``read_latency`` (1 to 4) cycles after ``en``: each cycle beyond one delays the
-    rows, the loads and the end of a MATMUL by a cycle, nothing else; so does ``weight_write_latency``
-    (0 or 1, the array's ``write_latency``; 1 registers the parameter words' writes too) the end of each
-    load, and ``product_latency`` (1 or 2, the array's and the requantizer's) and ``hop_latency`` (1 or
-    2, the array's; 2: ``lanes - 1`` cycles) the rows. (With 3 or 4, the pool of a large FPGA, the
-    accumulator memories' row address comes from flip-flops too.) With ``subbanks`` 1 an output row is
-    written a word a cycle (up to 4 cycles, which a requantizer taking >= 4 cycles a row leaves).
+    rows, the loads and the end of a MATMUL by a cycle, nothing else; so does each cycle of
+    ``weight_write_latency`` (0 to 2, the array's ``write_latency``; >= 1 registers the parameter words'
+    writes too, once) the end of each load, and ``product_latency`` (1 or 2, the array's and the
+    requantizer's) and ``hop_latency`` (1 or 2, the array's; 2: ``lanes`` cycles) the rows. (With 3 or 4,
+    the pool of a large FPGA, the accumulator memories' row address comes from flip-flops too; with 4
+    their output is registered as well, so tiles start at least a cycle further apart, the output writes
+    are registered, so a MATMUL ends a cycle later, and a narrow requantizer's row copy loads by an enable
+    a group of its lanes.) With ``subbanks`` 1 an output row is written a word a cycle (up to 4 cycles,
+    which a requantizer taking >= 4 cycles a row leaves).
     ``issuing`` is high in cycles that feed a row to the array (for the performance counters).
     """
 
@@ -81,7 +84,10 @@ class MatmulEngine(wiring.Component):
                                  f"not {requant_lanes!r}")
             self.requant = BitSerialRequantizer(lanes, tag_bits=addr_bits + 1)
         else:
-            self.requant = Requantizer(lanes, requant_lanes, serial_mul_bits, product_latency)
+            # (read latency 4, a large FPGA's: the row's copy loaded by enables a group of lanes each)
+            copied = requant_lanes not in (None, lanes) or serial_mul_bits is not None
+            self.requant = Requantizer(lanes, requant_lanes, serial_mul_bits, product_latency,
+                                       load_copies=read_latency == 4 and copied)
         if subbanks == 1 and self.requant.steps < 4:
             raise ValueError(f"a pool of one memory a bank takes an output row in up to 4 cycles: the "
                              f"requantizer must take >= 4 cycles a row, not {self.requant.steps} (requant_lanes)")
@@ -103,7 +109,10 @@ class MatmulEngine(wiring.Component):
         m.submodules.requant = rq = self.requant
         lat = array.latency
         extra = self.read_latency - 1   # cycles the pool's reads take beyond one
-        gap = lat + 6                   # a tile starts >= this long after the previous one (accumulator RAW)
+        # (read latency 4, a large FPGA's: the accumulator memories' output registered too, a row's sums
+        # read a cycle earlier)
+        acc_q = write_q = self.read_latency == 4
+        gap = lat + 6 + acc_q           # a tile starts >= this long after the previous one (accumulator RAW)
         load_margin = lat + 8           # the idle weight bank and param buffer are free this long after a start
 
         def delay(sig, n, name):
@@ -179,11 +188,16 @@ class MatmulEngine(wiring.Component):
         # a weight word is in the array a cycle after it arrives when the array registers its writes (and
         # a parameter word in its buffer: see below)
         if weight_write_latency := self.array.write_latency:
-            ld_wr_valid = Signal()
-            m.d.sync += ld_wr_valid.eq(ld_rd_valid)
-            ld_in_flight.append(ld_wr_valid)
+            ld_wr_valid = ld_rd_valid
+            for k in range(weight_write_latency):
+                landing = Signal(name=f"ld_wr{k}_valid")
+                m.d.sync += landing.eq(ld_wr_valid)
+                ld_in_flight.append(landing)
+                ld_wr_valid = landing
         if not self.bit_serial:
-            params = [[Signal(WB, name=f"param{b}_{w}") for w in range(P)] for b in range(2)]
+            # (no reset: written before a row reads them; the accelerator's reset fanned out to their
+            # 2 x 9 x 96 flip-flops was the 12 x 12's critical path at 75 MHz)
+            params = [[Signal(WB, name=f"param{b}_{w}", reset_less=True) for w in range(P)] for b in range(2)]
 
         # the loader's tile is a last k-tile; n-tiles follow it. Registered a cycle late: they are read
         # when a load ends, at least L + 2 cycles after the counters last moved (an increment and compare
@@ -196,11 +210,14 @@ class MatmulEngine(wiring.Component):
         # of ld_idx against the load's length, on into the bank multiplexers and the block RAMs' address
         # inputs, was the ECP5 8 x 8 build's critical path)
         ld_reading, ld_on_w = Signal(), Signal()
+        # (the read addresses whatever the state: only the enables decide, so the pool's address
+        # multiplexers see no more logic in front of them than the enables')
+        m.d.comb += self.w_rd.addr.eq(Mux(ld_on_w, w_ptr, p_ptr))
         with m.If(ld_go):
             m.d.sync += [ld_busy.eq(1), ld_idx.eq(0), ld_params.eq(ld_kt == 0), ld_reading.eq(1), ld_on_w.eq(1)]
         with m.If(ld_busy):
             with m.If(ld_reading):
-                m.d.comb += [self.w_rd.en.eq(1), self.w_rd.addr.eq(Mux(ld_on_w, w_ptr, p_ptr))]
+                m.d.comb += self.w_rd.en.eq(1)
                 m.d.sync += [ld_iss_valid.eq(1), ld_iss_idx.eq(ld_idx), ld_iss_pbuf.eq(ld_nt[0]),
                              ld_idx.eq(ld_idx + 1),
                              ld_on_w.eq(ld_on_w & (ld_idx != L - 1)),
@@ -263,8 +280,11 @@ class MatmulEngine(wiring.Component):
         fd_row, fd_kt, fd_nt = Signal(row_bits), Signal(tile_bits), Signal(tile_bits)
         fd_sel, fd_started, fd_last_tile = Signal(), Signal(), Signal()
         a_tile, a_ptr = Signal.like(a_base), Signal.like(a_base)
+        m.d.comb += self.a_rd.addr.eq(a_ptr)        # (as the loader's: only the enable decides)
         o_tile, o_ptr = Signal.like(self.o_addr), Signal.like(self.o_addr)
-        drain = Signal(range(lat + rq.latency + 11))
+        # (+3: the last words of a row written one a cycle; +1: the writes registered)
+        drain_end = lat + rq.latency + 6 + extra + (3 if self.subbanks == 1 else 0) + write_q
+        drain = Signal(range(max(lat + rq.latency + 11, drain_end + 1)))
         # the feeder's decisions come from registers, each set a cycle ahead (computed from the counters,
         # they made the UP5K build's critical path after the sequencer's, and the ECP5 12 x 12's): compared
         # with the counts less two, registered at the start (a count of one never matches, as a counter
@@ -322,7 +342,7 @@ class MatmulEngine(wiring.Component):
                     if self.bit_serial:
                         m.d.sync += pace_zero.eq(0)
                 with m.If(issue):
-                    m.d.comb += [self.issuing.eq(1), self.a_rd.en.eq(1), self.a_rd.addr.eq(a_ptr)]
+                    m.d.comb += [self.issuing.eq(1), self.a_rd.en.eq(1)]
                     m.d.sync += [s1_valid.eq(1), s1_zero.eq(fd_kt == 0), s1_last.eq(last_k),
                                  s1_sel.eq(fd_sel), s1_pbuf.eq(fd_nt[0]), s1_row.eq(fd_row), s1_optr.eq(o_ptr)]
                     m.d.sync += [fd_row.eq(fd_row + 1), a_ptr.eq(a_ptr + 1), o_ptr.eq(o_ptr + row_words),
@@ -342,8 +362,7 @@ class MatmulEngine(wiring.Component):
                             m.next = "WAIT_TILE"
             with m.State("DRAIN"):
                 m.d.sync += drain.eq(drain + 1)
-                # (+3: the last words of a row written one a cycle)
-                with m.If(drain == lat + rq.latency + 6 + extra + (3 if self.subbanks == 1 else 0)):
+                with m.If(drain == drain_end):
                     m.d.comb += self.done.eq(1)
                     m.next = "IDLE"
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
@@ -367,17 +386,24 @@ class MatmulEngine(wiring.Component):
             # (a large FPGA's: the ring's block RAM output registered, so that the accumulator memories'
             # address comes from flip-flops placed near them)
             p_last, p_row, p_optr, p_pbuf, p_zero = (delay(p, 1, f"p_{n}") for p, n in zip(
-                ring_delay(p_info, lat + extra - 1, "p_info"), ("last", "row", "optr", "pbuf", "zero")))
+                ring_delay(p_info, lat + extra - 1 - acc_q, "p_info"), ("last", "row", "optr", "pbuf", "zero")))
         else:
             p_last, p_row, p_optr, p_pbuf, p_zero = ring_delay(p_info, lat + extra, "p_info")
         m.d.comb += acc_rd.addr.eq(p_row)
+        acc_in = acc_rd.data
+        if acc_q:
+            # the sums read a cycle ahead into flip-flops: the block RAMs' 4.5 ns clock-to-out, then a
+            # 32-bit add, was the 12 x 12's critical path at 100 MHz
+            acc_in = Signal.like(acc_rd.data, name="acc_q", reset_less=True)
+            m.d.sync += acc_in.eq(acc_rd.data)
+            p_last, p_row, p_optr, p_pbuf, p_zero = (delay(p, 1, f"p_{n}_q") for p, n in zip(
+                (p_last, p_row, p_optr, p_pbuf, p_zero), ("last", "row", "optr", "pbuf", "zero")))
         u_last, u_row, u_optr, u_pbuf, u_zero = (Signal.like(p, name=f"u_{n}") for p, n in zip(
             (p_last, p_row, p_optr, p_pbuf, p_zero), ("last", "row", "optr", "pbuf", "zero")))
         m.d.sync += [u.eq(p) for u, p in zip((u_last, u_row, u_optr, u_pbuf, u_zero),
                                              (p_last, p_row, p_optr, p_pbuf, p_zero))]
         t_valid, t_last, t_row, t_optr, t_pbuf = Signal(), Signal(), Signal.like(u_row), Signal.like(u_optr), Signal()
         t_sum = Signal(data.ArrayLayout(unsigned(32), L), name="t_sum", reset_less=True)
-        acc_in = acc_rd.data
         # (a row for the requantizer flagged from a flip-flop of its own: its valid loads the requantizer's
         # copy of the row, over a thousand flip-flops on the ECP5 12 x 12)
         t_requant = Signal()
@@ -396,10 +422,24 @@ class MatmulEngine(wiring.Component):
         def lanes_of(words, bits, j):
             return Cat(*words)[bits * j: bits * j + bits]
         m.d.comb += [rq.acc.eq(t_sum), rq.valid.eq(t_requant), rq.mode.eq(mode)]
+        if getattr(rq, "load_copies", False):
+            # (copies of the flag, kept apart, one a group of the requantizer's lanes)
+            loads = [Signal(name=f"t_requant{g}", attrs={"ambert_replica": 1}) for g in range(len(rq.load))]
+            m.d.sync += [x.eq(array.out_valid & u_last) for x in loads]
+            m.d.comb += [rq.load[g].eq(x) for g, x in enumerate(loads)]
+        o_wr = self.o_wr
+        if write_q:
+            # the output writes from flip-flops: the requantizer's output through the word multiplexers on
+            # into the pool's write registers across the die was the 12 x 12's critical path at 100 MHz
+            o_wr = PoolWrite(len(self.o_wr.addr), WB, self.subbanks).create(path=("o_wr_c",))
+            wr_q = [Signal(len(Value.cast(x)), name=f"o_wr_q_{n}", reset_less=n != "en")
+                    for x, n in ((o_wr.addr, "addr"), (o_wr.data, "data"), (o_wr.en, "en"))]
+            m.d.sync += [q.eq(x) for q, x in zip(wr_q, (o_wr.addr, o_wr.data, o_wr.en))]
+            m.d.comb += [x.eq(q) for q, x in zip(wr_q, (self.o_wr.addr, self.o_wr.data, self.o_wr.en))]
         if self.bit_serial:
             # the output address and the parameter buffer travel with the row
             m.d.comb += rq.tag.eq(Cat(t_optr, t_pbuf))
-            self._write_lanes(m, rq, mode)
+            self._write_lanes(m, rq, mode, o_wr)
         else:
             # the parameters of the row's n-tile: bias in words 0-3, m0 in 4-7, shifts in 8 (hw.isa)
             pw = [Mux(t_pbuf, params[1][w], params[0][w]) for w in range(P)]
@@ -407,10 +447,10 @@ class MatmulEngine(wiring.Component):
                 m.d.comb += [rq.bias[j].eq(lanes_of(pw[0:4], 32, j)), rq.m0[j].eq(lanes_of(pw[4:8], 32, j)),
                              rq.shift[j].eq(lanes_of(pw[8:9], 8, j))]
             o_addr = delay(t_optr, rq.latency, "o_addr")
-            self._write_rows(m, rq, mode, row_words, o_addr)
+            self._write_rows(m, rq, mode, row_words, o_addr, o_wr, mode_copies=write_q)
         return m
 
-    def _write_rows(self, m, rq, mode, row_words, o_addr):
+    def _write_rows(self, m, rq, mode, row_words, o_addr, o_wr, mode_copies=False):
         """Write the requantizer's rows to the output region: whole rows, or a word a cycle."""
         WB = self.word_bits
         L = self.lanes
@@ -424,31 +464,44 @@ class MatmulEngine(wiring.Component):
             o_rest = Signal(3 * WB, name="o_rest", reset_less=True)
             o_next, o_left = Signal.like(o_addr, name="o_next"), Signal(2, name="o_left")
             o_idx = Signal(2, name="o_idx")
+            first = Mux(mode == Mode.INT8, w8, Mux(mode == Mode.INT16, w16, w32))
+            rest = Mux(mode == Mode.INT16, w16[WB:], w32[WB:])
+            if mode_copies:
+                # (the mode a copy a byte of the word, kept apart, a cycle late (it holds through a
+                # MATMUL): the engine's one mode register fanned out to these multiplexers across the die
+                # was the 12 x 12's critical path at 90 MHz)
+                modes = [Signal(2, name=f"o_mode{k}", attrs={"ambert_replica": 1}) for k in range(L)]
+                m.d.sync += [x.eq(mode) for x in modes]
+                hi16, hi32 = w16[WB:], w32[WB:]
+
+                def byte(v, k):
+                    return v[8 * k: 8 * k + 8] if 8 * k < len(v) else Const(0, 8)
+                first = Cat(*(Mux(modes[k] == Mode.INT8, byte(w8, k),
+                                  Mux(modes[k] == Mode.INT16, byte(w16, k), byte(w32, k))) for k in range(L)))
+                rest = Cat(*(Mux(modes[k % L] == Mode.INT16, byte(hi16, k), byte(hi32, k)) for k in range(3 * L)))
             with m.If(rq.out_valid):
-                m.d.comb += [self.o_wr.addr.eq(o_addr), self.o_wr.en.eq(1),
-                             self.o_wr.data[0].eq(Mux(mode == Mode.INT8, w8, Mux(mode == Mode.INT16, w16, w32)))]
-                m.d.sync += [o_rest.eq(Mux(mode == Mode.INT16, w16[WB:], w32[WB:])), o_next.eq(o_addr + 1),
-                             o_left.eq(row_words - 1), o_idx.eq(0)]
+                m.d.comb += [o_wr.addr.eq(o_addr), o_wr.en.eq(1), o_wr.data[0].eq(first)]
+                m.d.sync += [o_rest.eq(rest), o_next.eq(o_addr + 1), o_left.eq(row_words - 1), o_idx.eq(0)]
             with m.Elif(o_left != 0):
-                m.d.comb += [self.o_wr.addr.eq(o_next), self.o_wr.en.eq(1),
-                             self.o_wr.data[0].eq(o_rest.word_select(o_idx, WB))]
+                m.d.comb += [o_wr.addr.eq(o_next), o_wr.en.eq(1),
+                             o_wr.data[0].eq(o_rest.word_select(o_idx, WB))]
                 m.d.sync += [o_next.eq(o_next + 1), o_left.eq(o_left - 1), o_idx.eq(o_idx + 1)]
         else:
-            m.d.comb += self.o_wr.addr.eq(o_addr)
+            m.d.comb += o_wr.addr.eq(o_addr)
             for sub in range(SUBBANKS):
-                m.d.comb += self.o_wr.data[sub].eq(Mux(mode == Mode.INT8, w8,
-                                                       Mux(mode == Mode.INT16, w16.word_select(sub % 2, WB),
-                                                           w32.word_select(sub, WB))))
+                m.d.comb += o_wr.data[sub].eq(Mux(mode == Mode.INT8, w8,
+                                                  Mux(mode == Mode.INT16, w16.word_select(sub % 2, WB),
+                                                      w32.word_select(sub, WB))))
             with m.If(rq.out_valid):
                 with m.Switch(mode):
                     with m.Case(Mode.INT8):
-                        m.d.comb += self.o_wr.en.eq(Const(1, 4) << o_addr[:2])
+                        m.d.comb += o_wr.en.eq(Const(1, 4) << o_addr[:2])
                     with m.Case(Mode.INT16):
-                        m.d.comb += self.o_wr.en.eq(Mux(o_addr[1], 0b1100, 0b0011))
+                        m.d.comb += o_wr.en.eq(Mux(o_addr[1], 0b1100, 0b0011))
                     with m.Default():
-                        m.d.comb += self.o_wr.en.eq(0b1111)
+                        m.d.comb += o_wr.en.eq(0b1111)
 
-    def _write_lanes(self, m, rq, mode):
+    def _write_lanes(self, m, rq, mode, o_wr):
         """Write the bit-serial requantizer's lanes as they come: each lane's int8, int16 or int32 joins
         the earlier lanes' in a shift register, and a pool word is written when it is full (every lane
         with int32, every ``lanes // 2`` with int16, the whole row with int8), at the row's address
@@ -461,12 +514,12 @@ class MatmulEngine(wiring.Component):
                     Mux(mode == Mode.INT16, Cat(sr, rq.out[:16])[8:], Cat(sr, rq.out)[24:]))
         per_word = Mux(mode == Mode.INT8, L, Mux(mode == Mode.INT16, L // 2, L // 4))
         full = in_word + 1 == per_word
-        o_addr = rq.out_tag[:len(self.o_wr.addr)] + o_cnt
+        o_addr = rq.out_tag[:len(o_wr.addr)] + o_cnt
         with m.If(rq.out_valid):
             m.d.sync += [sr.eq(piece[8:]), in_word.eq(Mux(full, 0, in_word + 1))]
             with m.If(full):
-                m.d.comb += self.o_wr.addr.eq(o_addr)
+                m.d.comb += o_wr.addr.eq(o_addr)
                 for sub in range(self.subbanks):
-                    m.d.comb += self.o_wr.data[sub].eq(piece)
-                m.d.comb += self.o_wr.en.eq(1 if self.subbanks == 1 else Const(1, 4) << o_addr[:2])
+                    m.d.comb += o_wr.data[sub].eq(piece)
+                m.d.comb += o_wr.en.eq(1 if self.subbanks == 1 else Const(1, 4) << o_addr[:2])
                 m.d.sync += o_cnt.eq(Mux(rq.out_lane == L - 1, 0, o_cnt + 1))

@@ -89,17 +89,18 @@ class AcceleratorConfig:
     memory's output before the sub-bank and bank multiplexers, for an FPGA whose block RAMs' clock-to-out
     leaves no time for them (an ECP5's DP16KD: 5.8 ns); 3 also registers each bank's read address and its
     write, for a pool whose block RAMs spread across a large chip; 4 also each reader's word after the bank
-    multiplexer, so that the word crosses such a chip in two cycles,
-    the multiplexer between them. Each cycle more makes a MATMUL a cycle
-    longer to start and to drain. ``weight_write_latency`` (0 or 1; default 0): 1 registers the weight
-    writes once an array column, beside its PEs, instead of fanning them out from one place to every
-    PE; a tile's weights then land a cycle later. ``product_latency`` (1 or 2; default 1): 2 registers each
+    multiplexer, so that the word crosses such a chip in two cycles, the multiplexer between them (and
+    the engine registers its accumulator memories' output and its output writes too). Each cycle more
+    makes a MATMUL a cycle longer to start and to drain. ``weight_write_latency`` (0 to 2; default 0): 1
+    registers the weight writes once an array column, beside its PEs, instead of fanning them out from
+    one place to every PE; 2 once more before that, each row's enable decoded; a tile's weights then land
+    a cycle or two later. ``product_latency`` (1 or 2; default 1): 2 registers each
     PE's operands before its multiply as well (on an ECP5, the DSP block's own input and output registers:
     the multiply leaves the fabric's paths), and the requantizer's partial products' too, for a large
     array whose neighbouring columns are far apart on the chip; each row then takes a cycle longer through
     the array and the requantizer. ``hop_latency`` (1 or 2; default 1): cycles an activation takes from one
     array column to the next (2: a register between them, for columns far apart on the chip): each row
-    then takes ``lanes - 1`` cycles longer through the array. Results depend on none of them.
+    then takes ``lanes`` cycles longer through the array. Results depend on none of them.
     """
     lanes: int = 16
     banks: int = 4
@@ -132,8 +133,8 @@ class AcceleratorConfig:
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if self.pool_read_latency not in (1, 2, 3, 4):
             raise ValueError(f"pool_read_latency must be 1 to 4, not {self.pool_read_latency!r}")
-        if self.weight_write_latency not in (0, 1):
-            raise ValueError(f"weight_write_latency must be 0 or 1, not {self.weight_write_latency!r}")
+        if self.weight_write_latency not in (0, 1, 2):
+            raise ValueError(f"weight_write_latency must be 0, 1 or 2, not {self.weight_write_latency!r}")
         if self.weight_write_latency and self.compact_array:
             raise ValueError("weight_write_latency applies to the full array: the compact array keeps its "
                              "weights in a block RAM a row (compact_array=True needs weight_write_latency=0)")

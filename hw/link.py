@@ -100,6 +100,9 @@ class LinkDeframer(wiring.Component):
         m.d.comb += length.eq(hdr[2] | (hdr[3] << 8))
         byte = Signal(8)
         have = Signal()
+        # (the byte, and the buffer's write address and data, whatever the conditions: only ``have`` and
+        # the write enable depend on them, so the buffer's inputs carry no decision logic)
+        m.d.comb += byte.eq(Mux(escaped, self.i.payload ^ 0x20, self.i.payload))
 
         # what the header says, registered a cycle after its bytes: a frame's four CRC bytes come between
         # them and its end, and these compares in the end's decision were the UP5K build's critical path
@@ -132,15 +135,17 @@ class LinkDeframer(wiring.Component):
             with m.Elif(escaped):
                 m.d.sync += escaped.eq(0)
                 with m.If((self.i.payload == 0x5E) | (self.i.payload == 0x5D)):
-                    m.d.comb += [byte.eq(self.i.payload ^ 0x20), have.eq(1)]
+                    m.d.comb += have.eq(1)
                 with m.Else():
                     m.d.sync += broken.eq(1)
             with m.Elif(self.i.payload == 0x7D):
                 m.d.sync += escaped.eq(1)
             with m.Else():
-                m.d.comb += [byte.eq(self.i.payload), have.eq(1)]
+                m.d.comb += have.eq(1)
 
         held = self.frame_valid & ~self.frame_done
+        pos = count - 4
+        m.d.comb += [wr.addr.eq(pos >> 2), wr.data.eq(byte.replicate(4))]
         with m.If(have):
             m.d.sync += crc.eq(crc32_byte_logic(crc, byte))
             for n in range(4):
@@ -152,12 +157,11 @@ class LinkDeframer(wiring.Component):
                 m.d.sync += broken.eq(1)                   # longer than any good frame
             # payload bytes (and the CRC bytes after them, harmlessly) into the buffer; while a frame
             # is held there the new one cannot be kept, and is dropped when it ends
-            pos = count - 4
             with m.If((count >= 4) & (pos < self.max_payload)):
                 with m.If(held):
                     m.d.sync += unkept.eq(1)
                 with m.Else():
-                    m.d.comb += [wr.addr.eq(pos >> 2), wr.data.eq(byte.replicate(4)), wr.en.eq(1 << pos[:2])]
+                    m.d.comb += wr.en.eq(1 << pos[:2])
         return m
 
 
@@ -335,9 +339,10 @@ class LinkEndpoint(wiring.Component):
         m.d.comb += self.i.ready.eq(~held)
         with m.If(self.i.valid & self.i.ready):
             m.d.sync += [held.eq(1), held_word.eq(self.i.payload)]
+        m.d.comb += [tb_wr.addr.eq(Cat(fill[:(N - 1).bit_length()], slot(tx_next)) if N > 1 else slot(tx_next)),
+                     tb_wr.data.eq(held_word)]
         with m.If(held & (outstanding < W) & (fill < N) & ~closing):
-            m.d.comb += [tb_wr.addr.eq(Cat(fill[:(N - 1).bit_length()], slot(tx_next)) if N > 1 else slot(tx_next)),
-                         tb_wr.data.eq(held_word), tb_wr.en.eq(1)]
+            m.d.comb += tb_wr.en.eq(1)
             m.d.sync += [fill.eq(fill + 1), held.eq(0)]
 
         # --- the framer: what goes out next ---

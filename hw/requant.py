@@ -64,10 +64,13 @@ class Requantizer(wiring.Component):
     lands, one cycle later at the earliest. ``product_latency`` 2 (default 1) gives the full-width
     partial products two cycles, their operands registered and then the products (on an ECP5 each
     wholly inside a MULT18X18D: :func:`hw.mac.registered_product`): a cycle more of latency (no effect
-    with ``digit_bits``).
+    with ``digit_bits``). ``load_copies`` (with several steps a row): an input ``load`` of ``lanes //
+    group`` copies of ``valid``, each the load enable of one group's lanes of the row's copy (driven from
+    flip-flops kept apart: on the ECP5 12 x 12 one enable for the whole copy, over a thousand flip-flops,
+    was the critical path at 100 MHz); they must equal ``valid``.
     """
 
-    def __init__(self, lanes, group=None, digit_bits=None, product_latency=1):
+    def __init__(self, lanes, group=None, digit_bits=None, product_latency=1, load_copies=False):
         if not isinstance(lanes, int) or lanes < 1:
             raise ValueError(f"lanes must be a positive int, not {lanes!r}")
         group = lanes if group is None else group
@@ -84,7 +87,12 @@ class Requantizer(wiring.Component):
         # (a row that takes several steps is copied first: a cycle more; a full-width product takes two,
         # or three)
         self.latency = 4 + self.steps + (self.steps > 1) + (digit_bits is None) * self.product_latency
-        super().__init__({
+        if load_copies and self.steps == 1:
+            raise ValueError("load_copies needs a row copied first: several steps a row (group < lanes or "
+                             "digit_bits)")
+        self.load_copies = load_copies
+        members = {"load": In(lanes // group)} if load_copies else {}
+        super().__init__({**members,
             "acc": In(data.ArrayLayout(signed(32), lanes)),
             "bias": In(data.ArrayLayout(signed(32), lanes)),
             "m0": In(data.ArrayLayout(unsigned(31), lanes)),
@@ -121,14 +129,25 @@ class Requantizer(wiring.Component):
             with m.If(v0):
                 m.d.sync += step.eq(Mux(step == T - 1, 0, step + 1))
             with m.If(self.valid):
-                m.d.sync += [h.eq(port) for h, port in zip(held, ports)]
                 m.d.sync += held_mode.eq(self.mode)
-            if R > 1:
-                # the held row shifts down a group as each group is done, so the group in work is always
-                # the lowest: each lane's register takes the one a group above it, not one of R through a
-                # multiplexer (12 lanes into 2 was the ECP5 12 x 12's most congested logic)
-                with m.Elif(v0 & (digit0 == D - 1)):
-                    m.d.sync += [h.eq(h.as_value()[w:]) for h, w in zip(held, width)]
+            # the held row shifts down a group as each group is done, so the group in work is always the
+            # lowest: each lane's register takes the one a group above it, not one of R through a
+            # multiplexer (12 lanes into 2 was the ECP5 12 x 12's most congested logic)
+            shifting = v0 & (digit0 == D - 1) if R > 1 else Const(0, 1)
+            if self.load_copies:
+                for g in range(R):
+                    with m.If(self.load[g]):
+                        m.d.sync += [h.as_value()[g * w:(g + 1) * w].eq(port.as_value()[g * w:(g + 1) * w])
+                                     for h, port, w in zip(held, ports, width)]
+                    with m.Elif(shifting):
+                        m.d.sync += [h.as_value()[g * w:(g + 1) * w].eq(h.as_value()[(g + 1) * w:(g + 2) * w])
+                                     for h, w in zip(held, width)]
+            else:
+                with m.If(self.valid):
+                    m.d.sync += [h.eq(port) for h, port in zip(held, ports)]
+                if R > 1:
+                    with m.Elif(shifting):
+                        m.d.sync += [h.eq(h.as_value()[w:]) for h, w in zip(held, width)]
             feed = [data.View(data.ArrayLayout(port.shape().elem_shape, G), h.as_value()[:w])
                     for port, h, w in zip(ports, held, width)]
 

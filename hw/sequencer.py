@@ -160,9 +160,14 @@ class Sequencer(wiring.Component):
         if c.serial_mul_bits is None:
             # operands registered, then the product, before it is stored: on a full ECP5 its DSP block is
             # whichever one the array left, far from this logic (operands -> multiply -> extent in one
-            # cycle was the 12 x 12's critical path, then the routing into the block and out of it)
+            # cycle was the 12 x 12's critical path, then the routing into the block and out of it; then
+            # the operand multiplexers on into the block's input registers: they are picked into flip-flops
+            # first, a cycle before)
             mul_a, mul_b = Signal(16), Signal(16)
-            m.d.comb += product.eq(registered_product(m, platform, mul_a, mul_b, "extent_mul"))
+            op_a, op_b = Signal(16, name="extent_op_a", reset_less=True), Signal(16, name="extent_op_b",
+                                                                                   reset_less=True)
+            m.d.sync += [op_a.eq(mul_a), op_b.eq(mul_b)]
+            m.d.comb += product.eq(registered_product(m, platform, op_a, op_b, "extent_mul"))
 
         def store_extent(first, value):
             # the products, in order: ext_a = M x kt, ext_w = nt x kt, ext_o = nt x M (scaled in SCALE)
@@ -186,12 +191,25 @@ class Sequencer(wiring.Component):
         m.d.comb += [new_rbanks.eq(bank_bit(a) | bank_bit(w) | bank_bit(p)), new_wbanks.eq(bank_bit(o))]
         # (exact when addr_ok holds: the extents are then no longer than a bank)
         new_spans = [(x, x + ext[:bank_bits + 1]) for x, ext in ((a, ext_a), (w, ext_w), (p, ext_p), (o, ext_o))]
+        x_banks = Signal(c.banks)               # the LOAD/STORE being dispatched
+        x_span = (args[0], args[0] + count)
+        x_ends = []
+        if c.overlap:
+            # the ends of the ranges, and the LOAD/STORE's banks, registered in a cycle of their own (SPANS,
+            # after the extents are final) before the clashes, the LOAD/STORE's ends before that (in
+            # MEASURE): the adders chained into the comparators were the 12 x 12's critical path at 100 MHz
+            ends = [Signal(end_bits, name=f"new_{n}_hi") for n in "awpo"]
+            x_end, x_last = Signal(len(x_span[1]), name="x_hi"), Signal(len(x_span[1]), name="x_last")
+            x_ends = [x_end.eq(x_span[1]), x_last.eq(x_span[1] - 1)]
+            spans = [x_banks.eq(Cat(*((bank(args[0]) <= b) & (b <= bank(x_last)) for b in range(c.banks))))]
+            spans += [e.eq(hi) for e, (lo, hi) in zip(ends, new_spans)]
+            new_spans = [(lo, e) for e, (lo, hi) in zip(ends, new_spans)]
+            x_span = (args[0], x_end)
+        else:
+            m.d.comb += x_banks.eq(range_banks(args[0], count))
         with m.If(~mm_running):
             m.d.sync += [mm_rbanks.eq(new_rbanks), mm_wbanks.eq(new_wbanks)]
             m.d.sync += [x.eq(y) for held, new in zip(mm_spans, new_spans) for x, y in zip(held, new)]
-        x_banks = Signal(c.banks)               # the LOAD/STORE being dispatched
-        m.d.comb += x_banks.eq(range_banks(args[0], count))
-        x_span = (args[0], args[0] + count)
         if c.overlap:
             # the clashes of ranges and banks registered every cycle, so a cycle old in DISPATCH (the
             # comparators chained on into the store unit's registers were the ECP5 12 x 12's critical
@@ -228,8 +246,9 @@ class Sequencer(wiring.Component):
         m.d.sync += [x.eq(y) for x, y in zip(st_inflight, [self.rd_en, *st_inflight])]
         m.d.comb += [st_fifo.w_data.eq(self.rd_data), st_fifo.w_en.eq(st_inflight[-1])]
         in_flight = sum(st_inflight[1:], st_inflight[0])
+        m.d.comb += self.rd_addr.eq(st_span[0])     # (only the enable decides: see the engine's reads)
         with m.If(st_busy & (st_rd_left != 0) & (st_fifo.level + in_flight < max(1, fifo_depth - 1))):
-            m.d.comb += [self.rd_addr.eq(st_span[0]), self.rd_en.eq(1)]
+            m.d.comb += self.rd_en.eq(1)
             m.d.sync += [st_span[0].eq(st_span[0] + 1), st_rd_left.eq(st_rd_left - 1)]
         with m.If(st_fifo.r_rdy):
             st_out = st_fifo.r_data.word_select(st_sub, 32) if H > 1 else st_fifo.r_data
@@ -283,13 +302,14 @@ class Sequencer(wiring.Component):
                         m.next = "MEASURE"
             with m.State("MEASURE"):
                 m.d.sync += ext_p.eq(clip(times(nt, PARAM_WORDS_PER_LANE_GROUP)))
+                m.d.sync += x_ends
                 if c.serial_mul_bits is None:
                     # the three products of two arguments through one 16 x 16 multiplier with registered
-                    # operands and product, one a cycle (a small FPGA has few multipliers; four cycles per
-                    # MATMUL cost nothing); their scaling after
+                    # operands and product, one a cycle, three cycles after their operands are picked (a
+                    # small FPGA has few multipliers; six cycles per MATMUL cost nothing); their scaling after
                     m.d.comb += [mul_a.eq(Mux(measure_step == 0, kt, nt)), mul_b.eq(Mux(measure_step == 1, kt, mm_m))]
                     m.d.sync += measure_step.eq(measure_step + 1)
-                    store_extent(2, product)
+                    store_extent(3, product)
                 else:
                     # digit-serial, most significant digit first: acc = (acc << d) + a * digit, 16 / d
                     # cycles a product, in logic (the DSP blocks all went to the array)
@@ -326,7 +346,11 @@ class Sequencer(wiring.Component):
                 else:
                     m.d.sync += [ext_w.eq(times(ext_w, c.lanes)),
                                  ext_o.eq(Mux(mw == 1, ext_o, Mux(mw == 2, ext_o << 1, ext_o << 2)))]
-                m.next = "CHECK"
+                m.next = "SPANS" if c.overlap else "CHECK"
+            if c.overlap:
+                with m.State("SPANS"):
+                    m.d.sync += spans
+                    m.next = "CHECK"
             with m.State("CHECK"):
                 # the checks registered (from the arguments through them into the engine's start in one
                 # cycle was the UP5K build's critical path), and the clashes with the final extents

@@ -70,12 +70,19 @@ class Accelerator(wiring.Component):
         # 12.5 ns of routing across the ECP5 12 x 12's die)
         selects = [Cat(*(bank_of(addr) == b for b in range(c.banks)))
                    for addr in (eng.a_rd.addr, eng.w_rd.addr, seq.rd_addr)]
+        # (read latency 4: the last flags a copy a byte of the word, kept apart: a copy's multiplexers lie
+        # with the array column its byte goes to; one copy's 96 x 4 multiplexer inputs spread over the
+        # die, then a quarter word's, were the 12 x 12's critical path at 100 MHz)
+        slices = c.lanes if c.pool_read_latency == 4 else 1
         for k in range(pool_latency):
-            suffix = "" if k == pool_latency - 1 else f"_d{k}"
-            held = [Signal(c.banks, name=f"{n}_bank{suffix}") for n in "aws"]
-            m.d.sync += [h.eq(x) for h, x in zip(held, selects)]
-            selects = held
-        a_bank, w_bank, s_bank = selects
+            last = k == pool_latency - 1
+            copies = slices if last else 1
+            held = [[Signal(c.banks, name=f"{n}_bank{j if copies > 1 else ''}" if last else f"{n}_bank_d{k}",
+                            attrs={"ambert_replica": 1} if copies > 1 else {})
+                     for j in range(copies)] for n in "aws"]
+            m.d.sync += [h.eq(x) for hs, x in zip(held, selects) for h in hs]
+            selects = [hs[0] for hs in held]
+        a_bank, w_bank, s_bank = held
         # a LOAD's words, and which bank each goes to
         seq_wr_addr, seq_wr_data = seq.wr_addr, seq.wr_data
         seq_w_sel = [seq.wr_en & (bank_of(seq.wr_addr) == b) for b in range(c.banks)]
@@ -117,11 +124,18 @@ class Accelerator(wiring.Component):
             # spread across the chip, to the multiplexer, then on to the reader, a cycle each (a select
             # fanning out to the multiplexers of a word on its way to the array's columns across the ECP5
             # 12 x 12's die took 12.5 ns of routing)
-            muxed = [Signal.like(w, name=f"{n}_word", reset_less=True) for w, n in zip(words, "aws")]
-            m.d.sync += [w.eq(x) for w, x in zip(words, muxed)]
+            # (the registers without a reset: the readers' ports would carry one, fanning the accelerator's
+            # reset out to 3 x 96 more flip-flops)
+            muxed = [Signal.like(w, name=f"{n}_word") for w, n in zip(words, "aws")]
+            held = [Signal.like(w, name=f"{n}_word_q", reset_less=True) for w, n in zip(words, "aws")]
+            m.d.sync += [h.eq(x) for h, x in zip(held, muxed)]
+            m.d.comb += [w.eq(h) for w, h in zip(words, held)]
             words = muxed
+        part = -(-len(words[0]) // slices)
         for b in range(c.banks):
-            for word, sel in zip(words, (a_bank, w_bank, s_bank)):
-                with m.If(sel[b]):
-                    m.d.comb += word.eq(pool.bank[b].r_data)
+            for word, sels in zip(words, (a_bank, w_bank, s_bank)):
+                for j, sel in enumerate(sels):
+                    with m.If(sel[b]):
+                        bits = slice(part * j, part * (j + 1))
+                        m.d.comb += word[bits].eq(pool.bank[b].r_data[bits])
         return m

@@ -106,6 +106,18 @@ def test_a_size_may_run_at_its_own_clock():
               size_clock_hz={"small": 50e6})
 
 
+def test_a_size_may_name_its_placement_seed():
+    sizes = {"small": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128),
+             "target": AcceleratorConfig(lanes=8, banks=4, bank_words=1024, acc_depth=128)}
+    board = Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
+                  size_seed={"target": 2})
+    assert board.seed("target") == 2 and board.seed("small") == 1
+    assert get_board("ulx3s").seed("target") == 2
+    with pytest.raises(ValueError, match="size_seed names 'huge'"):
+        Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
+              size_seed={"huge": 3})
+
+
 def test_the_arrays_registered_weight_writes_stay_one_copy_a_column_through_yosys(tmp_path):
     """SystolicArray(write_latency=1) copies each row's write enable and the bank once a column; the
     copies have the same inputs, so Yosys' opt_merge makes them one register again unless the build's

@@ -56,12 +56,12 @@ def test_pe_macs_the_selected_weight():
 @pytest.mark.parametrize("rows, cols, paired, write_latency, product_latency, hop_latency", [
     (2, 2, False, 0, 1, 1), (3, 5, False, 0, 1, 1), (4, 4, False, 0, 1, 1), (4, 4, True, 0, 1, 1),
     (8, 4, True, 0, 1, 1), (3, 5, False, 1, 1, 1), (4, 4, False, 1, 1, 1), (3, 5, False, 0, 2, 1),
-    (4, 4, False, 1, 2, 1), (3, 5, False, 0, 1, 2), (4, 4, False, 1, 2, 2)])
+    (4, 4, False, 1, 2, 1), (3, 5, False, 0, 1, 2), (4, 4, False, 1, 2, 2), (3, 4, False, 2, 2, 2)])
 def test_array_rows_come_out_after_exactly_latency_cycles(rows, cols, paired, write_latency, product_latency,
                                                           hop_latency):
     dut = SystolicArray(rows, cols, paired=paired, write_latency=write_latency, product_latency=product_latency,
                         hop_latency=hop_latency)
-    assert dut.latency == (rows + 2 if paired else rows + hop_latency * (cols - 1) + 1 + product_latency)
+    assert dut.latency == (rows + 2 if paired else rows + hop_latency * cols + product_latency)
     rng = np.random.default_rng(rows * 10 + cols)
     weights = rng.integers(-128, 128, (2, rows, cols), dtype=np.int8)
     # the extremes of every column sum among the rows
@@ -105,8 +105,8 @@ def test_array_refuses_bad_shapes():
         SystolicArray(4, 33)
     with pytest.raises(ValueError, match="paired products need an even number of columns, not 5"):
         SystolicArray(4, 5, paired=True)
-    with pytest.raises(ValueError, match="write_latency must be 0 or 1, not 2"):
-        SystolicArray(4, 4, write_latency=2)
+    with pytest.raises(ValueError, match="write_latency must be 0, 1 or 2, not 3"):
+        SystolicArray(4, 4, write_latency=3)
     with pytest.raises(ValueError, match="product_latency must be 1 or 2, not 3"):
         SystolicArray(4, 4, product_latency=3)
     with pytest.raises(ValueError, match="paired products are registered once"):
@@ -141,12 +141,13 @@ def _want_requant(rows):
     return want
 
 
-@pytest.mark.parametrize("group, digit_bits, product_latency", [
-    (4, None, 1), (2, None, 1), (1, None, 1), (4, 8, 1), (1, 8, 1), (2, 4, 1), (1, 16, 1),
-    (4, None, 2), (2, None, 2), (1, 8, 2)])
-def test_requantizer_matches_ref_requant(group, digit_bits, product_latency):
+@pytest.mark.parametrize("group, digit_bits, product_latency, load_copies", [
+    (4, None, 1, False), (2, None, 1, False), (1, None, 1, False), (4, 8, 1, False), (1, 8, 1, False),
+    (2, 4, 1, False), (1, 16, 1, False), (4, None, 2, False), (2, None, 2, False), (1, 8, 2, False),
+    (1, None, 2, True), (2, 8, 1, True)])
+def test_requantizer_matches_ref_requant(group, digit_bits, product_latency, load_copies):
     lanes = 4
-    dut = Requantizer(lanes, group, digit_bits, product_latency)
+    dut = Requantizer(lanes, group, digit_bits, product_latency, load_copies)
     assert dut.steps == lanes // group * (1 if digit_bits is None else -(-31 // digit_bits))
     # (a row taking several steps is copied first; a full-width product takes two cycles, three with its
     # operands registered; a digit-serial one has none)
@@ -171,6 +172,8 @@ def test_requantizer_matches_ref_requant(group, digit_bits, product_latency):
             else:       # what is on the ports between rows must not matter
                 ctx.set(dut.acc, [rng.randint(-2**31, 2**31 - 1) for _ in range(lanes)])
             ctx.set(dut.valid, i is not None)
+            if load_copies:
+                ctx.set(dut.load, (1 << lanes // group) - 1 if i is not None else 0)
             await ctx.tick()
             if ctx.get(dut.out_valid):
                 got.append([ctx.get(dut.out[j]) for j in range(lanes)])
@@ -251,6 +254,8 @@ def test_requantizer_refuses_a_group_that_does_not_divide_the_lanes():
         Requantizer(4, 1, 5)
     with pytest.raises(ValueError, match="product_latency must be 1 or 2, not 3"):
         Requantizer(4, product_latency=3)
+    with pytest.raises(ValueError, match="load_copies needs a row copied first"):
+        Requantizer(4, load_copies=True)
     with pytest.raises(ValueError, match="lanes must be a positive multiple of 4, not 6"):
         BitSerialRequantizer(6)
 
@@ -351,8 +356,8 @@ def test_config_validation():
         AcceleratorConfig(compact_array="yes")
     with pytest.raises(ValueError, match="pool_read_latency must be 1 to 4, not 0"):
         AcceleratorConfig(pool_read_latency=0)
-    with pytest.raises(ValueError, match="weight_write_latency must be 0 or 1, not 2"):
-        AcceleratorConfig(weight_write_latency=2)
+    with pytest.raises(ValueError, match="weight_write_latency must be 0, 1 or 2, not 3"):
+        AcceleratorConfig(weight_write_latency=3)
     with pytest.raises(ValueError, match="compact_array=True needs weight_write_latency=0"):
         AcceleratorConfig(compact_array=True, weight_write_latency=1)
     with pytest.raises(ValueError, match="product_latency must be 1 or 2, not 0"):
