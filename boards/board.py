@@ -1,6 +1,7 @@
 """What a board file says, and the top that puts :class:`hw.board.BoardTop` on a board's pins."""
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from amaranth import ClockDomain, ClockSignal, Const, Elaboratable, Instance, Module, ResetSignal, Signal
 from amaranth.lib import io
@@ -22,11 +23,12 @@ class Board:
     oscillator when they differ); ``size_clock_hz``: the sizes that run at another clock than
     ``clock_hz`` (a larger array that does not reach it); ``size_seed``: nextpnr's placement seed for
     the sizes whose board file names one (else 1; a build is deterministic for a seed); ``baud``: the
-    UART's (an exact divisor of every clock); ``uart``: the resource number; ``leds``: how many LEDs show the status; ``sizes``: named accelerator
-    configurations, "small" (what CI builds) and "target" (what the board is for); ``synth_opts``,
-    ``nextpnr_opts``, ``script_after_read``: passed to the platform build. ``dsp_layout``: the sizes
-    whose array multipliers :mod:`boards.layout` places (an ECP5-85F's), built with nextpnr's static
-    placer and router2 — what made the ULX3S's 12 x 12 routable.
+    UART's (at least 4 clock cycles a bit; where it does not divide a clock, the bits last a cycle more or
+    less, as :mod:`hw.uart` says); ``uart``: the resource number; ``leds``: how many LEDs show the
+    status; ``sizes``: named accelerator configurations, "small" (what CI builds) and "target" (what
+    the board is for); ``synth_opts``, ``nextpnr_opts``, ``script_after_read``: passed to the platform
+    build. ``dsp_layout``: the sizes whose array multipliers :mod:`boards.layout` places (an ECP5-85F's),
+    built with nextpnr's static placer and router2 — what made the ULX3S's 12 x 12 routable.
     """
 
     name: str
@@ -54,8 +56,9 @@ class Board:
                 if size not in self.sizes:
                     raise ValueError(f"{self.name}: {name} names {size!r}, not a size of this board")
         for clock_hz in (self.clock_hz, *self.size_clock_hz.values()):
-            if round(clock_hz) % self.baud:
-                raise ValueError(f"{self.name}: {self.baud} baud does not divide the {clock_hz / 1e6} MHz clock")
+            if round(clock_hz) < 4 * self.baud:
+                raise ValueError(f"{self.name}: {self.baud} baud is {round(clock_hz) / self.baud:.2f} cycles a bit "
+                                 f"of the {clock_hz / 1e6} MHz clock; the UART takes at least 4")
         for size in self.dsp_layout:
             if self.family != "ecp5" or size not in self.sizes:
                 raise ValueError(f"{self.name}: dsp_layout names {size!r}, not an ECP5 size of this board")
@@ -79,8 +82,9 @@ class Board:
         return self.size_seed.get(size, 1)
 
     def divisor(self, size):
-        """Clock cycles per UART bit at ``size``'s clock."""
-        return round(self.clock(size)) // self.baud
+        """Clock cycles per UART bit at ``size``'s clock: an integer, or a :class:`~fractions.Fraction`."""
+        d = Fraction(round(self.clock(size)), self.baud)
+        return int(d) if d.denominator == 1 else d
 
     def config(self, size):
         if size not in self.sizes:

@@ -150,6 +150,13 @@ NO_COLLISION_MEMORIES = ("setparam -set COLLISION_X_MASK 1'1 t:$memrd_v2 r:MEMID
 # writes registers with a reset as processes, whose flip-flops only `proc` makes.)
 KEEP_REPLICAS = "proc; setattr -set keep 1 a:ambert_replica %ci1 c:* %i"
 
+# Wires named like an array's element (Amaranth names a view's parts ``acc[7]``) hidden from Yosys 0.70's
+# ABC9: with some of them driven from its LUTs, its reintegration of the mapped logic stopped on an
+# assertion (`GetSize(conn.first) == GetSize(conn.second)`, rtlil.cc) at the ECP5 12 x 12 after changes
+# that had nothing to do with them; with them hidden the same netlist synthesized. (Their names leave
+# nextpnr's reports; the registers keep theirs.)
+HIDE_ELEMENT_NAMES = "rename -hide w:*]"
+
 
 def build(board_name, size="small", out=None, seed=None, synth_only=False, time_limit=None):
     """Build ``board_name`` at ``size``; return the report (a dict, also written as report.json).
@@ -169,7 +176,8 @@ def build(board_name, size="small", out=None, seed=None, synth_only=False, time_
     platform = board.platform()
     laid_out = size in board.dsp_layout
     layout_opts = "--placer static --router router2" if laid_out else ""
-    script_after_read = "\n".join(filter(None, (NO_COLLISION_MEMORIES, KEEP_REPLICAS, board.script_after_read)))
+    script_after_read = "\n".join(filter(None, (NO_COLLISION_MEMORIES, KEEP_REPLICAS, HIDE_ELEMENT_NAMES,
+                                                 board.script_after_read)))
     plan = platform.build(PlatformTop(board, size), name="ambert", do_build=False, do_program=False,
                           synth_opts=board.synth_opts, script_after_read=script_after_read,
                           nextpnr_opts=f"--report nextpnr.json --timing-allow-fail --seed {seed} {board.nextpnr_opts} "

@@ -1,14 +1,16 @@
 // Behavioural models of the two ECP5 primitives Yosys ships only as black boxes (MULT18X18D, DP16KD),
 // for what its ECP5 flow makes of ambert: an 18 x 18 multiply (mul2dsp -> MULT18X18D, no register; or
 // instantiated by hw.mac.registered_product with its input and output registers), and block RAMs of
-// 18-bit true dual ports or a 36-bit write / 36-bit read pseudo dual port, unregistered outputs. Anything else stops the
-// simulation with a message instead of running wrongly.
+// 18-bit true dual ports or a 36-bit write / 36-bit read pseudo dual port, unregistered outputs (Yosys'),
+// or 9-bit ports with port B's output registered (hw.bufpool.registered_bram's). Anything else stops
+// the simulation with a message instead of running wrongly.
 // Port names and parameters as in Yosys' share/lattice/cells_bb_ecp5.v; used by boards/postsynth.py.
 // Written from the ECP5 memory and DSP usage guides as Yosys maps to them (share/lattice/
 // brams_map_16kd.v, dsp_map_18x18.v): in x18 mode AD[13:4] is the word, AD[1:0] the byte (9-bit)
 // write enables; in x36 mode AD[13:5] the word, port A writes DI = {DIB, DIA} under the byte enables
-// ADA[3:0], port B reads DO = {DOB, DOA}. Contents start at zero (INITVAL is not modelled: ambert's
-// memories have no initial contents).
+// ADA[3:0], port B reads DO = {DOB, DOA}; in x9 mode AD[13:3] the word. With REGMODE OUTREG a port's
+// output register takes the word read a cycle later (on OCE; RST clears it). Contents start at zero
+// (INITVAL is not modelled: ambert's memories have no initial contents).
 
 module MULT18X18D(
   A17, A16, A15, A14, A13, A12, A11, A10, A9, A8, A7, A6, A5, A4, A3, A2, A1, A0, B17, B16, B15, B14, B13,
@@ -214,16 +216,23 @@ module DP16KD(
   parameter INITVAL_3F = 320'h0;
 
   localparam X36 = DATA_WIDTH_A == 36;
+  localparam X9 = DATA_WIDTH_A == 9;
   // the contents as 1024 words of 18 bits; a 36-bit word w is {mem[2w + 1], mem[2w]}
   reg [17:0] mem [0:1023];
+  // in x9 mode, 2048 words of 9 bits
+  reg [8:0] mem9 [0:2047];
   integer i;
   initial begin
-    if (!((DATA_WIDTH_A == 18 && DATA_WIDTH_B == 18) || (DATA_WIDTH_A == 36 && DATA_WIDTH_B == 36)))
+    if (!((DATA_WIDTH_A == 18 && DATA_WIDTH_B == 18) || (DATA_WIDTH_A == 36 && DATA_WIDTH_B == 36)
+          || (DATA_WIDTH_A == 9 && DATA_WIDTH_B == 9)))
       $fatal(1, "DP16KD model: data widths %0d/%0d are not modelled", DATA_WIDTH_A, DATA_WIDTH_B);
-    if (REGMODE_A != "NOREG" || REGMODE_B != "NOREG" || CSDECODE_A != "0b000" || CSDECODE_B != "0b000"
-        || CLKAMUX != "CLKA" || CLKBMUX != "CLKB")
-      $fatal(1, "DP16KD model: output registers, chip-select decoding and inverted clocks are not modelled");
+    if (REGMODE_A != "NOREG" && REGMODE_A != "OUTREG" || REGMODE_B != "NOREG" && REGMODE_B != "OUTREG"
+        || (REGMODE_A == "OUTREG" || REGMODE_B == "OUTREG") && RESETMODE != "SYNC")
+      $fatal(1, "DP16KD model: only unregistered outputs or output registers reset synchronously");
+    if (CSDECODE_A != "0b000" || CSDECODE_B != "0b000" || CLKAMUX != "CLKA" || CLKBMUX != "CLKB")
+      $fatal(1, "DP16KD model: chip-select decoding and inverted clocks are not modelled");
     for (i = 0; i < 1024; i = i + 1) mem[i] = 18'b0;
+    for (i = 0; i < 2048; i = i + 1) mem9[i] = 9'b0;
   end
 
   wire [13:0] ada = {ADA13, ADA12, ADA11, ADA10, ADA9, ADA8, ADA7, ADA6, ADA5, ADA4, ADA3, ADA2, ADA1, ADA0};
@@ -231,17 +240,27 @@ module DP16KD(
   wire [17:0] dia = {DIA17, DIA16, DIA15, DIA14, DIA13, DIA12, DIA11, DIA10, DIA9, DIA8, DIA7, DIA6, DIA5, DIA4, DIA3, DIA2, DIA1, DIA0};
   wire [17:0] dib = {DIB17, DIB16, DIB15, DIB14, DIB13, DIB12, DIB11, DIB10, DIB9, DIB8, DIB7, DIB6, DIB5, DIB4, DIB3, DIB2, DIB1, DIB0};
   reg [17:0] doa, dob;
-  assign {DOA17, DOA16, DOA15, DOA14, DOA13, DOA12, DOA11, DOA10, DOA9, DOA8, DOA7, DOA6, DOA5, DOA4, DOA3, DOA2, DOA1, DOA0} = doa;
-  assign {DOB17, DOB16, DOB15, DOB14, DOB13, DOB12, DOB11, DOB10, DOB9, DOB8, DOB7, DOB6, DOB5, DOB4, DOB3, DOB2, DOB1, DOB0} = dob;
+  reg [17:0] doa_q = 0, dob_q = 0;
+  assign {DOA17, DOA16, DOA15, DOA14, DOA13, DOA12, DOA11, DOA10, DOA9, DOA8, DOA7, DOA6, DOA5, DOA4, DOA3, DOA2, DOA1, DOA0} = REGMODE_A == "OUTREG" ? doa_q : doa;
+  assign {DOB17, DOB16, DOB15, DOB14, DOB13, DOB12, DOB11, DOB10, DOB9, DOB8, DOB7, DOB6, DOB5, DOB4, DOB3, DOB2, DOB1, DOB0} = REGMODE_B == "OUTREG" ? dob_q : dob;
 
   function [17:0] merge(input [17:0] old, input [17:0] data, input [1:0] be);
     merge = {be[1] ? data[17:9] : old[17:9], be[0] ? data[8:0] : old[8:0]};
   endfunction
 
   always @(posedge CLKA) begin
-    if (RSTA) $fatal(1, "DP16KD model: RSTA is not modelled");
+    if (RSTA && REGMODE_A != "OUTREG") $fatal(1, "DP16KD model: RSTA is modelled only with an output register");
+    if (RSTA) doa_q <= 0;
+    else if (OCEA) doa_q <= doa;
     if (CEA) begin
-      if (X36) begin
+      if (X9) begin
+        if (WEA) begin
+          mem9[ada[13:3]] <= dia[8:0];
+          if (WRITEMODE_A == "READBEFOREWRITE") doa <= {9'b0, mem9[ada[13:3]]};
+          else if (WRITEMODE_A == "WRITETHROUGH") doa <= {9'b0, dia[8:0]};
+        end else
+          doa <= {9'b0, mem9[ada[13:3]]};
+      end else if (X36) begin
         if (WEA) begin
           mem[{ada[13:5], 1'b0}] <= merge(mem[{ada[13:5], 1'b0}], dia, ada[1:0]);
           mem[{ada[13:5], 1'b1}] <= merge(mem[{ada[13:5], 1'b1}], dib, ada[3:2]);
@@ -256,9 +275,18 @@ module DP16KD(
   end
 
   always @(posedge CLKB) begin
-    if (RSTB) $fatal(1, "DP16KD model: RSTB is not modelled");
+    if (RSTB && REGMODE_B != "OUTREG") $fatal(1, "DP16KD model: RSTB is modelled only with an output register");
+    if (RSTB) dob_q <= 0;
+    else if (OCEB) dob_q <= dob;
     if (CEB) begin
-      if (X36) begin
+      if (X9) begin
+        if (WEB) begin
+          mem9[adb[13:3]] <= dib[8:0];
+          if (WRITEMODE_B == "READBEFOREWRITE") dob <= {9'b0, mem9[adb[13:3]]};
+          else if (WRITEMODE_B == "WRITETHROUGH") dob <= {9'b0, dib[8:0]};
+        end else
+          dob <= {9'b0, mem9[adb[13:3]]};
+      end else if (X36) begin
         if (WEB) $fatal(1, "DP16KD model: port B of a 36-bit RAM only reads");
         doa <= mem[{adb[13:5], 1'b0}];
         dob <= mem[{adb[13:5], 1'b1}];

@@ -29,7 +29,7 @@ from sim.gemm_cases import random_case, reference
 from sw.compiler.gemm import gemm_program
 
 from . import BOARD_NAMES, get_board
-from .build import NO_COLLISION_MEMORIES, _tool
+from .build import HIDE_ELEMENT_NAMES, NO_COLLISION_MEMORIES, _tool
 
 __all__ = ["netlist_sim", "check", "CASES", "main"]
 
@@ -70,8 +70,8 @@ def netlist_sim(board_name, size="small", out=None):
     folder.mkdir(parents=True, exist_ok=True)
     # elaborated for the board's platform: blocks that instantiate the family's primitives do so
     (folder / "top.il").write_text(rtlil.convert(sim_top(config), name="top", platform=board.platform()))
-    script = f"read_rtlil top.il; {NO_COLLISION_MEMORIES}; synth_{board.family} {board.synth_opts} -top top; " \
-             "write_verilog -noattr netlist.v"
+    script = f"read_rtlil top.il; {NO_COLLISION_MEMORIES}; {HIDE_ELEMENT_NAMES}; " \
+             f"synth_{board.family} {board.synth_opts} -top top; write_verilog -noattr netlist.v"
     t0 = time.monotonic()
     # YoWASP tools run sandboxed: file names relative to the working folder
     run = subprocess.run([_tool("YOSYS"), "-q", "-l", "synth.log", "-p", script], cwd=folder,

@@ -1,7 +1,8 @@
 """ULX3S 85F: Lattice ECP5 LFE5U-85F (156 MULT18X18D, 208 DP16KD, 84k LUT4), 25 MHz oscillator, FT231X UART.
 
 The accelerator's clock comes from the oscillator through the EHXPLLL: 60 MHz, the target's 90 MHz.
-The UART is the FT231X's (the USB port marked US1), at a baud rate that divides the clock exactly.
+The UART is the FT231X's (the USB port marked US1), at 3 Mbaud: 20 clock cycles a bit at 60 MHz, 30 at
+90 (a clock that 3 Mbaud does not divide would take bits of a cycle more or less, :mod:`hw.uart`).
 """
 
 from amaranth_boards.ulx3s import ULX3S_85F_Platform
@@ -24,10 +25,12 @@ BOARD = Board(
     baud=3_000_000,         # the FT231X's fastest; 20 clock cycles a bit (30 at 90 MHz)
     sizes={
         # the smallest array, with banks deep enough for MiniLM's FFN (K = 1536 needs 1545 words)
-        # (its PEs' multiplies with the DSP blocks' own registers, as the target's: what the CI's
+        # (its PEs' multiplies with the DSP blocks' own registers, its pool one memory a bank of block
+        # RAMs with their own output registers, read latency 5, as the target's: what the CI's
         # post-synthesis simulation checks)
-        "small": AcceleratorConfig(lanes=4, banks=4, bank_words=4096, acc_depth=128, product_latency=2,
-                                   hop_latency=2),
+        # (and, as one memory a bank takes an output row a word a cycle, the requantizer a lane a cycle)
+        "small": AcceleratorConfig(lanes=4, banks=4, bank_words=2048, acc_depth=128, requant_lanes=1,
+                                   product_latency=2, hop_latency=2, pool_subbanks=1, pool_read_latency=5),
         # 64 MACs a cycle: the largest array whose PEs and requantizer products both fit the 156 DSP blocks;
         # the pool's block RAM outputs registered (their 5.8 ns clock-to-out and the bank multiplexers
         # were its critical path)
@@ -38,14 +41,15 @@ BOARD = Board(
         # (one 96-bit write port, not four: an output row is written a word a cycle, inside those 6) of
         # 2048 words (MiniLM's K = 1536 still whole; at 4096 each bank is 22 block RAMs and nextpnr's
         # static placer stalled with a bank's overlapping in four of six runs), its reads and writes
-        # registered in front of it and each reader's word after its bank multiplexer too (read latency 4:
-        # a word crosses the die in two cycles; the engine then registers its accumulator memories' output
+        # registered in front of it, each block RAM's word in its own output register and then in the
+        # fabric beside it, each reader's word after its bank multiplexer too (read latency 5: a word
+        # crosses the die in three cycles; the engine then registers its accumulator memories' output
         # and its output writes too); the array's weight writes registered twice, the second time a
         # column, each multiply wholly inside its DSP block (operands and product in its registers, the
         # requantizer's too), and a register between neighbouring columns on each activation's way (27
         # tiles apart on a strip)
         "target": AcceleratorConfig(lanes=12, banks=4, bank_words=2048, acc_depth=512, requant_lanes=2,
-                                    pool_subbanks=1, pool_read_latency=4, weight_write_latency=2,
+                                    pool_subbanks=1, pool_read_latency=5, weight_write_latency=2,
                                     product_latency=2, hop_latency=2),
     },
     dsp_layout=("target",),

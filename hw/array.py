@@ -108,12 +108,22 @@ class SystolicArray(wiring.Component):
             # the write registered once before the columns' copies, each row's enable decoded: the decode
             # on its way across the die to the far columns' enables was the 12 x 12's critical path at
             # 100 MHz
+            # (each row's enable and the bank a copy every four columns: from one to twelve columns'
+            # copies across the ECP5 12 x 12's die was a path at 100 MHz)
+            groups = -(-C // 4)
+            replica = {"ambert_replica": 1} if groups > 1 else {}
             w_data = Signal.like(self.w_data, name="w_data_q", reset_less=True)
-            w_bank = Signal(name="w_bank_q", reset_less=True)
-            row_we_q = [Signal(name=f"w_we_row{i}_q", reset_less=True) for i in range(R)]
-            m.d.sync += [w_data.eq(self.w_data), w_bank.eq(self.w_bank)]
-            m.d.sync += [q.eq(we) for q, we in zip(row_we_q, row_we_of)]
+            w_bank = [Signal(name=f"w_bank_q{g}", reset_less=True, attrs=replica) for g in range(groups)]
+            row_we_q = [[Signal(name=f"w_we_row{i}_q{g}", reset_less=True, attrs=replica) for g in range(groups)]
+                        for i in range(R)]
+            m.d.sync += [w_data.eq(self.w_data)] + [x.eq(self.w_bank) for x in w_bank]
+            m.d.sync += [x.eq(we) for qs, we in zip(row_we_q, row_we_of) for x in qs]
+            group_of = [j // 4 for j in range(C)]
             row_we_of = row_we_q
+        else:
+            w_bank = [w_bank]
+            row_we_of = [[we] for we in row_we_of]
+            group_of = [0] * C
         if self.write_latency:
             # column j's copy of the write: its byte, the bank and every row's enable
             replica = {"ambert_replica": 1}
@@ -127,8 +137,8 @@ class SystolicArray(wiring.Component):
             col_we = [[Signal(name=f"w_we_row{i}_col{j}", reset_less=True, attrs=replica) for j in range(C)]
                       for i in range(R)]
             m.d.sync += [col_data[j].eq(w_data[j]) for j in range(C)]
-            m.d.sync += [col_bank[j].eq(w_bank) for j in range(C)]
-            m.d.sync += [col_we[i][j].eq(row_we_of[i]) for i in range(R) for j in range(C)]
+            m.d.sync += [col_bank[j].eq(w_bank[group_of[j]]) for j in range(C)]
+            m.d.sync += [col_we[i][j].eq(row_we_of[i][group_of[j]]) for i in range(R) for j in range(C)]
         for i in range(R):
             for j in range(C):
                 m.submodules[f"pe_{i}_{j}"] = pe = pes[i][j]
@@ -138,7 +148,7 @@ class SystolicArray(wiring.Component):
                     m.d.comb += [pe.w_data.eq(col_data[j]), pe.w_bank.eq(col_bank[j]), pe.w_we.eq(col_we[i][j])]
                 else:
                     m.d.comb += [pe.w_data.eq(self.w_data[j]), pe.w_bank.eq(self.w_bank),
-                                 pe.w_we.eq(row_we_of[i])]
+                                 pe.w_we.eq(row_we_of[i][0])]
 
         def delay(sig, n, shape, name, reset_less=True):
             # n registers: the input skew of row i / column j, the output deskew (data: no reset)
@@ -158,7 +168,7 @@ class SystolicArray(wiring.Component):
                 wmem = memory.Memory(shape=unsigned(8 * C), depth=2, init=[], attrs={"ram_style": "block"})
                 m.submodules[f"weights{i}"] = wmem
                 wr, rd = wmem.write_port(), wmem.read_port(transparent_for=())
-                m.d.comb += [wr.en.eq(row_we_of[i]), wr.addr.eq(self.w_bank), wr.data.eq(self.w_data),
+                m.d.comb += [wr.en.eq(row_we_of[i][0]), wr.addr.eq(self.w_bank), wr.data.eq(self.w_data),
                              rd.addr.eq(sel_i)]
                 a_next = delay(a_i, 1, signed(8), f"a{i}")
                 for j in range(C):

@@ -25,7 +25,8 @@ def hello_payload(config, max_payload=LINK_MAX_PAYLOAD, window=LINK_WINDOW):
 class BoardTop(wiring.Component):
     """The accelerator behind the host link, on two pins.
 
-    ``rx``/``tx``: the UART lines (8N1, ``divisor`` clock cycles per bit: the clock over the baud rate).
+    ``rx``/``tx``: the UART lines (8N1, ``divisor`` clock cycles per bit: the clock over the baud rate, a
+    :class:`~fractions.Fraction` where the baud rate does not divide the clock).
     A HELLO from the host resets the accelerator and the link; after power-on or a reset the board
     announces itself with a HELLO. ``retry_cycles``: how long the oldest unacknowledged answer frame
     waits before go-back-N (pick about 50 ms of the board's clock: the host's USB latency is in it).

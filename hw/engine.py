@@ -51,12 +51,12 @@ class MatmulEngine(wiring.Component):
     ``addr_bits + 1`` bits).
 
     Pool access: ``a_rd`` (activations), ``w_rd`` (weights and parameters), ``o_wr`` (output rows); each
-    read returns its word ``read_latency`` (1 to 4) cycles after ``en``: each cycle beyond one delays the
+    read returns its word ``read_latency`` (1 to 5) cycles after ``en``: each cycle beyond one delays the
     rows, the loads and the end of a MATMUL by a cycle, nothing else; so does each cycle of
     ``weight_write_latency`` (0 to 2, the array's ``write_latency``; >= 1 registers the parameter words'
     writes too, once) the end of each load, and ``product_latency`` (1 or 2, the array's and the
-    requantizer's) and ``hop_latency`` (1 or 2, the array's; 2: ``lanes`` cycles) the rows. (With 3 or 4,
-    the pool of a large FPGA, the accumulator memories' row address comes from flip-flops too; with 4
+    requantizer's) and ``hop_latency`` (1 or 2, the array's; 2: ``lanes`` cycles) the rows. (With 3 to 5,
+    the pool of a large FPGA, the accumulator memories' row address comes from flip-flops too; with 4 or 5
     their output is registered as well, so tiles start at least a cycle further apart, the output writes
     are registered, so a MATMUL ends a cycle later, and a narrow requantizer's row copy loads by an enable
     a group of its lanes.) With ``subbanks`` 1 an output row is written a word a cycle (up to 4 cycles,
@@ -66,8 +66,8 @@ class MatmulEngine(wiring.Component):
 
     def __init__(self, lanes, addr_bits, acc_depth, requant_lanes=None, serial_mul_bits=None, subbanks=SUBBANKS,
                  compact_array=False, read_latency=1, weight_write_latency=0, product_latency=1, hop_latency=1):
-        if read_latency not in (1, 2, 3, 4):
-            raise ValueError(f"read_latency must be 1 to 4, not {read_latency!r}")
+        if read_latency not in (1, 2, 3, 4, 5):
+            raise ValueError(f"read_latency must be 1 to 5, not {read_latency!r}")
         self.lanes = lanes
         self.read_latency = read_latency
         self.acc_depth = acc_depth
@@ -84,10 +84,10 @@ class MatmulEngine(wiring.Component):
                                  f"not {requant_lanes!r}")
             self.requant = BitSerialRequantizer(lanes, tag_bits=addr_bits + 1)
         else:
-            # (read latency 4, a large FPGA's: the row's copy loaded by enables a group of lanes each)
+            # (read latency 4 or 5, a large FPGA's: the row's copy loaded by enables a group of lanes each)
             copied = requant_lanes not in (None, lanes) or serial_mul_bits is not None
             self.requant = Requantizer(lanes, requant_lanes, serial_mul_bits, product_latency,
-                                       load_copies=read_latency == 4 and copied)
+                                       load_copies=read_latency >= 4 and copied)
         if subbanks == 1 and self.requant.steps < 4:
             raise ValueError(f"a pool of one memory a bank takes an output row in up to 4 cycles: the "
                              f"requantizer must take >= 4 cycles a row, not {self.requant.steps} (requant_lanes)")
@@ -109,9 +109,9 @@ class MatmulEngine(wiring.Component):
         m.submodules.requant = rq = self.requant
         lat = array.latency
         extra = self.read_latency - 1   # cycles the pool's reads take beyond one
-        # (read latency 4, a large FPGA's: the accumulator memories' output registered too, a row's sums
+        # (read latency 4 or 5, a large FPGA's: the accumulator memories' output registered too, a row's sums
         # read a cycle earlier)
-        acc_q = write_q = self.read_latency == 4
+        acc_q = write_q = self.read_latency >= 4
         gap = lat + 6 + acc_q           # a tile starts >= this long after the previous one (accumulator RAW)
         load_margin = lat + 8           # the idle weight bank and param buffer are free this long after a start
 
@@ -226,10 +226,10 @@ class MatmulEngine(wiring.Component):
                     m.d.sync += w_ptr.eq(w_ptr + 1)
                 with m.Else():
                     m.d.sync += p_ptr.eq(p_ptr + 1)
-            with m.Elif(~Cat(*ld_in_flight).any() if weight_write_latency else ~ld_rd_valid):
-                # the last word has landed (a load reads every cycle, more words than the read latency,
-                # so its words land back to back) and, where the array registers its writes, is in the
-                # array: the tile is ready; step to the following tile
+            with m.Elif(~Cat(*ld_in_flight).any()):
+                # the last word has landed and, where the array registers its writes, is in the array:
+                # the tile is ready; step to the following tile (every word in flight counted: a load of
+                # fewer words than the read latency has none arriving yet when its reads end)
                 m.d.sync += [ld_busy.eq(0), ld_ready.eq(1), ld_bank.eq(~ld_bank)]
                 with m.If(ld_last_k):
                     m.d.sync += [ld_kt.eq(0), ld_nt.eq(ld_nt + 1), ld_pending.eq(ld_more_n)]
@@ -297,12 +297,11 @@ class MatmulEngine(wiring.Component):
         issue = Signal()
         pace = Signal(range(rq.steps))          # cycles until the requantizer takes another row
         # (with the bit-serial requantizer no row at all does: it reads its row from t_sum for that long)
-        if self.bit_serial:
-            pace_zero = Signal(init=1)
-            m.d.sync += pace_zero.eq(pace <= 1)
-            m.d.comb += issue.eq(pace_zero)
-        else:
-            m.d.comb += issue.eq(~last_k | (pace == 0))
+        # ("pace is zero" a flip-flop of its own: the compare on into the feeder's counters' enables was
+        # a path of the ECP5 12 x 12 at 100 MHz)
+        pace_zero = Signal(init=1)
+        m.d.sync += pace_zero.eq(pace <= 1)
+        m.d.comb += issue.eq(pace_zero if self.bit_serial else ~last_k | pace_zero)
         m.d.sync += pace.eq(Mux(pace == 0, 0, pace - 1))
 
         # stage 1: the row whose activation word arrives from memory this cycle (with a read latency of 2,
@@ -338,9 +337,7 @@ class MatmulEngine(wiring.Component):
                     m.next = "RUN"
             with m.State("RUN"):
                 with m.If(issue & last_k):
-                    m.d.sync += pace.eq(rq.steps - 1)
-                    if self.bit_serial:
-                        m.d.sync += pace_zero.eq(0)
+                    m.d.sync += [pace.eq(rq.steps - 1), pace_zero.eq(rq.steps == 1)]
                 with m.If(issue):
                     m.d.comb += [self.issuing.eq(1), self.a_rd.en.eq(1)]
                     m.d.sync += [s1_valid.eq(1), s1_zero.eq(fd_kt == 0), s1_last.eq(last_k),
@@ -409,7 +406,13 @@ class MatmulEngine(wiring.Component):
         t_requant = Signal()
         m.d.sync += [t_valid.eq(array.out_valid), t_last.eq(u_last), t_row.eq(u_row), t_optr.eq(u_optr),
                      t_pbuf.eq(u_pbuf), t_requant.eq(array.out_valid & u_last)]
-        sums = [t_sum[j].eq(array.out[j] + Mux(u_zero, 0, acc_in[32 * j: 32 * j + 32])) for j in range(L)]
+        zeros = [u_zero] * L
+        if acc_q:
+            # (a copy of the flag a column, kept apart: one flip-flop to the 12 x 32 adders' inputs was a
+            # path of the 12 x 12 at 100 MHz)
+            zeros = [Signal(name=f"u_zero{j}", attrs={"ambert_replica": 1}) for j in range(L)]
+            m.d.sync += [z.eq(p_zero) for z in zeros]
+        sums = [t_sum[j].eq(array.out[j] + Mux(zeros[j], 0, acc_in[32 * j: 32 * j + 32])) for j in range(L)]
         if self.bit_serial:
             # the bit-serial requantizer reads its row from here, a lane at a time: t_sum holds each row
             # until the next (and no row follows a last k-tile's sooner than the requantizer takes it)

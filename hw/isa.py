@@ -85,12 +85,14 @@ class AcceleratorConfig:
     for an FPGA short of logic behind a slow link, where the overlap would save little.
     ``compact_array`` (default False): the systolic array's small-FPGA layout (``SystolicArray(paired=True)``:
     two PEs' products in one iCE40 DSP block, activations broadcast along rows, narrow partial sums).
-    ``pool_read_latency`` (1 to 4; default 1): cycles from a pool read to its data. 2 registers each
+    ``pool_read_latency`` (1 to 5; default 1): cycles from a pool read to its data. 2 registers each
     memory's output before the sub-bank and bank multiplexers, for an FPGA whose block RAMs' clock-to-out
     leaves no time for them (an ECP5's DP16KD: 5.8 ns); 3 also registers each bank's read address and its
     write, for a pool whose block RAMs spread across a large chip; 4 also each reader's word after the bank
     multiplexer, so that the word crosses such a chip in two cycles, the multiplexer between them (and
-    the engine registers its accumulator memories' output and its output writes too). Each cycle more
+    the engine registers its accumulator memories' output and its output writes too); 5 also each
+    memory's word in the fabric after its output register (an ECP5's block RAM's own: ``hw.bufpool``),
+    so that the word takes three cycles from the block RAM to its reader. Each cycle more
     makes a MATMUL a cycle longer to start and to drain. ``weight_write_latency`` (0 to 2; default 0): 1
     registers the weight writes once an array column, beside its PEs, instead of fanning them out from
     one place to every PE; 2 once more before that, each row's enable decoded; a tile's weights then land
@@ -131,8 +133,8 @@ class AcceleratorConfig:
         for name in ("overlap", "compact_array"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
-        if self.pool_read_latency not in (1, 2, 3, 4):
-            raise ValueError(f"pool_read_latency must be 1 to 4, not {self.pool_read_latency!r}")
+        if self.pool_read_latency not in (1, 2, 3, 4, 5):
+            raise ValueError(f"pool_read_latency must be 1 to 5, not {self.pool_read_latency!r}")
         if self.weight_write_latency not in (0, 1, 2):
             raise ValueError(f"weight_write_latency must be 0, 1 or 2, not {self.weight_write_latency!r}")
         if self.weight_write_latency and self.compact_array:

@@ -129,8 +129,13 @@ class LinkDeframer(wiring.Component):
                     with m.Elif(unkept | (self.frame_valid & ~self.frame_done)):
                         m.d.sync += self.busy_drops.eq(self.busy_drops + 1)
                     with m.Else():
-                        m.d.sync += [self.frame_valid.eq(1), self.frame_type.eq(hdr[0]),
-                                     self.frame_seq.eq(hdr[1]), self.frame_len.eq(length)]
+                        m.d.sync += self.frame_valid.eq(1)
+                    # (the header's fields taken at any frame's end while none is held, good or not: only
+                    # `frame_valid` says whether they are a frame's; the CRC's compare on into their
+                    # enables was a path of the ECP5 12 x 12 at 100 MHz)
+                    with m.If(~unkept & ~(self.frame_valid & ~self.frame_done)):
+                        m.d.sync += [self.frame_type.eq(hdr[0]), self.frame_seq.eq(hdr[1]),
+                                     self.frame_len.eq(length)]
                 restart()
             with m.Elif(escaped):
                 m.d.sync += escaped.eq(0)
@@ -193,6 +198,15 @@ class LinkFramer(wiring.Component):
         summed = Signal()                                 # ... and whether it goes into the CRC
         pos = Signal(len(k))
         m.d.comb += pos.eq(k - 4)
+        # which byte the next one is, decided a cycle before it is picked (from k's compares and
+        # subtraction through the byte multiplexer into `held` in one cycle was a path of the ECP5
+        # 12 x 12 at 100 MHz): a header byte, a payload byte or a CRC byte, and which of the four
+        in_header, in_payload, byte_sel = Signal(), Signal(), Signal(2)
+        special = Signal()                                # `held` is a flag or escape byte
+        # the CRC takes the byte sent in STEP, on a flag of its own (the FSM's state decoded with `summed`
+        # into the enables of its 32 flip-flops was another)
+        add_crc = Signal()
+        m.d.sync += add_crc.eq(0)
         with m.FSM() as fsm:
             with m.State("IDLE"):
                 with m.If(self.start):
@@ -210,39 +224,37 @@ class LinkFramer(wiring.Component):
                 # the word registered before a byte is picked from it: a block RAM's output (the
                 # retransmit buffer's) on through the byte multiplexers in one cycle was the ECP5 12 x 12
                 # build's critical path
-                m.d.sync += word.eq(self.rd_data)
+                m.d.sync += [word.eq(self.rd_data), in_header.eq(k < 4), in_payload.eq(pos < length),
+                             byte_sel.eq(Mux(k < 4, k[:2], Mux(pos < length, pos[:2], (pos - length)[:2])))]
                 m.next = "PICK"
             with m.State("PICK"):
-                header = [kind, seq, length.as_unsigned()[:8], Cat(length, Const(0, 16))[8:16]]
-                with m.If(k < 4):
-                    with m.Switch(k):
-                        for n, b in enumerate(header):
-                            with m.Case(n):
-                                m.d.comb += raw.eq(b)
-                with m.Elif(pos < length):
-                    m.d.comb += raw.eq(word.word_select(pos[:2], 8))
+                header = Cat(kind, seq, length.as_unsigned()[:8], Cat(length, Const(0, 16))[8:16])
+                with m.If(in_header):
+                    m.d.comb += raw.eq(header.word_select(byte_sel, 8))
+                with m.Elif(in_payload):
+                    m.d.comb += raw.eq(word.word_select(byte_sel, 8))
                 with m.Else():
-                    m.d.comb += raw.eq((~crc).word_select((pos - length)[:2], 8))
-                # the CRC takes the byte a cycle later (in STEP), not through the byte's multiplexer
-                m.d.sync += [held.eq(raw), summed.eq((k < 4) | (pos < length))]
+                    m.d.comb += raw.eq((~crc).word_select(byte_sel, 8))
+                # the CRC takes the byte a cycle later (in STEP), not through the byte's multiplexer; whether
+                # it must be escaped is decided here too (from `held` through the compare into the enables
+                # of `k` was a path of the ECP5 12 x 12 at 100 MHz)
+                m.d.sync += [held.eq(raw), summed.eq(in_header | in_payload),
+                             special.eq((raw == 0x7E) | (raw == 0x7D))]
                 m.next = "SEND"
             with m.State("SEND"):
-                special = (held == 0x7E) | (held == 0x7D)
                 m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(Mux(special, 0x7D, held))]
                 with m.If(self.o.ready):
                     with m.If(special):
                         m.next = "ESCAPED"
                     with m.Else():
-                        m.d.sync += k.eq(k + 1)
+                        m.d.sync += [k.eq(k + 1), add_crc.eq(summed)]
                         m.next = "STEP"
             with m.State("ESCAPED"):
                 m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(held ^ 0x20)]
                 with m.If(self.o.ready):
-                    m.d.sync += k.eq(k + 1)
+                    m.d.sync += [k.eq(k + 1), add_crc.eq(summed)]
                     m.next = "STEP"
             with m.State("STEP"):
-                with m.If(summed):
-                    m.d.sync += crc.eq(crc32_byte_logic(crc, held))
                 with m.If(k == length + 8):
                     m.next = "CLOSE"
                 with m.Else():
@@ -251,6 +263,8 @@ class LinkFramer(wiring.Component):
                 m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(0x7E)]
                 with m.If(self.o.ready):
                     m.next = "IDLE"
+        with m.If(add_crc):                               # (high in STEP only)
+            m.d.sync += crc.eq(crc32_byte_logic(crc, held))
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
         return m
 

@@ -63,9 +63,10 @@ class Requantizer(wiring.Component):
     digit-serial product; ``out`` holds the row from then until the next row's first group
     lands, one cycle later at the earliest. ``product_latency`` 2 (default 1) gives the full-width
     partial products two cycles, their operands registered and then the products (on an ECP5 each
-    wholly inside a MULT18X18D: :func:`hw.mac.registered_product`): a cycle more of latency (no effect
-    with ``digit_bits``). ``load_copies`` (with several steps a row): an input ``load`` of ``lanes //
-    group`` copies of ``valid``, each the load enable of one group's lanes of the row's copy (driven from
+    wholly inside a MULT18X18D: :func:`hw.mac.registered_product`), and the shift two, by a multiple of 8
+    and then by the rest: two cycles more of latency (no effect with ``digit_bits``). ``load_copies``
+    (with several steps a row): an input ``load`` of ``lanes // group`` copies of ``valid``, each the
+    load enable of one group's lanes of the row's copy (driven from
     flip-flops kept apart: on the ECP5 12 x 12 one enable for the whole copy, over a thousand flip-flops,
     was the critical path at 100 MHz); they must equal ``valid``.
     """
@@ -86,7 +87,10 @@ class Requantizer(wiring.Component):
         self.product_latency = product_latency if digit_bits is None else 1
         # (a row that takes several steps is copied first: a cycle more; a full-width product takes two,
         # or three)
-        self.latency = 4 + self.steps + (self.steps > 1) + (digit_bits is None) * self.product_latency
+        # (and a product in two cycles a shift in two too)
+        self.split_shift = self.product_latency == 2
+        self.latency = (4 + self.steps + (self.steps > 1) + (digit_bits is None) * self.product_latency
+                        + self.split_shift)
         if load_copies and self.steps == 1:
             raise ValueError("load_copies needs a row copied first: several steps a row (group < lanes or "
                              "digit_bits)")
@@ -133,21 +137,25 @@ class Requantizer(wiring.Component):
             # the held row shifts down a group as each group is done, so the group in work is always the
             # lowest: each lane's register takes the one a group above it, not one of R through a
             # multiplexer (12 lanes into 2 was the ECP5 12 x 12's most congested logic)
+            # (the top group keeps its lanes as the others shift: nothing reads them before the next row is
+            # loaded, and shifting zeros in made its flip-flops' synchronous reset a net of its own, from
+            # the step counter across the ECP5 12 x 12's die)
             shifting = v0 & (digit0 == D - 1) if R > 1 else Const(0, 1)
             if self.load_copies:
                 for g in range(R):
                     with m.If(self.load[g]):
                         m.d.sync += [h.as_value()[g * w:(g + 1) * w].eq(port.as_value()[g * w:(g + 1) * w])
                                      for h, port, w in zip(held, ports, width)]
-                    with m.Elif(shifting):
-                        m.d.sync += [h.as_value()[g * w:(g + 1) * w].eq(h.as_value()[(g + 1) * w:(g + 2) * w])
-                                     for h, w in zip(held, width)]
+                    if g < R - 1:
+                        with m.Elif(shifting):
+                            m.d.sync += [h.as_value()[g * w:(g + 1) * w].eq(h.as_value()[(g + 1) * w:(g + 2) * w])
+                                         for h, w in zip(held, width)]
             else:
                 with m.If(self.valid):
                     m.d.sync += [h.eq(port) for h, port in zip(held, ports)]
                 if R > 1:
                     with m.Elif(shifting):
-                        m.d.sync += [h.eq(h.as_value()[w:]) for h, w in zip(held, width)]
+                        m.d.sync += [h.as_value()[:-w].eq(h.as_value()[w:]) for h, w in zip(held, width)]
             feed = [data.View(data.ArrayLayout(port.shape().elem_shape, G), h.as_value()[:w])
                     for port, h, w in zip(ports, held, width)]
 
@@ -156,9 +164,14 @@ class Requantizer(wiring.Component):
         group1, group2, group3, group4 = (Signal.like(group0, name=f"group{k}") for k in (1, 2, 3, 4))
         digit1 = Signal.like(digit0, name="digit1")
         last_digit1 = digit1 == D - 1
-        m.d.sync += [v1.eq(v0), v3.eq(v2), v4.eq(v3),
-                     mode1.eq(mode0), mode3.eq(mode2), mode4.eq(mode3), digit1.eq(digit0),
-                     group1.eq(group0), group3.eq(group2), group4.eq(group3)]
+        # (with the shift in two cycles, stage 4b's between 4a and 5)
+        v3b, mode3b, group3b = v3, mode3, group3
+        if self.split_shift:
+            v3b, mode3b, group3b = Signal(), Signal(2), Signal.like(group0, name="group3b")
+            m.d.sync += [v3b.eq(v3), mode3b.eq(mode3), group3b.eq(group3)]
+        m.d.sync += [v1.eq(v0), v3.eq(v2), v4.eq(v3b),
+                     mode1.eq(mode0), mode3.eq(mode2), mode4.eq(mode3b), digit1.eq(digit0),
+                     group1.eq(group0), group3.eq(group2), group4.eq(group3b)]
         if D == 1:
             # the full-width product takes two cycles or three (its partial products, then their sums):
             # stages 2a (and 2a'), 2b
@@ -238,8 +251,17 @@ class Requantizer(wiring.Component):
                                  sh3.eq(sh2)]
                 # stage 4: the arithmetic shift (a 64-bit barrel shifter has a cycle to itself: on the ECP5
                 # shift, compare and select in one cycle were the 4x4 build's critical path)
-                with m.If(v3):
-                    m.d.sync += [r.eq(rounded3 >> sh3), s4.eq(s3)]
+                if self.split_shift:
+                    # (two: by the multiple of 8, then by the rest, x >> 8a >> b being x >> (8a + b); the
+                    # six levels of one were a path of the 12 x 12 at 100 MHz)
+                    ra, sha, s3b = reg(signed(64), "shifted_a"), reg(unsigned(3), "sh4a_"), reg(signed(32), "sum3b_")
+                    with m.If(v3):
+                        m.d.sync += [ra.eq(rounded3 >> Cat(Const(0, 3), sh3[3:])), sha.eq(sh3[:3]), s3b.eq(s3)]
+                    with m.If(v3b):
+                        m.d.sync += [r.eq(ra >> sha), s4.eq(s3b)]
+                else:
+                    with m.If(v3):
+                        m.d.sync += [r.eq(rounded3 >> sh3), s4.eq(s3)]
             else:
                 # stage 2, digit-serial, least significant digit first: carry = (carry >> d) + s1 * digit,
                 # the low d bits of each shifted into `low`; after the last digit the product is (low,

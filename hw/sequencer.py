@@ -71,6 +71,9 @@ class Sequencer(wiring.Component):
         err = Signal(4)
         m.d.comb += self.error.eq(err)
         idx = Signal(17)                        # pool word of a LOAD
+        # (and whether it is the LOAD's last, a flip-flop counted down beside it: idx + 1 == count, an add
+        # and a compare on into the state register, was the UP5K build's critical path)
+        ld_left, ld_last = Signal(16), Signal()
         sub = Signal(range(H + 1))              # host word within it
         word = Signal(self.word_bits)
         range_ok, shape_ok_r, addr_ok_r, bank_ok_r = Signal(), Signal(), Signal(), Signal()
@@ -245,9 +248,13 @@ class Sequencer(wiring.Component):
         st_inflight = [Signal(name=f"st_inflight{k}") for k in range(c.pool_read_latency)]
         m.d.sync += [x.eq(y) for x, y in zip(st_inflight, [self.rd_en, *st_inflight])]
         m.d.comb += [st_fifo.w_data.eq(self.rd_data), st_fifo.w_en.eq(st_inflight[-1])]
-        in_flight = sum(st_inflight[1:], st_inflight[0])
+        # the FIFO's room for more reads: its free words less the reads in flight, counted as they change
+        # (the FIFO's level plus the in-flight flags, summed and compared, then on into the enables of the
+        # read address and count, was a path of the ECP5 12 x 12 at 100 MHz)
+        room = Signal(range(fifo_depth + 1), init=max(1, fifo_depth - 1))
+        m.d.sync += room.eq(room - self.rd_en + st_fifo.r_en)
         m.d.comb += self.rd_addr.eq(st_span[0])     # (only the enable decides: see the engine's reads)
-        with m.If(st_busy & (st_rd_left != 0) & (st_fifo.level + in_flight < max(1, fifo_depth - 1))):
+        with m.If(st_busy & (st_rd_left != 0) & (room != 0)):
             m.d.comb += self.rd_en.eq(1)
             m.d.sync += [st_span[0].eq(st_span[0] + 1), st_rd_left.eq(st_rd_left - 1)]
         with m.If(st_fifo.r_rdy):
@@ -298,7 +305,8 @@ class Sequencer(wiring.Component):
                                     m.d.sync += args_fit[n].eq(self.i.payload[A:] == 0)
                     m.d.sync += arg_idx.eq(arg_idx + 1)
                     with m.If(arg_idx + 1 == n_args):
-                        m.d.sync += [idx.eq(0), sub.eq(0), measure_step.eq(0)]
+                        m.d.sync += [idx.eq(0), sub.eq(0), measure_step.eq(0), ld_left.eq(count),
+                                     ld_last.eq(count == 1)]
                         m.next = "MEASURE"
             with m.State("MEASURE"):
                 m.d.sync += ext_p.eq(clip(times(nt, PARAM_WORDS_PER_LANE_GROUP)))
@@ -402,8 +410,8 @@ class Sequencer(wiring.Component):
                     m.d.sync += [word.eq(assembled), sub.eq(sub + 1)]
                     with m.If(sub + 1 == H):
                         m.d.comb += self.wr_en.eq(flags[0])
-                        m.d.sync += [sub.eq(0), idx.eq(idx + 1)]
-                        with m.If(idx + 1 == count):
+                        m.d.sync += [sub.eq(0), idx.eq(idx + 1), ld_left.eq(ld_left - 1), ld_last.eq(ld_left == 2)]
+                        with m.If(ld_last):
                             m.next = "HEADER"
             with m.State("DRAIN"):
                 # answers come after everything before them: the running MATMUL and the last STORE

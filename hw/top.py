@@ -39,8 +39,9 @@ class Accelerator(wiring.Component):
                                                      c.serial_mul_bits, c.pool_subbanks, c.compact_array,
                                                      c.pool_read_latency, c.weight_write_latency,
                                                      c.product_latency, c.hop_latency)
-        # (a pool read latency of 4 is the pool's 3 and a register after the bank multiplexer, below)
-        pool_latency = min(c.pool_read_latency, 3)
+        # (a pool read latency of 4 or 5 is the pool's 3 or 4 and a register after the bank multiplexer,
+        # below)
+        pool_latency = c.pool_read_latency - (c.pool_read_latency >= 4)
         m.submodules.pool = pool = BufferPool(8 * c.lanes, c.banks, c.bank_words, c.pool_subbanks, pool_latency)
         m.submodules.counters = cnt = PerfCounters(c.lanes * c.lanes)
         bank_bits = (c.bank_words - 1).bit_length()
@@ -70,33 +71,53 @@ class Accelerator(wiring.Component):
         # 12.5 ns of routing across the ECP5 12 x 12's die)
         selects = [Cat(*(bank_of(addr) == b for b in range(c.banks)))
                    for addr in (eng.a_rd.addr, eng.w_rd.addr, seq.rd_addr)]
-        # (read latency 4: the last flags a copy a byte of the word, kept apart: a copy's multiplexers lie
+        # (read latency 4 or 5: the last flags a copy a byte of the word, kept apart: a copy's multiplexers lie
         # with the array column its byte goes to; one copy's 96 x 4 multiplexer inputs spread over the
         # die, then a quarter word's, were the 12 x 12's critical path at 100 MHz)
-        slices = c.lanes if c.pool_read_latency == 4 else 1
+        # (and the stage before them a copy every four bytes, each feeding four: from one flip-flop to
+        # twelve copies across the die was a path of the 12 x 12 at 100 MHz)
+        slices = c.lanes if c.pool_read_latency >= 4 else 1
+        groups = -(-slices // 4) if slices > 4 and pool_latency > 1 else 1
+        selects = [[x] for x in selects]
         for k in range(pool_latency):
             last = k == pool_latency - 1
-            copies = slices if last else 1
-            held = [[Signal(c.banks, name=f"{n}_bank{j if copies > 1 else ''}" if last else f"{n}_bank_d{k}",
+            copies = slices if last else groups if k == pool_latency - 2 else 1
+            held = [[Signal(c.banks, name=f"{n}_bank{j if copies > 1 else ''}" if last else
+                            f"{n}_bank_d{k}" + (f"_{j}" if copies > 1 else ""),
                             attrs={"ambert_replica": 1} if copies > 1 else {})
                      for j in range(copies)] for n in "aws"]
-            m.d.sync += [h.eq(x) for hs, x in zip(held, selects) for h in hs]
-            selects = [hs[0] for hs in held]
+            m.d.sync += [h.eq(xs[j * len(xs) // copies]) for hs, xs in zip(held, selects) for j, h in enumerate(hs)]
+            selects = held
         a_bank, w_bank, s_bank = held
         # a LOAD's words, and which bank each goes to
-        seq_wr_addr, seq_wr_data = seq.wr_addr, seq.wr_data
-        seq_w_sel = [seq.wr_en & (bank_of(seq.wr_addr) == b) for b in range(c.banks)]
+        seq_wr_en, seq_wr_addr, seq_wr_data = seq.wr_en, seq.wr_addr, seq.wr_data
+        if c.pool_read_latency >= 4:
+            # (with read latency 4 or 5 registered once more first: the sequencer's write enable, from the
+            # link's FIFO through its state, decoded and on to the bank flags' copies below, was a path of
+            # the 12 x 12 at 100 MHz)
+            seq_wr_en = Signal(name="seq_wr_en")
+            seq_wr_addr = Signal.like(seq.wr_addr, name="seq_wr_addr0")
+            seq_wr_data = Signal.like(seq.wr_data, name="seq_wr_data0", reset_less=True)
+            m.d.sync += [seq_wr_en.eq(seq.wr_en), seq_wr_addr.eq(seq.wr_addr), seq_wr_data.eq(seq.wr_data)]
+        seq_w_sel = [seq_wr_en & (bank_of(seq_wr_addr) == b) for b in range(c.banks)]
         if c.pool_read_latency >= 3:
             # (a large FPGA's: written a cycle later, from flip-flops, with a flag a bank that picks them
             # over the engine's words, so no decode fans out to a bank's write-data multiplexers: from the
             # engine's write decode to the 4 x 96 of them across the die was the 12 x 12's critical path.
             # Nothing reads a LOAD's words sooner than the next command's dispatch, cycles later.)
+            # (with read latency 4 or 5 the flag a copy a byte too: one copy to a bank's 96 write-data
+            # multiplexers, spread with its block RAMs, was the 12 x 12's critical path at 100 MHz)
+            wr_addr, wr_data = seq_wr_addr, seq_wr_data
             seq_wr_addr = Signal.like(seq.wr_addr, name="seq_wr_addr")
             seq_wr_data = Signal.like(seq.wr_data, name="seq_wr_data", reset_less=True)
-            sel = [Signal(name=f"seq_w_sel{b}") for b in range(c.banks)]
-            m.d.sync += [seq_wr_addr.eq(seq.wr_addr), seq_wr_data.eq(seq.wr_data)]
-            m.d.sync += [x.eq(y) for x, y in zip(sel, seq_w_sel)]
+            sel = [[Signal(name=f"seq_w_sel{b}" + (f"_{j}" if slices > 1 else ""),
+                           attrs={"ambert_replica": 1} if slices > 1 else {}) for j in range(slices)]
+                   for b in range(c.banks)]
+            m.d.sync += [seq_wr_addr.eq(wr_addr), seq_wr_data.eq(wr_data)]
+            m.d.sync += [x.eq(y) for xs, y in zip(sel, seq_w_sel) for x in xs]
             seq_w_sel = sel
+        else:
+            seq_w_sel = [[x] for x in seq_w_sel]
         for b in range(c.banks):
             port = pool.bank[b]
             # the checked MATMUL keeps its three streams in different banks, and the sequencer holds back
@@ -110,16 +131,20 @@ class Accelerator(wiring.Component):
                 m.d.comb += [port.r_addr.eq(offset(seq.rd_addr)), port.r_en.eq(1)]
             # (the engine's words unless a LOAD writes the bank: the write data's select is the LOAD's
             # flag, not the engine's decode; as branches, not a multiplexer a sub-bank, for the simulator)
-            with m.If(seq_w_sel[b]):
+            with m.If(seq_w_sel[b][0]):
                 m.d.comb += [port.w_row.eq(offset(seq_wr_addr) >> sub_bits),
                              port.w_en.eq(1 << seq_wr_addr[:sub_bits] if S > 1 else 1)]
-                m.d.comb += [port.w_data[s].eq(seq_wr_data) for s in range(S)]
-            with m.Else():
-                m.d.comb += [port.w_data[s].eq(eng.o_wr.data[s]) for s in range(S)]
-                with m.If(eng.o_wr.en.any() & (bank_of(eng.o_wr.addr) == b)):
-                    m.d.comb += [port.w_row.eq(offset(eng.o_wr.addr) >> sub_bits), port.w_en.eq(eng.o_wr.en)]
+            with m.Elif(eng.o_wr.en.any() & (bank_of(eng.o_wr.addr) == b)):
+                m.d.comb += [port.w_row.eq(offset(eng.o_wr.addr) >> sub_bits), port.w_en.eq(eng.o_wr.en)]
+            part = -(-len(seq_wr_data) // len(seq_w_sel[b]))
+            for j, sel in enumerate(seq_w_sel[b]):
+                bits = slice(part * j, part * (j + 1))
+                with m.If(sel):
+                    m.d.comb += [port.w_data[s][bits].eq(seq_wr_data[bits]) for s in range(S)]
+                with m.Else():
+                    m.d.comb += [port.w_data[s][bits].eq(eng.o_wr.data[s][bits]) for s in range(S)]
         words = [eng.a_rd.data, eng.w_rd.data, seq.rd_data]
-        if c.pool_read_latency == 4:
+        if c.pool_read_latency >= 4:
             # each reader's word registered after the bank multiplexer: from the banks' output registers,
             # spread across the chip, to the multiplexer, then on to the reader, a cycle each (a select
             # fanning out to the multiplexers of a word on its way to the array's columns across the ECP5

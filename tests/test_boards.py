@@ -1,6 +1,7 @@
 """Board files, their clocks and PLLs, the build's fit check, and the programming step's messages."""
 
 import json
+from fractions import Fraction
 from pathlib import Path
 import re
 import subprocess
@@ -29,8 +30,9 @@ def test_bad_board_requests_name_the_choices():
         get_board("nexys")
     with pytest.raises(ValueError, match="has sizes small, medium, target, not 'huge'"):
         get_board("ulx3s").config("huge")
-    with pytest.raises(ValueError, match="3000000 baud does not divide the 25.0 MHz clock"):
-        Board("x", object, "ecp5", 25e6, 3_000_000)
+    with pytest.raises(ValueError, match="3000000 baud is 3.33 cycles a bit of the 10.0 MHz clock; the UART "
+                                         "takes at least 4"):
+        Board("x", object, "ecp5", 10e6, 3_000_000)
 
 
 @pytest.mark.parametrize("f_out", [30e6, 50e6, 60e6, 75e6, 100e6, 125e6])
@@ -93,7 +95,8 @@ def test_the_dsp_layout_puts_each_array_column_on_adjacent_multipliers_of_one_st
 
 
 def test_a_size_may_run_at_its_own_clock():
-    """Named sizes only, each clock divisible by the baud rate like the board's."""
+    """Named sizes only, each clock at least 4 cycles a bit of the baud rate like the board's (a fraction
+    where the baud rate does not divide it)."""
     sizes = {"small": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128)}
     board = Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
                   size_clock_hz={"small": 45e6})
@@ -101,9 +104,12 @@ def test_a_size_may_run_at_its_own_clock():
     with pytest.raises(ValueError, match="size_clock_hz names 'huge'"):
         Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
               size_clock_hz={"huge": 45e6})
-    with pytest.raises(ValueError, match="3000000 baud does not divide the 50.0 MHz clock"):
+    board = Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
+                  size_clock_hz={"small": 50e6})
+    assert board.divisor("small") == Fraction(50, 3)
+    with pytest.raises(ValueError, match="3000000 baud is 3.00 cycles a bit of the 9.0 MHz clock"):
         Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
-              size_clock_hz={"small": 50e6})
+              size_clock_hz={"small": 9e6})
 
 
 def test_a_size_may_name_its_placement_seed():
@@ -241,11 +247,14 @@ def test_the_ulx3s_netlist_computes_what_the_design_does(tmp_path, minilm):
     _check_minilm(sim, minilm)
     netlist = (tmp_path / "ulx3s-small" / "netlist.v").read_text()
     assert "DP16KD" in netlist                                    # the model was exercised
+    # the pool's block RAMs with their output registers (hw.bufpool.registered_bram): 4 banks of 4
+    # DP16KDs of 9 bits for a 32-bit word
+    assert len(re.findall(r'\.REGMODE_B\("OUTREG"\)', netlist)) == 4 * 4
     # every multiply in a DSP block with its registers (hw.mac.registered_product, product_latency 2):
-    # the PEs' 16, the requantizer's 4 lanes x 4 partial products, the sequencer's one
+    # the PEs' 16, the requantizer's lane of 4 partial products, the sequencer's one
     cells = re.findall(r"^\s*MULT18X18D (#\(.*?\)\s*)?\S+\s+\(", netlist, flags=re.S | re.M)
     registered = [p for p in cells if all(f'.REG_{r}_CLK("CLK0")' in p for r in ("INPUTA", "INPUTB", "OUTPUT"))]
-    assert len(registered) == len(cells) == 16 + 4 * 4 + 1
+    assert len(registered) == len(cells) == 16 + 4 + 1
 
 
 def test_postsynthesis_simulation_names_the_sizes_a_board_has(capsys):

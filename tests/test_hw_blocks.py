@@ -150,8 +150,9 @@ def test_requantizer_matches_ref_requant(group, digit_bits, product_latency, loa
     dut = Requantizer(lanes, group, digit_bits, product_latency, load_copies)
     assert dut.steps == lanes // group * (1 if digit_bits is None else -(-31 // digit_bits))
     # (a row taking several steps is copied first; a full-width product takes two cycles, three with its
-    # operands registered; a digit-serial one has none)
-    assert dut.latency == 4 + dut.steps + (dut.steps > 1) + (digit_bits is None) * product_latency
+    # operands registered, and then its shift two; a digit-serial one has none)
+    assert dut.latency == (4 + dut.steps + (dut.steps > 1) + (digit_bits is None) * product_latency
+                           + (digit_bits is None and product_latency == 2))
     rng = random.Random(3)
     rows = _requant_rows(rng, lanes, 300)
     rows[0] = ([1, 3, -1, -3], [0] * 4, [1 << 30] * 4, [31] * 4, int(Mode.INT8))      # ties
@@ -260,7 +261,7 @@ def test_requantizer_refuses_a_group_that_does_not_divide_the_lanes():
         BitSerialRequantizer(6)
 
 
-@pytest.mark.parametrize("read_latency", [1, 2, 3])
+@pytest.mark.parametrize("read_latency", [1, 2, 3, 4])
 def test_bufpool_banks_are_independent(read_latency):
     dut = BufferPool(16, 3, 16, read_latency=read_latency)
     rng = random.Random(4)
@@ -292,8 +293,8 @@ def test_bufpool_banks_are_independent(read_latency):
             if cycle + 1 >= read_latency:
                 assert [ctx.get(dut.bank[b].r_data) for b in range(3)] == issued[cycle + 1 - read_latency]
     simulate(dut, bench)
-    with pytest.raises(ValueError, match="read_latency must be 1, 2 or 3, not 4"):
-        BufferPool(16, 3, 16, read_latency=4)
+    with pytest.raises(ValueError, match="read_latency must be 1 to 4, not 5"):
+        BufferPool(16, 3, 16, read_latency=5)
 
 
 async def exchange(ctx, dut, words, expect, max_cycles=20000):
@@ -354,7 +355,7 @@ def test_config_validation():
         AcceleratorConfig(overlap=0)
     with pytest.raises(ValueError, match="compact_array must be True or False, not 'yes'"):
         AcceleratorConfig(compact_array="yes")
-    with pytest.raises(ValueError, match="pool_read_latency must be 1 to 4, not 0"):
+    with pytest.raises(ValueError, match="pool_read_latency must be 1 to 5, not 0"):
         AcceleratorConfig(pool_read_latency=0)
     with pytest.raises(ValueError, match="weight_write_latency must be 0, 1 or 2, not 3"):
         AcceleratorConfig(weight_write_latency=3)

@@ -1,6 +1,7 @@
 """The UART PHY in Amaranth's simulator against its line model (hw.uart.line_levels)."""
 
 import random
+from fractions import Fraction
 
 import pytest
 from amaranth import Module
@@ -16,11 +17,17 @@ def _run(dut, bench):
     sim.run()
 
 
-@pytest.mark.parametrize("divisor", [2, 5, 16])
+@pytest.mark.parametrize("divisor", [2, 5, 16, Fraction(14, 3), Fraction(100, 3), Fraction(21, 4)])
 def test_tx_sends_bytes_back_to_back_exactly_as_the_model(divisor):
     dut = UartTx(divisor)
-    data = bytes(random.Random(divisor).randrange(256) for _ in range(20)) + b"\x00\xff"
+    data = bytes(random.Random(str(divisor)).randrange(256) for _ in range(20)) + b"\x00\xff"
     levels = []
+    if divisor != int(divisor):
+        # the model itself at a fractional divisor: 0x55 changes level at every bit, and bit k ends
+        # floor((k + 1) d) cycles after the byte's start
+        one = line_levels(b"\x55", divisor)
+        edges = [n for n in range(1, len(one)) if one[n] != one[n - 1]]
+        assert edges == [int(k * divisor) for k in range(1, 10)] and len(one) == int(10 * divisor)
 
     async def bench(ctx):
         ctx.set(dut.i.valid, 1)
@@ -63,9 +70,11 @@ def _levels_at(data, bit_cycles, idle=7):
     return [bits[min(len(bits) - 1, int(t / bit_cycles))] for t in range(total)]
 
 
-@pytest.mark.parametrize("divisor, mismatch", [(4, 1.0), (8, 0.97), (8, 1.03), (16, 1.04), (16, 0.96)])
+@pytest.mark.parametrize("divisor, mismatch", [(4, 1.0), (8, 0.97), (8, 1.03), (16, 1.04), (16, 0.96),
+                                               (Fraction(100, 3), 1.0), (Fraction(100, 3), 1.02),
+                                               (Fraction(100, 3), 0.98), (Fraction(14, 3), 1.0)])
 def test_rx_decodes_across_a_clock_mismatch(divisor, mismatch):
-    data = bytes(random.Random(divisor).randrange(256) for _ in range(40)) + b"\x7e\x7d\x00\xff"
+    data = bytes(random.Random(str(divisor)).randrange(256) for _ in range(40)) + b"\x7e\x7d\x00\xff"
     got, (framing, overruns) = _receive(divisor, _levels_at(data, divisor * mismatch))
     assert got == data and framing == 0 and overruns == 0
 
@@ -82,8 +91,8 @@ def test_rx_ignores_glitches_and_counts_framing_errors_and_overruns():
     assert overruns > 0 and len(got) < 10
 
 
-def test_loopback_through_both():
-    d = 6
+@pytest.mark.parametrize("d", [6, Fraction(100, 3)])
+def test_loopback_through_both(d):
     data = bytes(random.Random(1).randrange(256) for _ in range(64))
     m = Module()
     m.submodules.tx = tx = UartTx(d)
@@ -94,7 +103,7 @@ def test_loopback_through_both():
     async def bench(ctx):
         sent = 0
         ctx.set(rx.o.ready, 1)
-        for _ in range(len(data) * 10 * d + 50):
+        for _ in range(int(len(data) * 10 * d) + 50):
             ctx.set(tx.i.valid, sent < len(data))
             ctx.set(tx.i.payload, data[sent] if sent < len(data) else 0)
             if ctx.get(rx.o.valid):
