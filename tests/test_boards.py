@@ -118,7 +118,7 @@ def test_a_size_may_name_its_placement_seed():
     board = Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
                   size_seed={"target": 2})
     assert board.seed("target") == 2 and board.seed("small") == 1
-    assert get_board("ulx3s").seed("target") == 2
+    assert get_board("ulx3s").seed("target") == 3
     with pytest.raises(ValueError, match="size_seed names 'huge'"):
         Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
               size_seed={"huge": 3})
