@@ -12,6 +12,15 @@ SUBBANKS = 4     # by default each bank interleaves four memories, so an output 
 ECP5_BRAM_WORDS = 2048      # a DP16KD as 2048 words of 9 bits, the deepest of its modes that a byte fits
 
 
+def _memory(m, name, width, depth, r_addr, r_en, w_addr, w_data, w_en):
+    """An Amaranth memory with one synchronous read port and one write port; returns the read data."""
+    mem = memory.Memory(shape=unsigned(width), depth=depth, init=[])
+    m.submodules[name] = mem
+    rp, wp = mem.read_port(), mem.write_port()
+    m.d.comb += [rp.addr.eq(r_addr), rp.en.eq(r_en), wp.addr.eq(w_addr), wp.data.eq(w_data), wp.en.eq(w_en)]
+    return rp.data
+
+
 def registered_bram(m, platform, name, width, depth, r_addr, r_en, w_addr, w_data, w_en):
     """A ``width`` x ``depth`` memory with a registered read: the word at ``r_addr`` (read when ``r_en``;
     else the last word read) two cycles later, before any write issued with or after the read.
@@ -23,12 +32,8 @@ def registered_bram(m, platform, name, width, depth, r_addr, r_en, w_addr, w_dat
     were one cycle. Elsewhere, and in simulation, an Amaranth memory and a register after it.
     """
     if not (is_ecp5(platform) and depth <= ECP5_BRAM_WORDS):
-        mem = memory.Memory(shape=unsigned(width), depth=depth, init=[])
-        m.submodules[name] = mem
-        rp, wp = mem.read_port(), mem.write_port()
-        m.d.comb += [rp.addr.eq(r_addr), rp.en.eq(r_en), wp.addr.eq(w_addr), wp.data.eq(w_data), wp.en.eq(w_en)]
         r_data = Signal(width, name=f"{name}_q", reset_less=True)
-        m.d.sync += r_data.eq(rp.data)
+        m.d.sync += r_data.eq(_memory(m, name, width, depth, r_addr, r_en, w_addr, w_data, w_en))
         return r_data
     r_data = Signal(width, name=f"{name}_q")
     for j in range(-(-width // 9)):
@@ -145,13 +150,8 @@ class BufferPool(wiring.Component):
                         m.d.sync += fabric.eq(r_data)
                         r_data = fabric
                 else:
-                    mem = memory.Memory(shape=unsigned(self.word_bits), depth=depth, init=[])
-                    m.submodules[f"bank{b}_sub{s}"] = mem
-                    rp = mem.read_port()
-                    wp = mem.write_port()
-                    m.d.comb += [rp.addr.eq(r_addr >> sub_bits), rp.en.eq(r_en),
-                                 wp.addr.eq(w_row), wp.data.eq(w_data[s]), wp.en.eq(w_en[s])]
-                    r_data = rp.data
+                    r_data = _memory(m, f"bank{b}_sub{s}", self.word_bits, depth,
+                                     r_addr >> sub_bits, r_en, w_row, w_data[s], w_en[s])
                 with m.If(sub_sel == s):
                     m.d.comb += port.r_data.eq(r_data)
         return m
