@@ -106,6 +106,7 @@ class Sequencer(wiring.Component):
         # one that starts it): the dispatch decision then enables one flip-flop, not all of these
         st_busy, st_banks, st_span = Signal(), Signal(c.banks), span("st")
         st_rd_left, st_tx_left = Signal(16), Signal(16)     # pool words still to read, to send
+        st_rd_more = Signal()                               # st_rd_left != 0, as a flip-flop
         st_sub = Signal(range(H))
         m.d.comb += self.busy.eq(mm_running | st_busy)
 
@@ -254,9 +255,12 @@ class Sequencer(wiring.Component):
         room = Signal(range(fifo_depth + 1), init=max(1, fifo_depth - 1))
         m.d.sync += room.eq(room - self.rd_en + st_fifo.r_en)
         m.d.comb += self.rd_addr.eq(st_span[0])     # (only the enable decides: see the engine's reads)
-        with m.If(st_busy & (st_rd_left != 0) & (room != 0)):
+        # (the 16-bit count's compare, on into the pool's read-address multiplexers, was a path of the
+        # ECP5 12 x 12 at 100 MHz: the compare is a cycle early, on the count it replaces)
+        with m.If(st_busy & st_rd_more & (room != 0)):
             m.d.comb += self.rd_en.eq(1)
-            m.d.sync += [st_span[0].eq(st_span[0] + 1), st_rd_left.eq(st_rd_left - 1)]
+            m.d.sync += [st_span[0].eq(st_span[0] + 1), st_rd_left.eq(st_rd_left - 1),
+                         st_rd_more.eq(st_rd_left != 1)]
         with m.If(st_fifo.r_rdy):
             st_out = st_fifo.r_data.word_select(st_sub, 32) if H > 1 else st_fifo.r_data
             m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(st_out)]
@@ -386,7 +390,8 @@ class Sequencer(wiring.Component):
                             m.next = "HEADER"
                         with m.Elif(~store_waits):
                             m.d.sync += [st_busy.eq(1), st_banks.eq(x_banks), st_span[0].eq(x_span[0]),
-                                         st_span[1].eq(x_span[1]), st_rd_left.eq(count), st_tx_left.eq(count)]
+                                         st_span[1].eq(x_span[1]), st_rd_left.eq(count), st_tx_left.eq(count),
+                                         st_rd_more.eq(1)]      # (count is not 0 here)
                             m.next = "HEADER"
                     with m.Default():      # MATMUL
                         with m.If(~shape_ok_r):
