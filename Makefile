@@ -37,11 +37,11 @@ bench: $(STAMP)
 
 bitstream: $(STAMP)
 	@test -n "$(BOARD)" || { echo "usage: make bitstream BOARD=ulx3s|icebreaker [SIZE=small|medium|target]"; exit 2; }
-	$(BIN)/python -m boards.build $(BOARD) --size $(SIZE) $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT))
+	$(BIN)/python -m ambert.boards.build $(BOARD) --size $(SIZE) $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT))
 
 program: $(STAMP)
 	@test -n "$(BOARD)" || { echo "usage: make program BOARD=ulx3s|icebreaker [SIZE=small|medium|target]"; exit 2; }
-	$(BIN)/python -m boards.program $(BOARD) --size $(SIZE)
+	$(BIN)/python -m ambert.boards.program $(BOARD) --size $(SIZE)
 
 clean:
 	rm -rf build .pytest_cache sim_build

@@ -36,16 +36,17 @@ def main():
 
     import numpy as np
     import torch
-    from hw.isa import AcceleratorConfig, Error, Mode, Program, parse_status
-    from sim.fastsim import FastSim
-    from sw.compiler.gemm import gemm_program
-    from sw.quant.ref import ref_matmul
+    from ambert.hw.config import AcceleratorConfig
+    from ambert.proto.isa import Counters, DeviceShape, Error, Mode, Program, parse_status
+    from ambert.sim.fastsim import FastSim
+    from ambert.sw.compiler.gemm import gemm_program
+    from ambert.sw.quant.ref import ref_matmul
 
-    cfg = AcceleratorConfig(lanes=args.lanes, banks=4, bank_words=16384, acc_depth=512)
+    cfg = AcceleratorConfig(DeviceShape(lanes=args.lanes, banks=4, bank_words=16384, acc_depth=512))
     t0 = time.perf_counter()
     sim = FastSim(cfg)
-    print(f"Verilated {cfg.lanes}x{cfg.lanes} top ready in {time.perf_counter() - t0:.1f} s "
-          f"({cfg.banks} banks x {cfg.bank_words} words of {cfg.lanes} bytes)")
+    print(f"Verilated {cfg.shape.lanes}x{cfg.shape.lanes} top ready in {time.perf_counter() - t0:.1f} s "
+          f"({cfg.shape.banks} banks x {cfg.shape.bank_words} words of {cfg.shape.lanes} bytes)")
     rng = np.random.default_rng(0)
     small, large = [], []
     print(f"\n{'model':10} {'GEMM':14} {'M x K x N':>16} {'busy cycles':>12} {'total cycles':>13} "
@@ -56,19 +57,19 @@ def main():
             w = rng.integers(-128, 128, (n, k), dtype=np.int8)
             bias = rng.integers(-2**20, 2**20, n)
             m0, shift = rng.integers(1 << 30, 1 << 31, n), np.full(n, 40)
-            prog, decode = gemm_program(cfg, a, w, bias, m0, shift, Mode.INT8)
-            words = Program(cfg).counters().words + prog.words + Program(cfg).counters().words
+            prog, decode = gemm_program(cfg.shape, a, w, bias, m0, shift, Mode.INT8)
+            words = Program(cfg.shape).counters().words + prog.words + Program(cfg.shape).counters().words
             t1 = time.perf_counter()
-            res = sim.run(words, prog.expect + 12)
+            nc = Counters.WORDS
+            res = sim.run(words, prog.expect + 2 * nc)
             wall = time.perf_counter() - t1
-            before, after = res.answers[:6], res.answers[-6:]
-            busy = (after[0] | after[1] << 32) - (before[0] | before[1] << 32)
-            out, status = decode(res.answers[6:-6])
+            busy = Counters.unpack(res.answers[-nc:]).busy - Counters.unpack(res.answers[:nc]).busy
+            out, status = decode(res.answers[nc:-nc])
             want = ref_matmul(torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(bias.astype(np.int32)),
                               torch.from_numpy(m0), torch.from_numpy(shift), 8).numpy()
             if parse_status(status) != Error(0) or not np.array_equal(out, want):
                 raise SystemExit(f"{model} {name}: result differs from the integer reference")
-            eff = m * k * n / (cfg.lanes * cfg.lanes * busy)
+            eff = m * k * n / (cfg.shape.lanes * cfg.shape.lanes * busy)
             (large if is_large else small).append(eff)
             print(f"{model:10} {name:14} {f'{m}x{k}x{n}':>16} {busy:12d} {res.cycles:13d} {eff:10.2%} "
                   f"{res.cycles / wall / 1e6:9.2f}")

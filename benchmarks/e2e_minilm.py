@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 def main():
     import torch
-    from sw.quant.quantize import quantize_pretrained, read_sentences
-    from sw.runtime import offload
+    from ambert.sw.quant.quantize import quantize_pretrained, read_sentences
+    from ambert.sw.runtime import offload
 
     qm, model, tok = quantize_pretrained(progress=False)
     text = " ".join(read_sentences(ROOT / "tests" / "fixtures" / "sentences.txt")[:12])
@@ -32,8 +32,7 @@ def main():
     out = mod(**enc).last_hidden_state
     sim_wall = time.perf_counter() - t0
     st = mod.last_stats
-    cfg = mod.runner.devices[0].config
-    lanes = cfg.lanes
+    lanes = mod.runner.devices[0].shape.lanes
 
     def best_of_interleaved(fns, reps=10):
         """Best time of each function, the runs interleaved so drifting machine load hits both alike."""
@@ -60,7 +59,7 @@ def main():
             ("whole-model efficiency (all cycles)", f"{st.overall_efficiency:.1%}"),
             ("pool: planned peak (KiB)", f"{st.pool_peak_words * lanes / 1024:.0f}"),
             ("pool: naive, nothing reused (KiB)", f"{st.pool_naive_words * lanes / 1024:.0f}"),
-            ("pool: size (KiB)", f"{cfg.pool_words * lanes / 1024:.0f}"),
+            ("pool: size (KiB)", f"{mod.runner.devices[0].shape.pool_words * lanes / 1024:.0f}"),
             ("host link traffic (MiB)", f"{st.host_words * 4 / 2**20:.1f}"),
             ("modeled latency at 100 MHz (ms)", f"{st.latency_s(100e6) * 1e3:.1f}"),
             ("output == CPU integer reference", str(exact)),

@@ -27,10 +27,10 @@ def main():
 
     import torch
     from tqdm import tqdm
-    from sw.quant import artifact
-    from sw.quant.fidelity import TENSORS, measure
-    from sw.quant.hf import load_bert, load_tokenizer
-    from sw.quant.quantize import quantize_pretrained, read_sentences
+    from ambert.sw.quant import artifact
+    from ambert.sw.quant.fidelity import TENSORS, measure
+    from ambert.sw.quant.hf import load_bert, load_tokenizer
+    from ambert.sw.quant.quantize import quantize_pretrained, read_sentences
 
     sentences = read_sentences(args.sentences)
     t0 = time.perf_counter()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""FPGA fit: build each board's target configuration (``python -m boards.build <board> --size target``)
+"""FPGA fit: build each board's target configuration (``python -m ambert.boards.build <board> --size target``)
 and tabulate resources, Fmax and peak throughput. Slow: place and route of a full array takes tens of
 minutes on two cores.
 
@@ -18,8 +18,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def main():
-    from boards import BOARD_NAMES, get_board
-    from boards.build import build, print_report
+    from ambert.boards import BOARD_NAMES, get_board
+    from ambert.boards.build import build, print_report
     p = argparse.ArgumentParser()
     p.add_argument("--boards", nargs="+", default=list(BOARD_NAMES))
     p.add_argument("--size", default="target")
@@ -31,7 +31,7 @@ def main():
         board = get_board(name)
         config = board.config(args.size)
         fmax = min((f["achieved"] for f in report.get("fmax_mhz", {}).values()), default=0.0)
-        rows.append((name, config.lanes, board.clock(args.size) / 1e6, fmax, report["status"],
+        rows.append((name, config.shape.lanes, board.clock(args.size) / 1e6, fmax, report["status"],
                      sum(report["steps"].values())))
     print(f"\n{'board':<12} {'array':>6} {'clock MHz':>10} {'Fmax MHz':>9} {'GOPS@clock':>11} {'build s':>8}  status")
     for name, lanes, clock, fmax, status, secs in rows:

@@ -18,8 +18,8 @@ def main():
     import torch
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA GPU; none is visible to torch here")
-    from sw.quant.quantize import quantize_pretrained, read_sentences
-    from sw.runtime import offload
+    from ambert.sw.quant.quantize import quantize_pretrained, read_sentences
+    from ambert.sw.runtime import offload
 
     qm, model, tok = quantize_pretrained(progress=False)
     sentences = read_sentences(ROOT / "tests" / "fixtures" / "sentences.txt")

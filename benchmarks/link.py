@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from boards.virtual import damage  # noqa: E402  (after the path is set)
+from ambert.boards.virtual import damage  # noqa: E402  (after the path is set)
 
 BAUD = 3_000_000
 
@@ -65,7 +65,7 @@ class Uart:
 
 def transfer(out_bytes, back_bytes, baud, error_rate, seed=0):
     """Move ``out_bytes`` host->board and ``back_bytes`` board->host; return the virtual seconds."""
-    from sw.link import Endpoint
+    from ambert.sw.link import Endpoint
     uart = Uart(baud, error_rate, seed)
     frame_time = (256 + 12) * 10 / baud
     retry = 4 * 4 * frame_time                  # four windows of full frames
@@ -111,12 +111,12 @@ def board_latency(payload_fraction, sentence="Hello there!"):
     the array computes while the next words arrive)."""
     import dataclasses
     import json
-    from boards import BOARD_NAMES, get_board
-    from sw.quant.hf import encode
-    from sw.quant.quantize import quantize_pretrained
-    from sw.runtime import OffloadedBert
-    from sw.runtime.base import DeviceError
-    from sw.runtime.sim import SimDevice
+    from ambert.boards import BOARD_NAMES, get_board
+    from ambert.sw.quant.hf import encode
+    from ambert.sw.quant.quantize import quantize_pretrained
+    from ambert.sw.runtime import OffloadedBert
+    from ambert.sw.runtime.base import DeviceError
+    from ambert.sw.runtime.sim import SimDevice
     qm, model, tok = quantize_pretrained(progress=False)
     enc = encode(tok, [sentence])
     print(f"\nMiniLM, one sentence ({enc['input_ids'].shape[1]} tokens), modeled on each board")
@@ -125,7 +125,8 @@ def board_latency(payload_fraction, sentence="Hello there!"):
     lines = []
     for name in BOARD_NAMES:
         board = get_board(name)
-        for size, config in board.sizes.items():
+        for size in board.sizes:
+            size, config = size.name, size.config
             # the board runs at the clock its file declares; a build report says whether timing met it
             # (a report of another clock or configuration is of an older board file: "stale")
             report = ROOT / "build" / "boards" / f"{name}-{size}" / "report.json"
@@ -145,7 +146,8 @@ def board_latency(payload_fraction, sentence="Hello there!"):
             stats = mod.last_stats
             link_s = 4 * stats.host_words * 10 / board.baud / payload_fraction
             compute_s = stats.cycles / clock
-            print(f"{name + '/' + size:<18} {config.lanes:>2}x{config.lanes:<3} {board.baud:>10,} {clock / 1e6:>10.1f} "
+            lanes = config.shape.lanes
+            print(f"{name + '/' + size:<18} {lanes:>2}x{lanes:<3} {board.baud:>10,} {clock / 1e6:>10.1f} "
                   f"{4 * stats.host_words / 1e6:>8.2f} {stats.cycles:>12,} {link_s:>8.1f} {compute_s:>10.2f} "
                   f"{link_s + compute_s:>8.1f}  {built}")
             lines.append(f"{name}/{size} {link_s + compute_s:.1f} s")

@@ -16,9 +16,10 @@ sys.path.insert(0, str(ROOT))
 
 def main():
     import numpy as np
-    from hw.isa import AcceleratorConfig, Mode
-    from sim.fastsim import FastSim
-    from sw.compiler.gemm import gemm_program
+    from ambert.hw.config import AcceleratorConfig
+    from ambert.proto.isa import DeviceShape, Mode
+    from ambert.sim.fastsim import FastSim
+    from ambert.sw.compiler.gemm import gemm_program
 
     rng = np.random.default_rng(0)
     a = rng.integers(-128, 128, (128, 384), dtype=np.int8)
@@ -26,9 +27,9 @@ def main():
     speeds = {}
     print(f"{'array':>6} {'cycles':>10} {'wall s':>8} {'cycles/s':>12}")
     for lanes in (8, 16):
-        cfg = AcceleratorConfig(lanes=lanes, banks=4, bank_words=16384, acc_depth=512)
+        cfg = AcceleratorConfig(DeviceShape(lanes=lanes, banks=4, bank_words=16384, acc_depth=512))
         sim = FastSim(cfg)
-        prog, _ = gemm_program(cfg, a, w, np.zeros(384), np.full(384, 1 << 30), np.full(384, 40), Mode.INT8)
+        prog, _ = gemm_program(cfg.shape, a, w, np.zeros(384), np.full(384, 1 << 30), np.full(384, 40), Mode.INT8)
         sim.run(prog.words, prog.expect)                    # warm up (page in the model)
         best = None
         for _ in range(7):

@@ -1,17 +1,42 @@
-"""What a board file says, and the top that puts :class:`hw.board.BoardTop` on a board's pins."""
+"""What a board file says, and the top that puts :class:`ambert.hw.board.BoardTop` on a board's pins."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 
 from amaranth import ClockDomain, ClockSignal, Const, Elaboratable, Instance, Module, ResetSignal, Signal
 from amaranth.lib import io
 
-from hw.board import BoardTop
-from hw.isa import AcceleratorConfig
+from ambert.hw.config import AcceleratorConfig
+from ambert.hw.board import BoardTop
 
-__all__ = ["Board", "PlatformTop", "ecp5_pll_params", "ice40_pll_params"]
+
+__all__ = ["Board", "Size", "PlatformTop", "ecp5_pll_params", "ice40_pll_params"]
 
 RETRY_S = 0.05          # the board's retransmission timeout; the host's USB latency is inside it
+
+
+@dataclass(frozen=True)
+class Size:
+    """One configuration a board is built in.
+
+    ``name``: what ``--size`` calls it ("small" is what CI builds, "target" what the board is for);
+    ``config``: the :class:`ambert.hw.config.AcceleratorConfig`; ``clock_hz``: its clock, when it is not the
+    board's (a larger array that does not reach it); ``seed``: nextpnr's placement seed (a build is
+    deterministic for a seed); ``dsp_layout``: its array multipliers placed by :mod:`ambert.boards.layout`
+    (an ECP5-85F's), built with nextpnr's static placer and router2.
+    """
+
+    name: str
+    config: AcceleratorConfig
+    clock_hz: float | None = None
+    seed: int = 1
+    dsp_layout: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.config, AcceleratorConfig):
+            raise TypeError(f"size {self.name!r}: config must be an AcceleratorConfig, not {self.config!r}")
+        if not isinstance(self.seed, int) or self.seed < 1:
+            raise ValueError(f"size {self.name!r}: seed must be a positive integer, not {self.seed!r}")
 
 
 @dataclass(frozen=True)
@@ -19,16 +44,12 @@ class Board:
     """A dev board, as data.
 
     ``platform``: the amaranth-boards class; ``family``: "ice40" or "ecp5" (which tools and which PLL);
-    ``clock_hz``: the clock the design runs at, the one timing must pass (a PLL makes it from the board's
-    oscillator when they differ); ``size_clock_hz``: the sizes that run at another clock than
-    ``clock_hz`` (a larger array that does not reach it); ``size_seed``: nextpnr's placement seed for
-    the sizes whose board file names one (else 1; a build is deterministic for a seed); ``baud``: the
-    UART's (at least 4 clock cycles a bit; where it does not divide a clock, the bits last a cycle more or
-    less, as :mod:`hw.uart` says); ``uart``: the resource number; ``leds``: how many LEDs show the
-    status; ``sizes``: named accelerator configurations, "small" (what CI builds) and "target" (what
-    the board is for); ``synth_opts``, ``nextpnr_opts``, ``script_after_read``: passed to the platform
-    build. ``dsp_layout``: the sizes whose array multipliers :mod:`boards.layout` places (an ECP5-85F's),
-    built with nextpnr's static placer and router2 — what made the ULX3S's 12 x 12 routable.
+    ``clock_hz``: the clock the design runs at unless a size names its own, the one timing must pass (a
+    PLL makes it from the board's oscillator when they differ); ``baud``: the UART's (at least 4 clock
+    cycles a bit; where it does not divide a clock, the bits last a cycle more or less, as
+    :mod:`ambert.hw.uart` says); ``uart``: the resource number; ``leds``: how many LEDs show the status;
+    ``sizes``: the :class:`Size` records it is built in; ``synth_opts``, ``nextpnr_opts``,
+    ``script_after_read``: passed to the platform build.
     """
 
     name: str
@@ -36,60 +57,63 @@ class Board:
     family: str
     clock_hz: float
     baud: int
-    sizes: dict = field(default_factory=dict)
+    sizes: tuple = ()
     uart: int = 0
     leds: int = 4
     synth_opts: str = ""
     nextpnr_opts: str = ""
     script_after_read: str = ""
-    dsp_layout: tuple = ()
-    size_clock_hz: dict = field(default_factory=dict)
-    size_seed: dict = field(default_factory=dict)
     programmer: tuple = ()          # the command that programs the bitstream (file name appended)
-    notes: str = ""
 
     def __post_init__(self):
         if self.family not in ("ice40", "ecp5"):
             raise ValueError(f"family must be 'ice40' or 'ecp5', not {self.family!r}")
-        for name in ("size_clock_hz", "size_seed"):
-            for size in getattr(self, name):
-                if size not in self.sizes:
-                    raise ValueError(f"{self.name}: {name} names {size!r}, not a size of this board")
-        for clock_hz in (self.clock_hz, *self.size_clock_hz.values()):
+        names = [size.name for size in self.sizes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{self.name}: sizes named twice in {names}")
+        for size in self.sizes:
+            if not isinstance(size, Size):
+                raise TypeError(f"{self.name}: sizes must be Size records, not {size!r}")
+        for clock_hz in (self.clock_hz, *(size.clock_hz for size in self.sizes if size.clock_hz is not None)):
             if round(clock_hz) < 4 * self.baud:
                 raise ValueError(f"{self.name}: {self.baud} baud is {round(clock_hz) / self.baud:.2f} cycles a bit "
                                  f"of the {clock_hz / 1e6} MHz clock; the UART takes at least 4")
-        for size in self.dsp_layout:
-            if self.family != "ecp5" or size not in self.sizes:
-                raise ValueError(f"{self.name}: dsp_layout names {size!r}, not an ECP5 size of this board")
-        for size, config in self.sizes.items():
-            if not isinstance(config, AcceleratorConfig):
-                raise TypeError(f"{self.name}: size {size!r} must be an AcceleratorConfig")
+        for size in self.sizes:
+            if size.dsp_layout and self.family != "ecp5":
+                raise ValueError(f"{self.name}: size {size.name!r} asks for the DSP layout, which is an ECP5's")
+
+    @property
+    def size_names(self):
+        return [size.name for size in self.sizes]
 
     @property
     def bitstream_name(self):
         """What the build writes and the programmer takes."""
         return "ambert.bin" if self.family == "ice40" else "ambert.bit"
 
+    def size(self, name):
+        """The :class:`Size` called ``name``."""
+        for size in self.sizes:
+            if size.name == name:
+                return size
+        raise ValueError(f"{self.name} has sizes {', '.join(self.size_names)}, not {name!r}")
+
+    def config(self, size):
+        return self.size(size).config
+
     def clock(self, size):
         """The clock ``size`` runs at (Hz): the one its build must meet."""
-        self.config(size)
-        return self.size_clock_hz.get(size, self.clock_hz)
+        clock_hz = self.size(size).clock_hz
+        return self.clock_hz if clock_hz is None else clock_hz
 
     def seed(self, size):
-        """nextpnr's placement seed for ``size``: the board file's, else 1."""
-        self.config(size)
-        return self.size_seed.get(size, 1)
+        """nextpnr's placement seed for ``size``."""
+        return self.size(size).seed
 
     def divisor(self, size):
         """Clock cycles per UART bit at ``size``'s clock: an integer, or a :class:`~fractions.Fraction`."""
         d = Fraction(round(self.clock(size)), self.baud)
         return int(d) if d.denominator == 1 else d
-
-    def config(self, size):
-        if size not in self.sizes:
-            raise ValueError(f"{self.name} has sizes {', '.join(self.sizes)}, not {size!r}")
-        return self.sizes[size]
 
 
 def ecp5_pll_params(f_in, f_out):
@@ -152,7 +176,7 @@ def _ice40_pll(m, clk_pin, f_in, f_out, domain):
 
 
 class PlatformTop(Elaboratable):
-    """A board's pins around :class:`hw.board.BoardTop`: the clock (through a PLL when the board's
+    """A board's pins around :class:`ambert.hw.board.BoardTop`: the clock (through a PLL when the board's
     oscillator is not ``board.clock(size)``), a reset held until the PLL locks and for 2**16 cycles after,
     the UART and the status LEDs."""
 

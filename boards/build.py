@@ -1,8 +1,8 @@
 """Build a board's bitstream with the open tools from PyPI (YoWASP: Yosys, nextpnr, icepack/ecppack).
 
-    python -m boards.build ulx3s [--size small|target] [--out build/boards]
+    python -m ambert.boards.build ulx3s [--size small|target] [--out build/boards]
 
-Elaborates the board top (:mod:`boards.board`), runs each tool with a progress line, and writes
+Elaborates the board top (:mod:`ambert.boards.board`), runs each tool with a progress line, and writes
 ``report.json`` beside the bitstream: the resources used and available, Fmax per clock against the clock
 the board file declares, pass or fail. Exit status: 0 timing met, 1 timing failed, 2 a tool failed (a
 design that does not fit, say: the report says which resource).
@@ -151,10 +151,10 @@ NO_COLLISION_MEMORIES = ("setparam -set COLLISION_X_MASK 1'1 t:$memrd_v2 r:MEMID
 KEEP_REPLICAS = "proc; setattr -set keep 1 a:ambert_replica %ci1 c:* %i"
 
 # Wires named like an array's element (Amaranth names a view's parts ``acc[7]``) hidden from Yosys 0.70's
-# ABC9: with some of them driven from its LUTs, its reintegration of the mapped logic stopped on an
-# assertion (`GetSize(conn.first) == GetSize(conn.second)`, rtlil.cc) at the ECP5 12 x 12 after changes
-# that had nothing to do with them; with them hidden the same netlist synthesized. (Their names leave
-# nextpnr's reports; the registers keep theirs.)
+# ABC9: with some of them driven from its LUTs, its reintegration of the mapped logic can stop on an
+# assertion (`GetSize(conn.first) == GetSize(conn.second)`, rtlil.cc) on netlists that are otherwise
+# fine; hidden, the same netlist synthesizes. (Their names leave nextpnr's reports; the registers keep
+# theirs.)
 HIDE_ELEMENT_NAMES = "rename -hide w:*]"
 
 
@@ -174,10 +174,9 @@ def build(board_name, size="small", out=None, seed=None, synth_only=False, time_
     for old in ("report.json", "nextpnr.json", board.bitstream_name):
         (folder / old).unlink(missing_ok=True)
     platform = board.platform()
-    laid_out = size in board.dsp_layout
-    # (and router2's timing-driven rip-up: without it the 12 x 12 built for 100 MHz reached 81.6 and 90.2
-    # MHz at seeds 1 and 2, routes of a few paths crossing the die; with it 94.9 and 100.5, then 100.9
-    # and 100.0 at seeds 3 and 4, for no longer a build)
+    laid_out = board.size(size).dsp_layout
+    # with router2's timing-driven rip-up: the paths that come last on a laid-out array are routes across
+    # the die, which it re-routes for timing at no cost in build time
     layout_opts = "--placer static --router router2 --tmg-ripup" if laid_out else ""
     script_after_read = "\n".join(filter(None, (NO_COLLISION_MEMORIES, KEEP_REPLICAS, HIDE_ELEMENT_NAMES,
                                                  board.script_after_read)))
@@ -192,14 +191,14 @@ def build(board_name, size="small", out=None, seed=None, synth_only=False, time_
     report = {"board": board.name, "size": size, "config": dataclasses.asdict(config),
               "family": board.family, "clock_mhz": board.clock(size) / 1e6, "baud": board.baud, "seed": seed,
               "steps": {}, "built": time.strftime("%Y-%m-%d %H:%M:%S")}
-    print(f"building {board.name} ({size}: {config.lanes}x{config.lanes} array, {config.banks} x "
-          f"{config.bank_words} pool words) at {board.clock(size) / 1e6:g} MHz in {folder}", file=sys.stderr)
+    print(f"building {board.name} ({size}: {config.shape.lanes}x{config.shape.lanes} array, {config.shape.banks} x "
+          f"{config.shape.bank_words} pool words) at {board.clock(size) / 1e6:g} MHz in {folder}", file=sys.stderr)
     status = "ok"
     for k, (var, args) in enumerate(steps, 1):
         if var.startswith("NEXTPNR") and laid_out:
             # the array's multipliers on their DSP sites (boards.layout), in the netlist Yosys wrote
             netlist = json.loads((folder / "ambert.json").read_text())
-            report["dsp_layout"] = constrain_array(netlist, config.rows, config.cols)
+            report["dsp_layout"] = constrain_array(netlist, config.shape.rows, config.shape.cols)
             (folder / "ambert.json").write_text(json.dumps(netlist))
         rc, took = _run_step([_tool(var), *args], folder, STEP_NAMES[var], k, len(steps), time_limit)
         report["steps"][STEP_NAMES[var]] = round(took, 1)
@@ -257,7 +256,7 @@ def print_report(report, file=sys.stdout):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m boards.build", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ambert.boards.build", description=__doc__.split("\n\n")[0])
     p.add_argument("board", choices=BOARD_NAMES)
     p.add_argument("--size", default="small", help="a size the board file names (small, target)")
     p.add_argument("--out", help="build folder (default build/boards)")

@@ -2,7 +2,7 @@
 
 The LFE5U-85F's 156 MULT18X18D lie in three strips across the die (tile rows 10, 34, 58), thirteen DSP
 blocks of four multipliers each. Left to itself, nextpnr's placer scatters an array's PEs over all three
-strips (even a 4 x 4's), and at 12 x 12 (153 of 156 multipliers in use) the routing never converged.
+strips (even a 4 x 4's), and at 12 x 12 (153 of 156 multipliers in use) the routing does not converge.
 Laying each array column on consecutive multipliers of one strip keeps the 32-bit partial sums between
 neighbours short (the 9-bit activations between columns go further): with nextpnr's static placer and
 router2 the 12 x 12 routes (see the README's results). The BEL names are nextpnr's, as a placed design

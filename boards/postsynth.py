@@ -1,8 +1,8 @@
 """Post-synthesis simulation: a board configuration's accelerator as Yosys maps it, run against the reference.
 
-    python -m boards.postsynth icebreaker [--size small] [--out build/postsynth]
+    python -m ambert.boards.postsynth icebreaker [--size small] [--out build/postsynth]
 
-Synthesizes the accelerator (the simulation top of :func:`sim.fastsim.sim_top`) with the board family's
+Synthesizes the accelerator (the simulation top of :func:`ambert.sim.fastsim.sim_top`) with the board family's
 Yosys flow and the board build's memory declaration, writes the mapped netlist, Verilates it with Yosys'
 own cell models and the fast simulator's harness, and runs GEMMs of every mode against the integer
 reference. It checks what simulating the Amaranth design cannot: Yosys' optimisation and technology
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hw.isa import Error, Mode, parse_status
-from sim.fastsim import FAST_HEADER, HARNESS, FastSim, _build_library, sim_top
-from sim.gemm_cases import random_case, reference
-from sw.compiler.gemm import gemm_program
+from ambert.proto.isa import Error, Mode, parse_status
+from ambert.sim.fastsim import FAST_HEADER, HARNESS, FastSim, _build_library, sim_top
+from ambert.sw.gemm_cases import random_case, reference
+from ambert.sw.compiler.gemm import gemm_program
 
 from . import BOARD_NAMES, get_board
 from .build import HIDE_ELEMENT_NAMES, NO_COLLISION_MEMORIES, _tool
@@ -95,7 +95,7 @@ def check(sim, cases=CASES, seed=0):
     results = []
     for shape, mode in cases:
         case = random_case(rng, *shape, mode)
-        prog, decode = gemm_program(sim.config, *case, mode)
+        prog, decode = gemm_program(sim.config.shape, *case, mode)
         got, status = decode(sim.run(prog.words, prog.expect).answers)
         equal = parse_status(status) == Error(0) and np.array_equal(got, reference(*case, mode))
         results.append((shape, mode, equal))
@@ -103,7 +103,7 @@ def check(sim, cases=CASES, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m boards.postsynth", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ambert.boards.postsynth", description=__doc__.split("\n\n")[0])
     p.add_argument("board", choices=BOARD_NAMES)
     p.add_argument("--size", default="small")
     p.add_argument("--out", help="build folder (default build/postsynth)")

@@ -1,6 +1,6 @@
 """Program a board with the bitstream ``make bitstream`` built.
 
-    python -m boards.program ulx3s [--size small]
+    python -m ambert.boards.program ulx3s [--size small]
 
 Uses the board file's programmer (openFPGALoader for the ULX3S, iceprog for the iCEBreaker) when it is
 installed; otherwise says how to get it and the command to run.
@@ -21,7 +21,7 @@ INSTALL = {"openFPGALoader": "apt-get install openfpgaloader (or build it: githu
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m boards.program", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ambert.boards.program", description=__doc__.split("\n\n")[0])
     p.add_argument("board", choices=BOARD_NAMES)
     p.add_argument("--size", default="small")
     p.add_argument("--out", help="build folder (default build/boards)")

@@ -1,11 +1,11 @@
 """A virtual board on a pseudo-terminal: the Verilated board top — UART PHY, link endpoint, accelerator.
 
-    python -m boards.virtual --lanes 4 --banks 4 --bank-words 1024 --acc-depth 128
-    python -m boards.virtual --board icebreaker          # a board file's configuration, exactly
+    python -m ambert.boards.virtual --lanes 4 --banks 4 --bank-words 1024 --acc-depth 128
+    python -m ambert.boards.virtual --board icebreaker          # a board file's configuration, exactly
 
 prints the pty's path on its first line and serves until the host side closes. The host talks to it
 exactly as to a board on a UART (``device="board:/dev/pts/N"``): every byte is driven bit by bit onto the
-board top's ``rx`` pin and read back off ``tx`` (``sim.fastsim.BoardSim``), at an accelerated baud (4 clock
+board top's ``rx`` pin and read back off ``tx`` (``ambert.sim.fastsim.BoardSim``), at an accelerated baud (4 clock
 cycles a bit), through the same link hardware a bitstream carries. Faults for tests: ``--flip``,
 ``--drop``, ``--dup`` (per-byte probabilities, both directions, applied on the pty), ``--stall-after N``
 (stop answering after N received bytes), ``--reset-after N`` (press the board's reset after N received
@@ -20,7 +20,8 @@ import sys
 import tty
 
 
-from hw.isa import AcceleratorConfig
+from ambert.hw.config import AcceleratorConfig
+from ambert.proto.isa import DeviceShape
 
 __all__ = ["VirtualBoard", "FaultyFd", "damage", "main"]
 
@@ -82,7 +83,7 @@ class FaultyFd:
 
 class VirtualBoard:
     def __init__(self, config, transport, stall_after=None, reset_after=None):
-        from sim.fastsim import BoardSim
+        from ambert.sim.fastsim import BoardSim
         self.config = config
         self.board = BoardSim(config, retry_cycles=RETRY_CYCLES)
         self.transport = transport
@@ -108,7 +109,7 @@ class VirtualBoard:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m boards.virtual", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ambert.boards.virtual", description=__doc__.split("\n\n")[0])
     p.add_argument("--board", help="serve this board's configuration (boards/<name>.py) instead of the "
                                     "--lanes/--banks/--bank-words/--acc-depth given")
     p.add_argument("--size", default="small", help="the board's size (with --board; default: small)")
@@ -130,8 +131,11 @@ def main(argv=None):
         except ValueError as e:
             p.error(str(e))
     else:
-        config = AcceleratorConfig(lanes=args.lanes, banks=args.banks, bank_words=args.bank_words,
-                                   acc_depth=args.acc_depth)
+        try:
+            config = AcceleratorConfig(DeviceShape(lanes=args.lanes, banks=args.banks, bank_words=args.bank_words,
+                                                   acc_depth=args.acc_depth))
+        except ValueError as e:
+            p.error(str(e))
     master, slave = os.openpty()
     tty.setraw(slave)
     board = VirtualBoard(config, FaultyFd(master, args.flip, args.drop, args.dup, args.seed),

@@ -23,7 +23,7 @@ class SystolicArray(wiring.Component):
     + cols + product_latency`` cycles later (1: the PEs' product register), all columns aligned.
 
     ``paired`` (default False) is the layout for a small FPGA, where logic cells are what runs out: the
-    products of neighbouring PEs two by two in one :class:`hw.mac.ProductPair` (one DSP block per pair
+    products of neighbouring PEs two by two in one :class:`ambert.hw.mac.ProductPair` (one DSP block per pair
     on an iCE40), each row's activation broadcast to all its columns instead of passed along (no output
     deskew then; a 4 x 4 array at tens of MHz needs no pipelined fan-out), each row's two weight banks
     in one block RAM read a cycle ahead of its activation (``latency = rows + 2``), and partial sums
@@ -39,7 +39,7 @@ class SystolicArray(wiring.Component):
     ``sel == b`` has been out for ``latency`` cycles; a row issued with ``sel == b`` sees a write to bank
     b issued ``write_latency`` cycles before it or earlier.
 
-    ``product_latency`` (1 or 2; the PEs', :class:`hw.pe.ProcessingElement`) 2 registers each PE's operands
+    ``product_latency`` (1 or 2; the PEs', :class:`ambert.hw.pe.ProcessingElement`) 2 registers each PE's operands
     before its multiply too (on an ECP5, the DSP block's own registers): the latency is a cycle longer,
     ``rows + cols + 2``, nothing else. ``hop_latency`` (1 or 2) is how many cycles an activation takes
     from a column's PE to the next column's: 2 puts a register between them (on a large FPGA, whose DSP
@@ -105,11 +105,9 @@ class SystolicArray(wiring.Component):
             row_we_of.append(row_we)
         w_data, w_bank = self.w_data, self.w_bank
         if self.write_latency == 2:
-            # the write registered once before the columns' copies, each row's enable decoded: the decode
-            # on its way across the die to the far columns' enables was the 12 x 12's critical path at
-            # 100 MHz
-            # (each row's enable and the bank a copy every four columns: from one to twelve columns'
-            # copies across the ECP5 12 x 12's die was a path at 100 MHz)
+            # the write registered once before the columns' copies, each row's enable decoded, so the
+            # decode does not travel with the write to the far columns; each row's enable and the bank a
+            # copy every four columns, each beside the columns it feeds
             groups = -(-C // 4)
             replica = {"ambert_replica": 1} if groups > 1 else {}
             w_data = Signal.like(self.w_data, name="w_data_q", reset_less=True)
@@ -131,9 +129,8 @@ class SystolicArray(wiring.Component):
             # that Yosys would otherwise merge into these, beside one column's PEs)
             col_data = [Signal(signed(8), name=f"w_data_col{j}", reset_less=True, attrs=replica) for j in range(C)]
             col_bank = [Signal(name=f"w_bank_col{j}", reset_less=True, attrs=replica) for j in range(C)]
-            # (the enables without reset, as the data: a write in flight at a reset lands in a weight bank
-            # that the next tile's load writes anyway; with one, the reset joined the row decode on its
-            # way across the die, the ECP5 12 x 12's critical path)
+            # the enables without reset, as the data: a write in flight at a reset lands in a weight bank
+            # that the next tile's load writes anyway, and the reset net stays off the row decode
             col_we = [[Signal(name=f"w_we_row{i}_col{j}", reset_less=True, attrs=replica) for j in range(C)]
                       for i in range(R)]
             m.d.sync += [col_data[j].eq(w_data[j]) for j in range(C)]

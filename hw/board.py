@@ -5,7 +5,9 @@ from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from .isa import ISA_VERSION, AcceleratorConfig
+from ambert.proto.link import Hello
+
+from .config import AcceleratorConfig
 from .link import LinkEndpoint
 from .top import Accelerator
 from .uart import UartRx, UartTx
@@ -16,10 +18,8 @@ LINK_MAX_PAYLOAD, LINK_WINDOW = 256, 4
 
 
 def hello_payload(config, max_payload=LINK_MAX_PAYLOAD, window=LINK_WINDOW):
-    """The 16 bytes a board announces in its HELLO (docs/link.md): what the runtime compiles for."""
-    from sw.link.arq import LINK_VERSION, Hello
-    return Hello(LINK_VERSION, ISA_VERSION, config.lanes, config.banks, config.bank_words, config.acc_depth,
-                 max_payload, window).pack()
+    """The bytes a board announces in its HELLO (docs/link.md): what the runtime compiles for."""
+    return Hello.of(config.shape, max_payload, window).pack()
 
 
 class BoardTop(wiring.Component):
@@ -56,9 +56,9 @@ class BoardTop(wiring.Component):
                                                 self.max_payload, self.window, self.retry_cycles)
         # the host's HELLO restarts the accelerator as well as the link: the pool's contents are gone. The
         # accelerator runs in a domain of the same clock whose reset is one flip-flop, set by the board's
-        # reset and a cycle after a HELLO: decoded from the frame, and or-ed with the board's reset, it
-        # had to reach every resettable register of the accelerator in a cycle (the ECP5 12 x 12's
-        # critical path, twice). In that cycle no word passes between the link and the accelerator.
+        # reset and a cycle after a HELLO, so the frame's decoding does not fan out to every resettable
+        # register of the accelerator in the same cycle. In that cycle no word passes between the link
+        # and the accelerator.
         accel_reset = Signal(init=1)
         m.d.sync += accel_reset.eq(link.accel_reset)
         m.domains.accel = ClockDomain("accel", local=True)
@@ -68,8 +68,8 @@ class BoardTop(wiring.Component):
         wiring.connect(m, urx.o, link.rx)
         wiring.connect(m, link.tx, utx.i)
         # the link's words leave its frame buffer (a block RAM) and go straight into the sequencer's
-        # decoder: a registered two-word FIFO between them takes the RAM's clock-to-out off that path
-        # (it was the ULX3S 4x4 build's critical path). A HELLO empties it with the accelerator.
+        # decoder: a registered two-word FIFO between them takes the RAM's clock-to-out off the decoder's
+        # paths. A HELLO empties it with the accelerator.
         m.submodules.in_fifo = in_fifo = DomainRenamer("accel")(SyncFIFOBuffered(width=32, depth=2))
         m.d.comb += [in_fifo.w_stream.payload.eq(link.o.payload),
                      in_fifo.w_stream.valid.eq(link.o.valid & ~accel_reset),

@@ -119,10 +119,9 @@ class BufferPool(wiring.Component):
             r_addr, r_en = port.r_addr, port.r_en
             w_row, w_data, w_en = port.w_row, port.w_data, port.w_en
             if self.read_latency >= 3:
-                # (the write too, so that a read still sees every write issued before it; the ULX3S
-                # target's pool is one memory a bank, so that is its 96-bit word, not four. One register
-                # for all of a bank's block RAMs: a copy beside each, 11 a bank on the ECP5 12 x 12, put
-                # the bank multiplexer's route to them into the cycle instead, 13-14 ns at 100 MHz)
+                # the write too, so that a read still sees every write issued before it. One register for
+                # all of a bank's block RAMs: copies beside each would put the bank multiplexer's route
+                # to them into the cycle instead (docs/timing.md)
                 r_addr = Signal.like(port.r_addr, name=f"bank{b}_r_addr")
                 r_en = Signal(name=f"bank{b}_r_en")
                 w_row = Signal.like(port.w_row, name=f"bank{b}_w_row")

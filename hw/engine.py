@@ -1,19 +1,31 @@
 """The MATMUL engine: walks the tiles of one GEMM through the array, the accumulators and the epilogue."""
 
+from types import SimpleNamespace
+
 from amaranth import Cat, Const, Module, Mux, Signal, Value, unsigned
 from amaranth.lib import data, memory, wiring
 from amaranth.lib.wiring import In, Out
 
+from ambert.proto.isa import MODE_WORDS, PARAM_WORDS_PER_LANE_GROUP, Mode
+
 from .array import SystolicArray
 from .bufpool import SUBBANKS
-from .isa import MODE_WORDS, PARAM_WORDS_PER_LANE_GROUP, Mode
 from .requant import BitSerialRequantizer, Requantizer
 
 __all__ = ["MatmulEngine", "mode_words"]
 
 
+def _delay(m, sig, n, name):
+    """``sig`` through ``n`` registers (named ``<name>_d<k>``)."""
+    for k in range(n):
+        nxt = Signal.like(sig, name=f"{name}_d{k}")
+        m.d.sync += nxt.eq(sig)
+        sig = nxt
+    return sig
+
+
 def mode_words(mode):
-    """Pool words per output row for a MATMUL mode signal (hw.isa.MODE_WORDS, as logic)."""
+    """Pool words per output row for a MATMUL mode signal (``proto.isa.MODE_WORDS``, as logic)."""
     return Mux(mode == Mode.INT8, MODE_WORDS[Mode.INT8],
                Mux(mode == Mode.INT16, MODE_WORDS[Mode.INT16], MODE_WORDS[Mode.INT32]))
 
@@ -30,7 +42,7 @@ class PoolWrite(wiring.Signature):
 
 
 class MatmulEngine(wiring.Component):
-    """Run ``out = requant(A @ W.T + bias)`` for operands laid out in the pool as ``hw.isa`` packs them.
+    """Run ``out = requant(A @ W.T + bias)`` for operands laid out in the pool as ``proto.isa`` packs them.
 
     On ``start`` (while idle) the engine latches the arguments and walks the tiles n-tile-major: for each
     n-tile, for each k-tile, it streams the tile's M activation rows through the array, one per cycle,
@@ -64,30 +76,26 @@ class MatmulEngine(wiring.Component):
     ``issuing`` is high in cycles that feed a row to the array (for the performance counters).
     """
 
-    def __init__(self, lanes, addr_bits, acc_depth, requant_lanes=None, serial_mul_bits=None, subbanks=SUBBANKS,
-                 compact_array=False, read_latency=1, weight_write_latency=0, product_latency=1, hop_latency=1):
-        if read_latency not in (1, 2, 3, 4, 5):
-            raise ValueError(f"read_latency must be 1 to 5, not {read_latency!r}")
-        self.lanes = lanes
-        self.read_latency = read_latency
-        self.acc_depth = acc_depth
+    def __init__(self, config, addr_bits):
+        shape, impl = config.shape, config.impl
+        self.lanes = lanes = shape.lanes
+        self.read_latency = impl.pool_read_latency
+        self.acc_depth = shape.acc_depth
         self.word_bits = 8 * lanes
-        self.subbanks = subbanks
-        self.compact_array = compact_array
-        self.array = SystolicArray(lanes, lanes, paired=compact_array, write_latency=weight_write_latency,
-                                   product_latency=product_latency, hop_latency=hop_latency)
+        self.subbanks = subbanks = impl.pool_subbanks
+        self.compact_array = impl.compact_array
+        self.array = SystolicArray(lanes, lanes, paired=impl.compact_array, write_latency=impl.weight_write_latency,
+                                   product_latency=impl.product_latency, hop_latency=impl.hop_latency)
         # bit-serial: one lane at a time, the parameters read from a memory as it needs them
-        self.bit_serial = serial_mul_bits == 1
+        self.bit_serial = impl.serial_mul_bits == 1
         if self.bit_serial:
-            if requant_lanes != 1:
-                raise ValueError(f"a bit-serial requantizer takes one lane at a time: requant_lanes must be 1, "
-                                 f"not {requant_lanes!r}")
             self.requant = BitSerialRequantizer(lanes, tag_bits=addr_bits + 1)
         else:
-            # (read latency 4 or 5, a large FPGA's: the row's copy loaded by enables a group of lanes each)
-            copied = requant_lanes not in (None, lanes) or serial_mul_bits is not None
-            self.requant = Requantizer(lanes, requant_lanes, serial_mul_bits, product_latency,
-                                       load_copies=read_latency >= 4 and copied)
+            # read latency 4 or 5 (a large FPGA's): a narrow requantizer's row copy loads by an enable a
+            # group of lanes, each beside its group
+            copied = impl.requant_lanes not in (None, lanes) or impl.serial_mul_bits is not None
+            self.requant = Requantizer(lanes, impl.requant_lanes, impl.serial_mul_bits, impl.product_latency,
+                                       load_copies=impl.pool_read_latency >= 4 and copied)
         if subbanks == 1 and self.requant.steps < 4:
             raise ValueError(f"a pool of one memory a bank takes an output row in up to 4 cycles: the "
                              f"requantizer must take >= 4 cycles a row, not {self.requant.steps} (requant_lanes)")
@@ -102,73 +110,66 @@ class MatmulEngine(wiring.Component):
         })
 
     def elaborate(self, platform):
+        """The tile loop in five parts, each adding its logic to ``m`` in turn and its signals to ``s``,
+        which the later parts read: the latched arguments and the accumulators, the loader, the feeder,
+        the drain and the epilogue."""
         m = Module()
-        L, WB = self.lanes, self.word_bits
-        P = PARAM_WORDS_PER_LANE_GROUP
         m.submodules.array = array = self.array
-        m.submodules.requant = rq = self.requant
-        lat = array.latency
-        extra = self.read_latency - 1   # cycles the pool's reads take beyond one
-        # (read latency 4 or 5, a large FPGA's: the accumulator memories' output registered too, a row's sums
-        # read a cycle earlier)
-        acc_q = write_q = self.read_latency >= 4
-        gap = lat + 6 + acc_q           # a tile starts >= this long after the previous one (accumulator RAW)
-        load_margin = lat + 8           # the idle weight bank and param buffer are free this long after a start
+        m.submodules.requant = self.requant
+        s = SimpleNamespace(L=self.lanes, WB=self.word_bits, P=PARAM_WORDS_PER_LANE_GROUP, lat=array.latency)
+        s.extra = self.read_latency - 1     # cycles the pool's reads take beyond one
+        # read latency 4 or 5 (a large FPGA's): the accumulator memories' output and the output writes
+        # registered too, a row's sums read a cycle earlier
+        s.acc_q = s.write_q = self.read_latency >= 4
+        s.gap = s.lat + 6 + s.acc_q         # a tile starts >= this long after the previous one (accumulator RAW)
+        s.load_margin = s.lat + 8           # the idle weight bank and param buffer are free this long after a start
+        self._arguments(m, s)
+        self._loader(m, s)
+        self._feeder(m, s)
+        self._drain(m, s)
+        self._epilogue(m, s)
+        return m
 
-        def delay(sig, n, name):
-            for k in range(n):
-                nxt = Signal.like(sig, name=f"{name}_d{k}")
-                m.d.sync += nxt.eq(sig)
-                sig = nxt
-            return sig
-
-        def ring_delay(sigs, n, name):
-            # the same delay as n registers, from a memory written every cycle and read n - 1 slots ahead
-            # of the write (one read, one write a cycle instead of n copies: faster to simulate, and a
-            # small RAM rather than n x width flip-flops on an FPGA); the data carries no reset
-            word = Cat(*sigs)
-            # (the compact layout's few cycles would make it flip-flops: on the small FPGA it is built
-            # for, block RAM is what is left over)
-            attrs = {"ram_style": "block"} if self.compact_array else None
-            m.submodules[name] = ring = memory.Memory(shape=unsigned(len(word)), depth=n, init=[], attrs=attrs)
-            wr, rd = ring.write_port(), ring.read_port(transparent_for=())
-            ptr = Signal(range(n), name=f"{name}_ptr")
-            m.d.sync += ptr.eq(Mux(ptr == n - 1, 0, ptr + 1))
-            m.d.comb += [wr.en.eq(1), wr.addr.eq(ptr), wr.data.eq(word),
-                         rd.addr.eq(Mux(ptr == n - 1, 0, ptr + 1))]
-            outs, at = [], 0
-            for sig in sigs:
-                outs.append(Signal.like(sig, name=f"{name}_{sig.name}"))
-                m.d.comb += outs[-1].eq(rd.data[at:at + len(sig)])
-                at += len(sig)
-            return outs
-
-        acc_mem = memory.Memory(shape=unsigned(32 * L), depth=self.acc_depth, init=[])
+    def _arguments(self, m, s):
+        """The accumulator memory (``acc_depth`` rows of ``lanes`` int32), the registers the arguments are
+        latched into, and ``since``: cycles since the current tile started, saturating above every margin
+        the loader and the feeder compare it with."""
+        L, rq = s.L, self.requant
+        s.acc_mem = acc_mem = memory.Memory(shape=unsigned(32 * L), depth=self.acc_depth, init=[])
         m.submodules.acc_mem = acc_mem
-        acc_rd = acc_mem.read_port()
-        acc_wr = acc_mem.write_port()
+        s.acc_rd = acc_mem.read_port()
+        s.acc_wr = acc_mem.write_port()
 
-        # latched arguments
-        a_base = Signal.like(self.a_addr)
+        s.a_base = Signal.like(self.a_addr)
         w_ptr, p_ptr = Signal.like(self.w_addr), Signal.like(self.p_addr)
+        s.w_ptr, s.p_ptr = w_ptr, p_ptr
         # the small-FPGA variant's counters as wide as the checked arguments can be (M <= acc_depth; a tile
-        # count, a region size in words, at most the pool's): fewer logic cells than 16 bits. (Elsewhere
-        # 16: the narrower ones cost the 16 x 16 simulator 4%.)
-        row_bits = self.acc_depth.bit_length() if self.bit_serial else 16
-        tile_bits = min(16, len(self.a_addr) + 1) if self.bit_serial else 16
+        # count, a region size in words, at most the pool's): fewer logic cells than 16 bits. Elsewhere
+        # 16, which Verilator simulates faster.
+        s.row_bits = row_bits = self.acc_depth.bit_length() if self.bit_serial else 16
+        s.tile_bits = tile_bits = min(16, len(self.a_addr) + 1) if self.bit_serial else 16
         rows, kt_n, nt_n, mode = Signal(row_bits), Signal(tile_bits), Signal(tile_bits), Signal(2)
-        row_words = Signal(3)
+        s.rows, s.kt_n, s.nt_n, s.mode = rows, kt_n, nt_n, mode
+        s.row_words = row_words = Signal(3)
         m.d.comb += row_words.eq(mode_words(mode))
-        rows_words = Mux(row_words == 4, rows << 2, Mux(row_words == 2, rows << 1, rows))   # no multiplier
+        s.rows_words = Mux(row_words == 4, rows << 2, Mux(row_words == 2, rows << 1, rows))   # no multiplier
 
         # a bit-serial requantizer reads a row's parameters while it works on the row, up to its latency
         # after the row left the array: the parameter buffer is free that much later than the weight bank
-        param_margin = load_margin + rq.latency if self.bit_serial else load_margin
-        top = max(lat + 15, param_margin)
-        since = Signal(range(top + 1))           # cycles since the current tile started, saturating
+        s.param_margin = s.load_margin + rq.latency if self.bit_serial else s.load_margin
+        top = max(s.lat + 15, s.param_margin)
+        s.since = since = Signal(range(top + 1))
         m.d.sync += since.eq(Mux(since == top, since, since + 1))
 
-        # --- the loader: the next tile's weights into the idle bank, its params at an n-tile boundary ---
+    def _loader(self, m, s):
+        """The loader: the next tile's weights into the array's idle weight bank and, at an n-tile
+        boundary, its requantization parameters into the idle half of the parameter buffer, one word a
+        cycle over ``w_rd``. It starts on ``ld_go`` (the first tile at once; every later one once the
+        tile before has run ``load_margin`` cycles, its bank free) and sets ``ld_ready`` when the last
+        word is in the array; ``ld_in_flight`` counts every word read and not yet landed, so a load
+        shorter than the read latency still waits for its words."""
+        L, P, WB, tile_bits, array, rq = s.L, s.P, s.WB, s.tile_bits, self.array, self.requant
+        w_ptr, p_ptr, kt_n, nt_n, since = s.w_ptr, s.p_ptr, s.kt_n, s.nt_n, s.since
         ld_go, ld_busy, ld_ready, ld_wait, ld_pending = Signal(), Signal(), Signal(), Signal(), Signal()
         ld_kt, ld_nt = Signal(tile_bits), Signal(tile_bits)    # the tile to load next
         ld_bank = Signal()
@@ -179,7 +180,7 @@ class MatmulEngine(wiring.Component):
         # the word read last cycle: it arrives now, or (a pool with registered outputs) ``extra`` cycles later
         ld_iss_valid, ld_iss_idx, ld_iss_pbuf = ld_rd_valid, ld_rd_idx, ld_rd_pbuf
         ld_in_flight = [ld_rd_valid]             # the valid flags of the words read and not yet arrived
-        for k in range(extra):
+        for k in range(s.extra):
             later = (ld_iss_valid, ld_iss_idx, ld_iss_pbuf)
             ld_iss_valid, ld_iss_idx, ld_iss_pbuf = Signal(name=f"ld_iss{k}_valid"), Signal.like(ld_idx,
                 name=f"ld_iss{k}_idx"), Signal(name=f"ld_iss{k}_pbuf")
@@ -187,7 +188,7 @@ class MatmulEngine(wiring.Component):
             ld_in_flight.append(ld_iss_valid)
         # a weight word is in the array a cycle after it arrives when the array registers its writes (and
         # a parameter word in its buffer: see below)
-        if weight_write_latency := self.array.write_latency:
+        if weight_write_latency := array.write_latency:
             ld_wr_valid = ld_rd_valid
             for k in range(weight_write_latency):
                 landing = Signal(name=f"ld_wr{k}_valid")
@@ -195,23 +196,22 @@ class MatmulEngine(wiring.Component):
                 ld_in_flight.append(landing)
                 ld_wr_valid = landing
         if not self.bit_serial:
-            # (no reset: written before a row reads them; the accelerator's reset fanned out to their
-            # 2 x 9 x 96 flip-flops was the 12 x 12's critical path at 75 MHz)
-            params = [[Signal(WB, name=f"param{b}_{w}", reset_less=True) for w in range(P)] for b in range(2)]
+            # no reset: written before a row reads them, and the accelerator's reset stays off their
+            # 2 x 9 words of flip-flops
+            s.params = params = [[Signal(WB, name=f"param{b}_{w}", reset_less=True) for w in range(P)]
+                                 for b in range(2)]
 
         # the loader's tile is a last k-tile; n-tiles follow it. Registered a cycle late: they are read
-        # when a load ends, at least L + 2 cycles after the counters last moved (an increment and compare
-        # in one cycle was the UP5K build's critical path, and the ECP5 12 x 12's on into the counters)
+        # when a load ends, at least L + 2 cycles after the counters last moved, so no increment and
+        # compare share a cycle
         ld_last_k, ld_more_n = Signal(), Signal()
         m.d.sync += [ld_last_k.eq(ld_kt + 1 == kt_n), ld_more_n.eq(ld_nt + 1 != nt_n)]
         m.d.sync += ld_iss_valid.eq(0)
         # whether the loader reads this cycle, and whether a weight word (else a parameter word): flags set
-        # a cycle ahead, so the pool's address comes from flip-flops through one multiplexer (the compare
-        # of ld_idx against the load's length, on into the bank multiplexers and the block RAMs' address
-        # inputs, was the ECP5 8 x 8 build's critical path)
+        # a cycle ahead, so the pool's address comes from flip-flops through one multiplexer
         ld_reading, ld_on_w = Signal(), Signal()
-        # (the read addresses whatever the state: only the enables decide, so the pool's address
-        # multiplexers see no more logic in front of them than the enables')
+        # the read addresses whatever the state: only the enables decide, so the pool's address
+        # multiplexers see no more logic in front of them than the enables'
         m.d.comb += self.w_rd.addr.eq(Mux(ld_on_w, w_ptr, p_ptr))
         with m.If(ld_go):
             m.d.sync += [ld_busy.eq(1), ld_idx.eq(0), ld_params.eq(ld_kt == 0), ld_reading.eq(1), ld_on_w.eq(1)]
@@ -228,8 +228,7 @@ class MatmulEngine(wiring.Component):
                     m.d.sync += p_ptr.eq(p_ptr + 1)
             with m.Elif(~Cat(*ld_in_flight).any()):
                 # the last word has landed and, where the array registers its writes, is in the array:
-                # the tile is ready; step to the following tile (every word in flight counted: a load of
-                # fewer words than the read latency has none arriving yet when its reads end)
+                # the tile is ready; step to the following tile
                 m.d.sync += [ld_busy.eq(0), ld_ready.eq(1), ld_bank.eq(~ld_bank)]
                 with m.If(ld_last_k):
                     m.d.sync += [ld_kt.eq(0), ld_nt.eq(ld_nt + 1), ld_pending.eq(ld_more_n)]
@@ -251,10 +250,9 @@ class MatmulEngine(wiring.Component):
             p_we = [[ld_rd_valid & (ld_rd_idx == L + w) & (ld_rd_pbuf == b) for w in range(P)]
                     for b in range(2)]
             if weight_write_latency:
-                # registered like the array's weight writes: the pool's bank multiplexer on into the 2 x 9
-                # words of parameter flip-flops was the ECP5 12 x 12's critical path. (A copy of the
-                # array's column registers of the same word, kept apart: merged, the parameters came from
-                # one PE's, across the die; see hw.array.)
+                # registered like the array's weight writes, a copy of the same word kept apart from the
+                # array's column registers (merged, the parameters would come from one PE's, across the
+                # die; see hw.array)
                 p_data = Signal(WB, name="p_wr_data", reset_less=True, attrs={"ambert_replica": 1})
                 p_we_reg = [[Signal(name=f"p_we{b}_{w}") for w in range(P)] for b in range(2)]
                 m.d.sync += p_data.eq(self.w_rd.data)
@@ -265,40 +263,56 @@ class MatmulEngine(wiring.Component):
                     with m.If(p_we[b][w]):
                         m.d.sync += params[b][w].eq(p_data)
         # whether ``since`` has passed each margin (and the gap), as flip-flops set a cycle ahead (``since``
-        # counts up from 0 after a tile starts and saturates above them all); the comparison against a
-        # multiplexed margin was the UP5K build's critical path
+        # counts up from 0 after a tile starts and saturates above them all), so no compare against a
+        # multiplexed margin decides in the cycle
         restart, past_load, past_param, past_gap = Signal(), Signal(), Signal(), Signal()
-        m.d.sync += [past_load.eq(~restart & (since >= load_margin - 1)),
-                     past_param.eq(~restart & (since >= param_margin - 1)),
-                     past_gap.eq(~restart & (since >= gap - 1))]
-        margin_passed = Mux(ld_kt == 0, past_param, past_load) if param_margin != load_margin else past_load
+        m.d.sync += [past_load.eq(~restart & (since >= s.load_margin - 1)),
+                     past_param.eq(~restart & (since >= s.param_margin - 1)),
+                     past_gap.eq(~restart & (since >= s.gap - 1))]
+        margin_passed = Mux(ld_kt == 0, past_param, past_load) if s.param_margin != s.load_margin else past_load
         with m.If(ld_wait & margin_passed & ~ld_busy):
             m.d.comb += ld_go.eq(1)
             m.d.sync += ld_wait.eq(0)
+        s.ld_go, s.ld_busy, s.ld_ready, s.ld_wait, s.ld_pending = ld_go, ld_busy, ld_ready, ld_wait, ld_pending
+        s.ld_kt, s.ld_nt, s.ld_bank = ld_kt, ld_nt, ld_bank
+        s.restart, s.past_gap = restart, past_gap
 
-        # --- the feeder: one activation row per cycle ---------------------------------------------------
+    def _feeder(self, m, s):
+        """The feeder: one activation row a cycle into the array (``a_rd``), tile after tile, n-tile-major,
+        k-tile-minor; rows of a last k-tile no faster than the requantizer takes them (one every
+        ``requant.steps`` cycles). Its tile-loop decisions (a tile's last row, its last k-tile, the last
+        n-tile) are flip-flops set a cycle ahead from the counts less two. Stage 1 carries each row's
+        bookkeeping (first k-tile, last k-tile, bank select, parameter buffer, row, output address) to
+        the drain; stage 2 registers the row's activations in front of the array. The FSM: IDLE (the
+        arguments latched every cycle, so ``start`` drives only the state), LOAD_FIRST, WAIT_TILE (the
+        tile's weights loaded and the accumulator gap passed), RUN, DRAIN (the last rows through the
+        array and the epilogue, then ``done``)."""
+        L, rq, lat, extra, array = s.L, self.requant, s.lat, s.extra, self.array
+        row_bits, tile_bits = s.row_bits, s.tile_bits
+        a_base, w_ptr, p_ptr = s.a_base, s.w_ptr, s.p_ptr
+        rows, kt_n, nt_n, mode, row_words, rows_words = s.rows, s.kt_n, s.nt_n, s.mode, s.row_words, s.rows_words
+        since, restart, past_gap = s.since, s.restart, s.past_gap
+        ld_go, ld_busy, ld_ready, ld_wait, ld_pending = s.ld_go, s.ld_busy, s.ld_ready, s.ld_wait, s.ld_pending
+        ld_kt, ld_nt, ld_bank = s.ld_kt, s.ld_nt, s.ld_bank
         fd_row, fd_kt, fd_nt = Signal(row_bits), Signal(tile_bits), Signal(tile_bits)
         fd_sel, fd_started, fd_last_tile = Signal(), Signal(), Signal()
         a_tile, a_ptr = Signal.like(a_base), Signal.like(a_base)
-        m.d.comb += self.a_rd.addr.eq(a_ptr)        # (as the loader's: only the enable decides)
+        m.d.comb += self.a_rd.addr.eq(a_ptr)        # as the loader's: only the enable decides
         o_tile, o_ptr = Signal.like(self.o_addr), Signal.like(self.o_addr)
-        # (+3: the last words of a row written one a cycle; +1: the writes registered)
-        drain_end = lat + rq.latency + 6 + extra + (3 if self.subbanks == 1 else 0) + write_q
+        # +3: the last words of a row written one a cycle; +1: the writes registered
+        drain_end = lat + rq.latency + 6 + extra + (3 if self.subbanks == 1 else 0) + s.write_q
         drain = Signal(range(max(lat + rq.latency + 11, drain_end + 1)))
-        # the feeder's decisions come from registers, each set a cycle ahead (computed from the counters,
-        # they made the UP5K build's critical path after the sequencer's, and the ECP5 12 x 12's): compared
-        # with the counts less two, registered at the start (a count of one never matches, as a counter
-        # is never -1)
+        # the feeder's decisions from registers, each set a cycle ahead: compared with the counts less two,
+        # registered at the start (a count of one never matches, as a counter is never -1)
         last_k, row_last, nt_last = Signal(), Signal(), Signal()
         kt_m2, rows_m2, nt_m2 = Signal.like(kt_n), Signal.like(rows), Signal.like(nt_n)
 
-        # rows of a last k-tile go to the requantizer: no faster than it takes them
-        # (the pace runs across tile boundaries: a tile may start the cycle after the last one's last row)
+        # rows of a last k-tile go to the requantizer no faster than it takes them; the pace runs across
+        # tile boundaries (a tile may start the cycle after the last one's last row)
         issue = Signal()
         pace = Signal(range(rq.steps))          # cycles until the requantizer takes another row
-        # (with the bit-serial requantizer no row at all does: it reads its row from t_sum for that long)
-        # ("pace is zero" a flip-flop of its own: the compare on into the feeder's counters' enables was
-        # a path of the ECP5 12 x 12 at 100 MHz)
+        # (the bit-serial requantizer reads its row from t_sum for that long, so no row at all follows)
+        # "pace is zero" is a flip-flop of its own, so no compare runs on into the counters' enables
         pace_zero = Signal(init=1)
         m.d.sync += pace_zero.eq(pace <= 1)
         m.d.comb += issue.eq(pace_zero if self.bit_serial else ~last_k | pace_zero)
@@ -314,7 +328,7 @@ class MatmulEngine(wiring.Component):
             with m.State("IDLE"):
                 # the arguments are latched every idle cycle, so in the cycle of ``start`` too: ``start``
                 # (the sequencer's dispatch checks) then drives the state register only, not the enables
-                # of all these registers (the ECP5 8 x 8 build's critical path); nothing reads them idle
+                # of all these registers; nothing reads them idle
                 m.d.sync += [a_base.eq(self.a_addr), w_ptr.eq(self.w_addr), p_ptr.eq(self.p_addr),
                              rows.eq(self.m), kt_n.eq(self.k_tiles), nt_n.eq(self.n_tiles),
                              mode.eq(self.mode),
@@ -369,31 +383,37 @@ class MatmulEngine(wiring.Component):
         s2_a = Signal(8 * L, name="s2_a", reset_less=True)
         s2_sel, s2_valid = Signal(), Signal()
         # (a pool with registered outputs: its word comes a cycle after stage 1, and the row's data waits)
-        m.d.sync += [s2_a.eq(self.a_rd.data), s2_sel.eq(delay(s1_sel, extra, "s1_sel")),
-                     s2_valid.eq(delay(s1_valid, extra, "s1_valid"))]
+        m.d.sync += [s2_a.eq(self.a_rd.data), s2_sel.eq(_delay(m, s1_sel, extra, "s1_sel")),
+                     s2_valid.eq(_delay(m, s1_valid, extra, "s1_valid"))]
         m.d.comb += [array.a.eq(s2_a), array.sel.eq(s2_sel), array.valid.eq(s2_valid)]
+        s.s1 = [s1_last, s1_row, s1_optr, s1_pbuf, s1_zero]
 
-        # --- drain: the array's sums plus the accumulators, back to them or through the epilogue --------
-        # The partial sums are continued here, at the array's output, not fed into its top row: no skew
-        # registers for 32-bit sums (32 x L(L+1)/2 flip-flops) and one adder a column. The row's
-        # accumulators are read the cycle before it leaves the array (p_), added as it leaves (u_), and
-        # the sum is registered (t_) before it is written back or requantized.
-        p_info = [s1_last, s1_row, s1_optr, s1_pbuf, s1_zero]
+    def _drain(self, m, s):
+        """The drain: each row's sums leave the array and are added to its accumulators (none on its
+        first k-tile) — the accumulator row read the cycle before the row leaves (``p_``), added as it
+        leaves (``u_``), the sum registered (``t_sum``) — then written back, or (a last k-tile) handed to
+        the requantizer. The partial sums continue at the array's output, not in its top row: no skew
+        registers for 32-bit sums and one adder a column. The row's bookkeeping follows it through a
+        RAM ring as long as the array's latency."""
+        L, lat, extra, acc_q, array = s.L, s.lat, s.extra, s.acc_q, self.array
+        acc_rd, acc_wr = s.acc_rd, s.acc_wr
+        p_info = s.s1
         if self.read_latency >= 3:
-            # (a large FPGA's: the ring's block RAM output registered, so that the accumulator memories'
-            # address comes from flip-flops placed near them)
-            p_last, p_row, p_optr, p_pbuf, p_zero = (delay(p, 1, f"p_{n}") for p, n in zip(
-                ring_delay(p_info, lat + extra - 1 - acc_q, "p_info"), ("last", "row", "optr", "pbuf", "zero")))
+            # a large FPGA's: the ring's block RAM output registered, so that the accumulator memories'
+            # address comes from flip-flops placed near them
+            p_last, p_row, p_optr, p_pbuf, p_zero = (_delay(m, p, 1, f"p_{n}") for p, n in zip(
+                self._ring_delay(m, p_info, lat + extra - 1 - acc_q, "p_info"),
+                ("last", "row", "optr", "pbuf", "zero")))
         else:
-            p_last, p_row, p_optr, p_pbuf, p_zero = ring_delay(p_info, lat + extra, "p_info")
+            p_last, p_row, p_optr, p_pbuf, p_zero = self._ring_delay(m, p_info, lat + extra, "p_info")
         m.d.comb += acc_rd.addr.eq(p_row)
         acc_in = acc_rd.data
         if acc_q:
-            # the sums read a cycle ahead into flip-flops: the block RAMs' 4.5 ns clock-to-out, then a
-            # 32-bit add, was the 12 x 12's critical path at 100 MHz
+            # the sums read a cycle ahead into flip-flops, so a block RAM's clock-to-out and a 32-bit add
+            # do not share a cycle
             acc_in = Signal.like(acc_rd.data, name="acc_q", reset_less=True)
             m.d.sync += acc_in.eq(acc_rd.data)
-            p_last, p_row, p_optr, p_pbuf, p_zero = (delay(p, 1, f"p_{n}_q") for p, n in zip(
+            p_last, p_row, p_optr, p_pbuf, p_zero = (_delay(m, p, 1, f"p_{n}_q") for p, n in zip(
                 (p_last, p_row, p_optr, p_pbuf, p_zero), ("last", "row", "optr", "pbuf", "zero")))
         u_last, u_row, u_optr, u_pbuf, u_zero = (Signal.like(p, name=f"u_{n}") for p, n in zip(
             (p_last, p_row, p_optr, p_pbuf, p_zero), ("last", "row", "optr", "pbuf", "zero")))
@@ -401,15 +421,14 @@ class MatmulEngine(wiring.Component):
                                              (p_last, p_row, p_optr, p_pbuf, p_zero))]
         t_valid, t_last, t_row, t_optr, t_pbuf = Signal(), Signal(), Signal.like(u_row), Signal.like(u_optr), Signal()
         t_sum = Signal(data.ArrayLayout(unsigned(32), L), name="t_sum", reset_less=True)
-        # (a row for the requantizer flagged from a flip-flop of its own: its valid loads the requantizer's
-        # copy of the row, over a thousand flip-flops on the ECP5 12 x 12)
+        # a row for the requantizer flagged from a flip-flop of its own: its valid loads the requantizer's
+        # copy of the row
         t_requant = Signal()
         m.d.sync += [t_valid.eq(array.out_valid), t_last.eq(u_last), t_row.eq(u_row), t_optr.eq(u_optr),
                      t_pbuf.eq(u_pbuf), t_requant.eq(array.out_valid & u_last)]
         zeros = [u_zero] * L
         if acc_q:
-            # (a copy of the flag a column, kept apart: one flip-flop to the 12 x 32 adders' inputs was a
-            # path of the 12 x 12 at 100 MHz)
+            # a copy of the "first k-tile" flag a column, kept apart, each beside its column's adder
             zeros = [Signal(name=f"u_zero{j}", attrs={"ambert_replica": 1}) for j in range(L)]
             m.d.sync += [z.eq(p_zero) for z in zeros]
         sums = [t_sum[j].eq(array.out[j] + Mux(zeros[j], 0, acc_in[32 * j: 32 * j + 32])) for j in range(L)]
@@ -421,19 +440,27 @@ class MatmulEngine(wiring.Component):
         else:
             m.d.sync += sums
         m.d.comb += [acc_wr.en.eq(t_valid & ~t_last), acc_wr.addr.eq(t_row), acc_wr.data.eq(t_sum)]
+        s.t_sum, s.t_requant, s.t_optr, s.t_pbuf, s.u_last = t_sum, t_requant, t_optr, t_pbuf, u_last
+
+    def _epilogue(self, m, s):
+        """The epilogue: a last k-tile's rows through the requantizer (its parameters from the row's
+        half of the parameter buffer: bias in words 0-3, m0 in 4-7, shifts in 8, as ``proto.isa``
+        packs them) and into the output region over ``o_wr``, registered first where the pool is a
+        large FPGA's."""
+        L, P, WB, rq, array, mode = s.L, s.P, s.WB, self.requant, self.array, s.mode
 
         def lanes_of(words, bits, j):
             return Cat(*words)[bits * j: bits * j + bits]
-        m.d.comb += [rq.acc.eq(t_sum), rq.valid.eq(t_requant), rq.mode.eq(mode)]
+        m.d.comb += [rq.acc.eq(s.t_sum), rq.valid.eq(s.t_requant), rq.mode.eq(mode)]
         if getattr(rq, "load_copies", False):
-            # (copies of the flag, kept apart, one a group of the requantizer's lanes)
+            # copies of the flag, kept apart, one a group of the requantizer's lanes
             loads = [Signal(name=f"t_requant{g}", attrs={"ambert_replica": 1}) for g in range(len(rq.load))]
-            m.d.sync += [x.eq(array.out_valid & u_last) for x in loads]
+            m.d.sync += [x.eq(array.out_valid & s.u_last) for x in loads]
             m.d.comb += [rq.load[g].eq(x) for g, x in enumerate(loads)]
         o_wr = self.o_wr
-        if write_q:
-            # the output writes from flip-flops: the requantizer's output through the word multiplexers on
-            # into the pool's write registers across the die was the 12 x 12's critical path at 100 MHz
+        if s.write_q:
+            # the output writes from flip-flops, so the requantizer's output and the word multiplexers do
+            # not share a cycle with the way to the pool's write registers
             o_wr = PoolWrite(len(self.o_wr.addr), WB, self.subbanks).create(path=("o_wr_c",))
             wr_q = [Signal(len(Value.cast(x)), name=f"o_wr_q_{n}", reset_less=n != "en")
                     for x, n in ((o_wr.addr, "addr"), (o_wr.data, "data"), (o_wr.en, "en"))]
@@ -441,17 +468,37 @@ class MatmulEngine(wiring.Component):
             m.d.comb += [x.eq(q) for q, x in zip(wr_q, (self.o_wr.addr, self.o_wr.data, self.o_wr.en))]
         if self.bit_serial:
             # the output address and the parameter buffer travel with the row
-            m.d.comb += rq.tag.eq(Cat(t_optr, t_pbuf))
+            m.d.comb += rq.tag.eq(Cat(s.t_optr, s.t_pbuf))
             self._write_lanes(m, rq, mode, o_wr)
         else:
-            # the parameters of the row's n-tile: bias in words 0-3, m0 in 4-7, shifts in 8 (hw.isa)
-            pw = [Mux(t_pbuf, params[1][w], params[0][w]) for w in range(P)]
+            params = s.params
+            pw = [Mux(s.t_pbuf, params[1][w], params[0][w]) for w in range(P)]
             for j in range(L):
                 m.d.comb += [rq.bias[j].eq(lanes_of(pw[0:4], 32, j)), rq.m0[j].eq(lanes_of(pw[4:8], 32, j)),
                              rq.shift[j].eq(lanes_of(pw[8:9], 8, j))]
-            o_addr = delay(t_optr, rq.latency, "o_addr")
-            self._write_rows(m, rq, mode, row_words, o_addr, o_wr, mode_copies=write_q)
-        return m
+            o_addr = _delay(m, s.t_optr, rq.latency, "o_addr")
+            self._write_rows(m, rq, mode, s.row_words, o_addr, o_wr, mode_copies=s.write_q)
+
+    def _ring_delay(self, m, sigs, n, name):
+        """``sigs`` delayed ``n`` cycles by a memory written every cycle and read ``n - 1`` slots ahead of
+        the write: one read and one write a cycle instead of ``n`` copies (faster to simulate, and a small
+        RAM rather than ``n`` x width flip-flops on an FPGA). The data carries no reset."""
+        word = Cat(*sigs)
+        # the compact layout's few cycles would make it flip-flops: on the small FPGA it is built for,
+        # block RAM is what is left over
+        attrs = {"ram_style": "block"} if self.compact_array else None
+        m.submodules[name] = ring = memory.Memory(shape=unsigned(len(word)), depth=n, init=[], attrs=attrs)
+        wr, rd = ring.write_port(), ring.read_port(transparent_for=())
+        ptr = Signal(range(n), name=f"{name}_ptr")
+        m.d.sync += ptr.eq(Mux(ptr == n - 1, 0, ptr + 1))
+        m.d.comb += [wr.en.eq(1), wr.addr.eq(ptr), wr.data.eq(word),
+                     rd.addr.eq(Mux(ptr == n - 1, 0, ptr + 1))]
+        outs, at = [], 0
+        for sig in sigs:
+            outs.append(Signal.like(sig, name=f"{name}_{sig.name}"))
+            m.d.comb += outs[-1].eq(rd.data[at:at + len(sig)])
+            at += len(sig)
+        return outs
 
     def _write_rows(self, m, rq, mode, row_words, o_addr, o_wr, mode_copies=False):
         """Write the requantizer's rows to the output region: whole rows, or a word a cycle."""
@@ -470,9 +517,8 @@ class MatmulEngine(wiring.Component):
             first = Mux(mode == Mode.INT8, w8, Mux(mode == Mode.INT16, w16, w32))
             rest = Mux(mode == Mode.INT16, w16[WB:], w32[WB:])
             if mode_copies:
-                # (the mode a copy a byte of the word, kept apart, a cycle late (it holds through a
-                # MATMUL): the engine's one mode register fanned out to these multiplexers across the die
-                # was the 12 x 12's critical path at 90 MHz)
+                # the mode a copy a byte of the word, kept apart, each beside its byte's multiplexers, a
+                # cycle late (it holds through a MATMUL)
                 modes = [Signal(2, name=f"o_mode{k}", attrs={"ambert_replica": 1}) for k in range(L)]
                 m.d.sync += [x.eq(mode) for x in modes]
                 hi16, hi32 = w16[WB:], w32[WB:]

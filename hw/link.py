@@ -1,29 +1,20 @@
 """The device end of the host link, in hardware (docs/link.md): CRC-32, the deframer, the framer, and the
 go-back-N endpoint that puts them in front of the accelerator's streams.
 
-The golden model is the host's own code: :class:`sw.link.frame.Decoder` decides which frames are good,
-and the tests compare the deframer against it byte stream for byte stream.
+Every constant is the protocol's (:mod:`ambert.proto.link`). The golden model is the host's own codec:
+:class:`ambert.sw.link.frame.Decoder` decides which frames are good, and the tests compare the deframer
+against it byte stream for byte stream.
 """
 
 from amaranth import Array, Cat, Const, Module, Mux, Signal
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from sw.link.frame import FrameType
+from ambert.proto.link import CRC32, CRC32_RESIDUE, ESC, ESC_XOR, FLAG, FrameType, crc32_byte
 
-__all__ = ["crc32_byte", "crc32_byte_logic", "CRC32_RESIDUE", "LinkDeframer", "LinkFramer", "LinkEndpoint"]
+__all__ = ["crc32_byte_logic", "LinkDeframer", "LinkFramer", "LinkEndpoint"]
 
-CRC32_POLY = 0xEDB88320     # IEEE 802.3, reflected (zlib.crc32)
-# the register after running the CRC (init all ones, no final inversion) over data and then its CRC
-CRC32_RESIDUE = 0xDEBB20E3
-
-
-def crc32_byte(crc, byte):
-    """The model: one byte through the reflected CRC-32 register (Python ints)."""
-    crc ^= byte
-    for _ in range(8):
-        crc = (crc >> 1) ^ ((crc & 1) * CRC32_POLY)
-    return crc
+_CRC_INIT = CRC32.algorithm.initial_crc
 
 
 def _crc32_taps():
@@ -60,7 +51,7 @@ class LinkDeframer(wiring.Component):
     runs the CRC over every byte and keeps the payload in its buffer (``max_payload`` bytes as 32-bit
     words, little-endian). A frame is good when the CRC register ends on :data:`CRC32_RESIDUE`, its
     length matches its bytes, it fits the buffer, its escapes are valid and its type is known — the
-    rules of :class:`sw.link.frame.Decoder`. A good frame raises ``frame_valid`` with ``frame_type``,
+    rules of :class:`ambert.sw.link.frame.Decoder`. A good frame raises ``frame_valid`` with ``frame_type``,
     ``frame_seq`` and ``frame_len`` and holds them, with the payload readable at ``rd_addr``/``rd_data``
     (one cycle of latency), until ``frame_done``. Frames that end while one is held are dropped and
     counted in ``busy_drops`` (the host resends them); bad ones count in ``bad_frames``. ``i`` is
@@ -91,7 +82,7 @@ class LinkDeframer(wiring.Component):
         wr, rd = buf.write_port(granularity=8), buf.read_port()
         m.d.comb += [rd.addr.eq(self.rd_addr), self.rd_data.eq(rd.data), self.i.ready.eq(1)]
 
-        crc = Signal(32, init=0xFFFFFFFF)
+        crc = Signal(32, init=_CRC_INIT)
         count = Signal(range(self.max_payload + 16))     # unstuffed bytes of this frame so far
         escaped, broken = Signal(), Signal()              # last byte was ESC; the frame is spoilt
         unkept = Signal()                                 # some payload arrived while a frame was held
@@ -102,10 +93,10 @@ class LinkDeframer(wiring.Component):
         have = Signal()
         # (the byte, and the buffer's write address and data, whatever the conditions: only ``have`` and
         # the write enable depend on them, so the buffer's inputs carry no decision logic)
-        m.d.comb += byte.eq(Mux(escaped, self.i.payload ^ 0x20, self.i.payload))
+        m.d.comb += byte.eq(Mux(escaped, self.i.payload ^ ESC_XOR, self.i.payload))
 
-        # what the header says, registered a cycle after its bytes: a frame's four CRC bytes come between
-        # them and its end, and these compares in the end's decision were the UP5K build's critical path
+        # what the header says, registered a cycle after its bytes (a frame's four CRC bytes come between
+        # them and its end), so the end's decision takes flags, not compares
         known, fits, frame_end = Signal(), Signal(), Signal.like(count)
         m.d.sync += [known.eq((hdr[0] >= min(FrameType)) & (hdr[0] <= max(FrameType))),
                      fits.eq(length <= self.max_payload), frame_end.eq(length + 8)]
@@ -115,10 +106,10 @@ class LinkDeframer(wiring.Component):
         m.d.sync += self.ctl_valid.eq(0)
 
         def restart():
-            m.d.sync += [crc.eq(0xFFFFFFFF), count.eq(0), escaped.eq(0), broken.eq(0), unkept.eq(0)]
+            m.d.sync += [crc.eq(_CRC_INIT), count.eq(0), escaped.eq(0), broken.eq(0), unkept.eq(0)]
 
         with m.If(self.i.valid):
-            with m.If(self.i.payload == 0x7E):
+            with m.If(self.i.payload == FLAG):
                 # a FLAG ends a frame (if any bytes came) and starts the next
                 good = (~broken & ~escaped & (crc == CRC32_RESIDUE) & (count == frame_end) & fits & known)
                 with m.If(count != 0):
@@ -130,20 +121,20 @@ class LinkDeframer(wiring.Component):
                         m.d.sync += self.busy_drops.eq(self.busy_drops + 1)
                     with m.Else():
                         m.d.sync += self.frame_valid.eq(1)
-                    # (the header's fields taken at any frame's end while none is held, good or not: only
-                    # `frame_valid` says whether they are a frame's; the CRC's compare on into their
-                    # enables was a path of the ECP5 12 x 12 at 100 MHz)
+                    # the header's fields taken at any frame's end while none is held, good or not (only
+                    # `frame_valid` says whether they are a frame's), so the CRC's compare stays off their
+                    # enables
                     with m.If(~unkept & ~(self.frame_valid & ~self.frame_done)):
                         m.d.sync += [self.frame_type.eq(hdr[0]), self.frame_seq.eq(hdr[1]),
                                      self.frame_len.eq(length)]
                 restart()
             with m.Elif(escaped):
                 m.d.sync += escaped.eq(0)
-                with m.If((self.i.payload == 0x5E) | (self.i.payload == 0x5D)):
+                with m.If((self.i.payload == FLAG ^ ESC_XOR) | (self.i.payload == ESC ^ ESC_XOR)):
                     m.d.comb += have.eq(1)
                 with m.Else():
                     m.d.sync += broken.eq(1)
-            with m.Elif(self.i.payload == 0x7D):
+            with m.Elif(self.i.payload == ESC):
                 m.d.sync += escaped.eq(1)
             with m.Else():
                 m.d.comb += have.eq(1)
@@ -171,7 +162,7 @@ class LinkDeframer(wiring.Component):
 
 
 class LinkFramer(wiring.Component):
-    """Send one frame as bytes on ``o`` (to the UART): exactly ``sw.link.frame.encode``'s bytes.
+    """Send one frame as bytes on ``o`` (to the UART): exactly ``ambert.sw.link.frame.encode``'s bytes.
 
     While idle (``busy`` low), ``start`` with ``frame_type``, ``frame_seq`` and ``frame_len`` (bytes, at
     most ``max_payload``) begins a frame; its payload is read as 32-bit little-endian words through
@@ -198,32 +189,31 @@ class LinkFramer(wiring.Component):
         summed = Signal()                                 # ... and whether it goes into the CRC
         pos = Signal(len(k))
         m.d.comb += pos.eq(k - 4)
-        # which byte the next one is, decided a cycle before it is picked (from k's compares and
-        # subtraction through the byte multiplexer into `held` in one cycle was a path of the ECP5
-        # 12 x 12 at 100 MHz): a header byte, a payload byte or a CRC byte, and which of the four
+        # which byte the next one is, decided a cycle before it is picked, so k's compares and
+        # subtraction do not share a cycle with the byte multiplexer: a header byte, a payload byte or a
+        # CRC byte, and which of the four
         in_header, in_payload, byte_sel = Signal(), Signal(), Signal(2)
         special = Signal()                                # `held` is a flag or escape byte
-        # the CRC takes the byte sent in STEP, on a flag of its own (the FSM's state decoded with `summed`
-        # into the enables of its 32 flip-flops was another)
+        # the CRC takes the byte sent in STEP, on a flag of its own, not the FSM's state decoded with
+        # `summed`, as the enable of its 32 flip-flops
         add_crc = Signal()
         m.d.sync += add_crc.eq(0)
         with m.FSM() as fsm:
             with m.State("IDLE"):
                 with m.If(self.start):
                     m.d.sync += [kind.eq(self.frame_type), seq.eq(self.frame_seq), length.eq(self.frame_len),
-                                 crc.eq(0xFFFFFFFF), k.eq(0)]
+                                 crc.eq(_CRC_INIT), k.eq(0)]
                     m.next = "OPEN"
             with m.State("OPEN"):
-                m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(0x7E)]
+                m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(FLAG)]
                 with m.If(self.o.ready):
                     m.next = "FETCH"
             with m.State("FETCH"):
                 m.d.comb += self.rd_addr.eq(pos >> 2)     # the word arrives next cycle
                 m.next = "LATCH"
             with m.State("LATCH"):
-                # the word registered before a byte is picked from it: a block RAM's output (the
-                # retransmit buffer's) on through the byte multiplexers in one cycle was the ECP5 12 x 12
-                # build's critical path
+                # the word registered before a byte is picked from it, so the retransmit buffer's block
+                # RAM output ends at a flip-flop
                 m.d.sync += [word.eq(self.rd_data), in_header.eq(k < 4), in_payload.eq(pos < length),
                              byte_sel.eq(Mux(k < 4, k[:2], Mux(pos < length, pos[:2], (pos - length)[:2])))]
                 m.next = "PICK"
@@ -236,13 +226,13 @@ class LinkFramer(wiring.Component):
                 with m.Else():
                     m.d.comb += raw.eq((~crc).word_select(byte_sel, 8))
                 # the CRC takes the byte a cycle later (in STEP), not through the byte's multiplexer; whether
-                # it must be escaped is decided here too (from `held` through the compare into the enables
-                # of `k` was a path of the ECP5 12 x 12 at 100 MHz)
+                # it must be escaped is decided here too, so no compare of `held` runs on into `k`'s
+                # enables
                 m.d.sync += [held.eq(raw), summed.eq(in_header | in_payload),
-                             special.eq((raw == 0x7E) | (raw == 0x7D))]
+                             special.eq((raw == FLAG) | (raw == ESC))]
                 m.next = "SEND"
             with m.State("SEND"):
-                m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(Mux(special, 0x7D, held))]
+                m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(Mux(special, ESC, held))]
                 with m.If(self.o.ready):
                     with m.If(special):
                         m.next = "ESCAPED"
@@ -250,7 +240,7 @@ class LinkFramer(wiring.Component):
                         m.d.sync += [k.eq(k + 1), add_crc.eq(summed)]
                         m.next = "STEP"
             with m.State("ESCAPED"):
-                m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(held ^ 0x20)]
+                m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(held ^ ESC_XOR)]
                 with m.If(self.o.ready):
                     m.d.sync += [k.eq(k + 1), add_crc.eq(summed)]
                     m.next = "STEP"
@@ -260,7 +250,7 @@ class LinkFramer(wiring.Component):
                 with m.Else():
                     m.next = "FETCH"
             with m.State("CLOSE"):
-                m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(0x7E)]
+                m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(FLAG)]
                 with m.If(self.o.ready):
                     m.next = "IDLE"
         with m.If(add_crc):                               # (high in STEP only)
@@ -345,8 +335,8 @@ class LinkEndpoint(wiring.Component):
 
         # --- answers from the accelerator into the slot being filled ---
         # A word is taken into a register first and written to the slot from there: ``i.ready`` is then a
-        # flip-flop, not the window arithmetic below (on the UP5K that path ran on into the accelerator's
-        # sequencer and was the critical one). A word every other cycle is still far above the UART's rate.
+        # flip-flop, not the window arithmetic below, which then stays off the accelerator's paths. A word
+        # every other cycle is still far above the UART's rate.
         launch = Signal()                               # the framer starts this cycle
         closing = Signal()                              # ... with the slot being filled
         held, held_word = Signal(), Signal(32)

@@ -23,7 +23,7 @@ class ProcessingElement(wiring.Component):
 
     With ``external_product`` the multiplier is outside: the PE presents its operands on ``mul_a`` and
     ``mul_w`` and takes their product, registered, on ``mul_p`` one cycle later (an iCE40 DSP block then
-    computes the products of two PEs; see :class:`hw.mac.ProductPair`). Same timing, same results.
+    computes the products of two PEs; see :class:`ambert.hw.mac.ProductPair`). Same timing, same results.
     ``psum_bits`` (default 32) narrows the partial sums, for an array that knows its sums fit. With
     ``external_weight`` the array keeps the weights (in a block RAM a row) and presents the selected one
     on ``weight`` with ``a_in``: no weight registers, no ``w_*`` members.

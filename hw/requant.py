@@ -1,13 +1,23 @@
 """The requantization epilogue on each output column."""
 
+from functools import partial
+from types import SimpleNamespace
+
 from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from .isa import Mode
+from ambert.proto.contract import INT8_MAX, INT8_MIN, INT16_MAX, INT16_MIN, REQUANT_SHIFT_MAX
+from ambert.proto.isa import Mode
+
 from .mac import registered_product
 
 __all__ = ["Requantizer"]
+
+
+def _lane_register(j, shape, name):
+    """A data register of lane ``j`` (``<name><j>``): no reset, only the valid flags have one."""
+    return Signal(shape, name=f"{name}{j}", reset_less=True)
 
 
 def _saturate(m, res, value, bypass, mode, by_bits=False):
@@ -15,14 +25,14 @@ def _saturate(m, res, value, bypass, mode, by_bits=False):
 
     ``by_bits``: a value fits int8 (int16) when its bits from 7 (15) up are all equal, else its sign picks
     the bound: the same as comparing it with the bounds, but trees of gates rather than two carry chains
-    as long as the value (for the 64-bit one: they were the ECP5 12 x 12's critical path; on an iCE40 a
-    narrow value's compare, along its fast carry chain, is the quicker).
+    as long as the value (for the 64-bit one, on a large FPGA; on an iCE40 a narrow value's compare,
+    along its fast carry chain, is the quicker).
     """
     if by_bits:
         above = [value[7:], value[15:]]
         fits = Mux(mode == Mode.INT8, above[0].all() | ~above[0].any(), above[1].all() | ~above[1].any())
-    lo = Mux(mode == Mode.INT8, -128, -32768)
-    hi = Mux(mode == Mode.INT8, 127, 32767)
+    lo = Mux(mode == Mode.INT8, INT8_MIN, INT16_MIN)
+    hi = Mux(mode == Mode.INT8, INT8_MAX, INT16_MAX)
     with m.If(mode == Mode.INT32):
         m.d.comb += res.eq(bypass)
     if by_bits:
@@ -45,9 +55,10 @@ class Requantizer(wiring.Component):
     """``lanes`` columns of ``out = sat((acc + bias) * m0 + 2**(shift-1)) >> shift)``, as the contract's
     ``ref_gemm(..., bias)`` followed by ``ref_requant`` (one rounding, half toward +inf).
 
-    ``mode`` (see :class:`hw.isa.Mode`) picks int8 or int16 saturation, or the int32 bypass that returns
+    ``mode`` (see :class:`ambert.proto.isa.Mode`) picks int8 or int16 saturation, or the int32 bypass that returns
     ``acc + bias`` unrounded. Everything presented with ``valid`` (the accumulator, the per-lane ``bias``,
-    ``m0`` in [0, 2**31) and ``shift`` in [0, 62], the mode) travels down the pipeline together, so the
+    ``m0`` in [0, 2**31) and ``shift`` in [0, ``REQUANT_SHIFT_MAX``], the mode) travels down the pipeline
+    together, so the
     parameters may change with every row. ``acc + bias`` must fit int32 (the contract guarantees it).
 
     ``group`` lanes (a divisor of ``lanes``; default all) go through the datapath a cycle: with fewer, a
@@ -63,12 +74,11 @@ class Requantizer(wiring.Component):
     digit-serial product; ``out`` holds the row from then until the next row's first group
     lands, one cycle later at the earliest. ``product_latency`` 2 (default 1) gives the full-width
     partial products two cycles, their operands registered and then the products (on an ECP5 each
-    wholly inside a MULT18X18D: :func:`hw.mac.registered_product`), and the shift two, by a multiple of 8
+    wholly inside a MULT18X18D: :func:`ambert.hw.mac.registered_product`), and the shift two, by a multiple of 8
     and then by the rest: two cycles more of latency (no effect with ``digit_bits``). ``load_copies``
     (with several steps a row): an input ``load`` of ``lanes // group`` copies of ``valid``, each the
-    load enable of one group's lanes of the row's copy (driven from
-    flip-flops kept apart: on the ECP5 12 x 12 one enable for the whole copy, over a thousand flip-flops,
-    was the critical path at 100 MHz); they must equal ``valid``.
+    load enable of one group's lanes of the row's copy (driven from flip-flops kept apart, each beside
+    its group, rather than one enable for the whole copy); they must equal ``valid``.
     """
 
     def __init__(self, lanes, group=None, digit_bits=None, product_latency=1, load_copies=False):
@@ -108,63 +118,81 @@ class Requantizer(wiring.Component):
         })
 
     def elaborate(self, platform):
+        """The row's copy (when a row takes several steps), the valid/mode/group flags that travel down
+        the stages, and ``group`` lanes of the datapath, each ending in its slot of the output row."""
         m = Module()
+        v0, mode0, group0, digit0, feed = self._row_copy(m)
+        flags = self._stage_flags(m, v0, mode0, group0, digit0)
+        # the output row as one register a lane (a row-wide register is copied whole every cycle in
+        # simulation)
+        out = [Signal(signed(32), name=f"out{k}", reset_less=True) for k in range(self.lanes)]
+        for j in range(self.group):
+            self._lane(m, platform, j, feed, flags, out)
+        m.d.comb += [self.out[k].eq(out[k]) for k in range(self.lanes)]
+        return m
+
+    def _row_copy(self, m):
+        """What stage 1 takes: the ports themselves when a row takes one step; otherwise a copy of the row
+        made in its valid cycle, which goes through a step a cycle from the next (step s is group
+        ``s // digits``, digit ``s % digits``). Returns the first stage's valid, mode, group and digit,
+        and its four inputs (``group`` lanes each)."""
         G, R, D, T = self.group, self.lanes // self.group, self.digits, self.steps
         digit_shift = (D - 1).bit_length()          # step = group * D + digit (D is a power of two)
         ports = (self.acc, self.bias, self.m0, self.shift)
         if T == 1:
-            v0, mode0, group0, digit0 = self.valid, self.mode, Const(0, 1), Const(0, 1)
-            feed = ports
-        else:
-            # the row is copied in its valid cycle and goes through from the copy, a step a cycle from the
-            # next: step s is group s // digits, digit s % digits. (Fed from flip-flops only, the first
-            # stage needs no enable: on the ECP5 12 x 12 the valid fanning out to its 138 flip-flops'
-            # enables was the critical path.)
-            held = [Signal.like(port, name=f"held_{name}", reset_less=True)
-                    for port, name in zip(ports, ("acc", "bias", "m0", "shift"))]
-            held_mode = Signal(2)
-            first, step = Signal(), Signal(range(T))
-            m.d.sync += first.eq(self.valid)
-            v0, mode0 = first | (step != 0), held_mode
-            group0 = step[digit_shift:] if R > 1 else Const(0, 1)
-            digit0 = step[:digit_shift] if D > 1 else Const(0, 1)
-            # a group's lanes (in bits) of each port
-            width = [len(port.as_value()) // R for port in ports]
-            with m.If(v0):
-                m.d.sync += step.eq(Mux(step == T - 1, 0, step + 1))
-            with m.If(self.valid):
-                m.d.sync += held_mode.eq(self.mode)
-            # the held row shifts down a group as each group is done, so the group in work is always the
-            # lowest: each lane's register takes the one a group above it, not one of R through a
-            # multiplexer (12 lanes into 2 was the ECP5 12 x 12's most congested logic)
-            # (the top group keeps its lanes as the others shift: nothing reads them before the next row is
-            # loaded, and shifting zeros in made its flip-flops' synchronous reset a net of its own, from
-            # the step counter across the ECP5 12 x 12's die)
-            shifting = v0 & (digit0 == D - 1) if R > 1 else Const(0, 1)
-            if self.load_copies:
-                for g in range(R):
-                    with m.If(self.load[g]):
-                        m.d.sync += [h.as_value()[g * w:(g + 1) * w].eq(port.as_value()[g * w:(g + 1) * w])
-                                     for h, port, w in zip(held, ports, width)]
-                    if g < R - 1:
-                        with m.Elif(shifting):
-                            m.d.sync += [h.as_value()[g * w:(g + 1) * w].eq(h.as_value()[(g + 1) * w:(g + 2) * w])
-                                         for h, w in zip(held, width)]
-            else:
-                with m.If(self.valid):
-                    m.d.sync += [h.eq(port) for h, port in zip(held, ports)]
-                if R > 1:
+            return self.valid, self.mode, Const(0, 1), Const(0, 1), ports
+        # fed from flip-flops only, the first stage needs no enable, so ``valid`` fans out to the copy's
+        # enables alone
+        held = [Signal.like(port, name=f"held_{name}", reset_less=True)
+                for port, name in zip(ports, ("acc", "bias", "m0", "shift"))]
+        held_mode = Signal(2)
+        first, step = Signal(), Signal(range(T))
+        m.d.sync += first.eq(self.valid)
+        v0, mode0 = first | (step != 0), held_mode
+        group0 = step[digit_shift:] if R > 1 else Const(0, 1)
+        digit0 = step[:digit_shift] if D > 1 else Const(0, 1)
+        # a group's lanes (in bits) of each port
+        width = [len(port.as_value()) // R for port in ports]
+        with m.If(v0):
+            m.d.sync += step.eq(Mux(step == T - 1, 0, step + 1))
+        with m.If(self.valid):
+            m.d.sync += held_mode.eq(self.mode)
+        # the held row shifts down a group as each group is done, so the group in work is always the
+        # lowest: each lane's register takes the one a group above it, not one of R through a
+        # multiplexer. The top group keeps its lanes as the others shift (nothing reads them before the
+        # next row is loaded), so its flip-flops need no reset of their own.
+        shifting = v0 & (digit0 == D - 1) if R > 1 else Const(0, 1)
+        if self.load_copies:
+            for g in range(R):
+                with m.If(self.load[g]):
+                    m.d.sync += [h.as_value()[g * w:(g + 1) * w].eq(port.as_value()[g * w:(g + 1) * w])
+                                 for h, port, w in zip(held, ports, width)]
+                if g < R - 1:
                     with m.Elif(shifting):
-                        m.d.sync += [h.as_value()[:-w].eq(h.as_value()[w:]) for h, w in zip(held, width)]
-            feed = [data.View(data.ArrayLayout(port.shape().elem_shape, G), h.as_value()[:w])
-                    for port, h, w in zip(ports, held, width)]
+                        m.d.sync += [h.as_value()[g * w:(g + 1) * w].eq(h.as_value()[(g + 1) * w:(g + 2) * w])
+                                     for h, w in zip(held, width)]
+        else:
+            with m.If(self.valid):
+                m.d.sync += [h.eq(port) for h, port in zip(held, ports)]
+            if R > 1:
+                with m.Elif(shifting):
+                    m.d.sync += [h.as_value()[:-w].eq(h.as_value()[w:]) for h, w in zip(held, width)]
+        feed = [data.View(data.ArrayLayout(port.shape().elem_shape, G), h.as_value()[:w])
+                for port, h, w in zip(ports, held, width)]
+        return v0, mode0, group0, digit0, feed
 
+    def _stage_flags(self, m, v0, mode0, group0, digit0):
+        """Each stage's valid, mode and group (and the digit in stage 1), a cycle apart: stage 1 the bias
+        sum, 2 the product (2a, 2a' and 2b for a full-width one; one digit a cycle for a digit-serial one,
+        valid in stage 2 after the last), 3 the rounding sum, 4 the shift (4a and 4b when split), 5 the
+        saturation; ``out_valid`` once the row's last group is saturated."""
+        R, D = self.lanes // self.group, self.digits
+        f = SimpleNamespace()
         v1, v2, v3, v4 = Signal(), Signal(), Signal(), Signal()
         mode1, mode2, mode3, mode4 = Signal(2), Signal(2), Signal(2), Signal(2)
         group1, group2, group3, group4 = (Signal.like(group0, name=f"group{k}") for k in (1, 2, 3, 4))
         digit1 = Signal.like(digit0, name="digit1")
-        last_digit1 = digit1 == D - 1
-        # (with the shift in two cycles, stage 4b's between 4a and 5)
+        # with the shift in two cycles, stage 4b's between 4a and 5
         v3b, mode3b, group3b = v3, mode3, group3
         if self.split_shift:
             v3b, mode3b, group3b = Signal(), Signal(2), Signal.like(group0, name="group3b")
@@ -180,116 +208,119 @@ class Requantizer(wiring.Component):
                 v1a, mode1a, group1a = Signal(), Signal(2), Signal.like(group0, name="group1a")
                 m.d.sync += [v1a.eq(v1), mode1a.eq(mode1), group1a.eq(group1),
                              v1b.eq(v1a), mode1b.eq(mode1a), group1b.eq(group1a)]
+                f.v1a = v1a
             else:
                 m.d.sync += [v1b.eq(v1), mode1b.eq(mode1), group1b.eq(group1)]
             m.d.sync += [v2.eq(v1b), mode2.eq(mode1b), group2.eq(group1b)]
+            f.v1b = v1b
         else:
-            m.d.sync += [v2.eq(v1 & last_digit1), mode2.eq(mode1), group2.eq(group1)]
+            m.d.sync += [v2.eq(v1 & (digit1 == D - 1)), mode2.eq(mode1), group2.eq(group1)]
         m.d.sync += self.out_valid.eq(v4 & (group4 == R - 1))
-        acc, bias, m0, shift = feed
-        # the output row as one register a lane (a row-wide register is copied whole every cycle in
-        # simulation)
-        out = [Signal(signed(32), name=f"out{k}", reset_less=True) for k in range(self.lanes)]
-        for j in range(G):
-            # data registers carry no reset (only the valid flags do): fewer LUTs, faster simulation
-            def reg(shape, name):
-                return Signal(shape, name=f"{name}{j}", reset_less=True)
+        f.v0, f.v1, f.v2, f.v3, f.v3b, f.v4, f.mode4, f.digit1 = v0, v1, v2, v3, v3b, v4, mode4, digit1
+        return f
 
-            # stage 1: add the bias (the sum fits int32 by contract; keep 32 bits)
-            s1, m0_1, sh1 = reg(signed(32), "sum"), reg(unsigned(31), "m0_1_"), reg(unsigned(6), "sh1_")
-            # each stage's registers load only with a row in it (a clock enable: nothing to compute, and
-            # the simulator skips the stage, in the cycles without one), but stage 1 of a row held in
-            # flip-flops, which loads every cycle (see above)
-            stage1 = [s1.eq(acc[j] + bias[j]), m0_1.eq(m0[j]), sh1.eq(shift[j])]
-            if T == 1:
-                with m.If(v0):
-                    m.d.sync += stage1
-            else:
+    def _lane(self, m, platform, j, feed, f, out):
+        """Lane ``j`` of the datapath: stage 1 adds the bias (the sum fits int32 by contract), stages 2-4
+        multiply, round and shift (:meth:`_full_width` or :meth:`_digit_serial`), stage 5 saturates per
+        mode into the output row, which shifts down a group as each lands in the top group, so group g
+        ends in its slot after the last (each lane's register takes one neighbour, not a result
+        broadcast to every group). Data registers carry no reset (only the valid flags do), and each
+        stage's registers load only with a row in it, but stage 1 of a row held in flip-flops, which
+        loads every cycle."""
+        G, T = self.group, self.steps
+        acc, bias, m0, shift = feed
+        reg = partial(_lane_register, j)
+        s1, m0_1, sh1 = reg(signed(32), "sum"), reg(unsigned(31), "m0_1_"), reg(unsigned(6), "sh1_")
+        stage1 = [s1.eq(acc[j] + bias[j]), m0_1.eq(m0[j]), sh1.eq(shift[j])]
+        if T == 1:
+            with m.If(f.v0):
                 m.d.sync += stage1
-            s2, sh2 = reg(signed(32), "sum2_"), reg(unsigned(6), "sh2_")
-            rounded3, s3 = reg(signed(64), "rounded"), reg(signed(32), "sum3_")
-            r, s4 = reg(signed(64), "shifted"), reg(signed(32), "sum4_")
-            if D == 1:
-                # stage 2a: the 32 x 31-bit product's four 16 x 16 partial products, registered (each one
-                # DSP block on an ECP5, its output registered beside it: a multiply and the sum of its
-                # parts in one cycle, across the die from where the array left a free DSP block, was the
-                # 12 x 12's critical path)
-                s_lo, s_hi = s1[:16], s1[16:].as_signed()
-                m_lo, m_hi = m0_1[:16], m0_1[16:]
-                operands = [(s_lo, m_lo, "pp_ll"), (s_lo, m_hi, "pp_lh"), (s_hi, m_lo, "pp_hl"), (s_hi, m_hi, "pp_hh")]
-                s1b, sh1b = reg(signed(32), "sum1b_"), reg(unsigned(6), "sh1b_")
-                if self.product_latency == 2:
-                    # (every cycle, with the sum and shift beside them two registers deep)
-                    pp = [registered_product(m, platform, x, y, f"{name}{j}") for x, y, name in operands]
-                    s1a, sh1a = reg(signed(32), "sum1a_"), reg(unsigned(6), "sh1a_")
-                    with m.If(v1):
-                        m.d.sync += [s1a.eq(s1), sh1a.eq(sh1)]
-                    with m.If(v1a):
-                        m.d.sync += [s1b.eq(s1a), sh1b.eq(sh1a)]
-                else:
-                    pp = [reg((x * y).shape(), name) for x, y, name in operands]
-                    with m.If(v1):
-                        m.d.sync += [p.eq(x * y) for p, (x, y, _) in zip(pp, operands)]
-                        m.d.sync += [s1b.eq(s1), sh1b.eq(sh1)]
-                # stage 2b: the product as two registered halves, s1 * m0[:16] and s1 * m0[16:], and the
-                # rounding constant 2**(shift-1) (0 for shift 0), as a right shift of a constant: a
-                # variable left shift would widen to 127 bits
-                lo2, hi2 = reg(signed(48), "prod_lo"), reg(signed(47), "prod_hi")
-                half2, sh3 = reg(unsigned(62), "half"), reg(unsigned(6), "sh3_")
-                with m.If(v1b):
-                    m.d.sync += [lo2.eq(pp[0] + (pp[2] << 16)), hi2.eq(pp[1] + (pp[3] << 16)), s2.eq(s1b),
-                                 sh2.eq(sh1b),
-                                 half2.eq(Const(1 << 61, unsigned(62)) >> (62 - sh1b).as_unsigned())]
-                # stage 3: product + half; |product| < 2**62, so the sum fits 64 bits. Added as a low 16
-                # bits and a carried high part: a three-term sum of 64-bit operands is 65 bits wide in
-                # Verilog, and Verilator computes values over 64 bits as arrays of words, unconditionally
-                # (~10% of the 16x16 model's time)
-                # (the low sum written out twice, not shared: single-use terms stay inside the enable)
-                high = lo2[16:].as_signed() + hi2 + half2[16:] + (lo2[:16] + half2[:16])[16]
-                with m.If(v2):
-                    m.d.sync += [rounded3.eq(Cat((lo2[:16] + half2[:16])[:16], high[:48])), s3.eq(s2),
-                                 sh3.eq(sh2)]
-                # stage 4: the arithmetic shift (a 64-bit barrel shifter has a cycle to itself: on the ECP5
-                # shift, compare and select in one cycle were the 4x4 build's critical path)
-                if self.split_shift:
-                    # (two: by the multiple of 8, then by the rest, x >> 8a >> b being x >> (8a + b); the
-                    # six levels of one were a path of the 12 x 12 at 100 MHz)
-                    ra, sha, s3b = reg(signed(64), "shifted_a"), reg(unsigned(3), "sh4a_"), reg(signed(32), "sum3b_")
-                    with m.If(v3):
-                        m.d.sync += [ra.eq(rounded3 >> Cat(Const(0, 3), sh3[3:])), sha.eq(sh3[:3]), s3b.eq(s3)]
-                    with m.If(v3b):
-                        m.d.sync += [r.eq(ra >> sha), s4.eq(s3b)]
-                else:
-                    with m.If(v3):
-                        m.d.sync += [r.eq(rounded3 >> sh3), s4.eq(s3)]
-            else:
-                # stage 2, digit-serial, least significant digit first: carry = (carry >> d) + s1 * digit,
-                # the low d bits of each shifted into `low`; after the last digit the product is (low,
-                # carry >> d)
-                d = self.digit_bits
-                digit = Cat(m0_1, Const(0, D * d - 31)).word_select(digit1, d)
-                carry, low = reg(signed(33 + d), "carry"), reg(unsigned(D * d), "low")
-                partial = Mux(digit1 == 0, 0, carry >> d) + s1 * digit
-                with m.If(v1):
-                    m.d.sync += [carry.eq(partial), low.eq(Cat(low[d:], partial[:d])), s2.eq(s1), sh2.eq(sh1)]
-                # stages 3 and 4: (p + 2**(shift-1)) >> shift as ((2p >> shift) + 1) >> 1 — the same
-                # floor for every shift, 0 included — so no rounding constant, no 64-bit three-term sum
-                # (|p| < 2**62: 2p fits 64 bits)
-                with m.If(v2):
-                    m.d.sync += [rounded3.eq(Cat(Const(0, 1), low, carry[d:]).as_signed()[:64].as_signed() >> sh2),
-                                 s3.eq(s2)]
-                with m.If(v3):
-                    m.d.sync += [r.eq((rounded3 + 1) >> 1), s4.eq(s3)]
-            # stage 5: saturate per mode, into the output row: it shifts down a group as each lands in
-            # the top group, so group g ends in its slot after the last (again each lane's register takes
-            # one neighbour, not a result broadcast to every group)
-            res = Signal(signed(32), name=f"res{j}")
-            _saturate(m, res, r, s4, mode4, by_bits=True)
-            with m.If(v4):
-                m.d.sync += [out[k].eq(out[k + G]) for k in range(j, self.lanes - G, G)]
-                m.d.sync += out[self.lanes - G + j].eq(res)
-        m.d.comb += [self.out[k].eq(out[k]) for k in range(self.lanes)]
-        return m
+        else:
+            m.d.sync += stage1
+        s2, sh2 = reg(signed(32), "sum2_"), reg(unsigned(6), "sh2_")
+        rounded3, s3 = reg(signed(64), "rounded"), reg(signed(32), "sum3_")
+        r, s4 = reg(signed(64), "shifted"), reg(signed(32), "sum4_")
+        stages = (s1, m0_1, sh1, s2, sh2, rounded3, s3, r, s4)
+        if self.digits == 1:
+            self._full_width(m, platform, j, f, *stages)
+        else:
+            self._digit_serial(m, reg, f, *stages)
+        res = Signal(signed(32), name=f"res{j}")
+        _saturate(m, res, r, s4, f.mode4, by_bits=True)
+        with m.If(f.v4):
+            m.d.sync += [out[k].eq(out[k + G]) for k in range(j, self.lanes - G, G)]
+            m.d.sync += out[self.lanes - G + j].eq(res)
+
+    def _full_width(self, m, platform, j, f, s1, m0_1, sh1, s2, sh2, rounded3, s3, r, s4):
+        """Stages 2-4 with the 32 x 31 product in one step: four 16 x 16 partial products (2a; with
+        ``product_latency=2`` each inside a DSP block's input and output registers, 2a'), summed into two
+        halves with the rounding constant beside them (2b), the rounding sum (3) and the arithmetic shift
+        (4, or 4a and 4b by a multiple of 8 and then the rest)."""
+        reg = partial(_lane_register, j)
+        s_lo, s_hi = s1[:16], s1[16:].as_signed()
+        m_lo, m_hi = m0_1[:16], m0_1[16:]
+        operands = [(s_lo, m_lo, "pp_ll"), (s_lo, m_hi, "pp_lh"), (s_hi, m_lo, "pp_hl"), (s_hi, m_hi, "pp_hh")]
+        s1b, sh1b = reg(signed(32), "sum1b_"), reg(unsigned(6), "sh1b_")
+        if self.product_latency == 2:
+            # every cycle, with the sum and shift beside them two registers deep
+            pp = [registered_product(m, platform, x, y, f"{name}{j}") for x, y, name in operands]
+            s1a, sh1a = reg(signed(32), "sum1a_"), reg(unsigned(6), "sh1a_")
+            with m.If(f.v1):
+                m.d.sync += [s1a.eq(s1), sh1a.eq(sh1)]
+            with m.If(f.v1a):
+                m.d.sync += [s1b.eq(s1a), sh1b.eq(sh1a)]
+        else:
+            pp = [reg((x * y).shape(), name) for x, y, name in operands]
+            with m.If(f.v1):
+                m.d.sync += [p.eq(x * y) for p, (x, y, _) in zip(pp, operands)]
+                m.d.sync += [s1b.eq(s1), sh1b.eq(sh1)]
+        # stage 2b: the product as two registered halves, s1 * m0[:16] and s1 * m0[16:], and the rounding
+        # constant 2**(shift-1) (0 for shift 0), as a right shift of a constant: a variable left shift
+        # would widen to 127 bits
+        lo2, hi2 = reg(signed(48), "prod_lo"), reg(signed(47), "prod_hi")
+        half2, sh3 = reg(unsigned(REQUANT_SHIFT_MAX), "half"), reg(unsigned(6), "sh3_")
+        with m.If(f.v1b):
+            m.d.sync += [lo2.eq(pp[0] + (pp[2] << 16)), hi2.eq(pp[1] + (pp[3] << 16)), s2.eq(s1b),
+                         sh2.eq(sh1b),
+                         half2.eq(Const(1 << (REQUANT_SHIFT_MAX - 1), unsigned(REQUANT_SHIFT_MAX))
+                                  >> (REQUANT_SHIFT_MAX - sh1b).as_unsigned())]
+        # stage 3: product + half; |product| < 2**62, so the sum fits 64 bits. Added as a low 16 bits and
+        # a carried high part: a three-term sum of 64-bit operands is 65 bits wide in Verilog, which
+        # Verilator computes as arrays of words every cycle. The low sum is written out twice, not
+        # shared, so single-use terms stay inside the enable.
+        high = lo2[16:].as_signed() + hi2 + half2[16:] + (lo2[:16] + half2[:16])[16]
+        with m.If(f.v2):
+            m.d.sync += [rounded3.eq(Cat((lo2[:16] + half2[:16])[:16], high[:48])), s3.eq(s2),
+                         sh3.eq(sh2)]
+        # stage 4: the arithmetic shift, a 64-bit barrel shifter with a cycle to itself
+        if self.split_shift:
+            # in two: by the multiple of 8, then by the rest, x >> 8a >> b being x >> (8a + b)
+            ra, sha, s3b = reg(signed(64), "shifted_a"), reg(unsigned(3), "sh4a_"), reg(signed(32), "sum3b_")
+            with m.If(f.v3):
+                m.d.sync += [ra.eq(rounded3 >> Cat(Const(0, 3), sh3[3:])), sha.eq(sh3[:3]), s3b.eq(s3)]
+            with m.If(f.v3b):
+                m.d.sync += [r.eq(ra >> sha), s4.eq(s3b)]
+        else:
+            with m.If(f.v3):
+                m.d.sync += [r.eq(rounded3 >> sh3), s4.eq(s3)]
+
+    def _digit_serial(self, m, reg, f, s1, m0_1, sh1, s2, sh2, rounded3, s3, r, s4):
+        """Stages 2-4 with a digit-serial product, least significant digit first: ``carry = (carry >> d)
+        + s1 * digit``, the low d bits of each shifted into ``low``; after the last digit the product is
+        ``(low, carry >> d)``. Then ``(p + 2**(shift-1)) >> shift`` as ``((2p >> shift) + 1) >> 1`` — the
+        same floor for every shift, 0 included — so no rounding constant and no 64-bit three-term sum
+        (|p| < 2**62: 2p fits 64 bits)."""
+        d, D = self.digit_bits, self.digits
+        digit = Cat(m0_1, Const(0, D * d - 31)).word_select(f.digit1, d)
+        carry, low = reg(signed(33 + d), "carry"), reg(unsigned(D * d), "low")
+        partial_sum = Mux(f.digit1 == 0, 0, carry >> d) + s1 * digit
+        with m.If(f.v1):
+            m.d.sync += [carry.eq(partial_sum), low.eq(Cat(low[d:], partial_sum[:d])), s2.eq(s1), sh2.eq(sh1)]
+        with m.If(f.v2):
+            m.d.sync += [rounded3.eq(Cat(Const(0, 1), low, carry[d:]).as_signed()[:64].as_signed() >> sh2),
+                         s3.eq(s2)]
+        with m.If(f.v3):
+            m.d.sync += [r.eq((rounded3 + 1) >> 1), s4.eq(s3)]
 
 
 class BitSerialRequantizer(wiring.Component):
@@ -301,7 +332,7 @@ class BitSerialRequantizer(wiring.Component):
     parameter buffer) that comes back with the row on ``out_tag``, and the ``lanes`` accumulators, which
     are not copied but read lane by lane, lane k ``2 + 68 * k`` cycles after ``valid``: ``acc`` must
     hold the row until then. The lanes'
-    parameters are then read in the pool's parameter layout (``hw.isa``; ``word_bits = 8 * lanes``):
+    parameters are then read in the pool's parameter layout (``proto.isa``; ``word_bits = 8 * lanes``):
     ``p_en`` with ``p_addr`` (0-3 bias, 4-7 m0, 8 shifts), the word on ``p_data`` the cycle after; the
     row's tag is on ``tag_held`` meanwhile. Lane by lane: ``x = acc + bias`` (int32, the contract), then
     ``2p = x * (2 * m0)`` is formed LSB-first, one multiplier bit a cycle, and each product bit as it

@@ -7,7 +7,7 @@ from amaranth.lib.wiring import In, Out
 from .bufpool import BufferPool
 from .counters import PerfCounters
 from .engine import MatmulEngine
-from .isa import AcceleratorConfig
+from .config import AcceleratorConfig
 from .sequencer import Sequencer
 
 __all__ = ["Accelerator"]
@@ -15,7 +15,7 @@ __all__ = ["Accelerator"]
 
 class Accelerator(wiring.Component):
     """The whole device behind one pair of 32-bit streams (``i``: instructions and data in; ``o``:
-    answers out), built for one :class:`hw.isa.AcceleratorConfig`.
+    answers out), built for one :class:`ambert.hw.config.AcceleratorConfig`.
 
     ``error`` mirrors the sticky error flags; ``busy`` is high while a MATMUL or a STORE runs.
     """
@@ -35,17 +35,13 @@ class Accelerator(wiring.Component):
         m = Module()
         c = self.config
         m.submodules.seq = seq = Sequencer(c)
-        m.submodules.engine = eng = MatmulEngine(c.lanes, seq.addr_bits, c.acc_depth, c.requant_lanes,
-                                                     c.serial_mul_bits, c.pool_subbanks, c.compact_array,
-                                                     c.pool_read_latency, c.weight_write_latency,
-                                                     c.product_latency, c.hop_latency)
-        # (a pool read latency of 4 or 5 is the pool's 3 or 4 and a register after the bank multiplexer,
-        # below)
-        pool_latency = c.pool_read_latency - (c.pool_read_latency >= 4)
-        m.submodules.pool = pool = BufferPool(8 * c.lanes, c.banks, c.bank_words, c.pool_subbanks, pool_latency)
-        m.submodules.counters = cnt = PerfCounters(c.lanes * c.lanes)
-        bank_bits = (c.bank_words - 1).bit_length()
-        S = c.pool_subbanks
+        m.submodules.engine = eng = MatmulEngine(c, seq.addr_bits)
+        pool_latency = c.impl.pool_memory_latency
+        m.submodules.pool = pool = BufferPool(8 * c.shape.lanes, c.shape.banks, c.shape.bank_words,
+                                              c.impl.pool_subbanks, pool_latency)
+        m.submodules.counters = cnt = PerfCounters(c.shape.lanes * c.shape.lanes)
+        bank_bits = (c.shape.bank_words - 1).bit_length()
+        S = c.impl.pool_subbanks
         sub_bits = (S - 1).bit_length()
 
         wiring.connect(m, wiring.flipped(self.i), seq.i)
@@ -66,23 +62,20 @@ class Accelerator(wiring.Component):
         def offset(addr):
             return addr[:bank_bits]
 
-        # who read which bank pool_read_latency cycles ago, to route the read data back: a flag a bank
-        # (a bank number decoded after its register fanned out to every multiplexer of the read word,
-        # 12.5 ns of routing across the ECP5 12 x 12's die)
-        selects = [Cat(*(bank_of(addr) == b for b in range(c.banks)))
+        # who read which bank pool_read_latency cycles ago, to route the read data back: a flag a bank,
+        # not a bank number decoded after its register into every multiplexer of the read word
+        selects = [Cat(*(bank_of(addr) == b for b in range(c.shape.banks)))
                    for addr in (eng.a_rd.addr, eng.w_rd.addr, seq.rd_addr)]
-        # (read latency 4 or 5: the last flags a copy a byte of the word, kept apart: a copy's multiplexers lie
-        # with the array column its byte goes to; one copy's 96 x 4 multiplexer inputs spread over the
-        # die, then a quarter word's, were the 12 x 12's critical path at 100 MHz)
-        # (and the stage before them a copy every four bytes, each feeding four: from one flip-flop to
-        # twelve copies across the die was a path of the 12 x 12 at 100 MHz)
-        slices = c.lanes if c.pool_read_latency >= 4 else 1
+        # read latency 4 or 5: the last flags a copy a byte of the word, kept apart, each beside the
+        # multiplexers of its byte (which lie with the array column the byte goes to), and the stage
+        # before them a copy every four bytes, each feeding four
+        slices = c.shape.lanes if c.impl.pool_read_latency >= 4 else 1
         groups = -(-slices // 4) if slices > 4 and pool_latency > 1 else 1
         selects = [[x] for x in selects]
         for k in range(pool_latency):
             last = k == pool_latency - 1
             copies = slices if last else groups if k == pool_latency - 2 else 1
-            held = [[Signal(c.banks, name=f"{n}_bank{j if copies > 1 else ''}" if last else
+            held = [[Signal(c.shape.banks, name=f"{n}_bank{j if copies > 1 else ''}" if last else
                             f"{n}_bank_d{k}" + (f"_{j}" if copies > 1 else ""),
                             attrs={"ambert_replica": 1} if copies > 1 else {})
                      for j in range(copies)] for n in "aws"]
@@ -91,34 +84,33 @@ class Accelerator(wiring.Component):
         a_bank, w_bank, s_bank = held
         # a LOAD's words, and which bank each goes to
         seq_wr_en, seq_wr_addr, seq_wr_data = seq.wr_en, seq.wr_addr, seq.wr_data
-        if c.pool_read_latency >= 4:
-            # (with read latency 4 or 5 registered once more first: the sequencer's write enable, from the
-            # link's FIFO through its state, decoded and on to the bank flags' copies below, was a path of
-            # the 12 x 12 at 100 MHz)
+        if c.impl.pool_read_latency >= 4:
+            # read latency 4 or 5: registered once more first, so the sequencer's write enable (from the
+            # link's FIFO through its state) and its decode into the bank flags' copies do not share a
+            # cycle
             seq_wr_en = Signal(name="seq_wr_en")
             seq_wr_addr = Signal.like(seq.wr_addr, name="seq_wr_addr0")
             seq_wr_data = Signal.like(seq.wr_data, name="seq_wr_data0", reset_less=True)
             m.d.sync += [seq_wr_en.eq(seq.wr_en), seq_wr_addr.eq(seq.wr_addr), seq_wr_data.eq(seq.wr_data)]
-        seq_w_sel = [seq_wr_en & (bank_of(seq_wr_addr) == b) for b in range(c.banks)]
-        if c.pool_read_latency >= 3:
-            # (a large FPGA's: written a cycle later, from flip-flops, with a flag a bank that picks them
-            # over the engine's words, so no decode fans out to a bank's write-data multiplexers: from the
-            # engine's write decode to the 4 x 96 of them across the die was the 12 x 12's critical path.
-            # Nothing reads a LOAD's words sooner than the next command's dispatch, cycles later.)
-            # (with read latency 4 or 5 the flag a copy a byte too: one copy to a bank's 96 write-data
-            # multiplexers, spread with its block RAMs, was the 12 x 12's critical path at 100 MHz)
+        seq_w_sel = [seq_wr_en & (bank_of(seq_wr_addr) == b) for b in range(c.shape.banks)]
+        if c.impl.pool_read_latency >= 3:
+            # a large FPGA's: written a cycle later, from flip-flops, with a flag a bank that picks them
+            # over the engine's words, so no decode fans out to a bank's write-data multiplexers (nothing
+            # reads a LOAD's words sooner than the next command's dispatch, cycles later); with read
+            # latency 4 or 5 the flag a copy a byte too, each beside its byte's multiplexers, which spread
+            # with the bank's block RAMs
             wr_addr, wr_data = seq_wr_addr, seq_wr_data
             seq_wr_addr = Signal.like(seq.wr_addr, name="seq_wr_addr")
             seq_wr_data = Signal.like(seq.wr_data, name="seq_wr_data", reset_less=True)
             sel = [[Signal(name=f"seq_w_sel{b}" + (f"_{j}" if slices > 1 else ""),
                            attrs={"ambert_replica": 1} if slices > 1 else {}) for j in range(slices)]
-                   for b in range(c.banks)]
+                   for b in range(c.shape.banks)]
             m.d.sync += [seq_wr_addr.eq(wr_addr), seq_wr_data.eq(wr_data)]
             m.d.sync += [x.eq(y) for xs, y in zip(sel, seq_w_sel) for x in xs]
             seq_w_sel = sel
         else:
             seq_w_sel = [[x] for x in seq_w_sel]
-        for b in range(c.banks):
+        for b in range(c.shape.banks):
             port = pool.bank[b]
             # the checked MATMUL keeps its three streams in different banks, and the sequencer holds back
             # any LOAD or STORE that would touch a bank the running MATMUL or STORE uses, so each bank
@@ -144,20 +136,18 @@ class Accelerator(wiring.Component):
                 with m.Else():
                     m.d.comb += [port.w_data[s][bits].eq(eng.o_wr.data[s][bits]) for s in range(S)]
         words = [eng.a_rd.data, eng.w_rd.data, seq.rd_data]
-        if c.pool_read_latency >= 4:
+        if c.impl.pool_read_latency >= 4:
             # each reader's word registered after the bank multiplexer: from the banks' output registers,
-            # spread across the chip, to the multiplexer, then on to the reader, a cycle each (a select
-            # fanning out to the multiplexers of a word on its way to the array's columns across the ECP5
-            # 12 x 12's die took 12.5 ns of routing)
-            # (the registers without a reset: the readers' ports would carry one, fanning the accelerator's
-            # reset out to 3 x 96 more flip-flops)
+            # spread across the chip, to the multiplexer, then on to the reader, a cycle each. The
+            # registers carry no reset (the readers' ports would fan the accelerator's reset out to every
+            # bit of them)
             muxed = [Signal.like(w, name=f"{n}_word") for w, n in zip(words, "aws")]
             held = [Signal.like(w, name=f"{n}_word_q", reset_less=True) for w, n in zip(words, "aws")]
             m.d.sync += [h.eq(x) for h, x in zip(held, muxed)]
             m.d.comb += [w.eq(h) for w, h in zip(words, held)]
             words = muxed
         part = -(-len(words[0]) // slices)
-        for b in range(c.banks):
+        for b in range(c.shape.banks):
             for word, sels in zip(words, (a_bank, w_bank, s_bank)):
                 for j, sel in enumerate(sels):
                     with m.If(sel[b]):

@@ -17,8 +17,9 @@ __all__ = ["run_bench"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_bench(component, toplevel, bench, params, name):
-    """Convert ``component`` to Verilog (module ``toplevel``), build it, run ``sim/<bench>.py``.
+def run_bench(component, toplevel, bench, params, name, bench_dir):
+    """Convert ``component`` to Verilog (module ``toplevel``), build it, run the cocotb module ``bench``
+    (``<bench_dir>/<bench>.py``).
 
     ``params`` are passed to the bench as ``AMBERT_<KEY>`` variables. Returns (tests, failures).
     """
@@ -40,7 +41,7 @@ def run_bench(component, toplevel, bench, params, name):
                  log_file=build_dir / "build.log")
     env = {f"AMBERT_{k.upper()}": str(v) for k, v in params.items()}
     # the runner hands the simulator this process's sys.path as PYTHONPATH: make the benches findable
-    for path in (str(ROOT), str(ROOT / "sim")):
+    for path in (str(bench_dir),):
         if path not in sys.path:
             sys.path.append(path)
     results = runner.test(test_module=bench, hdl_toplevel=toplevel, build_dir=build_dir, test_dir=build_dir,

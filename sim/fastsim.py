@@ -56,7 +56,7 @@ def sim_top(config):
     from amaranth import ClockDomain, ClockSignal, Module, ResetInserter, Signal
     from amaranth.lib import wiring
     from amaranth.lib.wiring import In
-    from hw.top import Accelerator
+    from ambert.hw.top import Accelerator
 
     accel = Accelerator(config)
 
@@ -86,10 +86,14 @@ def verilog_of(config):
 
 
 def _source_key(config, flags, harness=HARNESS):
-    # the generated Verilog depends only on the hw sources and the config: hash those, so a cached model
-    # costs no elaboration
+    # the generated Verilog depends only on the hardware's sources (hw and the protocol it takes its
+    # constants from) and the config: hash those, so a cached model costs no elaboration
+    import ambert.hw
+    import ambert.proto
     h = hashlib.sha256(repr(config).encode())
-    for path in sorted((ROOT / "hw").glob("*.py")) + [harness, FAST_HEADER]:
+    sources = [path for package in (ambert.proto, ambert.hw)
+               for path in sorted(Path(package.__file__).parent.glob("*.py"))]
+    for path in sources + [harness, FAST_HEADER]:
         h.update(path.name.encode() + path.read_bytes())
     h.update(" ".join(flags + [OPT_FAST]).encode())
     return h.hexdigest()[:16]
@@ -134,7 +138,7 @@ class FastSim:
     @classmethod
     def from_library(cls, config, library):
         """Drive an already built model of ``config``'s top (``sim/harness.cpp`` linked in): a
-        post-synthesis netlist, say (:mod:`boards.postsynth`)."""
+        post-synthesis netlist, say (:mod:`ambert.boards.postsynth`)."""
         self = cls.__new__(cls)
         self.config, self.waves, self.library = config, None, Path(library)
         self._load()
@@ -199,7 +203,7 @@ class FastSim:
 
 
 class BoardSim:
-    """The virtual board's hardware: the Verilated :class:`hw.board.BoardTop` — UART PHY, link endpoint,
+    """The virtual board's hardware: the Verilated :class:`ambert.hw.board.BoardTop` — UART PHY, link endpoint,
     accelerator — with its clock loop in C++ (sim/board_harness.cpp); bytes in and out at the line level.
 
     ``run(data)`` drives the bytes onto the board's ``rx`` pin, runs while the board has work in hand (at
@@ -210,7 +214,7 @@ class BoardSim:
     """
 
     def __init__(self, config, divisor=4, retry_cycles=100_000, build_root=None):
-        from hw.board import BoardTop
+        from ambert.hw.board import BoardTop
         self.config, self.divisor, self.retry_cycles = config, divisor, retry_cycles
         flags = VERILATOR_FLAGS
         key = _source_key((config, divisor, retry_cycles), flags, BOARD_HARNESS)

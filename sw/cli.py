@@ -19,8 +19,8 @@ DEMO_SENTENCES = [
 
 def _load_or_quantize(artifact, model_dir, progress=True):
     """Return the QuantizedBert in ``artifact``, quantizing ``model_dir`` into it first if it is absent."""
-    from sw.quant import artifact as art
-    from sw.quant.quantize import quantize_pretrained
+    from ambert.sw.quant import artifact as art
+    from ambert.sw.quant.quantize import quantize_pretrained
     artifact = Path(artifact)
     if artifact.exists():
         return art.load(artifact)
@@ -31,8 +31,8 @@ def _load_or_quantize(artifact, model_dir, progress=True):
 
 
 def cmd_quantize(args):
-    from sw.quant import artifact as art
-    from sw.quant.quantize import quantize_pretrained, read_sentences
+    from ambert.sw.quant import artifact as art
+    from ambert.sw.quant.quantize import quantize_pretrained, read_sentences
     calibration = read_sentences(args.calibration) if args.calibration else None
     t0 = time.perf_counter()
     qm, _, _ = quantize_pretrained(args.model, calibration, progress=not args.quiet)
@@ -44,7 +44,7 @@ def cmd_quantize(args):
 
 
 def cmd_info(args):
-    from sw.quant import artifact as art
+    from ambert.sw.quant import artifact as art
     header = art.read_header(args.artifact)
     art.load(args.artifact)             # validate the data too, not only the header
     cfg, src = header["config"], header["source"]
@@ -66,8 +66,8 @@ def _similarity_table(names, sim):
 
 def cmd_run(args):
     import torch
-    from sw.quant.hf import encode, load_bert, load_tokenizer, mean_pool
-    from sw.runtime import OffloadedBert, device_chain
+    from ambert.sw.quant.hf import encode, load_bert, load_tokenizer, mean_pool
+    from ambert.sw.runtime import OffloadedBert, device_chain
     qm = _load_or_quantize(args.artifact, args.model)
     tok = load_tokenizer(args.model)
     if tok.vocab_size != qm.config["vocab"]:
@@ -106,10 +106,10 @@ def cmd_run(args):
 def cmd_demo(args):
     import torch
     from tqdm import tqdm
-    from sw.quant.fidelity import measure
-    from sw.quant.hf import encode, load_bert, load_tokenizer, mean_pool
-    from sw.quant.ref import ref_layer
-    from sw.runtime import Runner, device_chain
+    from ambert.sw.quant.fidelity import measure
+    from ambert.sw.quant.hf import encode, load_bert, load_tokenizer, mean_pool
+    from ambert.sw.quant.ref import ref_layer
+    from ambert.sw.runtime import Runner, device_chain
     qm = _load_or_quantize(args.artifact, None)
     model, tok = load_bert(), load_tokenizer()
     sentences = DEMO_SENTENCES
@@ -191,9 +191,9 @@ def build_parser():
 
 
 def main(argv=None):
-    from sw.quant.artifact import ArtifactError
-    from sw.quant.hf import ModelError
-    from sw.quant.model import InputError
+    from ambert.sw.quant.artifact import ArtifactError
+    from ambert.sw.quant.hf import ModelError
+    from ambert.sw.quant.model import InputError
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -8,6 +8,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
+_BUILT = {}
+
+
+def once(key, build):
+    """``build()``'s result, built once per test run: the fixtures below are module-scoped (so module
+    fixtures can use them) and share one model across every module."""
+    if key not in _BUILT:
+        _BUILT[key] = build()
+    return _BUILT[key]
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -18,16 +28,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def minilm():
-    """The bundled all-MiniLM-L6-v2, quantized once per session: (QuantizedBert, FP32 model, tokenizer)."""
-    from sw.quant.quantize import quantize_pretrained
-    return quantize_pretrained(progress=False)
+    """The bundled all-MiniLM-L6-v2, quantized once per run: (QuantizedBert, FP32 model, tokenizer)."""
+    from ambert.sw.quant.quantize import quantize_pretrained
+    return once("minilm", lambda: quantize_pretrained(progress=False))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def eval_sentences():
-    from sw.quant.quantize import read_sentences
+    from ambert.sw.quant.quantize import read_sentences
     return read_sentences(os.path.join(FIXTURES, "sentences.txt"))
 
 
@@ -58,14 +68,14 @@ def make_tiny_bert(folder, hidden=32, heads=4, layers=2, ffn=64, positions=24, s
     return folder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory):
-    return make_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")))
+    return once("tiny_bert_dir", lambda: make_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert"))))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny(tiny_bert_dir):
     """A tiny random BERT quantized on a few sentences: (QuantizedBert, FP32 model, tokenizer)."""
-    from sw.quant.quantize import quantize_pretrained
+    from ambert.sw.quant.quantize import quantize_pretrained
     calib = [" ".join(WORDS[i:i + 7]) for i in range(0, len(WORDS) - 7, 3)]
-    return quantize_pretrained(tiny_bert_dir, calib, progress=False)
+    return once("tiny", lambda: quantize_pretrained(tiny_bert_dir, calib, progress=False))

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sw.quant import artifact
-from sw.quant.artifact import ArtifactError
+from ambert.sw.quant import artifact
+from ambert.sw.quant.artifact import ArtifactError
 
 
 def _assert_same(a, b):

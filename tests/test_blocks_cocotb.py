@@ -1,15 +1,25 @@
-"""cocotb + Verilator benches on the generated Verilog of each block (sim/<block>_tb.py)."""
+"""cocotb + Verilator benches on the generated Verilog of each block (tests/benches/<block>_tb.py)."""
+
+import dataclasses
+from pathlib import Path
 
 import pytest
 
-from hw.array import SystolicArray
-from hw.bufpool import BufferPool
-from hw.isa import AcceleratorConfig
-from hw.pe import ProcessingElement
-from hw.requant import Requantizer
-from hw.sequencer import Sequencer
-from hw.top import Accelerator
-from sim.cocotb_runner import run_bench
+from ambert.hw.array import SystolicArray
+from ambert.hw.bufpool import BufferPool
+from ambert.hw.config import AcceleratorConfig
+from ambert.proto.isa import DeviceShape
+from ambert.hw.pe import ProcessingElement
+from ambert.hw.requant import Requantizer
+from ambert.hw.sequencer import Sequencer
+from ambert.hw.top import Accelerator
+from ambert.sim.cocotb_runner import run_bench as _run_bench
+
+BENCHES = Path(__file__).parent / "benches"
+
+
+def run_bench(component, toplevel, bench, params, name):
+    return _run_bench(component, toplevel, bench, params, name, BENCHES)
 
 
 def check(result):
@@ -37,13 +47,13 @@ def test_bufpool():
 
 
 def test_sequencer():
-    cfg = AcceleratorConfig(lanes=8, banks=4, bank_words=256, acc_depth=32)
-    params = dict(lanes=cfg.lanes, banks=cfg.banks, bank_words=cfg.bank_words, acc_depth=cfg.acc_depth)
+    cfg = AcceleratorConfig(DeviceShape(lanes=8, banks=4, bank_words=256, acc_depth=32))
+    params = dataclasses.asdict(cfg.shape)
     check(run_bench(Sequencer(cfg), "sequencer", "sequencer_tb", params, "sequencer"))
 
 
 @pytest.mark.parametrize("lanes", [4, 8])
 def test_top(lanes):
-    cfg = AcceleratorConfig(lanes=lanes, banks=4, bank_words=256, acc_depth=32)
-    params = dict(lanes=cfg.lanes, banks=cfg.banks, bank_words=cfg.bank_words, acc_depth=cfg.acc_depth)
+    cfg = AcceleratorConfig(DeviceShape(lanes=lanes, banks=4, bank_words=256, acc_depth=32))
+    params = dataclasses.asdict(cfg.shape)
     check(run_bench(Accelerator(cfg), "top", "top_tb", params, f"top_{lanes}"))

@@ -9,20 +9,21 @@ import subprocess
 import numpy as np
 import pytest
 
-from boards import BOARD_NAMES, get_board
-from boards.board import Board, ecp5_pll_params, ice40_pll_params
-from hw.isa import AcceleratorConfig, Error, Mode, parse_status
+from ambert.boards import BOARD_NAMES, get_board
+from ambert.boards.board import Board, Size, ecp5_pll_params, ice40_pll_params
+from ambert.hw.config import AcceleratorConfig
+from ambert.proto.isa import DeviceShape, Error, Mode, parse_status
 
 
 @pytest.mark.parametrize("name", BOARD_NAMES)
 def test_board_files_are_consistent(name):
     board = get_board(name)
-    assert board.name == name and {"small", "target"} <= set(board.sizes)
-    for size in board.sizes:
+    assert board.name == name and {"small", "target"} <= set(board.size_names)
+    for size in board.size_names:
         # (the UART PHY's minimum: 4 cycles a bit)
         assert board.divisor(size) * board.baud == round(board.clock(size)) and board.divisor(size) >= 4
     small, target = board.config("small"), board.config("target")
-    assert small.lanes <= target.lanes
+    assert small.shape.lanes <= target.shape.lanes
 
 
 def test_bad_board_requests_name_the_choices():
@@ -67,7 +68,7 @@ def test_impossible_plls_are_refused_with_the_reason():
 
 
 def test_the_dsp_layout_puts_each_array_column_on_adjacent_multipliers_of_one_strip():
-    from boards.layout import SITES, array_bels, constrain_array
+    from ambert.boards.layout import SITES, array_bels, constrain_array
     bels = array_bels(12, 12)
     assert len(set(bels.values())) == 144 <= SITES
     site = {b: tuple(int(v) for v in re.match(r"X(\d+)/Y(\d+)/MULT18_(\d)$", b).groups()) for b in bels.values()}
@@ -90,38 +91,37 @@ def test_the_dsp_layout_puts_each_array_column_on_adjacent_multipliers_of_one_st
     assert "BEL" not in cells["board.accel.engine.requant.prod_MULT18X18D_P0"]["attributes"]
     with pytest.raises(ValueError, match="has 4 PE multipliers, not 9"):
         constrain_array(netlist, 3, 3)
-    with pytest.raises(ValueError, match="dsp_layout names 'huge'"):
-        Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, dsp_layout=("huge",))
+    with pytest.raises(ValueError, match="size 'small' asks for the DSP layout, which is an ECP5's"):
+        Board(name="x", platform=object, family="ice40", clock_hz=60e6, baud=3_000_000,
+              sizes=(Size("small", AcceleratorConfig(), dsp_layout=True),))
 
 
 def test_a_size_may_run_at_its_own_clock():
-    """Named sizes only, each clock at least 4 cycles a bit of the baud rate like the board's (a fraction
-    where the baud rate does not divide it)."""
-    sizes = {"small": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128)}
-    board = Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
-                  size_clock_hz={"small": 45e6})
-    assert board.clock("small") == 45e6 and board.divisor("small") == 15
-    with pytest.raises(ValueError, match="size_clock_hz names 'huge'"):
-        Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
-              size_clock_hz={"huge": 45e6})
-    board = Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
-                  size_clock_hz={"small": 50e6})
-    assert board.divisor("small") == Fraction(50, 3)
+    """Each clock at least 4 cycles a bit of the baud rate like the board's (a fraction where the baud rate
+    does not divide it)."""
+    config = AcceleratorConfig(DeviceShape(lanes=4, banks=4, bank_words=1024, acc_depth=128))
+
+    def board(clock_hz):
+        return Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000,
+                     sizes=(Size("small", config, clock_hz=clock_hz), Size("medium", config)))
+    assert board(45e6).clock("small") == 45e6 and board(45e6).divisor("small") == 15
+    assert board(45e6).clock("medium") == 60e6
+    assert board(50e6).divisor("small") == Fraction(50, 3)
     with pytest.raises(ValueError, match="3000000 baud is 3.00 cycles a bit of the 9.0 MHz clock"):
-        Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
-              size_clock_hz={"small": 9e6})
+        board(9e6)
 
 
 def test_a_size_may_name_its_placement_seed():
-    sizes = {"small": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128),
-             "target": AcceleratorConfig(lanes=8, banks=4, bank_words=1024, acc_depth=128)}
-    board = Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
-                  size_seed={"target": 2})
+    config = AcceleratorConfig(DeviceShape(lanes=4, banks=4, bank_words=1024, acc_depth=128))
+    board = Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000,
+                  sizes=(Size("small", config), Size("target", config, seed=2)))
     assert board.seed("target") == 2 and board.seed("small") == 1
     assert get_board("ulx3s").seed("target") == 3
-    with pytest.raises(ValueError, match="size_seed names 'huge'"):
-        Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000, sizes=sizes,
-              size_seed={"huge": 3})
+    with pytest.raises(ValueError, match="seed must be a positive integer, not 0"):
+        Size("huge", config, seed=0)
+    with pytest.raises(ValueError, match="sizes named twice"):
+        Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000,
+              sizes=(Size("small", config), Size("small", config)))
 
 
 def test_the_arrays_registered_weight_writes_stay_one_copy_a_column_through_yosys(tmp_path):
@@ -133,8 +133,8 @@ def test_the_arrays_registered_weight_writes_stay_one_copy_a_column_through_yosy
     bank-select registers (the same bit wherever it is as many cycles from the input: without the script
     Yosys leaves 6 of them, one PE then taking another's)."""
     from amaranth.back import rtlil
-    from boards.build import KEEP_REPLICAS, _tool
-    from hw.array import SystolicArray
+    from ambert.boards.build import KEEP_REPLICAS, _tool
+    from ambert.hw.array import SystolicArray
     (tmp_path / "array.il").write_text(rtlil.convert(SystolicArray(3, 3, write_latency=1)))
     REGISTERS = "a:ambert_replica %ci1 c:* %i"
     counts = []
@@ -151,11 +151,11 @@ def test_the_ulx3s_configurations_synthesize_into_the_ecp5(tmp_path, size):
     """Yosys only (~40 s each; place and route: `make bitstream BOARD=ulx3s SIZE=...`, minutes to an hour).
     The medium size is here because Yosys 0.70's ABC9 step once crashed on it (an assertion in
     reintegration) while the small one synthesized."""
-    from boards.build import build
+    from ambert.boards.build import build
     report = build("ulx3s", size, out=tmp_path, synth_only=True)
     assert report["status"] == "synthesized", report.get("error")
     cells = report["cells"]
-    lanes = get_board("ulx3s").config(size).lanes
+    lanes = get_board("ulx3s").config(size).shape.lanes
     assert lanes * lanes <= cells["MULT18X18D"] <= 156          # every PE in a DSP block, within the 85F's
     assert cells["LUT4"] <= 83640 and cells["DP16KD"] <= 208 and cells["TRELLIS_FF"] <= 83640
     assert json.loads((tmp_path / f"ulx3s-{size}" / "report.json").read_text())["cells"] == cells
@@ -166,7 +166,7 @@ def test_the_icebreaker_builds_and_meets_timing(tmp_path):
     it (~1.5 min: the UP5K is 92% full, and nextpnr works for its placement). The report has the logic
     cells, block RAMs and DSP blocks used and available and the clock's Fmax against the 30 MHz the board
     file declares (made by the PLL from the 12 MHz oscillator)."""
-    from boards.build import build
+    from ambert.boards.build import build
     report = build("icebreaker", "small", out=tmp_path)
     assert report["status"] == "pass", report.get("error")
     assert report["timing_met"] and report["bitstream"] and Path(report["bitstream"]).stat().st_size > 100_000
@@ -179,7 +179,7 @@ def test_the_icebreaker_builds_and_meets_timing(tmp_path):
 def test_a_build_past_its_time_limit_stops_and_says_so(tmp_path, capsys):
     """nextpnr's router never gives up on a design it cannot route; ``--time-limit`` stops any tool that
     runs longer (here Yosys, 14 s on the iCEBreaker, after 2) and the build fails saying so."""
-    from boards.build import main
+    from ambert.boards.build import main
     assert main(["icebreaker", "--out", str(tmp_path), "--time-limit", "2"]) == 2
     report = json.loads((tmp_path / "icebreaker-small" / "report.json").read_text())
     assert report["status"] == "failed" and report["bitstream"] is None
@@ -191,7 +191,7 @@ def test_a_build_past_its_time_limit_stops_and_says_so(tmp_path, capsys):
 
 
 def test_the_progress_line_shows_the_routers_last_iteration(tmp_path):
-    from boards.build import _router_progress
+    from ambert.boards.build import _router_progress
     assert _router_progress(tmp_path) == ""
     (tmp_path / "ambert.tim").write_text("Info: Running router2...\n" + "".join(
         f"Info:     iter={k} wires=5{k:05d} overused={3000 - k} overuse={3001 - k} archfail=NA\n" for k in (1, 2, 60)))
@@ -199,7 +199,7 @@ def test_the_progress_line_shows_the_routers_last_iteration(tmp_path):
 
 
 def test_programming_without_a_bitstream_or_a_programmer_says_what_to_do(tmp_path, monkeypatch, capsys):
-    from boards.program import main
+    from ambert.boards.program import main
     assert main(["ulx3s", "--out", str(tmp_path)]) == 2
     assert "run `make bitstream BOARD=ulx3s SIZE=small` first" in capsys.readouterr().err
     (tmp_path / "ulx3s-small").mkdir()
@@ -214,10 +214,10 @@ def _check_minilm(sim, minilm):
     """Real data on the netlist too: a slice of MiniLM's layer-0 Q projection (its first 48 inputs — the
     iCEBreaker's 256-word banks hold neither a 384-deep weight column nor the activations' k-tiles of one
     sentence at that depth — and 16 output channels)."""
-    from sim.gemm_cases import minilm_case, reference
-    from sw.compiler.gemm import gemm_program
+    from ambert.sw.gemm_cases import minilm_case, reference
+    from ambert.sw.compiler.gemm import gemm_program
     case = minilm_case(minilm, 16, 48)
-    prog, decode = gemm_program(sim.config, *case, Mode.INT8)
+    prog, decode = gemm_program(sim.config.shape, *case, Mode.INT8)
     got, status = decode(sim.run(prog.words, prog.expect).answers)
     assert parse_status(status) == Error(0)
     assert np.array_equal(got, reference(*case, Mode.INT8))
@@ -227,7 +227,7 @@ def test_the_icebreaker_netlist_computes_what_the_design_does(tmp_path, minilm):
     """Post-synthesis: the smallest iCEBreaker configuration as its board build maps it to iCE40 cells
     (LUTs, carries, flip-flops, block RAMs, the array's products in SB_MAC16s), simulated with Yosys' cell
     models, == the integer reference on GEMMs of every mode."""
-    from boards.postsynth import CASES, check, netlist_sim
+    from ambert.boards.postsynth import CASES, check, netlist_sim
     sim = netlist_sim("icebreaker", "small", out=tmp_path)
     assert check(sim) == [(shape, mode, True) for shape, mode in CASES]
     _check_minilm(sim, minilm)
@@ -241,7 +241,7 @@ def test_the_icebreaker_netlist_computes_what_the_design_does(tmp_path, minilm):
 def test_the_ulx3s_netlist_computes_what_the_design_does(tmp_path, minilm):
     """Post-synthesis on the ECP5: LUTs, carries, flip-flops, the DSP blocks' multiplies and the block RAMs
     as Yosys maps them (the last two with boards/ecp5_models.v), == the integer reference."""
-    from boards.postsynth import CASES, check, netlist_sim
+    from ambert.boards.postsynth import CASES, check, netlist_sim
     sim = netlist_sim("ulx3s", "small", out=tmp_path)
     assert check(sim) == [(shape, mode, True) for shape, mode in CASES]
     _check_minilm(sim, minilm)
@@ -258,6 +258,6 @@ def test_the_ulx3s_netlist_computes_what_the_design_does(tmp_path, minilm):
 
 
 def test_postsynthesis_simulation_names_the_sizes_a_board_has(capsys):
-    from boards.postsynth import main
+    from ambert.boards.postsynth import main
     assert main(["icebreaker", "--size", "huge"]) == 2
     assert "icebreaker has sizes small, target, not 'huge'" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sw.cli import main
+from ambert.sw.cli import main
 from conftest import make_tiny_bert, WORDS
 
 
@@ -99,7 +99,7 @@ def test_gpu_requested_without_one(tiny_artifact, tiny_bert_dir, capsys):
 
 
 def test_wrong_input_dtype(tiny):
-    from sw.quant.model import InputError
+    from ambert.sw.quant.model import InputError
     qm = tiny[0]
     with pytest.raises(InputError, match="int64 or int32"):
         qm.forward_int(torch.zeros(1, 3, dtype=torch.float32))

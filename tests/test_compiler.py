@@ -5,18 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from hw.isa import MODE_BITS, AcceleratorConfig, Error, Mode, Opcode, parse_status
-from sim.fastsim import FastSim
-from sw.compiler.gemm import GemmOp, Residency, compile_gemms, plan_gemm
-from sw.compiler.layer import run_layer
-from sw.compiler.pool import PoolFull, PoolPlanner
-from sw.quant.ref import ref_layer, ref_matmul
+from ambert.hw.config import AcceleratorConfig
+from ambert.proto.isa import ARG_WORDS, HEADER, MODE_BITS, DeviceShape, Error, Mode, Opcode, parse_status
+from ambert.sim.fastsim import FastSim
+from ambert.sw.compiler.gemm import GemmOp, Residency, compile_gemms, plan_gemm
+from ambert.sw.compiler.layer import run_layer
+from ambert.sw.compiler.pool import PoolFull, PoolPlanner
+from ambert.sw.quant.ref import ref_layer, ref_matmul
 
-SMALL = AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128)   # built by the top tests too
+SHAPE = DeviceShape(lanes=4, banks=4, bank_words=1024, acc_depth=128)   # built by the top tests too
 
 
 def test_planner_reuses_released_ranges_and_reports_peak_against_naive():
-    pool = PoolPlanner(SMALL)
+    pool = PoolPlanner(SHAPE)
     a = pool.alloc(300, "a")
     b = pool.alloc(300, "b", forbid={a.bank})
     assert a.bank != b.bank and a.words == b.words == 300
@@ -27,7 +28,7 @@ def test_planner_reuses_released_ranges_and_reports_peak_against_naive():
 
 
 def test_planner_prefers_banks_to_avoid_last_and_merges_neighbours():
-    pool = PoolPlanner(SMALL)
+    pool = PoolPlanner(SHAPE)
     r = pool.alloc(8, "r", avoid={0, 1, 2})
     assert r.bank == 3
     parts = [pool.alloc(256, f"p{i}", forbid={1, 2, 3}) for i in range(4)]
@@ -44,14 +45,14 @@ def test_planner_prefers_banks_to_avoid_last_and_merges_neighbours():
 
 
 def test_plan_splits_weights_small_enough_to_pipeline():
-    cfg = AcceleratorConfig(lanes=16, banks=4, bank_words=16384, acc_depth=512)
-    plan = plan_gemm(cfg, 128, 1536, 384, Mode.INT16)
+    shape = DeviceShape(lanes=16, banks=4, bank_words=16384, acc_depth=512)
+    plan = plan_gemm(shape, 128, 1536, 384, Mode.INT16)
     per_tile = plan.k_tiles * 16 + 9
-    assert plan.n_tiles_chunk * per_tile <= cfg.bank_words // 4
+    assert plan.n_tiles_chunk * per_tile <= shape.bank_words // 4
     assert sum(n for _, n in plan.n_chunks(split_last=True)) == plan.n_tiles
     assert plan.n_chunks(split_last=True)[-1][1] == 1
     with pytest.raises(ValueError, match="K=65536 needs"):
-        plan_gemm(cfg, 1, 65536, 1, Mode.INT8)
+        plan_gemm(shape, 1, 65536, 1, Mode.INT8)
 
 
 def _op(rng, m, k, n, mode):
@@ -70,16 +71,16 @@ def _want(op):
 
 @pytest.fixture(scope="module")
 def sim():
-    return FastSim(SMALL)
+    return FastSim(AcceleratorConfig(SHAPE))
 
 
 def test_a_pipelined_program_of_several_gemms_is_exact(sim):
     rng = np.random.default_rng(3)
     ops = [_op(rng, 70, 40, 90, Mode.INT8), _op(rng, 128, 100, 20, Mode.INT16), _op(rng, 200, 24, 50, Mode.INT32),
            _op(rng, 1, 3, 5, Mode.INT8)]
-    compiled = compile_gemms(SMALL, ops)
+    compiled = compile_gemms(SHAPE, ops)
     assert compiled.steps > len(ops)                    # split into chunks, so it really pipelines
-    assert compiled.peak_words <= SMALL.pool_words < compiled.naive_words
+    assert compiled.peak_words <= SHAPE.pool_words < compiled.naive_words
     outs, status = compiled.decode(sim.run(compiled.program.words, compiled.program.expect).answers)
     assert parse_status(status) == Error(0)
     for op, out in zip(ops, outs):
@@ -89,12 +90,12 @@ def test_a_pipelined_program_of_several_gemms_is_exact(sim):
 def test_prefetched_weights_stay_resident_for_the_next_program(sim):
     rng = np.random.default_rng(4)
     first, second = _op(rng, 64, 60, 40, Mode.INT8), _op(rng, 64, 60, 48, Mode.INT16)
-    residency = Residency(SMALL)
-    c1 = compile_gemms(SMALL, [first], residency, prefetch=GemmOp(np.zeros((64, 60)), second.w, second.bias,
+    residency = Residency(SHAPE)
+    c1 = compile_gemms(SHAPE, [first], residency, prefetch=GemmOp(np.zeros((64, 60)), second.w, second.bias,
                                                                   second.m0, second.shift, second.mode))
     assert len(residency.chunks) == 1
-    c2 = compile_gemms(SMALL, [second], residency)
-    cold = compile_gemms(SMALL, [second])
+    c2 = compile_gemms(SHAPE, [second], residency)
+    cold = compile_gemms(SHAPE, [second])
     assert not residency.chunks and len(c2.program.words) < len(cold.program.words)
     for c, op in ((c1, first), (c2, second)):
         outs, status = c.decode(sim.run(c.program.words, c.program.expect).answers)
@@ -103,14 +104,14 @@ def test_prefetched_weights_stay_resident_for_the_next_program(sim):
 
 def test_loads_and_stores_interleave_with_matmuls():
     rng = np.random.default_rng(5)
-    prog = compile_gemms(SMALL, [_op(rng, 64, 60, 200, Mode.INT8)]).program
+    prog = compile_gemms(SHAPE, [_op(rng, 64, 60, 200, Mode.INT8)]).program
     ops, i = [], 0
     while i < len(prog.words):
-        word = prog.words[i]
-        op = Opcode(word >> 24)
+        head = HEADER.unpack(prog.words[i])
+        op = Opcode(head["opcode"])
         ops.append(op)
-        i += 1 + {Opcode.LOAD: 1 + (word & 0xFFFF) * SMALL.host_words_per_pool_word, Opcode.STORE: 1,
-                  Opcode.MATMUL: 6}.get(op, 0)
+        data = head["count"] * SHAPE.host_words_per_pool_word if op == Opcode.LOAD else 0
+        i += 1 + ARG_WORDS[op] + data
     first_mm = ops.index(Opcode.MATMUL)
     # after the first MATMUL, each next one is preceded by loads (the prefetch) and a store of the last
     between = ops[first_mm + 1:ops.index(Opcode.MATMUL, first_mm + 1)]

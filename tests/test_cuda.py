@@ -4,8 +4,8 @@ same bits as the CPU. Skipped, not faked, where no CUDA GPU is visible."""
 import pytest
 import torch
 
-from sw.quant.hf import encode
-from sw.quant.ref import ref_gemm
+from ambert.sw.quant.hf import encode
+from ambert.sw.quant.ref import ref_gemm
 
 pytestmark = pytest.mark.cuda
 
@@ -45,7 +45,7 @@ def test_minilm_cuda_equals_cpu(minilm, eval_sentences):
 
 
 def test_gpu_runtime_equals_cpu(minilm, eval_sentences):
-    from sw.runtime import offload
+    from ambert.sw.runtime import offload
     qm, model, tok = minilm
     enc = encode(tok, eval_sentences[:16])
     mod = offload(model, device="gpu", quantized=qm)

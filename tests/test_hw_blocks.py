@@ -7,14 +7,15 @@ import pytest
 import torch
 from amaranth.sim import Simulator
 
-from hw.array import SystolicArray
-from hw.bufpool import BufferPool
-from hw.isa import AcceleratorConfig, Error, Mode, Program, parse_status
-from hw.pe import ProcessingElement
-from hw.requant import BitSerialRequantizer, Requantizer
-from hw.top import Accelerator
-from sw.compiler.gemm import gemm_program
-from sw.quant.ref import ref_gemm, ref_requant
+from ambert.hw.array import SystolicArray
+from ambert.hw.bufpool import BufferPool
+from ambert.hw.config import AcceleratorConfig, Implementation
+from ambert.proto.isa import DeviceShape, Error, Mode, Program, parse_status
+from ambert.hw.pe import ProcessingElement
+from ambert.hw.requant import BitSerialRequantizer, Requantizer
+from ambert.hw.top import Accelerator
+from ambert.sw.compiler.gemm import gemm_program
+from ambert.sw.quant.ref import ref_gemm, ref_requant
 
 
 def simulate(dut, bench):
@@ -190,7 +191,7 @@ def test_requantizer_matches_ref_requant(group, digit_bits, product_latency, loa
 def test_bit_serial_requantizer_matches_ref_requant(lanes, n_rows):
     dut = BitSerialRequantizer(lanes, tag_bits=9)
     assert dut.steps == dut.latency == 68 * lanes + 2
-    config = AcceleratorConfig(lanes=lanes)
+    config = DeviceShape(lanes=lanes)
     rng = random.Random(5)
     rows = _requant_rows(rng, lanes, n_rows)
     rows[0] = ([1, 3, -1, -3] * (lanes // 4), [0] * lanes, [1 << 30] * lanes, [31] * lanes, int(Mode.INT8))  # ties
@@ -199,7 +200,7 @@ def test_bit_serial_requantizer_matches_ref_requant(lanes, n_rows):
                [62, 62, 0, 47] * (lanes // 4), int(Mode.INT16))
     rows[2] = ([-2**31, 2**31 - 1, -70000, 65535] * (lanes // 4), [0] * lanes,
                [2**31 - 1, 2**31 - 1, 1, 1] * (lanes // 4), [61, 61, 1, 1] * (lanes // 4), int(Mode.INT16))
-    # each row's parameters as the pool holds them (hw.isa), one word a read, one cycle late
+    # each row's parameters as the pool holds them (proto.isa), one word a read, one cycle late
     words = []
     for acc, bias, m0, shift, mode in rows:
         raw = config.pack_params(bias, m0, shift).view(np.uint8).reshape(9, lanes)
@@ -314,14 +315,14 @@ async def exchange(ctx, dut, words, expect, max_cycles=20000):
 
 
 def test_accelerator_runs_a_gemm_and_reports_errors():
-    cfg = AcceleratorConfig(lanes=4, banks=3, bank_words=64, acc_depth=16)
+    cfg = AcceleratorConfig(DeviceShape(lanes=4, banks=3, bank_words=64, acc_depth=16))
     dut = Accelerator(cfg)
     rng = np.random.default_rng(5)
     a = rng.integers(-128, 128, (6, 9), dtype=np.int8)
     w = rng.integers(-128, 128, (7, 9), dtype=np.int8)
     bias, m0, shift = rng.integers(-999, 999, 7), rng.integers(1 << 30, 1 << 31, 7), rng.integers(24, 30, 7)
-    prog, decode = gemm_program(cfg, a, w, bias, m0, shift, Mode.INT8)
-    errs = Program(cfg).matmul(0, 0, 0, 128, 1, 1, 1, Mode.INT8).sync()
+    prog, decode = gemm_program(cfg.shape, a, w, bias, m0, shift, Mode.INT8)
+    errs = Program(cfg.shape).matmul(0, 0, 0, 128, 1, 1, 1, Mode.INT8).sync()
     got = []
 
     async def bench(ctx):
@@ -336,61 +337,62 @@ def test_accelerator_runs_a_gemm_and_reports_errors():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="lanes"):
-        AcceleratorConfig(lanes=6)
+        AcceleratorConfig(DeviceShape(lanes=6))
     with pytest.raises(ValueError, match="banks"):
-        AcceleratorConfig(banks=2)
+        AcceleratorConfig(DeviceShape(banks=2))
     with pytest.raises(ValueError, match="bank_words"):
-        AcceleratorConfig(bank_words=100)
+        AcceleratorConfig(DeviceShape(bank_words=100))
     with pytest.raises(ValueError, match="requant_lanes must divide lanes"):
-        AcceleratorConfig(lanes=12, requant_lanes=5)
+        AcceleratorConfig(DeviceShape(lanes=12), Implementation(requant_lanes=5))
     with pytest.raises(ValueError, match="requant_lanes"):
-        AcceleratorConfig(requant_lanes=0)
+        AcceleratorConfig(DeviceShape(), Implementation(requant_lanes=0))
     with pytest.raises(ValueError, match="serial_mul_bits must be 1, 4, 8, 16 or None, not 5"):
-        AcceleratorConfig(serial_mul_bits=5)
+        AcceleratorConfig(DeviceShape(), Implementation(serial_mul_bits=5))
     with pytest.raises(ValueError, match="serial_mul_bits=1 .* needs requant_lanes=1, not 2"):
-        AcceleratorConfig(lanes=4, requant_lanes=2, serial_mul_bits=1)
+        AcceleratorConfig(DeviceShape(lanes=4), Implementation(requant_lanes=2, serial_mul_bits=1))
     with pytest.raises(ValueError, match="pool_subbanks must be 1 or 4, not 2"):
-        AcceleratorConfig(pool_subbanks=2)
+        AcceleratorConfig(DeviceShape(), Implementation(pool_subbanks=2))
     with pytest.raises(ValueError, match="overlap must be True or False, not 0"):
-        AcceleratorConfig(overlap=0)
+        AcceleratorConfig(DeviceShape(), Implementation(overlap=0))
     with pytest.raises(ValueError, match="compact_array must be True or False, not 'yes'"):
-        AcceleratorConfig(compact_array="yes")
+        AcceleratorConfig(DeviceShape(), Implementation(compact_array="yes"))
     with pytest.raises(ValueError, match="pool_read_latency must be 1 to 5, not 0"):
-        AcceleratorConfig(pool_read_latency=0)
+        AcceleratorConfig(DeviceShape(), Implementation(pool_read_latency=0))
     with pytest.raises(ValueError, match="weight_write_latency must be 0, 1 or 2, not 3"):
-        AcceleratorConfig(weight_write_latency=3)
+        AcceleratorConfig(DeviceShape(), Implementation(weight_write_latency=3))
     with pytest.raises(ValueError, match="compact_array=True needs weight_write_latency=0"):
-        AcceleratorConfig(compact_array=True, weight_write_latency=1)
+        AcceleratorConfig(DeviceShape(), Implementation(compact_array=True, weight_write_latency=1))
     with pytest.raises(ValueError, match="product_latency must be 1 or 2, not 0"):
-        AcceleratorConfig(product_latency=0)
+        AcceleratorConfig(DeviceShape(), Implementation(product_latency=0))
     with pytest.raises(ValueError, match="compact_array=True needs product_latency=1"):
-        AcceleratorConfig(compact_array=True, product_latency=2)
+        AcceleratorConfig(DeviceShape(), Implementation(compact_array=True, product_latency=2))
     with pytest.raises(ValueError, match="hop_latency must be 1 or 2, not 3"):
-        AcceleratorConfig(hop_latency=3)
+        AcceleratorConfig(DeviceShape(), Implementation(hop_latency=3))
     with pytest.raises(ValueError, match="compact_array=True needs hop_latency=1"):
-        AcceleratorConfig(compact_array=True, hop_latency=2)
+        AcceleratorConfig(DeviceShape(), Implementation(compact_array=True, hop_latency=2))
     with pytest.raises(ValueError, match="subbanks must be 1 or 4, not 2"):
         BufferPool(32, 3, 64, subbanks=2)
     # one memory a bank writes a row's up to 4 words one a cycle: a requantizer taking a row a cycle cannot
     with pytest.raises(ValueError, match="requantizer must take >= 4 cycles a row, not 1"):
-        Accelerator(AcceleratorConfig(lanes=4, banks=3, bank_words=64, acc_depth=16, pool_subbanks=1)).elaborate(None)
+        Accelerator(AcceleratorConfig(DeviceShape(lanes=4, banks=3, bank_words=64, acc_depth=16),
+                                      Implementation(pool_subbanks=1))).elaborate(None)
     with pytest.raises(TypeError):
         Accelerator(config={"lanes": 4})
 
 
 def test_payload_layouts():
-    cfg = AcceleratorConfig(lanes=4, banks=3, bank_words=64, acc_depth=16)
+    cfg = AcceleratorConfig(DeviceShape(lanes=4, banks=3, bank_words=64, acc_depth=16))
     a = np.arange(2 * 6, dtype=np.int8).reshape(2, 6)
-    packed = cfg.pack_activations(a)             # 2 k-tiles x 2 rows, padded to 8 columns
+    packed = cfg.shape.pack_activations(a)             # 2 k-tiles x 2 rows, padded to 8 columns
     assert packed.tolist() == [[0, 1, 2, 3], [6, 7, 8, 9], [4, 5, 0, 0], [10, 11, 0, 0]]
     w = np.arange(5 * 3, dtype=np.int8).reshape(5, 3)
-    pw = cfg.pack_weights(w)                     # n-tile 0 then 1; each 4 rows: row i = W[n0 + j, i]
+    pw = cfg.shape.pack_weights(w)                     # n-tile 0 then 1; each 4 rows: row i = W[n0 + j, i]
     assert pw[0].tolist() == [0, 3, 6, 9] and pw[1].tolist() == [1, 4, 7, 10] and pw[3].tolist() == [0, 0, 0, 0]
     assert pw[4].tolist() == [12, 0, 0, 0]
-    pp = cfg.pack_params([-1, 2], [5, 1 << 30], [3, 62])
+    pp = cfg.shape.pack_params([-1, 2], [5, 1 << 30], [3, 62])
     assert pp.shape == (9, 4)
     assert pp[:4].view(np.int32).ravel().tolist() == [-1, 2, 0, 0]
     assert pp[4:8].view(np.uint32).ravel().tolist() == [5, 1 << 30, 0, 0]
     assert pp[8].view(np.uint8).tolist() == [3, 62, 0, 0]
-    host = cfg.words_to_host(packed)
-    assert np.array_equal(cfg.words_from_host(host), packed)
+    host = cfg.shape.words_to_host(packed)
+    assert np.array_equal(cfg.shape.words_from_host(host), packed)

@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from boards.virtual import damage
-from hw.isa import Error, Mode, parse_status
-from sw.compiler.gemm import gemm_program
-from sw.link import Endpoint, Frame, FrameType, LinkError
-from sw.link.frame import Decoder, encode
-from sw.quant.hf import encode as encode_text
-from sw.quant.ref import ref_matmul
-from sw.runtime import DeviceError, OffloadedBert
-from sw.runtime.board import BoardDevice
-from sw.runtime.cpu import CpuDevice
+from ambert.boards.virtual import damage
+from ambert.proto.isa import Error, Mode, parse_status
+from ambert.sw.compiler.gemm import gemm_program
+from ambert.proto.link import FrameType
+from ambert.sw.link import Endpoint, Frame, LinkError
+from ambert.sw.link.frame import Decoder, encode
+from ambert.sw.quant.hf import encode as encode_text
+from ambert.sw.quant.ref import ref_matmul
+from ambert.sw.runtime import DeviceError, OffloadedBert
+from ambert.sw.runtime.board import BoardDevice
+from ambert.sw.runtime.cpu import CpuDevice
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,7 +111,7 @@ def test_a_dead_peer_is_declared_after_the_retries():
 
 class VirtualBoardProcess:
     def __init__(self, *args):
-        self.proc = subprocess.Popen([sys.executable, "-m", "boards.virtual", *args], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "ambert.boards.virtual", *args], cwd=ROOT,
                                      stdout=subprocess.PIPE, text=True)
         self.path = self.proc.stdout.readline().strip()       # first line once the model is built
         if not self.path:
@@ -150,10 +151,10 @@ def _gemm_case(seed, m=37, k=70, n=45):
 def test_board_device_runs_programs_exactly(board_factory, faults):
     vb = board_factory(*faults)
     dev = BoardDevice(vb.path, stall_s=10, retry_s=0.05)
-    assert (dev.config.lanes, dev.config.banks, dev.config.bank_words) == (4, 4, 1024)   # from its HELLO
+    assert (dev.shape.lanes, dev.shape.banks, dev.shape.bank_words) == (4, 4, 1024)   # from its HELLO
     for seed in range(3):
         case, want = _gemm_case(seed)
-        prog, decode = gemm_program(dev.config, *case, Mode.INT8)
+        prog, decode = gemm_program(dev.shape, *case, Mode.INT8)
         out, status = decode(dev._run(prog.words, prog.expect))
         assert parse_status(status) == Error(0) and np.array_equal(out, want)
     dev.close()
@@ -172,7 +173,7 @@ def test_a_bert_through_the_damaged_board_is_bit_exact(board_factory, tiny):
 def test_a_bert_through_a_virtual_icebreaker_is_bit_exact(board_factory, tiny):
     """The iCEBreaker's own configuration (its board file: bit-serial requantizer, compact array, one command
     at a time, 3 x 256 pool words), Verilated with the same UART PHY and link hardware, on a damaged line."""
-    from boards import get_board
+    from ambert.boards import get_board
     qm, model, tok = tiny
     vb = board_factory("--board", "icebreaker", "--flip", "2e-4", "--drop", "2e-4", "--seed", "7")
     # one command at a time: the board takes no words, so acknowledges none, while a MATMUL runs — at most
@@ -180,8 +181,7 @@ def test_a_bert_through_a_virtual_icebreaker_is_bit_exact(board_factory, tiny):
     # retransmissions 50 ms apart, is 2 s; a busy machine once ran out of it
     board = BoardDevice(vb.path, retry_s=0.2)
     want = get_board("icebreaker").config("small")
-    assert (board.config.lanes, board.config.banks, board.config.bank_words, board.config.acc_depth) == (
-        want.lanes, want.banks, want.bank_words, want.acc_depth)
+    assert board.shape == want.shape
     enc = encode_text(tok, ["the cat sat on the mat", "what is my name"])
     mod = OffloadedBert(qm, model.config, [board, CpuDevice()])
     out = mod(**enc).last_hidden_state
@@ -190,7 +190,7 @@ def test_a_bert_through_a_virtual_icebreaker_is_bit_exact(board_factory, tiny):
 
 
 def test_the_virtual_board_refuses_an_unknown_board_or_size(capsys):
-    from boards.virtual import main
+    from ambert.boards.virtual import main
     for args, why in ((["--board", "nexys"], "unknown board 'nexys'"),
                       (["--board", "icebreaker", "--size", "huge"],
                        "icebreaker has sizes small, target, not 'huge'")):
@@ -234,7 +234,7 @@ def test_no_board_on_the_port_is_a_clear_error(tmp_path):
 
 
 def test_bad_link_arguments_are_refused_with_the_reason():
-    from sw.runtime import get_device
+    from ambert.sw.runtime import get_device
     with pytest.raises(ValueError, match="name the board's serial port"):
         get_device("board:")
     wire = _Wire(0)

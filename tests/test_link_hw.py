@@ -1,27 +1,30 @@
 """The link's device end in hardware, in Amaranth's simulator, against the host's own protocol code."""
 
 import random
-import zlib
 
 import pytest
+from amaranth import Module, Signal
 from amaranth.sim import Simulator
 
-from boards.virtual import damage
-from amaranth import Module, Signal
+from ambert.boards.virtual import damage
+from ambert.hw.link import LinkDeframer, crc32_byte_logic
+from ambert.proto.link import CRC32, CRC32_RESIDUE, FrameType, crc32, crc32_byte
+from ambert.sw.link.frame import Decoder, Frame, encode
 
-from hw.link import CRC32_RESIDUE, LinkDeframer, crc32_byte, crc32_byte_logic
-from sw.link.frame import Decoder, Frame, FrameType, encode
 
-
-def test_crc32_matches_zlib_and_leaves_the_residue():
+def test_crc32_register_and_fast_path_equal_the_catalog_model():
+    """The byte register the board runs, and zlib's CRC the host runs, both == amaranth.lib.crc's model
+    of CRC-32/ISO-HDLC; the register ends on the residue after data and its own CRC."""
+    assert CRC32.compute(b"123456789") == 0xCBF43926          # the catalog's check value
     rng = random.Random(0)
+    algorithm = CRC32.algorithm
     for n in (0, 1, 7, 100):
         data = bytes(rng.randrange(256) for _ in range(n))
-        reg = 0xFFFFFFFF
+        reg = algorithm.initial_crc
         for b in data:
             reg = crc32_byte(reg, b)
-        assert reg ^ 0xFFFFFFFF == zlib.crc32(data)
-        for b in zlib.crc32(data).to_bytes(4, "little"):
+        assert reg ^ algorithm.xor_output == CRC32.compute(data) == crc32(data)
+        for b in crc32(data).to_bytes(4, "little"):
             reg = crc32_byte(reg, b)
         assert reg == CRC32_RESIDUE
 
@@ -129,7 +132,7 @@ def test_frames_arriving_while_one_is_held_are_dropped_whole_but_acks_get_throug
 
 @pytest.mark.parametrize("stall", [False, True])
 def test_framer_sends_exactly_the_hosts_encoding(stall):
-    from hw.link import LinkFramer
+    from ambert.hw.link import LinkFramer
     rng = random.Random(7 + stall)
     frames = _frames(rng, 8) + [Frame(FrameType.DATA, 0x7E, b"\x7e\x7d" * 2), Frame(FrameType.ACK, 0x7D)]
     dut = LinkFramer(256)
@@ -189,8 +192,8 @@ def _endpoint_session(words, gap=2, faults=(0.0, 0.0, 0.0), seed=0, hello=bytes(
                       max_cycles=400_000, reset_at=None):
     """Run the host Endpoint against LinkEndpoint; the accelerator is a stub answering each word w with
     3w + 1 (sometimes slow to take or give). Returns (host endpoint, answers, device counters)."""
-    from hw.link import LinkEndpoint
-    from sw.link.arq import Endpoint
+    from ambert.hw.link import LinkEndpoint
+    from ambert.sw.link.arq import Endpoint
     rng = random.Random(seed)
     dut = LinkEndpoint(hello, max_payload=64, window=4, retry_cycles=3000)
     wire = _SimWire(rng, *faults)
@@ -278,7 +281,7 @@ def test_acks_outside_the_window_are_ignored_and_one_mid_round_trims_the_resend(
     """Crafted ACKs no host sends: one ahead of every frame sent and one behind the window change nothing
     (the next timeout resends all three outstanding frames); an ACK of the first two arriving while the
     next round resends frame 0 skips frame 1; after the last ACK nothing is sent again."""
-    from hw.link import LinkEndpoint
+    from ambert.hw.link import LinkEndpoint
     retry = 2000
     dut = LinkEndpoint(bytes(range(16)), max_payload=64, window=4, retry_cycles=retry)
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from sw.quant.hf import encode, mean_pool
-from sw.quant.ref import ref_layer
+from ambert.sw.quant.hf import encode, mean_pool
+from ambert.sw.quant.ref import ref_layer
 
 
 def test_tiny_model_runs_and_is_deterministic(tiny):
@@ -51,7 +51,7 @@ def test_minilm_artifact_shapes(minilm):
 def test_minilm_fidelity_on_fixture_sentences(minilm, eval_sentences):
     # measured, not assumed: the full benchmark (benchmarks/fidelity.py) reports the same metrics on all
     # 206 sentences; here a slice keeps the test quick
-    from sw.quant.fidelity import measure
+    from ambert.sw.quant.fidelity import measure
     qm, model, tok = minilm
     fid = measure(model, qm, tok, eval_sentences[:48])
     assert fid.mean_cos >= 0.995

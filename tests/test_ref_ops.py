@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from sw.quant.fixedpoint import gelu_params, multiplier, softmax_params, layernorm_params
-from sw.quant.ref import (INT16_MAX, INT16_MIN, INT32_MAX, INT32_MIN, LN_NORM_BITS, LN_STD_EXTRA_BITS,
+from ambert.sw.quant.fixedpoint import gelu_params, multiplier, softmax_params, layernorm_params
+from ambert.sw.quant.ref import (INT16_MAX, INT16_MIN, INT32_MAX, INT32_MIN, LN_NORM_BITS, LN_STD_EXTRA_BITS,
                           SOFTMAX_FACTOR_BITS, SOFTMAX_OUT_MAX, SoftmaxParams, isqrt, ref_gelu, ref_gemm, ref_layernorm,
                           ref_requant, ref_softmax, rshift_round)
 
@@ -144,7 +144,7 @@ def test_gemm_batched_heads():
 
 @pytest.mark.parametrize("m, k, n", [(1, 1, 1), (7, 3072, 5), (40, 384, 1536)])
 def test_gemm_cpu_paths_agree(m, k, n):
-    from sw.quant.ref import _gemm_f64
+    from ambert.sw.quant.ref import _gemm_f64
     g = torch.Generator().manual_seed(m + k)
     for a, b in ((torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g),
                   torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)),

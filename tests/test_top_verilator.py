@@ -4,25 +4,28 @@ MiniLM layer, and malformed instruction streams. Golden model: the contract's re
 import numpy as np
 import pytest
 
-from boards import get_board
-from hw.isa import ISA_VERSION, AcceleratorConfig, Error, Mode, Program, header, parse_status
-from sim.fastsim import FastSim
-from sim.gemm_cases import random_case, reference
-from sw.compiler.gemm import gemm_program
+from ambert.boards import get_board
+from ambert.hw.config import AcceleratorConfig, Implementation
+from ambert.proto.isa import (ISA_VERSION, MAX_COUNT, Counters, DeviceShape, Error, Info, Mode, Program, header,
+                              parse_status)
+from ambert.sim.fastsim import FastSim
+from ambert.sw.gemm_cases import random_case, reference
+from ambert.sw.compiler.gemm import gemm_program
 
 CONFIGS = {
-    "4x4": AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128),
+    "4x4": AcceleratorConfig(DeviceShape(lanes=4, banks=4, bank_words=1024, acc_depth=128)),
     # the small-FPGA (iCE40) build: one column at a time through the bit-serial requantizer (last k-tiles
     # paced to it, parameters in a block RAM), the sequencer's multiplies bit-serial too and one command
     # at a time, one memory a pool bank, the array's compact layout
-    "4x4-ice40": AcceleratorConfig(lanes=4, banks=4, bank_words=2048, acc_depth=128, requant_lanes=1,
-                                   serial_mul_bits=1, pool_subbanks=1, overlap=False, compact_array=True),
+    "4x4-ice40": AcceleratorConfig(DeviceShape(lanes=4, banks=4, bank_words=2048, acc_depth=128),
+                                   Implementation(requant_lanes=1, serial_mul_bits=1, pool_subbanks=1, overlap=False,
+                                                  compact_array=True)),
     # the ULX3S medium: the pool's memory outputs registered (read latency 2)
     "8x8-ecp5": get_board("ulx3s").config("medium"),
     # the ULX3S target: 12 lanes, the requantizer two columns a cycle, the pool's read addresses registered
     # too (read latency 3), the weight writes registered once a column
     "12x12-ecp5": get_board("ulx3s").config("target"),
-    "16x16": AcceleratorConfig(lanes=16, banks=4, bank_words=16384, acc_depth=512),
+    "16x16": AcceleratorConfig(DeviceShape(lanes=16, banks=4, bank_words=16384, acc_depth=512)),
 }
 
 
@@ -37,7 +40,7 @@ def device16():
 
 
 def run_gemm(sim, a, w, bias, m0, shift, mode):
-    prog, decode = gemm_program(sim.config, a, w, bias, m0, shift, mode)
+    prog, decode = gemm_program(sim.config.shape, a, w, bias, m0, shift, mode)
     result = sim.run(prog.words, prog.expect)
     out, status = decode(result.answers)
     assert parse_status(status) == Error(0)
@@ -72,8 +75,8 @@ def test_extreme_products_at_k3072(device16, mode):
 def test_minilm_layer_gemms(config, device16, minilm):
     """Every GEMM of layer 0 of the quantized bundled MiniLM, on a real sentence, through the top."""
     sim = device16 if config == "16x16" else FastSim(CONFIGS[config])
-    from sw.quant.hf import encode
-    from sw.quant.ref import ref_layer
+    from ambert.sw.quant.hf import encode
+    from ambert.sw.quant.ref import ref_layer
     qm, _, tok = minilm
     enc = encode(tok, ["The quick brown fox jumps over the lazy dog near the river bank."])
     x8, x16 = qm.embed(enc["input_ids"])
@@ -131,10 +134,10 @@ def test_fuzzed_streams_never_hang_and_a_valid_program_runs_after(seed):
     rng = np.random.default_rng(seed)
     garbage = fuzz_words(rng, 3000)
     # zeros are NOPs: enough of them finish any LOAD the garbage opened (at most 65535 pool words)
-    flush = [0] * (0xFFFF * cfg.host_words_per_pool_word + 16)
+    flush = [0] * (MAX_COUNT * cfg.shape.host_words_per_pool_word + 16)
     case = random_case(rng, 23, 37, 11, Mode.INT8)
-    prog, decode = gemm_program(cfg, *case, Mode.INT8)
-    words = garbage + flush + Program(cfg).sync().sync().words + prog.words
+    prog, decode = gemm_program(cfg.shape, *case, Mode.INT8)
+    words = garbage + flush + Program(cfg.shape).sync().sync().words + prog.words
     result = sim.run(words, 0, idle_limit=100_000)         # raises SimHang if the device stops
     assert result.taken == len(words)
     tail = result.answers[len(result.answers) - prog.expect - 2:]
@@ -152,8 +155,8 @@ def test_errors_are_reported_and_decoding_goes_on(config):
     products kept as their low bits and a sticky "longer" flag)."""
     cfg = CONFIGS[config]
     sim = FastSim(cfg)
-    B = cfg.bank_words
-    prog = (Program(cfg)
+    B = cfg.shape.bank_words
+    prog = (Program(cfg.shape)
             .sync()
             .matmul(0, B, B + 100, 2 * B, 0, 1, 1, Mode.INT8).sync()          # M = 0
             .matmul(0, B, B + 100, 2 * B, 4, 1, 1, 3).sync()                  # bad mode
@@ -162,27 +165,25 @@ def test_errors_are_reported_and_decoding_goes_on(config):
             .matmul(B - 2, B + 4, B + 100, 2 * B, 4, 1, 1, Mode.INT8).sync()  # A runs off its bank
             # A far longer than a bank, W exactly one: M x kt = 2**16 words, whose bits all leave the
             # small sequencer's kept low bits before the product ends (only the sticky flag remembers)
-            .matmul(0, B, B + 100, 2 * B, cfg.acc_depth, B // cfg.lanes, 1, Mode.INT8).sync()
+            .matmul(0, B, B + 100, 2 * B, cfg.shape.acc_depth, B // cfg.shape.lanes, 1, Mode.INT8).sync()
             .matmul(0, B, B + 100, 2 * B, 1, 1 << 15, 1, Mode.INT8).sync()    # kt alone is too long
-            .store(cfg.pool_words - 1, 2).sync()                              # STORE past the pool
-            .load(cfg.pool_words - 1, np.zeros((2, cfg.lanes), np.int8)).sync()  # LOAD past the pool
+            .store(cfg.shape.pool_words - 1, 2).sync()                              # STORE past the pool
+            .load(cfg.shape.pool_words - 1, np.zeros((2, cfg.shape.lanes), np.int8)).sync()  # LOAD past the pool
             # addresses with bits above the pool's address width (the device keeps only those it has)
             .matmul(1 << 31, B, B + 100, 2 * B, 4, 1, 1, Mode.INT8).sync()
             .matmul(0, B, B + 100, (1 << 20) + 2 * B, 4, 1, 1, Mode.INT8).sync()
             .store(1 << 24, 1).sync()
-            .load((1 << 30) + 5, np.zeros((1, cfg.lanes), np.int8)).sync()
+            .load((1 << 30) + 5, np.zeros((1, cfg.shape.lanes), np.int8)).sync()
             .info())
     prog.words.insert(1, header(0x77))                                        # unknown opcode
     prog.words.insert(2, header(0x04))                                        # SYNC
-    expect = prog.expect + 1 - 3 * cfg.host_words_per_pool_word     # +1 SYNC; the bad STOREs answer nothing
+    expect = prog.expect + 1 - 3 * cfg.shape.host_words_per_pool_word     # +1 SYNC; the bad STOREs answer nothing
     answers = sim.run(prog.words, expect).answers
     assert len(answers) == expect
     flags = [parse_status(w) for w in answers[:-3]]
     assert flags == [Error(0), Error.OPCODE, Error.SHAPE, Error.SHAPE, Error.BANK, Error.ADDRESS,
                      Error.ADDRESS, Error.ADDRESS, Error.ADDRESS, Error.ADDRESS, Error.ADDRESS] + [Error.ADDRESS] * 4
-    version_shape = answers[-3]
-    assert version_shape >> 24 == ISA_VERSION and (version_shape >> 8) & 0xFF == cfg.lanes
-    assert answers[-2:] == [cfg.bank_words, cfg.acc_depth]
+    assert Info.unpack(answers[-3:]) == Info(ISA_VERSION, cfg.shape)
 
 
 def test_counters_count_one_matmul(device16):
@@ -190,12 +191,12 @@ def test_counters_count_one_matmul(device16):
     rng = np.random.default_rng(9)
     m, k, n = 128, 384, 384
     case = random_case(rng, m, k, n, Mode.INT8)
-    prog, _ = gemm_program(cfg, *case, Mode.INT8)
-    words = Program(cfg).counters().words + prog.words + Program(cfg).counters().words
-    ans = device16.run(words, prog.expect + 12).answers
-    before, after = ans[:6], ans[-6:]
-    val = lambda w, i: w[i] | (w[i + 1] << 32)              # noqa: E731
-    busy, stalled, macs = (val(after, i) - val(before, i) for i in (0, 2, 4))
+    prog, _ = gemm_program(cfg.shape, *case, Mode.INT8)
+    words = Program(cfg.shape).counters().words + prog.words + Program(cfg.shape).counters().words
+    nc = Counters.WORDS
+    ans = device16.run(words, prog.expect + 2 * nc).answers
+    before, after = Counters.unpack(ans[:nc]), Counters.unpack(ans[-nc:])
+    busy, stalled, macs = (x - y for x, y in zip(after, before))
     assert macs == m * (k // 16) * (n // 16) * 256
     assert stalled < busy and busy - stalled == macs // 256
 
@@ -205,8 +206,8 @@ def test_counters_count_one_matmul(device16):
 
 def _operands(cfg, rng, m, k, n, mode=Mode.INT8):
     a, w, bias, m0, shift = random_case(rng, m, k, n, mode)
-    wq, params = cfg.pack_weights(w), cfg.pack_params(bias, m0, shift)
-    return (a, w, bias, m0, shift), cfg.pack_activations(a), np.concatenate([wq, params]), len(wq)
+    wq, params = cfg.shape.pack_weights(w), cfg.shape.pack_params(bias, m0, shift)
+    return (a, w, bias, m0, shift), cfg.shape.pack_activations(a), np.concatenate([wq, params]), len(wq)
 
 
 def test_hazards_against_running_units_are_held_back():
@@ -214,24 +215,24 @@ def test_hazards_against_running_units_are_held_back():
     must equal what the commands give one at a time."""
     cfg = CONFIGS["4x4"]
     sim = FastSim(cfg)
-    B, rng = cfg.bank_words, np.random.default_rng(21)
+    B, rng = cfg.shape.bank_words, np.random.default_rng(21)
     m, k, n = 60, 32, 24          # A 480 words, W+P 246, O 360: each fits its bank of 1024
-    kt, nt = k // cfg.lanes, n // cfg.lanes
+    kt, nt = k // cfg.shape.lanes, n // cfg.shape.lanes
     case1, a1, wp1, nw1 = _operands(cfg, rng, m, k, n)
     case2, a2, wp2, nw2 = _operands(cfg, rng, m, k, n)
     out_words = nt * m
-    prog = (Program(cfg).load(0, a1).load(B, wp1).load(2 * B, wp2)
+    prog = (Program(cfg.shape).load(0, a1).load(B, wp1).load(2 * B, wp2)
             .matmul(0, B, B + nw1, 3 * B, m, kt, nt, Mode.INT8)
             .load(0, a2)                        # over the A range the MATMUL is reading (WAR)
             .store(3 * B, out_words)            # the range it is writing (RAW)
-            .load(3 * B, np.zeros((out_words, cfg.lanes), np.int8))   # over the range being stored (WAR)
+            .load(3 * B, np.zeros((out_words, cfg.shape.lanes), np.int8))   # over the range being stored (WAR)
             .matmul(0, 2 * B, 2 * B + nw2, B + 512, m, kt, nt, Mode.INT8)
             .store(B + 512, out_words)
             .matmul(0, 2 * B, 2 * B + nw2, 3 * B, m, kt, nt, Mode.INT8)   # O over ... a range just stored
             .store(3 * B, out_words).sync())
     ans = sim.run(prog.words, prog.expect).answers
-    h = cfg.host_words_per_pool_word * out_words
-    outs = [cfg.unpack_output(cfg.words_from_host(ans[i * h:(i + 1) * h]), m, n, Mode.INT8) for i in range(3)]
+    h = cfg.shape.host_words_per_pool_word * out_words
+    outs = [cfg.shape.unpack_output(cfg.shape.words_from_host(ans[i * h:(i + 1) * h]), m, n, Mode.INT8) for i in range(3)]
     assert parse_status(ans[-1]) == Error(0)
     assert np.array_equal(outs[0], reference(*case1, Mode.INT8))
     want2 = reference(*case2, Mode.INT8)              # its A arrived while the first MATMUL ran
@@ -242,22 +243,22 @@ def test_transfers_overlap_a_running_matmul():
     """A LOAD to a bank the MATMUL does not write, and a STORE of a bank it does not read, run while it
     computes: the same commands finish sooner than with a SYNC (wait for idle) after the MATMUL."""
     cfg = CONFIGS["16x16"]
-    B, rng = cfg.bank_words, np.random.default_rng(5)
+    B, rng = cfg.shape.bank_words, np.random.default_rng(5)
     m, k, n = 256, 512, 128
-    kt, nt = k // cfg.lanes, n // cfg.lanes
+    kt, nt = k // cfg.shape.lanes, n // cfg.shape.lanes
     _, a, wp, nw = _operands(cfg, rng, m, k, n)
-    extra = rng.integers(-128, 128, (4096, cfg.lanes), dtype=np.int8)
+    extra = rng.integers(-128, 128, (4096, cfg.shape.lanes), dtype=np.int8)
 
     def cycles(serial):
         sim = FastSim(cfg)
-        setup = Program(cfg).load(0, a).load(B, wp).load(3 * B, extra).sync()
+        setup = Program(cfg.shape).load(0, a).load(B, wp).load(3 * B, extra).sync()
         sim.run(setup.words, setup.expect)
-        prog = Program(cfg).matmul(0, B, B + nw, 2 * B, m, kt, nt, Mode.INT8)
+        prog = Program(cfg.shape).matmul(0, B, B + nw, 2 * B, m, kt, nt, Mode.INT8)
         if serial:
             prog.sync()
         prog.load(B + 8192, extra).store(3 * B, len(extra)).sync()     # beside W in its bank; the spare bank
         result = sim.run(prog.words, prog.expect)
-        stored = cfg.words_from_host(result.answers[serial:serial + len(extra) * 4])
+        stored = cfg.shape.words_from_host(result.answers[serial:serial + len(extra) * 4])
         assert np.array_equal(stored, extra)
         return result.cycles
     overlapped, serial = cycles(False), cycles(True)
@@ -269,8 +270,8 @@ def test_transfers_overlap_a_running_matmul():
 def test_other_digit_widths_and_two_requantizer_columns(bits):
     """The digit-serial multiplies at other widths (the ``4x4-ice40`` configuration runs 1 bit), with
     two requantizer columns a cycle: a row then takes 2 x 8 or 2 x 2 cycles."""
-    cfg = AcceleratorConfig(lanes=4, banks=4, bank_words=1024, acc_depth=128, requant_lanes=2,
-                            serial_mul_bits=bits, pool_subbanks=1)
+    cfg = AcceleratorConfig(DeviceShape(lanes=4, banks=4, bank_words=1024, acc_depth=128),
+                            Implementation(requant_lanes=2, serial_mul_bits=bits, pool_subbanks=1))
     sim = FastSim(cfg)
     rng = np.random.default_rng(bits)
     for mode in Mode:

@@ -7,7 +7,7 @@ import pytest
 from amaranth import Module
 from amaranth.sim import Simulator
 
-from hw.uart import UartRx, UartTx, line_levels
+from ambert.hw.uart import UartRx, UartTx, line_levels
 
 
 def _run(dut, bench):

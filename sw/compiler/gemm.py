@@ -7,11 +7,11 @@ step i-1 is stored and the operands of step i+1 are loaded::
 
     LOAD in(0)   MATMUL 0   LOAD in(1)   MATMUL 1   STORE out(0)   LOAD in(2)   MATMUL 2   STORE out(1) …
 
-Every tensor gets a pool range from the liveness-based :class:`~sw.compiler.pool.PoolPlanner`; the
+Every tensor gets a pool range from the liveness-based :class:`~ambert.sw.compiler.pool.PoolPlanner`; the
 placement keeps each prefetch off the bank the running MATMUL writes, and each output off the banks
 the next MATMUL reads, so neither waits. Weights can be prefetched for a later program (``prefetch``)
 and stay resident in the pool between programs. Array shape, pool size and layouts all come from the
-:class:`hw.isa.AcceleratorConfig`.
+device's :class:`ambert.proto.isa.DeviceShape`.
 """
 
 import hashlib
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hw.isa import MODE_WORDS, PARAM_WORDS_PER_LANE_GROUP, Mode, Program
+from ambert.proto.isa import MODE_WORDS, PARAM_WORDS_PER_LANE_GROUP, TILES, Mode, Program
 
 from .pool import PoolFull, PoolPlanner
 
@@ -63,9 +63,9 @@ class GemmPlan:
                 yield n0, ntc, m0, min(self.m_chunk, self.m - m0)
 
 
-def column_words(config, k):
+def column_words(shape, k):
     """Pool words one n-tile of a depth-``k`` GEMM's weights takes: its k-tiles and its parameters."""
-    return -(-k // config.lanes) * config.lanes + PARAM_WORDS_PER_LANE_GROUP
+    return -(-k // shape.lanes) * shape.lanes + PARAM_WORDS_PER_LANE_GROUP
 
 
 def balanced(total, most):
@@ -73,24 +73,24 @@ def balanced(total, most):
     return -(-total // -(-total // most))
 
 
-def plan_gemm(config, m, k, n, mode):
+def plan_gemm(shape, m, k, n, mode):
     """Choose chunk sizes: weight chunks of about a quarter of a bank (so two chunks and the outputs
     fit beside the activations while the pipeline runs), activations and outputs within a bank; raises
     ValueError if one n-tile of the GEMM cannot fit."""
     if min(m, k, n) < 1:
         raise ValueError(f"GEMM shape must be positive, not {m}x{k}x{n}")
     mode = Mode(mode)
-    lanes, bank = config.lanes, config.bank_words
+    lanes, bank = shape.lanes, shape.bank_words
     k_tiles = -(-k // lanes)
     n_tiles = -(-n // lanes)
-    per_n_tile = column_words(config, k)
+    per_n_tile = column_words(shape, k)
     if per_n_tile > bank or k_tiles > bank:
         raise ValueError(f"K={k} needs {per_n_tile} pool words per weight tile column; a bank has {bank}")
-    nt_chunk = min(n_tiles, max(1, (bank // 4) // per_n_tile), 0xFFFF)
-    m_chunk = min(m, config.acc_depth, bank // k_tiles, bank // (MODE_WORDS[mode] * nt_chunk))
+    nt_chunk = min(n_tiles, max(1, (bank // 4) // per_n_tile), (1 << TILES.width("n_tiles")) - 1)
+    m_chunk = min(m, shape.acc_depth, bank // k_tiles, bank // (MODE_WORDS[mode] * nt_chunk))
     while m_chunk < 1 and nt_chunk > 1:
         nt_chunk //= 2
-        m_chunk = min(m, config.acc_depth, bank // k_tiles, bank // (MODE_WORDS[mode] * nt_chunk))
+        m_chunk = min(m, shape.acc_depth, bank // k_tiles, bank // (MODE_WORDS[mode] * nt_chunk))
     if m_chunk < 1:
         raise ValueError(f"GEMM {m}x{k}x{n} does not fit a bank of {bank} words")
     # equal chunks: a short last chunk would leave the array waiting on loads
@@ -118,12 +118,12 @@ class GemmOp:
                                           for v in (self.bias, self.m0, self.shift))
         self.mode = Mode(self.mode)
 
-    def weight_chunk(self, config, plan, nt0, ntc):
+    def weight_chunk(self, shape, plan, nt0, ntc):
         """The pool words of one N-chunk: packed weights, then packed requant parameters; and a digest
         that names the content (for residency)."""
-        cols = slice(nt0 * config.lanes, min(self.w.shape[0], (nt0 + ntc) * config.lanes))
-        words = np.concatenate([config.pack_weights(self.w[cols]),
-                                config.pack_params(self.bias[cols], self.m0[cols], self.shift[cols])])
+        cols = slice(nt0 * shape.lanes, min(self.w.shape[0], (nt0 + ntc) * shape.lanes))
+        words = np.concatenate([shape.pack_weights(self.w[cols]),
+                                shape.pack_params(self.bias[cols], self.m0[cols], self.shift[cols])])
         return words, hashlib.blake2b(words.tobytes(), digest_size=16).digest()
 
 
@@ -131,12 +131,12 @@ class GemmOp:
 class Residency:
     """What a device's pool holds across programs: prefetched weight chunks by content digest, and the
     planner that owns the ranges. Reset it whenever the device is reset."""
-    config: object
+    shape: object
     planner: PoolPlanner = None
     chunks: dict = field(default_factory=dict)      # digest -> Region
 
     def __post_init__(self):
-        self.planner = self.planner or PoolPlanner(self.config)
+        self.planner = self.planner or PoolPlanner(self.shape)
 
     def reset(self):
         self.planner.reset()
@@ -164,7 +164,7 @@ class _Step:
     w_last: bool            # ... this weight chunk
 
 
-def _steps(config, ops, plans):
+def _steps(shape, ops, plans):
     steps = []
     for j, (op, plan) in enumerate(zip(ops, plans)):
         chunks = list(plan.chunks(split_last=j == len(ops) - 1))
@@ -188,7 +188,7 @@ class Compiled:
     naive_words: int
 
 
-def compile_gemms(config, ops, residency=None, prefetch=None):
+def compile_gemms(shape, ops, residency=None, prefetch=None):
     """Compile ``ops`` (a list of :class:`GemmOp`) into one program ending in SYNC.
 
     ``residency`` (a :class:`Residency`) carries the pool across programs: weight chunks already resident
@@ -196,16 +196,16 @@ def compile_gemms(config, ops, residency=None, prefetch=None):
     GEMM a later program will run: its first chunk loads while this program's last MATMUL computes and
     stays resident. Raises ValueError if a GEMM cannot fit the pool.
     """
-    residency = residency or Residency(config)
+    residency = residency or Residency(shape)
     pool = residency.planner
     # this program's report: what it holds at its peak, against every range it allocates (plus what
     # it found resident) with nothing ever reused
     pool.peak_words = pool.live_words
     naive_base = pool.naive_words - pool.live_words
-    plans = [plan_gemm(config, op.a.shape[0], op.a.shape[1], op.w.shape[0], op.mode) for op in ops]
-    steps = _steps(config, ops, plans)
-    prog = Program(config)
-    lanes = config.lanes
+    plans = [plan_gemm(shape, op.a.shape[0], op.a.shape[1], op.w.shape[0], op.mode) for op in ops]
+    steps = _steps(shape, ops, plans)
+    prog = Program(shape)
+    lanes = shape.lanes
     held = {}               # key -> Region of this program's live inputs
     blocks = []             # (op, rows, cols, answer words) of each STORE, in answer order
     pending = None          # (output, block) computed or computing, not yet stored
@@ -240,13 +240,13 @@ def compile_gemms(config, ops, residency=None, prefetch=None):
         op = ops[step.op]
         w_words = None
         if step.w_key not in held:
-            w_words, digest = op.weight_chunk(config, step.plan, step.nt0, step.ntc)
+            w_words, digest = op.weight_chunk(shape, step.plan, step.nt0, step.ntc)
             used_digests.add(digest)
             region = residency.chunks.pop(digest, None)      # prefetched by an earlier program
             if region is not None:
                 held[step.w_key], w_words = region, None
         if step.a_key not in held:
-            a_words = config.pack_activations(op.a[step.r0:step.r0 + step.rc])
+            a_words = shape.pack_activations(op.a[step.r0:step.r0 + step.rc])
             forbid = {held[step.w_key].bank} if step.w_key in held else set()
             region = alloc(len(a_words), f"A{step.a_key}", forbid=forbid, avoid=avoid)
             prog.load(region.addr, a_words)
@@ -264,7 +264,7 @@ def compile_gemms(config, ops, residency=None, prefetch=None):
     if not steps:
         prog.sync()
         return Compiled(prog, lambda answers: ([], answers[0]), 0, pool.peak_words, pool.naive_words - naive_base)
-    prefetch_at = _prefetch_step(config, ops, steps, prefetch)
+    prefetch_at = _prefetch_step(shape, ops, steps, prefetch)
     load_inputs(steps[0], avoid=())
     out = alloc_output(steps[0])
     for i, step in enumerate(steps):
@@ -278,7 +278,7 @@ def compile_gemms(config, ops, residency=None, prefetch=None):
         if i + 1 < len(steps):
             load_inputs(steps[i + 1], avoid={out.region.bank})
         if prefetch is not None and i == prefetch_at:
-            _prefetch(config, residency, prefetch, avoid={out.region.bank}, load=prog.load, alloc=alloc)
+            _prefetch(shape, residency, prefetch, avoid={out.region.bank}, load=prog.load, alloc=alloc)
             prefetch = None
         # the store unit reads a range until the next STORE may start: reuse it only after that
         while len(stored) > 1:
@@ -289,7 +289,7 @@ def compile_gemms(config, ops, residency=None, prefetch=None):
             pool.release(held.pop(step.w_key))
         cols = slice(step.nt0 * lanes, min(op.w.shape[0], (step.nt0 + step.ntc) * lanes))
         pending = (out, (step.op, slice(step.r0, step.r0 + step.rc), cols,
-                         out.words_used * config.host_words_per_pool_word))
+                         out.words_used * shape.host_words_per_pool_word))
         if i + 1 < len(steps):
             out = alloc_output(steps[i + 1])
     store_pending()
@@ -302,8 +302,8 @@ def compile_gemms(config, ops, residency=None, prefetch=None):
         outs = [np.zeros((m, n), dtype=_DTYPES[mode]) for m, n, mode in shapes]
         pos = 0
         for j, rows, cols, count in blocks:
-            chunk = config.words_from_host(answers[pos:pos + count])
-            outs[j][rows, cols] = config.unpack_output(chunk, rows.stop - rows.start, cols.stop - cols.start,
+            chunk = shape.words_from_host(answers[pos:pos + count])
+            outs[j][rows, cols] = shape.unpack_output(chunk, rows.stop - rows.start, cols.stop - cols.start,
                                                        shapes[j][2])
             pos += count
         return outs, answers[pos]
@@ -321,17 +321,17 @@ class _Out:
         return self.region.addr
 
 
-def _prefetch_step(config, ops, steps, prefetch):
+def _prefetch_step(shape, ops, steps, prefetch):
     """The step during which to load the next program's weights: the latest one whose compute leaves
     room for them beside its own transfers (estimated in cycles), else the one with the most room."""
     if prefetch is None:
         return None
-    h = config.host_words_per_pool_word
-    plan = plan_gemm(config, max(1, prefetch.a.shape[0]), prefetch.w.shape[1], prefetch.w.shape[0], prefetch.mode)
+    h = shape.host_words_per_pool_word
+    plan = plan_gemm(shape, max(1, prefetch.a.shape[0]), prefetch.w.shape[1], prefetch.w.shape[0], prefetch.mode)
     need = plan.n_chunks()[0][1] * plan.words_per_n_tile * h
     room = []
     for i, st in enumerate(steps):
-        compute = st.ntc * st.plan.k_tiles * max(st.rc, 3 * config.lanes + 20)
+        compute = st.ntc * st.plan.k_tiles * max(st.rc, 3 * shape.lanes + 20)
         busy = st.ntc * st.rc * MODE_WORDS[st.plan.mode] * h           # the store of this step's output
         if i + 1 < len(steps):
             nxt = steps[i + 1]
@@ -341,9 +341,9 @@ def _prefetch_step(config, ops, steps, prefetch):
     return fits[-1] if fits else max(range(len(steps)), key=room.__getitem__)
 
 
-def _prefetch(config, residency, op, avoid, load, alloc):
-    plan = plan_gemm(config, max(1, op.a.shape[0]), op.w.shape[1], op.w.shape[0], op.mode)
-    words, digest = op.weight_chunk(config, plan, *plan.n_chunks()[0])
+def _prefetch(shape, residency, op, avoid, load, alloc):
+    plan = plan_gemm(shape, max(1, op.a.shape[0]), op.w.shape[1], op.w.shape[0], op.mode)
+    words, digest = op.weight_chunk(shape, plan, *plan.n_chunks()[0])
     if digest in residency.chunks:
         return
     try:
@@ -354,11 +354,11 @@ def _prefetch(config, residency, op, avoid, load, alloc):
     residency.chunks[digest] = region
 
 
-def gemm_program(config, a, w, bias, m0, shift, mode):
+def gemm_program(shape, a, w, bias, m0, shift, mode):
     """Return ``(program, decode)`` for one GEMM on an empty pool: run the program, then
     ``decode(answers)`` gives the [M, N] result of ``requant(a @ w.T + bias)`` exactly as ``ref_gemm`` +
     ``ref_requant`` define it (``mode`` INT32: the int32 ``a @ w.T + bias``) and the SYNC status word."""
-    compiled = compile_gemms(config, [GemmOp(a, w, bias, m0, shift, mode)])
+    compiled = compile_gemms(shape, [GemmOp(a, w, bias, m0, shift, mode)])
 
     def decode(answers):
         outs, status = compiled.decode(answers)

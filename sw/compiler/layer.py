@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from sw.quant.ref import ref_gelu, ref_heads, ref_layernorm, ref_requant
+from ambert.sw.quant.ref import ref_gelu, ref_heads, ref_layernorm, ref_requant
 
 __all__ = ["fused_qkv", "run_layer"]
 

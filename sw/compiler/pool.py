@@ -34,19 +34,19 @@ class Region:
 
 
 class PoolPlanner:
-    """Best-fit allocation of aligned ranges in each bank of a :class:`hw.isa.AcceleratorConfig`'s pool.
+    """Best-fit allocation of aligned ranges in each bank of a :class:`ambert.proto.isa.DeviceShape`'s pool.
 
     ``live_words`` is what is allocated now, ``peak_words`` its maximum so far, and ``naive_words`` the
     sum of every allocation — what the same program would need if nothing were ever reused.
     """
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, shape):
+        self.shape = shape
         self.reset()
 
     def reset(self):
         """Forget every allocation (the device was reset, or its contents no longer matter)."""
-        self._free = {b: [(0, self.config.bank_words)] for b in range(self.config.banks)}
+        self._free = {b: [(0, self.shape.bank_words)] for b in range(self.shape.banks)}
         self.live_words = self.peak_words = self.naive_words = 0
 
     def alloc(self, words, name, forbid=(), avoid=()):
@@ -66,7 +66,7 @@ class PoolPlanner:
                         best = (rank, bank, start)
         if best is None:
             raise PoolFull(f"{name}: no free range of {size} words in banks "
-                           f"{sorted(set(range(self.config.banks)) - set(forbid))}")
+                           f"{sorted(set(range(self.shape.banks)) - set(forbid))}")
         _, bank, start = best
         runs = self._free[bank]
         i = next(i for i, (s, _) in enumerate(runs) if s == start)
@@ -75,7 +75,7 @@ class PoolPlanner:
         self.live_words += size
         self.peak_words = max(self.peak_words, self.live_words)
         self.naive_words += size
-        return Region(bank, start, size, name, self.config.bank_words)
+        return Region(bank, start, size, name, self.shape.bank_words)
 
     def release(self, region):
         """Return a region's range to its bank (merged with its free neighbours)."""

@@ -1,8 +1,8 @@
-"""The host link to a dev board (docs/link.md): frames, reliable delivery, the host end."""
+"""The host end of the link to a dev board (docs/link.md): the frame codec, reliable delivery, the
+handshake. The protocol itself is :mod:`ambert.proto.link`."""
 
-from .arq import LINK_VERSION, Endpoint, Hello, LinkError, SerialTransport
-from .frame import Frame, FrameType
+from .arq import Endpoint, LinkError, SerialTransport
+from .frame import Frame
 from .host import BoardLink
 
-__all__ = ["LINK_VERSION", "Endpoint", "Hello", "LinkError", "SerialTransport", "Frame", "FrameType",
-           "BoardLink"]
+__all__ = ["Endpoint", "LinkError", "SerialTransport", "Frame", "BoardLink"]

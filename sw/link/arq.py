@@ -7,45 +7,18 @@ oldest frame waits longer than ``retry_s`` the sender sends every unacknowledged
 ``max_retries`` rounds without progress the link is declared dead.
 """
 
-import struct
 import time
 from collections import deque
 
-from .frame import Decoder, Frame, FrameType, encode
+from ambert.proto.link import FrameType
 
-__all__ = ["LinkError", "Endpoint", "Hello", "SerialTransport", "LINK_VERSION"]
+from .frame import Decoder, Frame, encode
 
-LINK_VERSION = 1
-_HELLO = struct.Struct("<BBBBIIHH")
+__all__ = ["LinkError", "Endpoint", "SerialTransport"]
 
 
 class LinkError(RuntimeError):
     """The other end stopped answering, reset, or spoke another protocol."""
-
-
-class Hello:
-    """What a board says about itself in its HELLO: link and ISA versions, array and pool shape, and the
-    largest payload and window it buffers."""
-
-    def __init__(self, link_version, isa_version, lanes, banks, bank_words, acc_depth, max_payload, window):
-        self.link_version, self.isa_version = link_version, isa_version
-        self.lanes, self.banks, self.bank_words, self.acc_depth = lanes, banks, bank_words, acc_depth
-        self.max_payload, self.window = max_payload, window
-
-    def pack(self):
-        return _HELLO.pack(self.link_version, self.isa_version, self.lanes, self.banks, self.bank_words,
-                           self.acc_depth, self.max_payload, self.window)
-
-    @classmethod
-    def unpack(cls, payload):
-        if len(payload) != _HELLO.size:
-            raise LinkError(f"HELLO of {len(payload)} bytes, expected {_HELLO.size}: not an ambert board?")
-        return cls(*_HELLO.unpack(payload))
-
-    def __repr__(self):
-        return (f"Hello(link v{self.link_version}, ISA v{self.isa_version}, {self.lanes}x{self.lanes}, "
-                f"{self.banks} x {self.bank_words} words, acc {self.acc_depth}, payload {self.max_payload}, "
-                f"window {self.window})")
 
 
 class SerialTransport:

@@ -1,27 +1,16 @@
-"""Frames of the host link (docs/link.md): HDLC-style byte stuffing, a 4-byte header, CRC-32.
+"""The host's frame codec (the protocol: :mod:`ambert.proto.link`): HDLC-style byte stuffing, a 4-byte
+header, CRC-32."""
 
-On the wire a frame is ``FLAG, stuffed(type, seq, len_lo, len_hi, payload…, crc32 LE), FLAG``. Stuffing
-replaces ``FLAG`` (0x7E) and ``ESC`` (0x7D) inside a frame by ``ESC, byte ^ 0x20``, so a FLAG only ever
-delimits: a receiver that lost its place (noise, a dropped byte, a reset) is back in step at the next
-FLAG. The CRC (IEEE 802.3, as ``zlib.crc32``) covers header and payload.
-"""
-
-import enum
 import struct
-import zlib
 from dataclasses import dataclass
 
-__all__ = ["FLAG", "ESC", "MAX_PAYLOAD", "FrameType", "Frame", "encode", "Decoder"]
+from ambert.proto.link import ESC, ESC_XOR, FLAG, FRAME_HEADER, MAX_PAYLOAD, FrameType, crc32
 
-FLAG, ESC = 0x7E, 0x7D
-MAX_PAYLOAD = 1024              # the most any endpoint may announce; boards announce what they buffer
-_HEADER = struct.Struct("<BBH")
+__all__ = ["Frame", "encode", "Decoder"]
 
-
-class FrameType(enum.IntEnum):
-    HELLO = 0x01    # host: (re)start the link; device: the same, answered with its description
-    DATA = 0x02     # 32-bit words of the accelerator's streams, little-endian
-    ACK = 0x03      # seq = the next sequence number the sender of the ACK expects (cumulative)
+_FLAG, _ESC = bytes([FLAG]), bytes([ESC])
+# each byte that stuffing replaces, and what replaces it
+_STUFFED = [(bytes([b]), bytes([ESC, b ^ ESC_XOR])) for b in (ESC, FLAG)]
 
 
 @dataclass(frozen=True)
@@ -32,16 +21,24 @@ class Frame:
 
 
 def _stuff(raw):
-    return raw.replace(b"\x7d", b"\x7d\x5d").replace(b"\x7e", b"\x7d\x5e")
+    for byte, escaped in _STUFFED:            # ESC first, so the ESCs it adds are not escaped again
+        raw = raw.replace(byte, escaped)
+    return raw
+
+
+def _unstuff(stuffed):
+    for byte, escaped in reversed(_STUFFED):
+        stuffed = stuffed.replace(escaped, byte)
+    return stuffed
 
 
 def encode(frame):
     """The bytes that carry ``frame`` on the wire."""
     if len(frame.payload) > MAX_PAYLOAD:
         raise ValueError(f"payload of {len(frame.payload)} bytes exceeds {MAX_PAYLOAD}")
-    raw = _HEADER.pack(int(frame.type), frame.seq & 0xFF, len(frame.payload)) + bytes(frame.payload)
-    raw += struct.pack("<I", zlib.crc32(raw))
-    return b"\x7e" + _stuff(raw) + b"\x7e"
+    raw = FRAME_HEADER.pack(int(frame.type), frame.seq & 0xFF, len(frame.payload)) + bytes(frame.payload)
+    raw += struct.pack("<I", crc32(raw))
+    return _FLAG + _stuff(raw) + _FLAG
 
 
 class Decoder:
@@ -80,25 +77,25 @@ class Decoder:
     def _parse(self, stuffed):
         if not _valid_escapes(stuffed):
             return None
-        raw = stuffed.replace(b"\x7d\x5e", b"\x7e").replace(b"\x7d\x5d", b"\x7d")
-        if len(raw) < _HEADER.size + 4:
+        raw = _unstuff(stuffed)
+        if len(raw) < FRAME_HEADER.size + 4:
             return None
         body, crc = raw[:-4], struct.unpack("<I", raw[-4:])[0]
-        if zlib.crc32(body) != crc:
+        if crc32(body) != crc:
             return None
-        kind, seq, length = _HEADER.unpack(body[:_HEADER.size])
-        payload = body[_HEADER.size:]
+        kind, seq, length = FRAME_HEADER.unpack(body[:FRAME_HEADER.size])
+        payload = body[FRAME_HEADER.size:]
         if length != len(payload) or length > self.max_payload or kind not in FrameType._value2member_map_:
             return None
         return Frame(FrameType(kind), seq, payload)
 
 
 def _valid_escapes(stuffed):
-    i = stuffed.find(b"\x7d")
+    i = stuffed.find(_ESC)
     while i >= 0:
-        if i + 1 >= len(stuffed) or stuffed[i + 1] not in (0x5D, 0x5E):
+        if i + 1 >= len(stuffed) or stuffed[i + 1] ^ ESC_XOR not in (ESC, FLAG):
             return False
-        i = stuffed.find(b"\x7d", i + 2)
+        i = stuffed.find(_ESC, i + 2)
     return True
 
 
@@ -107,7 +104,7 @@ def _flag_positions(data):
     data = bytes(data)
     start = 0
     while True:
-        i = data.find(b"\x7e", start)
+        i = data.find(_FLAG, start)
         if i < 0:
             if start < len(data):
                 yield data[start:], False

@@ -4,14 +4,16 @@ import time
 
 import numpy as np
 
-from .arq import LINK_VERSION, Endpoint, Hello, LinkError
-from .frame import Frame, FrameType
+from ambert.proto.link import LINK_VERSION, FrameType, Hello, ProtocolError
+
+from .arq import Endpoint, LinkError
+from .frame import Frame
 
 __all__ = ["BoardLink"]
 
 
 class BoardLink:
-    """Talk to a board over a byte ``transport`` (see :class:`sw.link.SerialTransport`).
+    """Talk to a board over a byte ``transport`` (see :class:`ambert.sw.link.SerialTransport`).
 
     ``handshake()`` (re)starts the link and returns the board's :class:`Hello`; ``run(words, expect)``
     sends an instruction stream and returns the ``expect`` answer words. Raises :class:`LinkError` when
@@ -47,7 +49,10 @@ class BoardLink:
                     self._got_hello, first = None, self._got_hello
                     self.endpoint.poll(0.01)
                     self._got_hello = self._got_hello or first
-                hello = Hello.unpack(self._got_hello.payload)
+                try:
+                    hello = Hello.unpack(self._got_hello.payload)
+                except ProtocolError as e:
+                    raise LinkError(str(e)) from None
                 if hello.link_version != LINK_VERSION:
                     raise LinkError(f"the board speaks link version {hello.link_version}, this host "
                                     f"{LINK_VERSION}")

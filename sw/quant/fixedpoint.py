@@ -4,7 +4,9 @@ import math
 
 import torch
 
-from .ref import GeluParams, LayerNormParams, SoftmaxParams, INT32_MAX, LN_NORM_BITS
+from ambert.proto.contract import REQUANT_M0_BITS, REQUANT_SHIFT_MAX
+
+from .ref import LN_NORM_BITS, GeluParams, LayerNormParams, SoftmaxParams
 
 __all__ = ["multiplier", "multipliers", "gelu_params", "softmax_params", "layernorm_params",
            "GELU_A", "GELU_B"]
@@ -16,21 +18,23 @@ EXP_A, EXP_B, EXP_C = 0.3585, 1.353, 0.344  # I-BERT's exp polynomial on (-ln 2,
 def multiplier(real):
     """Return ``(m0, shift)`` with ``m0 * 2**-shift ~ real``, m0 in [2**30, 2**31) where the shift allows.
 
-    ``real`` must be positive and below 2**31; very small ratios lose low bits of m0 so that shift <= 62.
+    ``real`` must be positive and below 2**31; very small ratios lose low bits of m0 so that the shift
+    stays within the contract's ``REQUANT_SHIFT_MAX``.
     """
+    top = 1 << REQUANT_M0_BITS
     if not (real > 0 and math.isfinite(real)):
         raise ValueError(f"requant ratio must be positive and finite, not {real!r}")
     frac, exp = math.frexp(real)                # real = frac * 2**exp, frac in [0.5, 1)
-    m0, shift = round(frac * (1 << 31)), 31 - exp
-    if m0 == 1 << 31:
-        m0, shift = 1 << 30, shift - 1
+    m0, shift = round(frac * top), REQUANT_M0_BITS - exp
+    if m0 == top:
+        m0, shift = top >> 1, shift - 1
     if shift < 0:
         raise ValueError(f"requant ratio {real!r} is too large")
-    if shift > 62:
-        m0, shift = round(m0 / (1 << (shift - 62))), 62
+    if shift > REQUANT_SHIFT_MAX:
+        m0, shift = round(m0 / (1 << (shift - REQUANT_SHIFT_MAX))), REQUANT_SHIFT_MAX
     if m0 == 0:
-        raise ValueError(f"requant ratio {real!r} is too small for a 62-bit shift")
-    assert 0 < m0 <= INT32_MAX
+        raise ValueError(f"requant ratio {real!r} is too small for a {REQUANT_SHIFT_MAX}-bit shift")
+    assert 0 < m0 < top
     return m0, shift
 
 
@@ -69,7 +73,7 @@ def layernorm_params(gamma, beta, out_scale, bits):
     ratio = gamma.detach().double() / out_scale                      # output steps per unit of y / std
     offset = beta.detach().double() / out_scale
     bound = float((ratio.abs() * math.sqrt(c) + offset.abs()).max())
-    shift = max(0, min(62, 60 - math.ceil(math.log2(max(bound, 1.0)))))
+    shift = max(0, min(REQUANT_SHIFT_MAX, 60 - math.ceil(math.log2(max(bound, 1.0)))))
     gain = torch.round(ratio * 2.0 ** (shift - LN_NORM_BITS)).to(torch.int64)
     off = torch.round(offset * 2.0 ** shift).to(torch.int64)
     return LayerNormParams(gain=gain, offset=off, shift=shift, bits=bits)

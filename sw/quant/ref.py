@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ambert.proto.contract import (INT8_MAX, INT8_MIN, INT16_MAX, INT16_MIN, INT32_MAX, INT32_MIN, OUT_RANGE,
+                                   REQUANT_M0_BITS, REQUANT_SHIFT_MAX)
+
 __all__ = [
     "INT8_MIN", "INT8_MAX", "INT16_MIN", "INT16_MAX", "INT32_MIN", "INT32_MAX",
     "rshift_round", "saturate", "isqrt",
@@ -26,11 +29,6 @@ __all__ = [
     "LayerParams", "ref_attention", "ref_heads", "ref_layer",
 ]
 
-INT8_MIN, INT8_MAX = -(1 << 7), (1 << 7) - 1
-INT16_MIN, INT16_MAX = -(1 << 15), (1 << 15) - 1
-INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
-
-_OUT_RANGE = {8: (INT8_MIN, INT8_MAX), 16: (INT16_MIN, INT16_MAX), 32: (INT32_MIN, INT32_MAX)}
 _OUT_DTYPE = {8: torch.int8, 16: torch.int16, 32: torch.int32}
 
 # float64 holds every integer below 2**53 exactly; a dot product of int8 values has |sum| <= K * 2**14.
@@ -40,11 +38,12 @@ _F64_EXACT_K = 1 << (53 - 14)
 def rshift_round(x, n):
     """Return ``(x + 2**(n-1)) >> n`` (round half toward +inf); ``x`` unchanged where ``n == 0``.
 
-    ``x`` is int64; ``n`` is an int or an integer tensor broadcastable to ``x`` with 0 <= n <= 62.
+    ``x`` is int64; ``n`` is an int or an integer tensor broadcastable to ``x`` with
+    0 <= n <= ``REQUANT_SHIFT_MAX`` (62).
     """
     if isinstance(n, int):
-        if not 0 <= n <= 62:
-            raise ValueError(f"shift must be in [0, 62], not {n}")
+        if not 0 <= n <= REQUANT_SHIFT_MAX:
+            raise ValueError(f"shift must be in [0, {REQUANT_SHIFT_MAX}], not {n}")
         return x if n == 0 else (x + (1 << (n - 1))) >> n
     n = n.to(torch.int64)
     half = torch.where(n > 0, torch.ones_like(n) << (n - 1).clamp(min=0), torch.zeros_like(n))
@@ -53,7 +52,7 @@ def rshift_round(x, n):
 
 def saturate(x, bits):
     """Clamp int64 ``x`` to the signed ``bits``-bit range and return it in the matching dtype."""
-    lo, hi = _OUT_RANGE[bits]
+    lo, hi = OUT_RANGE[bits]
     return x.clamp(lo, hi).to(_OUT_DTYPE[bits])
 
 
@@ -168,18 +167,19 @@ def _gemm_cuda(a, b):
 def ref_requant(acc, m0, shift, bits=8):
     """Requantize the int32 accumulator: ``saturate((acc * m0 + 2**(shift-1)) >> shift, bits)``.
 
-    One rounding, half toward +inf. ``m0`` (0 <= m0 < 2**31) and ``shift`` (0..62) are ints or int tensors
+    One rounding, half toward +inf. ``m0`` (0 <= m0 < 2**REQUANT_M0_BITS) and ``shift`` (0 to
+    ``REQUANT_SHIFT_MAX``) are ints or int tensors
     broadcast along the last axis (per output channel). ``bits`` is 8 (GEMM inputs) or 16 (residual
     stream); 32 is the bypass that only rounds. The product needs 62 bits: int64 holds it.
     """
     if acc.dtype != torch.int32:
         raise TypeError(f"acc must be torch.int32, not {acc.dtype}")
     m0 = torch.as_tensor(m0, dtype=torch.int64, device=acc.device)
-    if bool(((m0 < 0) | (m0 > INT32_MAX)).any()):
-        raise ValueError("requant multiplier must be in [0, 2**31)")
+    if bool(((m0 < 0) | (m0 >= 1 << REQUANT_M0_BITS)).any()):
+        raise ValueError(f"requant multiplier must be in [0, 2**{REQUANT_M0_BITS})")
     shift = torch.as_tensor(shift, dtype=torch.int64, device=acc.device)
-    if bool(((shift < 0) | (shift > 62)).any()):
-        raise ValueError("requant shift must be in [0, 62]")
+    if bool(((shift < 0) | (shift > REQUANT_SHIFT_MAX)).any()):
+        raise ValueError(f"requant shift must be in [0, {REQUANT_SHIFT_MAX}]")
     if torch.broadcast_shapes(acc.shape, m0.shape, shift.shape) != acc.shape:
         return saturate(rshift_round(acc.to(torch.int64) * m0, shift), bits)
     # in place on one int64 copy: the requant of a wide GEMM is memory-bound
@@ -191,7 +191,7 @@ def ref_requant(acc, m0, shift, bits=8):
     else:
         x.add_(torch.where(shift > 0, torch.ones_like(shift) << (shift - 1).clamp(min=0), 0))
         x.bitwise_right_shift_(shift)
-    lo, hi = _OUT_RANGE[bits]
+    lo, hi = OUT_RANGE[bits]
     return x.clamp_(lo, hi).to(_OUT_DTYPE[bits])
 
 

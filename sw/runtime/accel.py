@@ -6,9 +6,9 @@ layer schedule announces (``expect``) load while the previous GEMM computes."""
 import numpy as np
 import torch
 
-from hw.isa import MODE_BITS, PARAM_WORDS_PER_LANE_GROUP, Error, Program, parse_status
-from sw.compiler.gemm import GemmOp, Residency, balanced, column_words, compile_gemms
-from sw.quant.ref import ref_requant
+from ambert.proto.isa import MODE_BITS, PARAM_WORDS_PER_LANE_GROUP, Counters, Error, Program, parse_status
+from ambert.sw.compiler.gemm import GemmOp, Residency, balanced, column_words, compile_gemms
+from ambert.sw.quant.ref import ref_requant
 
 from .base import Device, DeviceError, DeviceUnsupported
 
@@ -22,15 +22,15 @@ def _as_numpy(t):
 
 
 class AcceleratorDevice(Device):
-    """A device behind the ISA of ``config``. Subclasses provide ``_run(words, expect) -> answers`` (raise
+    """A device behind the ISA of ``shape``. Subclasses provide ``_run(words, expect) -> answers`` (raise
     :class:`DeviceError` on a fault) and ``_reset_device()``."""
 
-    def __init__(self, config):
+    def __init__(self, shape):
         super().__init__()
-        self.config = config
-        self.residency = Residency(config)       # the pool's contents between programs
+        self.shape = shape
+        self.residency = Residency(shape)       # the pool's contents between programs
         self._expected = None
-        self.stats.array_macs_per_cycle = config.lanes * config.lanes
+        self.stats.array_macs_per_cycle = shape.lanes * shape.lanes
 
     def _expect(self, w, bias, m0, shift, bits, rows):
         k = w.shape[-1]
@@ -42,7 +42,7 @@ class AcceleratorDevice(Device):
         """The depth of each partial GEMM when a weight column of depth ``k`` (plus its parameters) does not
         fit a pool bank; None when it fits. A chunk's column takes at most half a bank, so its weights
         stream beside the activations."""
-        c, lanes = self.config, self.config.lanes
+        c, lanes = self.shape, self.shape.lanes
         if column_words(c, k) <= c.bank_words:
             return None
         most = (c.bank_words // 2 - PARAM_WORDS_PER_LANE_GROUP) // lanes
@@ -67,7 +67,7 @@ class AcceleratorDevice(Device):
         return acc if bits is None else ref_requant(acc, m0, shift, bits)
 
     def expect(self, w, bias, m0, shift, bits, rows):
-        if column_words(self.config, w.shape[-1]) <= self.config.bank_words:
+        if column_words(self.shape, w.shape[-1]) <= self.shape.bank_words:
             self._expect(w, bias, m0, shift, bits, rows)      # (a GEMM split over K is not prefetched)
 
     def matmul(self, a, w, bias, m0, shift, bits):
@@ -92,28 +92,28 @@ class AcceleratorDevice(Device):
                for i in range(a_b.shape[0])]
         prefetch, self._expected = self._expected, None
         try:
-            compiled = compile_gemms(self.config, ops, self.residency, prefetch)
+            compiled = compile_gemms(self.shape, ops, self.residency, prefetch)
         except ValueError as e:
             self.residency.reset()          # the planner may hold half a program's ranges
-            k_tiles = -(-a.shape[-1] // self.config.lanes)
+            k_tiles = -(-a.shape[-1] // self.shape.lanes)
             if prefetch is not None:        # without the next GEMM's weights beside it, it may fit
                 return self.matmul(a, w, bias, m0, shift, bits)
             if k_tiles > 1:                 # or in halves of its depth
-                return self._split_k(a, w, bias, m0, shift, bits, -(-k_tiles // 2) * self.config.lanes)
+                return self._split_k(a, w, bias, m0, shift, bits, -(-k_tiles // 2) * self.shape.lanes)
             raise DeviceUnsupported(str(e)) from None
         self.stats.pool_peak_words = max(self.stats.pool_peak_words, compiled.peak_words)
         self.stats.pool_naive_words = max(self.stats.pool_naive_words, compiled.naive_words)
-        words = Program(self.config).counters().words + compiled.program.words + Program(self.config).counters().words
-        expect = 6 + compiled.program.expect + 6
-        answers = self._run(words, expect)
-        outs, status = compiled.decode(answers[6:-6])
+        counters = Program(self.shape).counters()        # before and after: the cycles this program took
+        words = counters.words + compiled.program.words + counters.words
+        nc = Counters.WORDS
+        answers = self._run(words, nc + compiled.program.expect + nc)
+        outs, status = compiled.decode(answers[nc:-nc])
         flags = parse_status(status)
         if flags != Error(0):
             self._reset()
             raise DeviceError(f"device reported {flags!r}")
-        before, after = answers[:6], answers[-6:]
-        busy = (after[0] | after[1] << 32) - (before[0] | before[1] << 32)
-        self.stats.busy_cycles += busy
+        before, after = Counters.unpack(answers[:nc]), Counters.unpack(answers[-nc:])
+        self.stats.busy_cycles += after.busy - before.busy
         self.stats.macs += int(np.prod(out_shape)) * a.shape[-1]
         self.stats.host_words += len(words) + len(answers)
         return torch.stack([torch.from_numpy(np.ascontiguousarray(o)) for o in outs]).reshape(out_shape)

@@ -3,8 +3,8 @@
 import warnings
 from dataclasses import dataclass, field
 
-from sw.compiler.layer import run_layer
-from sw.quant.ref import ref_layer
+from ambert.sw.compiler.layer import run_layer
+from ambert.sw.quant.ref import ref_layer
 
 __all__ = ["Device", "DeviceError", "DeviceUnsupported", "Stats", "Runner"]
 

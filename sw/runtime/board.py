@@ -2,8 +2,9 @@
 simulated device, carried by the framed link (docs/link.md). The board says what it is — array shape,
 pool size — in its HELLO, and the compiler compiles for exactly that."""
 
-from hw.isa import ISA_VERSION, AcceleratorConfig
-from sw.link import BoardLink, LinkError, SerialTransport
+from ambert.proto.isa import ISA_VERSION
+from ambert.proto.link import ProtocolError
+from ambert.sw.link import BoardLink, LinkError, SerialTransport
 
 from .accel import AcceleratorDevice
 from .base import DeviceError
@@ -30,10 +31,13 @@ class BoardDevice(AcceleratorDevice):
         if hello.isa_version != ISA_VERSION:
             raise DeviceError(f"the board on {self.port_name} runs ISA v{hello.isa_version}; this host "
                               f"compiles for v{ISA_VERSION}: rebuild its bitstream")
+        try:
+            shape = hello.shape
+        except ProtocolError as e:
+            raise DeviceError(f"the board on {self.port_name}: {e}") from None
         self.hello = hello
         self.lost = False
-        super().__init__(AcceleratorConfig(lanes=hello.lanes, banks=hello.banks, bank_words=hello.bank_words,
-                                           acc_depth=hello.acc_depth))
+        super().__init__(shape)
 
     def _run(self, words, expect):
         if self.lost:

@@ -1,6 +1,6 @@
 """The CPU backend: the integer reference itself."""
 
-from sw.quant.ref import ref_matmul
+from ambert.sw.quant.ref import ref_matmul
 
 from .base import Device
 

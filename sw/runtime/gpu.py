@@ -2,7 +2,7 @@
 
 import torch
 
-from sw.quant.ref import ref_layer, ref_matmul
+from ambert.sw.quant.ref import ref_layer, ref_matmul
 
 from .base import Device, DeviceError
 
@@ -33,7 +33,7 @@ class GpuDevice(Device):
         # the whole layer stays on the GPU; only its input and output cross PCIe
         key = id(p)
         if key not in self._params:
-            from sw.quant.model import _map_tensors
+            from ambert.sw.quant.model import _map_tensors
             self._params[key] = _map_tensors(p, lambda t: t.to(self.device))
         count = 0
 

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from sw.quant.model import QuantizedBert
+from ambert.sw.quant.model import QuantizedBert
 
 from .base import Runner
 from .select import device_chain
@@ -76,11 +76,11 @@ def offload(model, device="auto", quantized=None, tokenizer=None, calibration=No
     falling back to the next backend for any operation the device cannot take or fails on."""
     from pathlib import Path
     if isinstance(quantized, (str, Path)):
-        from sw.quant import artifact
+        from ambert.sw.quant import artifact
         quantized = artifact.load(quantized)
     if quantized is None:
-        from sw.quant.hf import load_tokenizer
-        from sw.quant.quantize import CALIBRATION_SENTENCES, calibrate, quantize, read_sentences
+        from ambert.sw.quant.hf import load_tokenizer
+        from ambert.sw.quant.quantize import CALIBRATION_SENTENCES, calibrate, quantize, read_sentences
         if tokenizer is None:
             tokenizer = load_tokenizer(model.config._name_or_path or None)
         sentences = calibration or read_sentences(CALIBRATION_SENTENCES)

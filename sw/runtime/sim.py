@@ -2,25 +2,27 @@
 
 import subprocess
 
-from hw.isa import AcceleratorConfig
+from ambert.hw.config import AcceleratorConfig
+from ambert.proto.isa import DeviceShape
 
 from .accel import AcceleratorDevice
 from .base import DeviceError
 
 __all__ = ["SimDevice", "DEFAULT_CONFIG"]
 
-# The simulated device: a 16x16 array (the size the ECP5 boards aim at), four banks of 256 KiB.
-DEFAULT_CONFIG = AcceleratorConfig(lanes=16, banks=4, bank_words=16384, acc_depth=512)
+# The simulated device: a 16x16 array (256 MACs a cycle), four banks of 256 KiB.
+DEFAULT_CONFIG = AcceleratorConfig(DeviceShape(lanes=16, banks=4, bank_words=16384, acc_depth=512))
 
 
 class SimDevice(AcceleratorDevice):
     name = "sim"
 
     def __init__(self, config=DEFAULT_CONFIG, sim=None, waves=None):
-        """``waves``: a ``.vcd`` or ``.fst`` path to dump every cycle to (a separate, traced build)."""
-        super().__init__(config)
+        """``config``: the :class:`ambert.hw.config.AcceleratorConfig` to build and simulate; ``waves``: a
+        ``.vcd`` or ``.fst`` path to dump every cycle to (a separate, traced build)."""
+        super().__init__(config.shape)
         if sim is None:
-            from sim.fastsim import FastSim
+            from ambert.sim.fastsim import FastSim
             kind = None if not waves else "fst" if str(waves).endswith(".fst") else "vcd"
             sim = FastSim(config, waves=kind)
             if waves:
@@ -33,7 +35,7 @@ class SimDevice(AcceleratorDevice):
             reset()
 
     def _run(self, words, expect):
-        from sim.fastsim import SimHang
+        from ambert.sim.fastsim import SimHang
         try:
             result = self.sim.run(words, expect)
         except (SimHang, subprocess.CalledProcessError, OSError) as e:

@@ -12,7 +12,7 @@ from cocotb.clock import Clock
 from cocotb.triggers import ReadOnly, RisingEdge
 
 from bench_util import pack, unpack
-from sw.quant.ref import ref_gemm
+from ambert.sw.quant.ref import ref_gemm
 
 ROWS, COLS = int(os.environ["AMBERT_ROWS"]), int(os.environ["AMBERT_COLS"])
 LATENCY = ROWS + COLS + 1          # SystolicArray.latency: the skew, and the PEs' product register

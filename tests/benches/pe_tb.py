@@ -7,7 +7,7 @@ import torch
 from cocotb.clock import Clock
 from cocotb.triggers import FallingEdge, ReadOnly, RisingEdge
 
-from sw.quant.ref import ref_gemm
+from ambert.sw.quant.ref import ref_gemm
 
 
 def golden(psum, a, w):

@@ -10,12 +10,12 @@ import torch
 from cocotb.clock import Clock
 from cocotb.triggers import FallingEdge, ReadOnly
 
-from hw.isa import ISA_VERSION, MODE_BITS, AcceleratorConfig, Error, Mode, Program, header, parse_status
-from sw.compiler.gemm import gemm_program
-from sw.quant.ref import ref_matmul
+from ambert.proto.isa import ISA_VERSION, MODE_BITS, DeviceShape, Error, Info, Mode, Program, header, parse_status
+from ambert.sw.compiler.gemm import gemm_program
+from ambert.sw.quant.ref import ref_matmul
 
-CONFIG = AcceleratorConfig(**{k: int(os.environ[f"AMBERT_{k.upper()}"])
-                              for k in ("lanes", "banks", "bank_words", "acc_depth")})
+CONFIG = DeviceShape(**{k: int(os.environ[f"AMBERT_{k.upper()}"])
+                        for k in ("lanes", "banks", "bank_words", "acc_depth")})
 PATTERNS = {"steady": [1], "idle": [1, 1, 1, 0], "bursty": [1, 0, 0, 1, 1, 0, 1, 1, 1, 0]}
 
 
@@ -92,5 +92,5 @@ async def errors_then_recovery(dut):
     prog.words += [header(0x99), header(0xEE, 5)]
     prog.sync().matmul(0, 0, 0, 2 * B, 1, 1, 1, Mode.INT8).sync().sync()
     answers = await exchange(dut, prog.words, prog.expect, PATTERNS["idle"], PATTERNS["bursty"])
-    assert answers[0] >> 24 == ISA_VERSION and (answers[0] >> 16) & 0xFF == CONFIG.lanes
+    assert Info.unpack(answers[:Info.WORDS]) == Info(ISA_VERSION, CONFIG)
     assert [parse_status(w) for w in answers[3:]] == [Error.OPCODE, Error.BANK, Error(0)]

@@ -11,11 +11,11 @@ import numpy as np
 from cocotb.clock import Clock
 from cocotb.triggers import FallingEdge, ReadOnly
 
-from hw.isa import AcceleratorConfig, Error, Mode, Program, header, parse_status
+from ambert.proto.isa import ISA_VERSION, DeviceShape, Error, Info, Mode, Program, header, parse_status
 from top_tb import PATTERNS, exchange
 
-CONFIG = AcceleratorConfig(**{k: int(os.environ[f"AMBERT_{k.upper()}"])
-                              for k in ("lanes", "banks", "bank_words", "acc_depth")})
+CONFIG = DeviceShape(**{k: int(os.environ[f"AMBERT_{k.upper()}"])
+                        for k in ("lanes", "banks", "bank_words", "acc_depth")})
 
 
 @cocotb.test()
@@ -61,6 +61,5 @@ async def decode_under_flow_control(dut):
     flags = [parse_status(w) for w in answers[5 * h:5 * h + 3]]
     assert flags == [Error(0), Error.SHAPE, Error.BANK]
     assert started == [[0, B, B + 64, 2 * B, 3, 2, 1, int(Mode.INT16)]]
-    info = answers[5 * h + 3:5 * h + 6]
-    assert info[0] & 0xFF == CONFIG.banks and info[1:] == [CONFIG.bank_words, CONFIG.acc_depth]
+    assert Info.unpack(answers[5 * h + 3:5 * h + 6]) == Info(ISA_VERSION, CONFIG)
     assert parse_status(answers[-1]) == Error.OPCODE

@@ -12,8 +12,8 @@ from cocotb.clock import Clock
 from cocotb.triggers import ReadOnly, RisingEdge
 
 from bench_util import pack, unpack
-from hw.requant import Requantizer
-from sw.quant.ref import INT32_MAX, INT32_MIN, ref_requant
+from ambert.hw.requant import Requantizer
+from ambert.sw.quant.ref import INT32_MAX, INT32_MIN, ref_requant
 
 LANES = int(os.environ["AMBERT_LANES"])
 LATENCY = Requantizer(LANES).latency       # the full-width datapath, as the bench builds it

@@ -8,8 +8,9 @@ most outputs inside the mode's range and a few saturating; ``reference`` is the 
 import numpy as np
 import torch
 
-from hw.isa import MODE_BITS, Mode
-from sw.quant.ref import ref_matmul
+from ambert.proto.contract import REQUANT_SHIFT_MAX
+from ambert.proto.isa import MODE_BITS, Mode
+from ambert.sw.quant.ref import ref_matmul
 
 __all__ = ["random_case", "minilm_case", "reference"]
 
@@ -27,7 +28,8 @@ def random_case(rng, m, k, n, mode, extreme=False):
     m0 = rng.integers(1 << 30, 1 << 31, n)
     bits = 7 if mode == Mode.INT8 else 15
     # land most outputs inside the range, a few saturating, with a spread of shifts
-    shift = np.clip(np.ceil(np.log2(acc)).astype(np.int64) + 31 - bits + rng.integers(-2, 3, n), 0, 62)
+    shift = np.clip(np.ceil(np.log2(acc)).astype(np.int64) + 31 - bits + rng.integers(-2, 3, n), 0,
+                    REQUANT_SHIFT_MAX)
     return a, w, bias, m0, shift
 
 
@@ -35,7 +37,7 @@ def minilm_case(minilm, n_out, k_in=None):
     """``(a, w, bias, m0, shift)`` of real data: layer 0's Q projection of the quantized bundled MiniLM
     (``minilm`` = ``(QuantizedBert, fp32 model, tokenizer)``) on one sentence, its first ``n_out`` output
     channels and (``k_in``; default all) input features, INT8 as the model runs it."""
-    from sw.quant.hf import encode
+    from ambert.sw.quant.hf import encode
     qm, _, tok = minilm
     x8, _ = qm.embed(encode(tok, ["The quick brown fox jumps over the lazy dog near the river bank."])["input_ids"])
     p = qm.layers[0]
