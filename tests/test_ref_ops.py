@@ -6,10 +6,12 @@ import random
 import pytest
 import torch
 
-from ambert.sw.quant.fixedpoint import gelu_params, multiplier, softmax_params, layernorm_params
-from ambert.sw.quant.ref import (INT16_MAX, INT16_MIN, INT32_MAX, INT32_MIN, LN_NORM_BITS, LN_STD_EXTRA_BITS,
-                          SOFTMAX_FACTOR_BITS, SOFTMAX_OUT_MAX, SoftmaxParams, isqrt, ref_gelu, ref_gemm, ref_layernorm,
-                          ref_requant, ref_softmax, rshift_round)
+from ambert.sw.quant.fixedpoint import gelu_params, layernorm_params, multiplier, softmax_params
+from ambert.sw.quant.ref import (F32_EXACT_K, INT16_MAX, INT16_MIN, INT32_MAX, INT32_MIN, LN_NORM_BITS,
+                                 LN_STD_EXTRA_BITS, SOFTMAX_FACTOR_BITS, SOFTMAX_OUT_MAX, SoftmaxParams, _gemm_f32,
+                                 isqrt, ref_gelu, ref_gemm, ref_layernorm, ref_requant, ref_softmax, rshift_round)
+
+ref_gemm_f32 = _gemm_f32
 
 
 def py_rshift_round(x, n):
@@ -150,6 +152,54 @@ def test_gemm_cpu_paths_agree(m, k, n):
                   torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)),
                  (torch.full((m, k), -128, dtype=torch.int8), torch.full((n, k), 127, dtype=torch.int8))):
         assert torch.equal(ref_gemm(a, b).to(torch.int64), _gemm_f64(a, b))
+
+
+# the longest K whose int32 sum the contract allows: K * 2**14 <= INT32_MAX
+LONGEST_K = INT32_MAX >> 14
+
+
+@pytest.mark.parametrize("k", [1, F32_EXACT_K - 1, F32_EXACT_K, F32_EXACT_K + 1, 3 * F32_EXACT_K + 7, LONGEST_K])
+def test_gemm_f32_chunks_are_exact_at_the_extremes(k):
+    """Every sign pattern of the extreme operands, at chunk edges and the longest K: == the exact sum."""
+    rows = [torch.full((k,), -128, dtype=torch.int8), torch.full((k,), 127, dtype=torch.int8),
+            torch.where(torch.arange(k) % 2 == 0, -128, 127).to(torch.int8),
+            torch.where(torch.arange(k) % 3 == 0, 127, -128).to(torch.int8)]
+    a = torch.stack(rows)
+    want = [[sum(int(x) * int(y) for x, y in zip(ra.tolist(), rb.tolist())) if k < 5000 else
+             int((ra.to(torch.int64) * rb.to(torch.int64)).sum()) for rb in rows] for ra in rows]
+    assert _gemm_f32(a, a).tolist() == want
+    assert _gemm_f32(a[None, None], a[None, None])[0, 0].tolist() == want         # batched, as per head
+
+
+def test_gemm_f32_equals_int64_on_random_and_batched_operands():
+    from ambert.sw.quant.ref import _gemm_f64
+    g = torch.Generator().manual_seed(5)
+    for shape_a, shape_b in (((33, 1536), (40, 1536)), ((2, 12, 128, 32), (2, 12, 128, 32)),
+                             ((2, 12, 128, 128), (2, 12, 32, 128)), ((3, 2500), (5, 2500))):
+        a = torch.randint(-128, 128, shape_a, dtype=torch.int8, generator=g)
+        b = torch.randint(-128, 128, shape_b, dtype=torch.int8, generator=g)
+        assert torch.equal(_gemm_f32(a, b).to(torch.int64), _gemm_f64(a, b))
+
+
+def test_gemm_takes_the_float32_path_without_an_exact_int8_kernel(monkeypatch):
+    """The path a CPU without VNNI runs: ref_gemm on shared weights through float32 chunks, the same
+    bits; and float64 when float32 matmuls may run in a narrower type."""
+    import ambert.sw.quant.ref as ref
+    g = torch.Generator().manual_seed(6)
+    a = torch.randint(-128, 128, (17, 2100), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (9, 2100), dtype=torch.int8, generator=g)
+    bias = torch.randint(-2**20, 2**20, (9,), dtype=torch.int32, generator=g)
+    want = (ref._gemm_f64(a, b) + bias.to(torch.int64)).to(torch.int32)
+    monkeypatch.setattr(ref, "_INT_MM_EXACT", False)
+    called = []
+    monkeypatch.setattr(ref, "_gemm_f32", lambda *x: called.append("f32") or ref_gemm_f32(*x))
+    assert torch.equal(ref.ref_gemm(a, b, bias), want) and called == ["f32"]
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert torch.equal(ref.ref_gemm(a, b, bias), want) and called == ["f32"]
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def test_gemm_matches_torch_int_mm_on_cpu():

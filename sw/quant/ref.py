@@ -8,8 +8,8 @@ on whichever device the tensors live on. Nothing here rounds in floating point:
 
 * shifts are arithmetic (floor), so ``rshift_round(x, n) = (x + 2**(n-1)) >> n`` rounds ties toward +inf;
 * divisions are floor divisions of non-negative integers;
-* the only float arithmetic is the float64 GEMM on the CPU, which is exact because every partial sum of
-  int8 products stays below 2**53 (see :func:`ref_gemm`).
+* the only float arithmetic is in GEMMs of int8 values whose every partial sum is an integer the float type
+  holds exactly (float32 over K-chunks of at most 1024, float64 otherwise; see :func:`ref_gemm`).
 """
 
 from dataclasses import dataclass
@@ -93,8 +93,9 @@ def ref_gemm(a, b, bias=None):
 
     On CUDA the product runs on the int8 tensor cores (``torch._int_mm``). On the CPU, shared weights (a
     2-D ``b``) go through ``torch._int_mm`` too when a one-time probe shows this CPU's int8 kernel exact
-    (kernels without VNNI may saturate int16 pair sums); everything else runs in float64, exact for
-    K < 2**39. All paths give the same bits.
+    (kernels without VNNI may saturate int16 pair sums); everything else runs in float32 over K-chunks
+    of at most :data:`F32_EXACT_K` (:func:`_gemm_f32`), whose every partial sum is an integer float32
+    holds exactly, the chunks summed in int32. All paths give the same bits.
     """
     _check_int8("a", a)
     _check_int8("b", b)
@@ -117,13 +118,39 @@ def ref_gemm(a, b, bias=None):
         acc = _gemm_cuda(a, b)
     elif b.dim() == 2 and _cpu_int_mm_exact():
         acc = torch._int_mm(a.reshape(-1, k), b.T).reshape(*a.shape[:-1], b.shape[0])
-    else:
+    elif torch.get_float32_matmul_precision() == "highest":
+        acc = _gemm_f32(a, b)
+    else:               # float32 products may run in a narrower type: no exactness argument holds
         acc = _gemm_f64(a, b).to(torch.int32)
     return acc if bias is None else acc + bias
 
 
 def _gemm_f64(a, b):
     return torch.matmul(a.to(torch.float64), b.to(torch.float64).transpose(-1, -2)).to(torch.int64)
+
+
+# float32 holds every integer of magnitude <= 2**24 exactly; one int8 product has |a * b| <= 2**14
+F32_EXACT_K = 1 << (24 - 14)
+
+
+def _gemm_f32(a, b):
+    """``a @ b.T`` of int8 tensors as int32, in float32 over K-chunks of at most ``F32_EXACT_K`` (1024).
+
+    Exact: every product is an integer with |a * b| <= 2**14, so every partial sum the float32 GEMM forms
+    over a chunk — in whatever order and blocking, fused multiply-adds included — is an integer of
+    magnitude <= 1024 * 2**14 = 2**24, which float32 represents exactly; no rounding ever happens, and
+    the chunk's result converts to int32 exactly. The chunks' sum is the caller's, who has checked that
+    the whole sum fits int32. (Needs float32 matmuls at full precision: ``ref_gemm`` checks
+    ``torch.get_float32_matmul_precision()``.)
+    """
+    k = a.shape[-1]
+    bt = b.transpose(-1, -2)
+    acc = None
+    for k0 in range(0, k, F32_EXACT_K):
+        part = torch.matmul(a[..., k0:k0 + F32_EXACT_K].to(torch.float32),
+                            bt[..., k0:k0 + F32_EXACT_K, :].to(torch.float32)).to(torch.int32)
+        acc = part if acc is None else acc.add_(part)
+    return acc
 
 
 _INT_MM_EXACT = None
