@@ -8,10 +8,14 @@ its contents, and ``reset()`` pulses the reset (after a hang, say).
 """
 
 import ctypes
+import fcntl
 import hashlib
 import os
 import re
+import shutil
 import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +116,34 @@ def _build_library(folder, text, flags, harness, library, sources=(), opt_fast=O
         raise RuntimeError(f"Verilator build failed in {folder}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
 
 
+def _cached_build(folder, library, verilog, flags, harness):
+    """Build ``library``, inside the cache entry ``folder`` (keyed by everything it is built from), once
+    for every process that asks for it; return whether this process built it.
+
+    Processes that start at once serialize on a lock file beside the entry: the first builds in a
+    staging folder of its own and publishes it with one rename; the others wait, then load what it
+    built. A build that fails or is killed leaves no entry, so nothing half-built is ever loaded.
+    ``verilog()`` makes the Verilog, only when a build is needed."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process building {folder.name}...", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if library.exists():
+            return False
+        staging = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", suffix=".building", dir=folder.parent))
+        try:
+            _build_library(staging, verilog(), flags, harness, staging / library.relative_to(folder))
+            if folder.exists():
+                shutil.rmtree(folder)           # an entry from before builds were staged
+            os.rename(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return True
+
+
 class FastSim:
     _handle = None
     def __init__(self, config, waves=None, build_root=None):
@@ -131,8 +163,8 @@ class FastSim:
             flags += ["--trace-max-array", "32"]
         self.dir = Path(build_root or ROOT / "build" / "sim") / _source_key(config, flags)
         self.library = self.dir / "obj_dir" / "libambert_sim.so"
-        if not self.library.exists():
-            self._build(verilog_of(config), flags)
+        self.built = not self.library.exists() and _cached_build(self.dir, self.library,
+                                                                 lambda: verilog_of(config), flags, HARNESS)
         self._load()
 
     @classmethod
@@ -155,9 +187,6 @@ class FastSim:
         self.waves_path = None
         self._handle = None
         self.cycles = 0          # since the model was opened
-
-    def _build(self, text, flags):
-        _build_library(self.dir, text, flags, HARNESS, self.library)
 
     def open(self, waves_path=None):
         """Start the device (done by the first ``run``); ``waves_path`` dumps every cycle to it."""
@@ -220,10 +249,13 @@ class BoardSim:
         key = _source_key((config, divisor, retry_cycles), flags, BOARD_HARNESS)
         self.dir = Path(build_root or ROOT / "build" / "board") / key
         self.library = self.dir / "obj_dir" / "libambert_board.so"
-        if not self.library.exists():
+
+        def board_verilog():
             from amaranth.back import verilog
             text = verilog.convert(BoardTop(config, divisor=divisor, retry_cycles=retry_cycles), name="top")
-            _build_library(self.dir, _ZERO_MEMORY_INIT.sub("", text), flags, BOARD_HARNESS, self.library)
+            return _ZERO_MEMORY_INIT.sub("", text)
+        self.built = not self.library.exists() and _cached_build(self.dir, self.library, board_verilog, flags,
+                                                                 BOARD_HARNESS)
         self._lib = lib = ctypes.CDLL(str(self.library))
         u64, u64p, vp, u8p = ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_char_p
         lib.board_open.restype, lib.board_open.argtypes = vp, [ctypes.c_int]

@@ -66,8 +66,10 @@ def _similarity_table(names, sim):
 
 def cmd_run(args):
     import torch
-    from ambert.sw.quant.hf import encode, load_bert, load_tokenizer, mean_pool
+    from ambert.sw.quant.hf import check_text, encode, load_bert, load_tokenizer, mean_pool
     from ambert.sw.runtime import OffloadedBert, device_chain
+    for i, sentence in enumerate(args.sentences):
+        check_text(sentence, f"sentence argument {i + 1}")
     qm = _load_or_quantize(args.artifact, args.model)
     tok = load_tokenizer(args.model)
     if tok.vocab_size != qm.config["vocab"]:

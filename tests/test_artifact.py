@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import random
 
 import pytest
 import torch
@@ -9,6 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from ambert.sw.quant import artifact
 from ambert.sw.quant.artifact import ArtifactError
+
+
+def main_info(path):
+    """``ambert info`` the way the command line runs it: the error it raises inside."""
+    from ambert.sw.cli import cmd_info
+    from types import SimpleNamespace
+    return cmd_info(SimpleNamespace(artifact=path))
 
 
 def _assert_same(a, b):
@@ -69,7 +78,9 @@ def test_flipped_byte_in_tensor_data(saved):
         artifact.load(saved)
 
 
-def _rewrite(path, edit_header=None, edit_tensors=None):
+def _rewrite(path, edit_header=None, edit_tensors=None, sign=False):
+    """Write the artifact again with its header or tensors edited: unsigned (as a hand edit would leave
+    it), or with a valid checksum (a well-formed file whose contents disagree, as a faulty writer's)."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         header = json.loads(f.metadata()["ambert"])
@@ -78,7 +89,15 @@ def _rewrite(path, edit_header=None, edit_tensors=None):
         edit_header(header)
     if edit_tensors:
         edit_tensors(tensors)
-    save_file(tensors, str(path), metadata={"ambert": json.dumps(header)})
+    metadata = {"ambert": json.dumps(header)}
+    if sign:
+        metadata[artifact.DIGEST_KEY] = "0" * 64
+    save_file(tensors, str(path), metadata=metadata)
+    if sign:
+        data = bytearray(path.read_bytes())
+        start = artifact._digest_slot(data)
+        data[start:start + 64] = artifact._file_digest(data, start).encode()
+        path.write_bytes(data)
 
 
 def test_plain_safetensors_is_not_a_model(tmp_path):
@@ -97,7 +116,7 @@ def test_other_format_version(saved):
 def test_config_that_does_not_match_the_tensors(saved):
     def edit(h):
         h["config"]["hidden"] += 1
-    _rewrite(saved, edit_header=edit)
+    _rewrite(saved, edit_header=edit, sign=True)
     with pytest.raises(ArtifactError, match="shape"):
         artifact.load(saved)
 
@@ -135,3 +154,67 @@ def test_failed_save_keeps_the_previous_file(tiny, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         artifact.save(tiny[0], target)
     assert target.read_bytes() == before
+
+
+def test_a_changed_header_constant_is_refused(saved):
+    """One digit of one integer constant in the JSON header, edited in place: the file stays a valid
+    safetensors file with a valid header, and is refused."""
+    data = saved.read_bytes()
+    old, new = b'"layers.0.score_shift": ', None
+    at = data.index(old.replace(b'"', b'\\"')) if old not in data else data.index(old)
+    digit = at + len(old) + (2 if old not in data else 0)
+    while not chr(data[digit]).isdigit():
+        digit += 1
+    new = bytearray(data)
+    new[digit] = ord("1") if data[digit] != ord("1") else ord("2")
+    saved.write_bytes(bytes(new))
+    with pytest.raises(ArtifactError, match="corrupted"):
+        artifact.load(saved)
+    with pytest.raises(ArtifactError, match="corrupted"):
+        main_info(saved)
+
+
+def test_a_changed_scale_is_refused(saved):
+    data = bytearray(saved.read_bytes())
+    at = data.index(b"scales")
+    digit = next(i for i in range(at, len(data)) if chr(data[i]).isdigit() and chr(data[i - 1]) != "\\")
+    data[digit] = ord("7") if data[digit] != ord("7") else ord("3")
+    saved.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="corrupted"):
+        artifact.load(saved)
+
+
+def test_an_older_format_is_refused_with_a_request_to_quantize_again(saved):
+    _rewrite(saved, edit_header=lambda h: h.update(version=1))
+    with pytest.raises(ArtifactError, match=r"format version 1.*run `ambert quantize` again"):
+        artifact.load(saved)
+
+
+def test_a_missing_checksum_is_refused(saved):
+    _rewrite(saved)
+    with pytest.raises(ArtifactError, match="checksum is missing"):
+        artifact.load(saved)
+
+
+FUZZ_CASES = int(os.environ.get("AMBERT_FUZZ_CASES", "150"))     # more on demand
+
+
+def test_fuzz_truncations_and_byte_flips_are_refused(saved):
+    """Random truncations and single-byte changes anywhere in the file: each is refused with an
+    ArtifactError, none loads. ``AMBERT_FUZZ_CASES`` sets how many (150 by default)."""
+    data = saved.read_bytes()
+    rng = random.Random(27)
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    for case in range(FUZZ_CASES):
+        if case % 5 == 0:
+            damaged = data[:rng.randrange(len(data))]
+        else:
+            # half the changes in the headers, where a flip is most likely to leave a readable file
+            at = rng.randrange(header_end) if case % 2 else rng.randrange(len(data))
+            damaged = bytearray(data)
+            damaged[at] ^= 1 << rng.randrange(8)
+        saved.write_bytes(bytes(damaged))
+        with pytest.raises(ArtifactError):
+            artifact.load(saved)
+    saved.write_bytes(data)
+    artifact.load(saved)

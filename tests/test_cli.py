@@ -1,6 +1,9 @@
 """The ``ambert`` command end to end on a tiny model, and its refusal of bad input."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +122,42 @@ def test_unknown_device_name(tiny_artifact, tiny_bert_dir, capsys):
     err = _error(capsys, ["run", "--artifact", str(tiny_artifact), "--model", tiny_bert_dir, "--device", "tpu",
                           "the cat"])
     assert "unknown device 'tpu'" in err
+
+
+def test_text_that_is_not_utf8_is_refused_naming_the_argument(tiny_artifact, tiny_bert_dir, tmp_path):
+    """Raw bytes on the command line, as a shell passes them: a message naming the argument, no traceback."""
+    ambert = Path(sys.executable).with_name("ambert")
+    run = subprocess.run([ambert, "run", "--artifact", tiny_artifact, "--model", tiny_bert_dir, "--device", "cpu",
+                          b"the cat", b"caf\xe9 \xff\xfe"], capture_output=True, cwd=tmp_path)
+    err = run.stderr.decode(errors="replace")
+    assert run.returncode == 2 and "Traceback" not in err, err
+    assert "ambert: error: sentence argument 2 is not valid UTF-8 text (byte 0xe9 at character 4)" in err
+
+
+def test_text_that_is_not_utf8_from_python(tiny):
+    from ambert.sw.quant.hf import encode
+    tok = tiny[2]
+    with pytest.raises(ValueError, match="sentence 1 is not valid UTF-8 text"):
+        encode(tok, ["the cat", b"caf\xe9".decode("utf-8", "surrogateescape")])
+    with pytest.raises(ValueError, match="sentence 0 holds a NUL character"):
+        encode(tok, ["the\0cat"])
+    with pytest.raises(ValueError, match="sentence 0 is a bytes, not text"):
+        encode(tok, [b"the cat"])
+
+
+def test_a_calibration_file_that_is_not_utf8_names_the_file_and_line(tiny_bert_dir, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_bytes(b"the cat sat\nthe dog \xff\xfe sat\n")
+    err = _error(capsys, ["quantize", "--model", tiny_bert_dir, "--calibration", str(calib)])
+    assert f"{calib}, line 2: not valid UTF-8 text (byte 0xff)" in err
+
+
+def test_a_bad_baud_rate_is_named(tiny_artifact, tiny_bert_dir, capsys):
+    err = _error(capsys, ["run", "--artifact", str(tiny_artifact), "--model", tiny_bert_dir, "--device",
+                          "board:/dev/ttyUSB0@abc", "the cat"])
+    assert "the baud rate in 'board:/dev/ttyUSB0@abc' must be a positive whole number" in err
+
+
+def test_a_folder_given_as_the_artifact_is_named(tmp_path, capsys):
+    err = _error(capsys, ["info", str(tmp_path)])
+    assert f"quantized model {tmp_path} is a folder" in err

@@ -1,6 +1,9 @@
 """The Verilated accelerator top, driven by the C++ clock loop: GEMMs of every shape, extremes, a real
 MiniLM layer, and malformed instruction streams. Golden model: the contract's ref_gemm + ref_requant."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -278,3 +281,24 @@ def test_other_digit_widths_and_two_requantizer_columns(bits):
         for shape in ((17, 33, 9), (40, 130, 70)):
             case = random_case(rng, *shape, mode)
             assert np.array_equal(run_gemm(sim, *case, mode), reference(*case, mode)), (mode, shape)
+
+
+def test_processes_starting_at_once_build_the_model_once(tmp_path):
+    """Three processes asking for the same model on an empty cache: one builds it, the others wait for
+    it, and all three run it."""
+    probe = ("import sys\n"
+             "from ambert.hw.config import AcceleratorConfig\n"
+             "from ambert.proto.isa import DeviceShape, Program, parse_status\n"
+             "from ambert.sim.fastsim import FastSim\n"
+             "shape = DeviceShape(lanes=4, banks=3, bank_words=64, acc_depth=16)\n"
+             "sim = FastSim(AcceleratorConfig(shape), build_root=sys.argv[1])\n"
+             "status = sim.run(Program(shape).sync().words, 1).answers[0]\n"
+             "print(int(sim.built), int(parse_status(status)))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", probe, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    assert sorted(out.split()[0] for out, _ in results) == ["0", "0", "1"]
+    assert all(out.split()[1] == "0" for out, _ in results)
+    entries = [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
+    assert len(entries) == 1 and not entries[0].endswith(".building"), entries     # one entry, no staging left

@@ -1,14 +1,18 @@
 """The quantized-model artifact: safetensors tensors plus a JSON header with every integer constant.
 
-Layout: one ``.safetensors`` file. Its metadata holds one key, ``ambert``, a JSON document::
+Layout: one ``.safetensors`` file. Its metadata holds two keys: ``ambert``, a JSON document::
 
-    {"format": "ambert-quantized-bert", "version": 1, "config": {...}, "source": {...},
-     "scales": {...}, "constants": {"layers.0.score_m0": ..., ...}, "tensors": {name: [dtype, shape]},
-     "sha256": "<digest of every tensor's name, dtype, shape and bytes, in name order>"}
+    {"format": "ambert-quantized-bert", "version": 2, "config": {...}, "source": {...},
+     "scales": {...}, "constants": {"layers.0.score_m0": ..., ...}, "tensors": {name: [dtype, shape]}}
+
+and ``ambert_sha256``, the SHA-256 of the whole file as written with that digest's own 64 characters
+zeroed: every byte a result depends on — the safetensors header, the ambert header's constants, scales
+and config, the tensor index and data — is covered, so any change to any byte is refused.
 
 Files are written to a temporary name and renamed, so a crash never leaves half a model behind. Loading
-checks the format, version, digest, and every tensor's dtype and shape against the config, and refuses
-the file with an :class:`ArtifactError` naming the problem.
+checks the digest first, then the format, version, and every tensor's dtype and shape against the
+config, and refuses the file with an :class:`ArtifactError` naming the problem. Files of an older
+format version are refused with a request to quantize again, never read by old rules.
 """
 
 import dataclasses
@@ -26,7 +30,9 @@ from .ref import LayerParams
 __all__ = ["FORMAT", "VERSION", "ArtifactError", "save", "load"]
 
 FORMAT = "ambert-quantized-bert"
-VERSION = 1
+VERSION = 2
+DIGEST_KEY = "ambert_sha256"
+_UNSIGNED = "0" * 64               # the digest's place while the file is hashed
 
 
 class ArtifactError(ValueError):
@@ -62,13 +68,37 @@ def _build(cls, prefix, tensors, constants):
     return cls(**kwargs)
 
 
-def _digest(tensors):
+def _digest_slot(data):
+    """Where the digest's 64 characters lie in the file's bytes (its safetensors header), or None."""
+    if len(data) < 8:
+        return None
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    key = f'"{DIGEST_KEY}":"'.encode()
+    at = data.find(key, 8, header_end)
+    if at < 0 or data.find(key, at + 1, header_end) >= 0:
+        return None
+    start = at + len(key)
+    return start if start + 64 <= header_end else None
+
+
+def _file_digest(data, start):
     h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(memoryview(data)[:start])
+    h.update(_UNSIGNED.encode())
+    h.update(memoryview(data)[start + 64:])
     return h.hexdigest()
+
+
+def _verify(path):
+    """Check the whole file against its digest; raise ArtifactError naming what failed."""
+    data = path.read_bytes()
+    start = _digest_slot(data)
+    if start is None:
+        raise ArtifactError(f"{path} is corrupted: its checksum cannot be found")
+    stored = data[start:start + 64].decode("ascii", errors="replace")
+    if _file_digest(data, start) != stored:
+        raise ArtifactError(f"{path} is corrupted: its bytes do not match the checksum it was written with "
+                            f"(header, constants or tensor data changed or damaged)")
 
 
 def _split(qm):
@@ -90,12 +120,15 @@ def save(qm, path):
     tensors, constants = _split(qm)
     header = dict(format=FORMAT, version=VERSION, config=qm.config, source=qm.source, scales=qm.scales,
                   constants=constants,
-                  tensors={k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()},
-                  sha256=_digest(tensors))
+                  tensors={k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata={"ambert": json.dumps(header)})
+        save_file(tensors, str(tmp), metadata={"ambert": json.dumps(header), DIGEST_KEY: _UNSIGNED})
+        data = bytearray(tmp.read_bytes())
+        start = _digest_slot(data)
+        data[start:start + 64] = _file_digest(data, start).encode()
+        tmp.write_bytes(data)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -120,6 +153,9 @@ def read_header(path):
     """Return the JSON header of an artifact without loading its tensors."""
     from safetensors import safe_open
     path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"quantized model {path} is a folder; name the .safetensors file `ambert quantize` "
+                            f"wrote")
     if not path.is_file():
         raise ArtifactError(f"quantized model {path} does not exist (make one with `ambert quantize`)")
     try:
@@ -129,6 +165,7 @@ def read_header(path):
         raise ArtifactError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
     if "ambert" not in meta:
         raise ArtifactError(f"{path} is a safetensors file but not an ambert quantized model")
+
     try:
         header = json.loads(meta["ambert"])
     except json.JSONDecodeError as e:
@@ -137,7 +174,9 @@ def read_header(path):
         raise ArtifactError(f"{path} has format {header.get('format')!r}, expected {FORMAT!r}")
     if header.get("version") != VERSION:
         raise ArtifactError(f"{path} was written in format version {header.get('version')}; this ambert reads "
-                            f"version {VERSION}: run `ambert quantize` again")
+                            f"version {VERSION} (whose checksum covers every byte): run `ambert quantize` again")
+    if DIGEST_KEY not in meta:
+        raise ArtifactError(f"{path} is corrupted: its checksum is missing")
     return header
 
 
@@ -146,12 +185,11 @@ def load(path, device="cpu"):
     from safetensors.torch import load_file
     path = Path(path)
     header = read_header(path)
+    _verify(path)
     try:
         tensors = load_file(str(path))
     except Exception as e:
         raise ArtifactError(f"{path}: cannot read the tensors (truncated or corrupted?): {e}") from None
-    if _digest(tensors) != header.get("sha256"):
-        raise ArtifactError(f"{path} is corrupted: its tensor data does not match the checksum in its header")
     declared = header.get("tensors", {})
     if set(declared) != set(tensors):
         missing, extra = set(declared) - set(tensors), set(tensors) - set(declared)

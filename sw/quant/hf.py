@@ -4,7 +4,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["ModelError", "bundled_model_dir", "load_bert", "load_tokenizer", "encode", "mean_pool"]
+__all__ = ["ModelError", "bundled_model_dir", "load_bert", "load_tokenizer", "check_text", "encode", "mean_pool"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -71,6 +71,19 @@ def load_tokenizer(path=None):
         raise ModelError(f"no usable tokenizer in {path}: {e}") from None
 
 
+def check_text(text, where):
+    """Raise ValueError naming ``where`` if ``text`` holds characters that are not text: bytes that were
+    not UTF-8 (Python keeps them as lone surrogates, as in a command-line argument) or NUL."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start].encode("utf-8", "surrogateescape")
+        raise ValueError(f"{where} is not valid UTF-8 text (byte {bad[0]:#04x} at character "
+                         f"{e.start + 1})") from None
+    if "\0" in text:
+        raise ValueError(f"{where} holds a NUL character at character {text.index(chr(0)) + 1}")
+
+
 def encode(tokenizer, sentences, max_length=None):
     """Tokenize a list of sentences into padded int64 tensors; refuses empty input and over-long text."""
     if isinstance(sentences, str):
@@ -78,7 +91,10 @@ def encode(tokenizer, sentences, max_length=None):
     if not sentences:
         raise ValueError("no sentences given")
     for i, s in enumerate(sentences):
-        if not isinstance(s, str) or not s.strip():
+        if not isinstance(s, str):
+            raise ValueError(f"sentence {i} is a {type(s).__name__}, not text")
+        check_text(s, f"sentence {i}")
+        if not s.strip():
             raise ValueError(f"sentence {i} is empty")
     enc = tokenizer(list(sentences), padding=True, truncation=False, return_tensors="pt")
     limit = max_length or tokenizer.model_max_length

@@ -296,7 +296,13 @@ def read_sentences(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sentence file {path} does not exist")
-    lines = [l.strip() for l in path.read_text(encoding="utf-8").splitlines()]
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not valid UTF-8 text (byte {raw[e.start]:#04x})") from None
+    lines = [l.strip() for l in text.splitlines()]
     sentences = [l for l in lines if l and not l.startswith("#")]
     if not sentences:
         raise ValueError(f"{path} holds no sentences")

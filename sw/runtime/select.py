@@ -28,6 +28,9 @@ def get_device(name, **kwargs):
         port, _, baud = name[len("board:"):].partition("@")
         if not port:
             raise ValueError("name the board's serial port: board:/dev/ttyUSB1")
+        if baud and not (baud.isdecimal() and int(baud) > 0):
+            raise ValueError(f"the baud rate in {name!r} must be a positive whole number, as in "
+                             f"board:{port}@{DEFAULT_BAUD}")
         return BoardDevice(port, int(baud) if baud else DEFAULT_BAUD, **kwargs)
     raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_NAMES)}")
 
