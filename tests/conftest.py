@@ -41,6 +41,15 @@ def eval_sentences():
     return read_sentences(os.path.join(FIXTURES, "sentences.txt"))
 
 
+def simulate(dut, bench):
+    """Run ``bench`` (an async testbench) on ``dut`` in Amaranth's simulator, one clock."""
+    from amaranth.sim import Simulator
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+
+
 WORDS = ("the a cat dog sat on mat rug market fell rose bank rates high low what is my name how do "
          "i reset password quick brown fox jumps over lazy river tree house car blue red green").split()
 

@@ -5,12 +5,12 @@ from collections import deque
 
 import numpy as np
 import pytest
-from amaranth.sim import Simulator
 
 from ambert.hw.config import AcceleratorConfig, Implementation
 from ambert.hw.engine import MatmulEngine
 from ambert.proto.isa import MODE_WORDS, DeviceShape, Mode
 from ambert.sw.gemm_cases import random_case, reference
+from conftest import simulate
 
 SHAPE = DeviceShape(lanes=4, banks=4, bank_words=64, acc_depth=16)
 
@@ -77,10 +77,7 @@ def rtl_matmul(config, a, w, bias, m0, shift, mode, max_cycles=40_000):
             await ctx.tick()
         raise AssertionError(f"no done after {max_cycles} cycles")
 
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(bench)
-    sim.run()
+    simulate(dut, bench)
     words = np.array([list(pool.get(o_base + i, 0).to_bytes(lanes, "little")) for i in range(o_count)],
                      dtype=np.uint8).view(np.int8)
     return shape.unpack_output(words, m, n, mode), result["cycles"]

@@ -5,7 +5,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from amaranth.sim import Simulator
 
 from ambert.hw.array import SystolicArray
 from ambert.hw.bufpool import BufferPool
@@ -16,13 +15,7 @@ from ambert.hw.requant import BitSerialRequantizer, Requantizer
 from ambert.hw.top import Accelerator
 from ambert.sw.compiler.gemm import gemm_program
 from ambert.sw.quant.ref import ref_gemm, ref_requant
-
-
-def simulate(dut, bench):
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(bench)
-    sim.run()
+from conftest import simulate
 
 
 def test_pe_macs_the_selected_weight():

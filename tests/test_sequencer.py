@@ -8,13 +8,13 @@ from collections import deque
 
 import numpy as np
 import pytest
-from amaranth.sim import Simulator
 
 from ambert.hw.config import AcceleratorConfig, Implementation
 from ambert.hw.sequencer import Sequencer
 from ambert.proto.isa import (ARG_WORDS, HEADER, ISA_VERSION, MODE_WORDS, PARAM_WORDS_PER_LANE_GROUP, STATUS,
                               STATUS_MAGIC, TILES, Counters, DeviceShape, Error, Info, Mode, Opcode, Program,
                               header)
+from conftest import simulate
 
 SHAPE = DeviceShape(lanes=8, banks=4, bank_words=64, acc_depth=16)
 COUNTERS = Counters(busy=0x1_2345_6789, stalled=0xABCD, macs=0xFEDC_BA98_7654_3210)
@@ -135,10 +135,7 @@ def rtl_sequence(config, words, send=(1,), take=(1,), counters=COUNTERS, max_cyc
             await ctx.tick()
         raise AssertionError(f"the sequencer still had work after {max_cycles} cycles")
 
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(bench)
-    sim.run()
+    simulate(dut, bench)
     return pool, answers, matmuls
 
 
