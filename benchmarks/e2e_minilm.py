@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 def main():
     import torch
+    from cpu_speed import best_of_interleaved           # this folder is the script's first import path
     from ambert.sw.quant.quantize import quantize_pretrained, read_sentences
     from ambert.sw.runtime import offload
 
@@ -34,19 +35,9 @@ def main():
     st = mod.last_stats
     lanes = mod.runner.devices[0].shape.lanes
 
-    def best_of_interleaved(fns, reps=10):
-        """Best time of each function, the runs interleaved so drifting machine load hits both alike."""
-        best = [float("inf")] * len(fns)
-        for _ in range(reps):
-            for i, fn in enumerate(fns):
-                t = time.perf_counter()
-                fn()
-                best[i] = min(best[i], time.perf_counter() - t)
-        return best
-
     with torch.no_grad():
         ref = qm.forward(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-        t_ref, t_fp32 = best_of_interleaved([
+        t_ref, t_fp32 = best_of_interleaved(reps=10, fns=[
             lambda: qm.forward(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]),
             lambda: model(**enc)])
     exact = torch.equal(out, ref)
