@@ -92,6 +92,8 @@ def cmd_run(args):
     ran = ", ".join(f"{n}: {k} GEMMs" for n, k in st.ops.items()) or "cpu"
     print(f"device {args.device} ({ran}): {len(args.sentences)} sentences, "
           f"{int(enc['attention_mask'].sum())} tokens, {dt * 1e3:.0f} ms wall")
+    if st.recovered:
+        print(f"{st.recovered} GEMM program(s) failed once and ran again after a device reset")
     if st.cycles:
         print(f"accelerator: {st.cycles:,} cycles ({st.busy_cycles:,} computing), array efficiency "
               f"{st.efficiency:.1%} while computing, {st.overall_efficiency:.1%} overall, "

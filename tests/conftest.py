@@ -2,11 +2,26 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+# Fuzz tests (hypothesis, and the seeded artifact fuzzer) run a bounded number of examples in `make test`;
+# AMBERT_FUZZ=<factor> runs that many times more. Examples are drawn the same way on every run
+# (derandomize), so CI is reproducible; a failure prints the example that found it.
+FUZZ = float(os.environ.get("AMBERT_FUZZ", "1"))
+
+
+def fuzz_examples(n):
+    return max(1, round(n * FUZZ))
+
+
+settings.register_profile("ambert", derandomize=True, database=None, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile("ambert")
 
 _BUILT = {}
 

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import os
 import random
 
 import pytest
@@ -11,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from ambert.sw.quant import artifact
 from ambert.sw.quant.artifact import ArtifactError
+from conftest import fuzz_examples
 
 
 def main_info(path):
@@ -196,12 +196,12 @@ def test_a_missing_checksum_is_refused(saved):
         artifact.load(saved)
 
 
-FUZZ_CASES = int(os.environ.get("AMBERT_FUZZ_CASES", "150"))     # more on demand
+FUZZ_CASES = fuzz_examples(150)
 
 
 def test_fuzz_truncations_and_byte_flips_are_refused(saved):
     """Random truncations and single-byte changes anywhere in the file: each is refused with an
-    ArtifactError, none loads. ``AMBERT_FUZZ_CASES`` sets how many (150 by default)."""
+    ArtifactError, none loads: 150 of them, ``AMBERT_FUZZ=<factor>`` times more."""
     data = saved.read_bytes()
     rng = random.Random(27)
     header_end = 8 + int.from_bytes(data[:8], "little")

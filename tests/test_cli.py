@@ -1,5 +1,7 @@
 """The ``ambert`` command end to end on a tiny model, and its refusal of bad input."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -7,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from ambert.sw.cli import main
-from conftest import make_tiny_bert, WORDS
+from conftest import fuzz_examples, make_tiny_bert, WORDS
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +146,37 @@ def test_text_that_is_not_utf8_from_python(tiny):
         encode(tok, ["the\0cat"])
     with pytest.raises(ValueError, match="sentence 0 is a bytes, not text"):
         encode(tok, [b"the cat"])
+
+
+@settings(max_examples=fuzz_examples(200))
+@given(st.lists(st.one_of(st.binary(max_size=40).map(lambda b: b.decode("utf-8", "surrogateescape")),
+                          st.text(max_size=40)), min_size=1, max_size=3))
+def test_fuzz_text_into_the_tokenizer_is_encoded_or_refused_by_name(tiny, sentences):
+    """Any text a caller can hand over (arguments as the shell passes bytes, any Unicode): it is encoded,
+    or refused with a ValueError naming the sentence — never another exception."""
+    from ambert.sw.quant.hf import encode
+    try:
+        enc = encode(tiny[2], sentences, max_length=24)
+    except ValueError as e:
+        assert str(e).startswith("sentence "), e
+    else:
+        assert enc["input_ids"].shape[0] == len(sentences)
+
+
+@settings(max_examples=fuzz_examples(40))
+@given(st.binary(min_size=1, max_size=30))
+def test_fuzz_the_command_line_takes_any_bytes_without_a_traceback(tiny_artifact, tiny_bert_dir, raw):
+    """``ambert run`` with a sentence of arbitrary bytes, decoded as Python decodes argv: it prints the
+    embeddings' similarities (exit 0) or one error line (exit 2)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["run", "--artifact", str(tiny_artifact), "--model", tiny_bert_dir, "--device", "cpu",
+                     "the cat", raw.decode("utf-8", "surrogateescape")])
+    assert "Traceback" not in err.getvalue()
+    if code == 0:
+        assert "cosine similarity" in out.getvalue()
+    else:
+        assert code == 2 and err.getvalue().strip().splitlines()[-1].startswith("ambert: error: "), err.getvalue()
 
 
 def test_a_calibration_file_that_is_not_utf8_names_the_file_and_line(tiny_bert_dir, tmp_path, capsys):

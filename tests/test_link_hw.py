@@ -4,12 +4,14 @@ import random
 
 import pytest
 from amaranth import Module, Signal
+from hypothesis import given, settings, strategies as st
 from amaranth.sim import Simulator
 
 from ambert.boards.virtual import damage
 from ambert.hw.link import LinkDeframer, crc32_byte_logic
 from ambert.proto.link import CRC32, CRC32_RESIDUE, FrameType, crc32, crc32_byte
 from ambert.sw.link.frame import Decoder, Frame, encode
+from conftest import fuzz_examples
 
 
 def test_crc32_register_and_fast_path_equal_the_catalog_model():
@@ -115,6 +117,17 @@ def test_deframer_accepts_exactly_what_the_host_decoder_accepts(seed, damaged):
         assert 0 < len(want) < len(frames)      # the damage cost frames, and some still came through
     else:
         assert want == frames
+
+
+@settings(max_examples=fuzz_examples(25))
+@given(st.binary(max_size=120), st.randoms(use_true_random=False))
+def test_fuzz_random_bytes_into_the_deframer(noise, rng):
+    """Random bytes, then good frames: the board's deframer accepts exactly the frames the host's decoder
+    accepts from the same bytes — none from the noise that the host would refuse, every good one after."""
+    wire = noise + b"".join(encode(f) for f in _frames(rng, 2))
+    want = Decoder(max_payload=256).feed(wire)
+    got, bad, busy = _deframe(wire, gap=16)
+    assert got == want and busy == 0
 
 
 def test_frames_arriving_while_one_is_held_are_dropped_whole_but_acks_get_through():

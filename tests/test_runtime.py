@@ -115,13 +115,44 @@ class FaultySim:
 
 @pytest.mark.parametrize("fault", ["hang", "dead", "status"])
 def test_device_faults_mid_run_fall_back_with_the_same_bits(tiny, fault):
+    """A program that fails twice running (its first try and the retry after the reset) goes to the CPU."""
     qm, model, tok = tiny
     enc = encode(tok, ["the quick brown fox", "jumps over the lazy dog"])
-    sim = SimDevice(SMALL, sim=FaultySim(SMALL, {3: fault, 7: fault}))
+    sim = SimDevice(SMALL, sim=FaultySim(SMALL, {3: fault, 4: fault, 9: fault, 10: fault}))
     with pytest.warns(RuntimeWarning, match="failed"):
         out, mod = run(qm, model, [sim, CpuDevice()], enc)
     assert torch.equal(out, reference(qm, enc))
     assert mod.last_stats.ops["cpu"] == 2
+
+
+@pytest.mark.parametrize("fault", ["hang", "dead", "status"])
+def test_a_single_fault_is_recovered_on_the_device(tiny, fault):
+    """One failed program: the device is reset and the GEMM compiled again for the empty pool and run
+    there — nothing falls back, nothing is lost, the bits are the reference's."""
+    qm, model, tok = tiny
+    enc = encode(tok, ["the quick brown fox", "jumps over the lazy dog"])
+    sim = SimDevice(SMALL, sim=FaultySim(SMALL, {3: fault, 9: fault}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, mod = run(qm, model, [sim, CpuDevice()], enc)
+    assert torch.equal(out, reference(qm, enc))
+    assert mod.last_stats.ops == {"sim": 6 * qm.config["layers"]} and mod.last_stats.recovered == 2
+
+
+def test_a_truncated_stream_does_not_cost_the_next_gemm(tiny):
+    """A stream cut off mid-command (a LOAD announced with 500 words and given 7) leaves the device waiting
+    for the rest; the next program finds it out of step, and the reset and retry bring every GEMM of the
+    forward back onto the device, `==` the reference."""
+    from ambert.proto.isa import Opcode, header
+    qm, model, tok = tiny
+    enc = encode(tok, ["the quick brown fox", "jumps over the lazy dog"])
+    sim = SimDevice(SMALL)
+    sim.sim.run([header(Opcode.LOAD, 500), 0] + [0x01020304] * 7, expect=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, mod = run(qm, model, [sim, CpuDevice()], enc)
+    assert torch.equal(out, reference(qm, enc))
+    assert mod.last_stats.ops == {"sim": 6 * qm.config["layers"]} and mod.last_stats.recovered == 1
 
 
 class WholeLayerDevice(CpuDevice):
@@ -148,7 +179,7 @@ def test_ops_a_device_counts_itself_reach_the_stats(tiny):
 def test_a_lone_device_that_fails_raises(tiny):
     qm, _, tok = tiny
     enc = encode(tok, ["the cat"])
-    sim = SimDevice(SMALL, sim=FaultySim(SMALL, {1: "hang"}))
+    sim = SimDevice(SMALL, sim=FaultySim(SMALL, {1: "hang", 2: "hang"}))       # the retry fails too
     runner = Runner([sim])
     with pytest.raises(DeviceError, match="injected"):
         qm.forward_int(enc["input_ids"], enc["attention_mask"], layer_fn=runner.layer_fn(qm.layers))

@@ -92,8 +92,8 @@ def ref_gemm(a, b, bias=None):
     it must fit int32 (the quantizer sizes biases so that it does at the model's K).
 
     On CUDA the product runs on the int8 tensor cores (``torch._int_mm``). On the CPU, shared weights (a
-    2-D ``b``) go through ``torch._int_mm`` too when a one-time probe shows this CPU's int8 kernel exact
-    (kernels without VNNI may saturate int16 pair sums); everything else runs in float32 over K-chunks
+    2-D ``b``) with K a multiple of 8 go through ``torch._int_mm`` too when a one-time probe shows this
+    CPU's int8 kernel exact (kernels without VNNI may saturate int16 pair sums); everything else runs in float32 over K-chunks
     of at most :data:`F32_EXACT_K` (:func:`_gemm_f32`), whose every partial sum is an integer float32
     holds exactly, the chunks summed in int32. All paths give the same bits.
     """
@@ -116,7 +116,9 @@ def ref_gemm(a, b, bias=None):
         return acc.to(torch.int32)
     if a.is_cuda:
         acc = _gemm_cuda(a, b)
-    elif b.dim() == 2 and _cpu_int_mm_exact():
+    elif b.dim() == 2 and k % 8 == 0 and _cpu_int_mm_exact():
+        # K a multiple of 8 only: the shapes the probe covers (oneDNN's AMX kernel answered K = 1 wrongly,
+        # reading past the operands)
         acc = torch._int_mm(a.reshape(-1, k), b.T).reshape(*a.shape[:-1], b.shape[0])
     elif torch.get_float32_matmul_precision() == "highest":
         acc = _gemm_f32(a, b)

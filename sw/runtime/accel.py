@@ -30,6 +30,7 @@ class AcceleratorDevice(Device):
         self.shape = shape
         self.residency = Residency(shape)       # the pool's contents between programs
         self._expected = None
+        self._retrying = False
         self.stats.array_macs_per_cycle = shape.lanes * shape.lanes
 
     def _expect(self, w, bias, m0, shift, bits, rows):
@@ -106,12 +107,27 @@ class AcceleratorDevice(Device):
         counters = Program(self.shape).counters()        # before and after: the cycles this program took
         words = counters.words + compiled.program.words + counters.words
         nc = Counters.WORDS
-        answers = self._run(words, nc + compiled.program.expect + nc)
-        outs, status = compiled.decode(answers[nc:-nc])
-        flags = parse_status(status)
-        if flags != Error(0):
-            self._reset()
-            raise DeviceError(f"device reported {flags!r}")
+        try:
+            answers = self._run(words, nc + compiled.program.expect + nc)
+            outs, status = compiled.decode(answers[nc:-nc])
+            flags = parse_status(status)
+            if flags != Error(0):
+                self._reset()
+                raise DeviceError(f"device reported {flags!r}")
+        except DeviceError:
+            # The device was reset (a fault leaves nothing in the pool to trust). One more try, compiled
+            # afresh for the empty pool: a device left mid-command by an earlier stream (a killed client,
+            # a truncated program) is back in step after its reset, and this GEMM is not lost to the
+            # fallback. A second failure is the device's: the runner moves on.
+            if self._retrying:
+                raise
+            self._retrying = True
+            try:
+                out = self.matmul(a, w, bias, m0, shift, bits)
+            finally:
+                self._retrying = False
+            self.stats.recovered += 1
+            return out
         before, after = Counters.unpack(answers[:nc]), Counters.unpack(answers[-nc:])
         self.stats.busy_cycles += after.busy - before.busy
         self.stats.macs += int(np.prod(out_shape)) * a.shape[-1]

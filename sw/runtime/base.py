@@ -27,6 +27,7 @@ class Stats:
     macs: int = 0               # useful multiply-accumulates offloaded
     array_macs_per_cycle: int = 0
     host_words: int = 0         # 32-bit words moved over the host link, both ways
+    recovered: int = 0          # programs that failed once and ran again after a device reset
     ops: dict = field(default_factory=dict)     # how many matmuls each backend ran
 
     @property
@@ -54,6 +55,7 @@ class Stats:
         self.busy_cycles += other.busy_cycles
         self.macs += other.macs
         self.host_words += other.host_words
+        self.recovered += other.recovered
         self.pool_peak_words = max(self.pool_peak_words, other.pool_peak_words)
         self.pool_naive_words = max(self.pool_naive_words, other.pool_naive_words)
         self.array_macs_per_cycle = self.array_macs_per_cycle or other.array_macs_per_cycle
