@@ -8,8 +8,12 @@ alike); the CPU model and its int8 features printed; each one's mean cosine to F
 sentences. Last line:
 
     cpu_speed: b1_ratio=<ambert/fp32> b32_ratio=<ambert/fp32> dyn_b32_ratio=<dynamic int8/fp32>
+        peak_ratio=<ambert/fp32 peak RSS at batch 32>
 
     python benchmarks/cpu_speed.py [--reps N]
+
+Peak memory: each contender in a fresh process (a forked one would share this one's pages and threads),
+loading its model as a user does (ambert from its artifact) and running batch 32 once.
 """
 
 import argparse
@@ -39,6 +43,54 @@ def cpu_description():
     return f"{model}; int8 features: {', '.join(have) or 'none of ' + ', '.join(INT8_FEATURES)}"
 
 
+def _status_kib(field):
+    """A VmRSS / VmHWM line of /proc/self/status. (VmHWM, not getrusage's ru_maxrss: after fork + exec
+    the latter still holds the parent's peak.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status: peak memory needs Linux")
+
+
+def peak_memory(contender, artifact_path, batch):
+    """In this (fresh) process: load ``contender`` as a user would, run ``batch`` sentences of 128 tokens
+    once; print the peak resident set size in MiB and how much of it the forward added."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, BertModel
+    from ambert.sw.quant.hf import bundled_model_dir
+    folder = bundled_model_dir()
+    tok = AutoTokenizer.from_pretrained(folder)
+    if contender == "ambert cpu":
+        from ambert.sw.quant import artifact
+        from ambert.sw.runtime import OffloadedBert
+        from ambert.sw.runtime.cpu import CpuDevice
+        model = OffloadedBert(artifact.load(artifact_path), AutoConfig.from_pretrained(folder), [CpuDevice()])
+    else:
+        model = BertModel.from_pretrained(folder).eval()
+        if contender == "torch dynamic int8":
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    enc = tok(["a sentence"] * batch, padding="max_length", max_length=128, return_tensors="pt")
+    loaded = _status_kib("VmRSS")
+    with torch.no_grad():
+        model(**enc)
+    peak = _status_kib("VmHWM")
+    print(f"{peak / 1024:.1f} {(peak - loaded) / 1024:.1f}")
+
+
+def measure_peaks(contenders, artifact_path, batch, flags=()):
+    """Each contender's (peak MiB, MiB the forward added), each in a fresh process."""
+    import subprocess
+    out = {}
+    for name in contenders:
+        run = subprocess.run([sys.executable, __file__, "--peak", name, "--artifact", str(artifact_path),
+                              "--batch", str(batch), *flags], capture_output=True, text=True, timeout=600)
+        if run.returncode:
+            raise RuntimeError(f"peak memory of {name}: {run.stderr.strip().splitlines()[-1:]}")
+        peak, added = run.stdout.split()[-2:]
+        out[name] = (float(peak), float(added))
+    return out
+
+
 def best_of_interleaved(fns, reps):
     """Best wall time of each function, the runs interleaved."""
     best = [float("inf")] * len(fns)
@@ -53,8 +105,19 @@ def best_of_interleaved(fns, reps):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5, help="interleaved runs at batch 32 (4x that at batch 1)")
+    p.add_argument("--no-int8-kernel", action="store_true",
+                   help="run ambert's GEMMs as on a CPU whose int8 kernel is not exact (no VNNI): float32 "
+                        "over exact K-chunks")
+    p.add_argument("--peak", help=argparse.SUPPRESS)           # the child process of measure_peaks
+    p.add_argument("--artifact", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.no_int8_kernel:
+        from ambert.sw.quant import ref
+        ref._INT_MM_EXACT = False               # the probe's answer on a CPU without an exact int8 kernel
+    if args.peak:
+        return peak_memory(args.peak, args.artifact, args.batch)
     import torch
     from ambert.sw.quant.hf import encode, mean_pool
     from ambert.sw.quant.quantize import quantize_pretrained, read_sentences
@@ -68,7 +131,8 @@ def main():
     sentences = read_sentences(ROOT / "tests" / "fixtures" / "sentences.txt")
 
     print(f"machine: {cpu_description()}; {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} intra-op threads")
+          f"{torch.get_num_threads()} intra-op threads"
+          + ("; ambert's GEMMs without the int8 kernel (--no-int8-kernel)" if args.no_int8_kernel else ""))
     results = {}
     with torch.no_grad():
         for batch, reps in ((1, 4 * args.reps), (32, args.reps)):
@@ -83,16 +147,28 @@ def main():
         cosine = {name: float((mean_pool(m(**enc).last_hidden_state, enc["attention_mask"]) * fp32)
                               .sum(dim=-1).mean()) for name, m in contenders.items()}
 
-    print(f"\nsequence 128; best of interleaved runs; mean cosine to FP32 over {len(sentences)} sentences")
-    print(f"{'':20} {'batch 1 ms':>11} {'x FP32':>7} {'batch 32 ms':>12} {'x FP32':>7} {'mean cos':>9}")
+    import tempfile
+    from ambert.sw.quant import artifact
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "minilm.safetensors"
+        artifact.save(qm, path)
+        peaks = measure_peaks(contenders, path, 32, ["--no-int8-kernel"] if args.no_int8_kernel else [])
+
+    print(f"\nsequence 128; best of interleaved runs; mean cosine to FP32 over {len(sentences)} sentences; "
+          f"peak RSS of a fresh process that loads the model and runs batch 32 once (and what the forward "
+          f"added to it)")
+    print(f"{'':20} {'batch 1 ms':>11} {'x FP32':>7} {'batch 32 ms':>12} {'x FP32':>7} {'mean cos':>9} "
+          f"{'peak MiB':>9} {'forward MiB':>12}")
     for name in contenders:
         b1, b32 = results[1][name], results[32][name]
         print(f"{name:20} {b1 * 1e3:11.1f} {b1 / results[1]['Hugging Face FP32']:7.2f} {b32 * 1e3:12.1f} "
-              f"{b32 / results[32]['Hugging Face FP32']:7.2f} {cosine[name]:9.5f}")
+              f"{b32 / results[32]['Hugging Face FP32']:7.2f} {cosine[name]:9.5f} {peaks[name][0]:9.0f} "
+              f"{peaks[name][1]:12.0f}")
     fp1, fp32_b32 = results[1]["Hugging Face FP32"], results[32]["Hugging Face FP32"]
     print(f"cpu_speed: b1_ratio={results[1]['ambert cpu'] / fp1:.2f} "
           f"b32_ratio={results[32]['ambert cpu'] / fp32_b32:.2f} "
-          f"dyn_b32_ratio={results[32]['torch dynamic int8'] / fp32_b32:.2f}")
+          f"dyn_b32_ratio={results[32]['torch dynamic int8'] / fp32_b32:.2f} "
+          f"peak_ratio={peaks['ambert cpu'][0] / peaks['Hugging Face FP32'][0]:.2f}")
 
 
 if __name__ == "__main__":

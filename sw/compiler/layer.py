@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from ambert.sw.quant.ref import ref_gelu, ref_heads, ref_layernorm, ref_requant
+from ambert.sw.quant.ref import ref_add_layernorm, ref_gelu_requant, ref_heads
 
 __all__ = ["fused_qkv", "run_layer"]
 
@@ -67,8 +67,8 @@ def run_layer(p, x8, x16, mask, matmul, expect=None, next_p=None):
     q, k, v = (qkv_out[..., i * c:(i + 1) * c].contiguous() for i in range(3))
     ctx = ref_heads(q, k, v, p, mask, matmul=matmul)
     attn = project(ctx, proj_o, upcoming[1])
-    h8, h16 = ref_layernorm(attn.to(torch.int32) + x16.to(torch.int32), [p.ln1_x8, p.ln1_x16])
+    h8, h16 = ref_add_layernorm(attn, x16, [p.ln1_x8, p.ln1_x16])
     f1 = project(h8, ffn1, upcoming[2])
-    g = ref_requant(ref_gelu(f1, p.gelu), p.g_m0, p.g_shift)
+    g = ref_gelu_requant(f1, p.gelu, p.g_m0, p.g_shift)
     f2 = project(g, ffn2, upcoming[3])
-    return tuple(ref_layernorm(f2.to(torch.int32) + h16.to(torch.int32), [p.ln2_x8, p.ln2_x16]))
+    return tuple(ref_add_layernorm(f2, h16, [p.ln2_x8, p.ln2_x16]))

@@ -10,8 +10,12 @@ on whichever device the tensors live on. Nothing here rounds in floating point:
 * divisions are floor divisions of non-negative integers;
 * the only float arithmetic is in GEMMs of int8 values whose every partial sum is an integer the float type
   holds exactly (float32 over K-chunks of at most 1024, float64 otherwise; see :func:`ref_gemm`).
+
+On the CPU, requantization, softmax, GELU and LayerNorm run as fused loops (:mod:`.fused`, numba) that
+compute the torch formulas below element for element; ``FUSED = False`` keeps every CPU call on torch.
 """
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -23,13 +27,31 @@ __all__ = [
     "INT8_MIN", "INT8_MAX", "INT16_MIN", "INT16_MAX", "INT32_MIN", "INT32_MAX",
     "rshift_round", "saturate", "isqrt",
     "ref_gemm", "ref_requant", "ref_matmul",
-    "GeluParams", "ref_gelu",
+    "GeluParams", "ref_gelu", "ref_gelu_requant",
     "SoftmaxParams", "ref_softmax",
-    "LayerNormParams", "ref_layernorm",
+    "LayerNormParams", "ref_layernorm", "ref_add_layernorm",
     "LayerParams", "ref_attention", "ref_heads", "ref_layer",
 ]
 
 _OUT_DTYPE = {8: torch.int8, 16: torch.int16, 32: torch.int32}
+
+FUSED = True            # CPU tensors take the fused loops of .fused where numba is installed
+_FUSED_MODULE = None
+
+
+def _fused(t):
+    """The :mod:`.fused` module when ``t`` is a CPU tensor and the fused loops are on, else None."""
+    global _FUSED_MODULE, FUSED
+    if not FUSED or t.device.type != "cpu":
+        return None
+    if _FUSED_MODULE is None:
+        try:
+            from . import fused as module
+        except ImportError:             # numba missing: the torch formulas serve
+            FUSED = False
+            return None
+        _FUSED_MODULE = module
+    return _FUSED_MODULE
 
 # float64 holds every integer below 2**53 exactly; a dot product of int8 values has |sum| <= K * 2**14.
 _F64_EXACT_K = 1 << (53 - 14)
@@ -193,6 +215,33 @@ def _gemm_cuda(a, b):
     return _gemm_f64(a, b).to(torch.int32)
 
 
+_CHECKED = {}        # id of a constant tensor -> (a weak reference to it, its version, its checked int64 form)
+
+
+def _checked(x, lo, hi, device, what):
+    """``x`` (an int or an integer tensor) as int64 on ``device``, every element in [lo, hi]. A tensor's
+    check is remembered until the tensor changes (its version counter moves): a model's constants are
+    checked once, not at every call."""
+    if isinstance(x, torch.Tensor):
+        hit = _CHECKED.get(id(x))
+        if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2].device == torch.device(device):
+            return hit[2]
+    t = torch.as_tensor(x, dtype=torch.int64, device=device)
+    if bool(((t < lo) | (t > hi)).any()):
+        raise ValueError(what)
+    if isinstance(x, torch.Tensor):
+        key = id(x)
+        _CHECKED[key] = (weakref.ref(x, lambda _, key=key: _CHECKED.pop(key, None)), x._version, t)
+    return t
+
+
+def _requant_constants(m0, shift, device):
+    """``m0`` and ``shift`` as int64 tensors, checked against the contract's ranges."""
+    return (_checked(m0, 0, (1 << REQUANT_M0_BITS) - 1, device,
+                     f"requant multiplier must be in [0, 2**{REQUANT_M0_BITS})"),
+            _checked(shift, 0, REQUANT_SHIFT_MAX, device, f"requant shift must be in [0, {REQUANT_SHIFT_MAX}]"))
+
+
 def ref_requant(acc, m0, shift, bits=8):
     """Requantize the int32 accumulator: ``saturate((acc * m0 + 2**(shift-1)) >> shift, bits)``.
 
@@ -203,12 +252,12 @@ def ref_requant(acc, m0, shift, bits=8):
     """
     if acc.dtype != torch.int32:
         raise TypeError(f"acc must be torch.int32, not {acc.dtype}")
-    m0 = torch.as_tensor(m0, dtype=torch.int64, device=acc.device)
-    if bool(((m0 < 0) | (m0 >= 1 << REQUANT_M0_BITS)).any()):
-        raise ValueError(f"requant multiplier must be in [0, 2**{REQUANT_M0_BITS})")
-    shift = torch.as_tensor(shift, dtype=torch.int64, device=acc.device)
-    if bool(((shift < 0) | (shift > REQUANT_SHIFT_MAX)).any()):
-        raise ValueError(f"requant shift must be in [0, {REQUANT_SHIFT_MAX}]")
+    m0, shift = _requant_constants(m0, shift, acc.device)
+    fused = _fused(acc)
+    if fused is not None and acc.numel():
+        out = fused.requant(acc, m0, shift, bits)         # None unless the constants broadcast to acc
+        if out is not None:
+            return out
     if torch.broadcast_shapes(acc.shape, m0.shape, shift.shape) != acc.shape:
         return saturate(rshift_round(acc.to(torch.int64) * m0, shift), bits)
     # in place on one int64 copy: the requant of a wide GEMM is memory-bound
@@ -224,9 +273,34 @@ def ref_requant(acc, m0, shift, bits=8):
     return x.clamp_(lo, hi).to(_OUT_DTYPE[bits])
 
 
+def _gemm_exact(a, b):
+    """``a @ b.T`` without a bias, exact: int32 as :func:`ref_gemm` gives it, or — on the CPU's float32
+    path with K within one exact chunk — the float32 product itself, every element an integer float32
+    holds exactly (see :func:`_gemm_f32`), for a consumer that converts as it reads."""
+    k = a.shape[-1]
+    if (a.is_cuda or k > F32_EXACT_K or (b.dim() == 2 and k % 8 == 0 and _cpu_int_mm_exact())
+            or torch.get_float32_matmul_precision() != "highest"):
+        return ref_gemm(a, b)
+    _check_int8("a", a)
+    _check_int8("b", b)
+    if b.shape[-1] != k:
+        raise ValueError(f"inner dimensions differ: a has K={k}, b has K={b.shape[-1]}")
+    return torch.matmul(a.to(torch.float32), b.transpose(-1, -2).to(torch.float32))
+
+
 def ref_matmul(a, w, bias, m0, shift, bits):
     """What one MATMUL instruction computes: ``ref_requant(ref_gemm(a, w, bias), m0, shift, bits)``, or
     with ``bits=None`` the int32 accumulator itself (the hardware's bypass)."""
+    fused = _fused(a)
+    if (fused is not None and bits is not None and a.numel() and (bias is None or (
+            bias.dtype == torch.int32 and bias.dim() == 1 and bias.shape[0] == w.shape[-2]))):
+        # the bias added in the requantization's pass, in int64, every sum checked against int32 as
+        # ref_gemm checks it: the same result, or the same OverflowError
+        acc = _gemm_exact(a, w)
+        m0, shift = _requant_constants(m0, shift, a.device)
+        out = fused.requant(acc, m0, shift, bits, bias)     # None unless the constants broadcast to acc
+        if out is not None:
+            return out
     acc = ref_gemm(a, w, bias)
     return acc if bits is None else ref_requant(acc, m0, shift, bits)
 
@@ -262,6 +336,18 @@ def ref_gelu(q, p):
     return t.mul_(q).to(torch.int32)
 
 
+def ref_gelu_requant(q, p, m0, shift):
+    """``ref_requant(ref_gelu(q, p), m0, shift, 8)``: the FFN's GELU and its requantization to the int8
+    input of FFN2 (one pass on the CPU)."""
+    fused = _fused(q)
+    if fused is not None and q.numel() and q.dtype == torch.int16:
+        m0, shift = _requant_constants(m0, shift, q.device)
+        out = fused.gelu_requant(q, p, m0, shift)
+        if out is not None:
+            return out
+    return ref_requant(ref_gelu(q, p), m0, shift)
+
+
 # --- softmax ------------------------------------------------------------------------------------------
 
 
@@ -291,6 +377,9 @@ def ref_softmax(s, p, mask=None):
     if s.dtype != torch.int16:
         raise TypeError(f"softmax input must be torch.int16, not {s.dtype}")
     # up to the exponentials int32 suffices (and is twice as fast) when the polynomial provably fits it
+    fused = _fused(s)
+    if fused is not None and s.numel():
+        return fused.softmax(s, p, mask, SOFTMAX_OUT_MAX, SOFTMAX_FACTOR_BITS)
     fits32 = (abs(p.b_int) + (1 << p.m)) ** 2 + abs(p.c_int) < 1 << 31
     s = s.to(torch.int32 if fits32 else torch.int64)
     if mask is not None:
@@ -345,6 +434,9 @@ def ref_layernorm(v, outs):
     c = v.shape[-1]
     if c > 1024:
         raise ValueError(f"LayerNorm width {c} exceeds the 1024 channels the contract is sized for")
+    fused = _fused(v)
+    if fused is not None and v.numel():
+        return fused.layernorm(v, outs, LN_NORM_BITS, LN_STD_EXTRA_BITS, 1 << 17)
     v = v.to(torch.int64)
     if bool((v.abs() >= (1 << 17)).any()):
         raise OverflowError("LayerNorm input exceeds the 18-bit residual range")
@@ -356,6 +448,16 @@ def ref_layernorm(v, outs):
     n = y * inv
     return [saturate(rshift_round(n * o.gain.to(v.device) + o.offset.to(v.device), o.shift), o.bits)
             for o in outs]
+
+
+def ref_add_layernorm(a, b, outs):
+    """``ref_layernorm(a + b, outs)`` of two int16 (or int32) tensors, their sum exact in int32: a residual
+    add and the LayerNorm after it (one pass on the CPU)."""
+    fused = _fused(a)
+    if fused is not None and a.numel() and a.shape == b.shape and a.shape[-1] <= 1024 \
+            and a.dtype in (torch.int16, torch.int32) and b.dtype in (torch.int16, torch.int32):
+        return fused.layernorm(a, outs, LN_NORM_BITS, LN_STD_EXTRA_BITS, 1 << 17, residual=b)
+    return ref_layernorm(a.to(torch.int32) + b.to(torch.int32), outs)
 
 
 # --- one encoder layer --------------------------------------------------------------------------------
@@ -451,13 +553,12 @@ def ref_layer(x8, x16, p, mask=None, trace=None, matmul=ref_matmul):
     """
     ctx = ref_attention(x8, p, mask, trace, matmul)
     attn = matmul(ctx, p.wo, p.bo, p.o_m0, p.o_shift, 16)
-    sum1 = attn.to(torch.int32) + x16.to(torch.int32)
-    h8, h16 = ref_layernorm(sum1, [p.ln1_x8, p.ln1_x16])
+    h8, h16 = ref_add_layernorm(attn, x16, [p.ln1_x8, p.ln1_x16])       # LayerNorm(attn + x16)
     f1 = matmul(h8, p.w1, p.b1, p.f1_m0, p.f1_shift, 16)
-    g = ref_requant(ref_gelu(f1, p.gelu), p.g_m0, p.g_shift)
+    g = ref_gelu_requant(f1, p.gelu, p.g_m0, p.g_shift)
     f2 = matmul(g, p.w2, p.b2, p.f2_m0, p.f2_shift, 16)
-    sum2 = f2.to(torch.int32) + h16.to(torch.int32)
-    x8, x16 = ref_layernorm(sum2, [p.ln2_x8, p.ln2_x16])
+    out8, out16 = ref_add_layernorm(f2, h16, [p.ln2_x8, p.ln2_x16])     # LayerNorm(f2 + h16)
     if trace is not None:
-        trace.update(attn=attn, sum1=sum1, h=h16, h8=h8, f1=f1, g=g, f2=f2, sum2=sum2, out=x16)
-    return x8, x16
+        trace.update(attn=attn, sum1=attn.to(torch.int32) + x16.to(torch.int32), h=h16, h8=h8, f1=f1, g=g,
+                     f2=f2, sum2=f2.to(torch.int32) + h16.to(torch.int32), out=out16)
+    return out8, out16
