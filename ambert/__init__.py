@@ -14,13 +14,14 @@ compiler, runtime, command line), ``ambert.boards`` (dev boards).
 import importlib
 
 __all__ = ["offload", "OffloadedBert", "QuantizedBert", "get_device", "device_chain", "bundled_model_dir",
-           "DeviceShape", "AcceleratorConfig", "Implementation", "DeviceError", "InputError", "ArtifactError"]
+           "DeviceShape", "AcceleratorConfig", "Implementation", "DeviceError", "InputError", "ArtifactError",
+           "ModelPool"]
 
 _HOMES = {
     "offload": "ambert.sw.runtime", "OffloadedBert": "ambert.sw.runtime", "get_device": "ambert.sw.runtime",
     "device_chain": "ambert.sw.runtime", "DeviceError": "ambert.sw.runtime",
     "QuantizedBert": "ambert.sw.quant.model", "InputError": "ambert.sw.quant.model",
-    "ArtifactError": "ambert.sw.quant.artifact",
+    "ArtifactError": "ambert.sw.quant.artifact", "ModelPool": "ambert.sw.runtime.pool",
     "bundled_model_dir": "ambert.sw.quant.hf",
     "DeviceShape": "ambert.proto.isa", "AcceleratorConfig": "ambert.hw.config", "Implementation": "ambert.hw.config",
 }

@@ -36,7 +36,7 @@ def fused_qkv(p):
     m0 = torch.cat([_per_channel(x[2], x[0].shape[0]) for x in parts])
     shift = torch.cat([_per_channel(x[3], x[0].shape[0]) for x in parts])
     fused = (w, bias, m0, shift)
-    _FUSED[id(p)] = (weakref.ref(p, lambda _, key=id(p): _FUSED.pop(key, None)), fused)
+    _FUSED[id(p)] = (weakref.ref(p, lambda _, key=id(p), cache=_FUSED: cache.pop(key, None)), fused)
     return fused
 
 

@@ -10,9 +10,11 @@ zeroed: every byte a result depends on — the safetensors header, the ambert he
 and config, the tensor index and data — is covered, so any change to any byte is refused.
 
 Files are written to a temporary name and renamed, so a crash never leaves half a model behind. Loading
-checks the digest first, then the format, version, and every tensor's dtype and shape against the
-config, and refuses the file with an :class:`ArtifactError` naming the problem. Files of an older
-format version are refused with a request to quantize again, never read by old rules.
+checks the digest first (reading the file once, in chunks), then the format, version, and every tensor's
+dtype and shape against the config, and refuses the file with an :class:`ArtifactError` naming the
+problem. Files of an older format version are refused with a request to quantize again, never read by old
+rules. The tensors of a loaded model are mapped from the file, not copied (:mod:`.mapping`): processes
+serving one artifact share its pages, and a tensor two artifacts hold identically is mapped once.
 """
 
 import dataclasses
@@ -87,18 +89,6 @@ def _file_digest(data, start):
     h.update(_UNSIGNED.encode())
     h.update(memoryview(data)[start + 64:])
     return h.hexdigest()
-
-
-def _verify(path):
-    """Check the whole file against its digest; raise ArtifactError naming what failed."""
-    data = path.read_bytes()
-    start = _digest_slot(data)
-    if start is None:
-        raise ArtifactError(f"{path} is corrupted: its checksum cannot be found")
-    stored = data[start:start + 64].decode("ascii", errors="replace")
-    if _file_digest(data, start) != stored:
-        raise ArtifactError(f"{path} is corrupted: its bytes do not match the checksum it was written with "
-                            f"(header, constants or tensor data changed or damaged)")
 
 
 def _split(qm):
@@ -182,14 +172,17 @@ def read_header(path):
 
 def load(path, device="cpu"):
     """Read and validate an artifact; return the :class:`QuantizedBert` on ``device``."""
-    from safetensors.torch import load_file
+    from .mapping import map_tensors
     path = Path(path)
     header = read_header(path)
-    _verify(path)
     try:
-        tensors = load_file(str(path))
-    except Exception as e:
-        raise ArtifactError(f"{path}: cannot read the tensors (truncated or corrupted?): {e}") from None
+        mapped = map_tensors(path, _digest_slot, _UNSIGNED)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{path} is corrupted: {e}") from None
+    if mapped.file_digest != mapped.stored_digest:
+        raise ArtifactError(f"{path} is corrupted: its bytes do not match the checksum it was written with "
+                            f"(header, constants or tensor data changed or damaged)")
+    tensors = dict(mapped.tensors)
     declared = header.get("tensors", {})
     if set(declared) != set(tensors):
         missing, extra = set(declared) - set(tensors), set(tensors) - set(declared)

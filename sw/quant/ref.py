@@ -231,7 +231,7 @@ def _checked(x, lo, hi, device, what):
         raise ValueError(what)
     if isinstance(x, torch.Tensor):
         key = id(x)
-        _CHECKED[key] = (weakref.ref(x, lambda _, key=key: _CHECKED.pop(key, None)), x._version, t)
+        _CHECKED[key] = (weakref.ref(x, lambda _, key=key, cache=_CHECKED: cache.pop(key, None)), x._version, t)
     return t
 
 
