@@ -159,6 +159,44 @@ def cmd_demo(args):
     return 0
 
 
+def _served_model(spec):
+    """``NAME=ARTIFACT[:MODEL_DIR]`` -> ServedModel."""
+    from ambert.sw.server import ServedModel
+    name, eq, rest = spec.partition("=")
+    if not eq or not name or not rest:
+        raise ValueError(f"--model-artifact {spec!r}: write NAME=ARTIFACT or NAME=ARTIFACT:MODEL_FOLDER")
+    artifact, _, model_dir = rest.partition(":")
+    return ServedModel(name, artifact, model_dir or None)
+
+
+def cmd_serve(args):
+    from ambert.sw.server import ServedModel, ServerConfig, serve
+    if args.model_artifact:
+        models = [_served_model(spec) for spec in args.model_artifact]
+    else:
+        _load_or_quantize(DEFAULT_ARTIFACT, None)
+        models = [ServedModel("all-MiniLM-L6-v2", str(DEFAULT_ARTIFACT))]
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two models share a name: {names}")
+    for m in models:
+        if not Path(m.artifact).is_file():
+            raise ValueError(f"model {m.name!r}: artifact {m.artifact} does not exist (make one with "
+                             f"`ambert quantize`)")
+    for flag, value in (("--max-batch", args.max_batch), ("--workers", args.workers),
+                        ("--queue-limit", args.queue_limit)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, not {value}")
+    if args.memory_budget is not None and args.memory_budget <= 0:
+        raise ValueError(f"--memory-budget must be a positive number of bytes, not {args.memory_budget}")
+    config = ServerConfig(models, device=args.device, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1e3,
+                          queue_limit=args.queue_limit, memory_budget=args.memory_budget)
+    print(f"ambert serve: http://{args.host}:{args.port} ({args.workers} worker(s)); POST /embed, "
+          f"/v1/embeddings; GET /health, /metrics", flush=True)
+    serve(config, args.host, args.port, args.workers)
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="ambert", description="Integer-only BERT for FPGA accelerators.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -185,6 +223,24 @@ def build_parser():
     r.add_argument("--waves", type=Path, metavar="OUT.vcd|OUT.fst",
                    help="with --device sim: dump every cycle of the accelerator (FST needs liblz4-dev)")
     r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("serve", help="serve embeddings over HTTP (text-embeddings-inference's /embed and "
+                                     "/v1/embeddings)")
+    s.add_argument("--model-artifact", action="append", metavar="NAME=ARTIFACT[:MODEL_FOLDER]",
+                   help="a model to serve, by name (repeat for several; default: the bundled MiniLM as "
+                        "'all-MiniLM-L6-v2', quantized first if need be)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--device", default="cpu", help="sim, board:PORT[@BAUD], gpu, cpu or auto (default: cpu)")
+    s.add_argument("--workers", type=int, default=1, help="processes, sharing the mapped weights")
+    s.add_argument("--max-batch", type=int, default=32, help="sentences per batch (default: 32)")
+    s.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a request waits for others to batch with (default: 5)")
+    s.add_argument("--queue-limit", type=int, default=1024,
+                   help="sentences queued before new requests get 503 (default: 1024)")
+    s.add_argument("--memory-budget", type=int, metavar="BYTES",
+                   help="bytes of model weights mapped at once; models past it are evicted least recently used")
+    s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="run the bundled MiniLM on the simulated accelerator, check it, compare with FP32")
     d.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT)

@@ -1,0 +1,337 @@
+"""``ambert serve``: sentence embeddings over HTTP, several models, concurrent requests batched.
+
+The API embedding users already call:
+
+* ``POST /embed`` — Hugging Face text-embeddings-inference's: ``{"inputs": "text" | ["text", …],
+  "model": "name"?}`` → ``[[float, …], …]`` (mean-pooled, L2-normalised, as sentence-transformers gives);
+* ``POST /v1/embeddings`` — the OpenAI shape: ``{"input": "text" | [...], "model": "name"}`` →
+  ``{"object": "list", "data": [{"object": "embedding", "index": i, "embedding": [...]}], "model": …,
+  "usage": {"prompt_tokens": n, "total_tokens": n}}``;
+* ``GET /health``; ``GET /metrics`` (Prometheus: requests, batch sizes, queue time, device cycles, pool
+  bytes in use, evictions, fallbacks).
+
+Models live in a :class:`ambert.sw.runtime.pool.ModelPool` (their weights mapped from the artifacts,
+under ``--memory-budget``). Each model has a batcher: requests arriving together are run as one batch
+of at most ``max_batch`` sentences, the first waiting at most ``max_wait_s`` for company; the integer
+model's bits do not depend on the batch a sentence lands in. One inference thread per process runs the
+batches on the device chain (``--device``, with the runtime's per-operation fallback: the same bits).
+
+Errors are JSON ``{"error": "...", "error_type": "..."}``: 400 for a body that is not the API's JSON,
+404 for an unknown model, 413 for an input longer than the model takes or more inputs than a request may
+carry (the limit named), 422 for an empty input, 503 with ``Retry-After`` when the queue is full.
+"""
+
+import asyncio
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+__all__ = ["ServedModel", "ServerConfig", "build_app", "serve"]
+
+
+@dataclass
+class ServedModel:
+    name: str
+    artifact: str
+    model_dir: str = None           # the tokenizer's folder (default: the bundled MiniLM's)
+
+
+@dataclass
+class ServerConfig:
+    models: list
+    device: str = "cpu"
+    max_batch: int = 32             # sentences per batch
+    max_request: int = 256          # sentences per request
+    max_wait_s: float = 0.005
+    queue_limit: int = 1024         # sentences waiting, all models together
+    memory_budget: int = None       # bytes of mapped weights
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self):
+        return json.dumps({**self.__dict__, "models": [m.__dict__ for m in self.models]})
+
+    @classmethod
+    def from_json(cls, text):
+        d = json.loads(text)
+        d["models"] = [ServedModel(**m) for m in d["models"]]
+        return cls(**d)
+
+
+class ApiError(Exception):
+    def __init__(self, status, message, kind, headers=None):
+        super().__init__(message)
+        self.status, self.kind, self.headers = status, kind, headers or {}
+
+
+class _Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("ambert_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.batch = Histogram("ambert_batch_sentences", "sentences per batch run", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.queue = Histogram("ambert_queue_seconds", "time from arrival to the start of its batch",
+                               registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+        self.cycles = Counter("ambert_device_cycles", "accelerator cycles (simulated or board devices)",
+                              registry=r)
+        self.fallbacks = Counter("ambert_fallback_ops", "matmuls run on a fallback backend", registry=r)
+        self.pool_bytes = Gauge("ambert_pool_bytes_in_use", "bytes of model weights mapped", registry=r)
+        self.evictions = Gauge("ambert_pool_evictions", "models evicted from the pool so far", registry=r)
+        self.queued = Gauge("ambert_queued_sentences", "sentences waiting for a batch", registry=r)
+
+
+class _Engine:
+    """The models, their tokenizers, the device chain and the one inference thread of this process."""
+
+    def __init__(self, config, metrics):
+        from ambert.sw.quant.hf import load_tokenizer
+        from ambert.sw.runtime.pool import ModelPool
+        self.config, self.metrics = config, metrics
+        self.pool = ModelPool(config.memory_budget)
+        self.tokenizers, self.devices = {}, None
+        for m in config.models:
+            size = self.pool.add(m.name, m.artifact)
+            self.tokenizers[m.name] = load_tokenizer(m.model_dir)
+            print(f"ambert serve: model {m.name!r} from {m.artifact} ({size / 2**20:.1f} MiB of weights)",
+                  flush=True)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="ambert-infer")
+        self.queued = 0
+        self.lock = threading.Lock()
+
+    def _device_chain(self):
+        from ambert.sw.runtime import device_chain
+        if self.devices is None:
+            self.devices = device_chain(self.config.device)
+        return self.devices
+
+    def run_batch(self, name, sentences):
+        """Embeddings of ``sentences`` (one batch) with model ``name``: a float32 [n, C] tensor."""
+        import torch
+        from ambert.sw.quant.hf import encode, mean_pool
+        from ambert.sw.runtime import OffloadedBert
+        qm = self.pool.get(name)
+        enc = encode(self.tokenizers[name], sentences, max_length=qm.config["max_positions"])
+        module = OffloadedBert(qm, None, self._device_chain())
+        with torch.no_grad():
+            hidden = module(**enc).last_hidden_state
+        st = module.last_stats
+        m = self.metrics
+        m.cycles.inc(st.cycles)
+        m.fallbacks.inc(sum(v for k, v in st.ops.items() if k != self.devices[0].name))
+        m.pool_bytes.set(self.pool.bytes_in_use)
+        m.evictions.set(self.pool.evictions)
+        return mean_pool(hidden, enc["attention_mask"])
+
+    def check(self, name, sentences):
+        """Refuse what no batch could take, before it queues: ApiError naming the problem."""
+        from ambert.sw.quant.hf import check_text
+        if name not in self.tokenizers:
+            raise ApiError(404, f"no model named {name!r} (this server has {', '.join(self.tokenizers)})",
+                           "NotFound")
+        if not sentences:
+            raise ApiError(422, "no input given", "Validation")
+        if len(sentences) > self.config.max_request:
+            raise ApiError(413, f"{len(sentences)} inputs in one request; at most {self.config.max_request}",
+                           "Validation")
+        tok = self.tokenizers[name]
+        limit = self.pool_limit(name)
+        for i, s in enumerate(sentences):
+            if not isinstance(s, str):
+                raise ApiError(400, f"input {i} is a {type(s).__name__}, not text", "Validation")
+            try:
+                check_text(s, f"input {i}")
+            except ValueError as e:
+                raise ApiError(400, str(e), "Validation") from None
+            if not s.strip():
+                raise ApiError(422, f"input {i} is empty", "Validation")
+            n = len(tok(s)["input_ids"])
+            if n > limit:
+                raise ApiError(413, f"input {i} is {n} tokens long; model {name!r} takes at most {limit}",
+                               "Validation")
+
+    def pool_limit(self, name):
+        from ambert.sw.quant.artifact import read_header
+        if not hasattr(self, "_limits"):
+            self._limits = {m.name: read_header(m.artifact)["config"]["max_positions"] for m in self.config.models}
+        return self._limits[name]
+
+
+class _Batcher:
+    """Requests for one model gathered into batches (see the module's docstring)."""
+
+    def __init__(self, engine, name):
+        self.engine, self.name = engine, name
+        self.queue = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def embed(self, sentences):
+        engine, cfg = self.engine, self.engine.config
+        with engine.lock:
+            if engine.queued + len(sentences) > cfg.queue_limit:
+                raise ApiError(503, f"the server is busy: {engine.queued} sentences queued (limit "
+                                    f"{cfg.queue_limit}); try again shortly", "Overloaded", {"Retry-After": "1"})
+            engine.queued += len(sentences)
+            engine.metrics.queued.set(engine.queued)
+        done = asyncio.get_running_loop().create_future()
+        await self.queue.put((sentences, done, time.monotonic()))
+        return await done
+
+    async def _loop(self):
+        loop = asyncio.get_running_loop()
+        cfg, m = self.engine.config, self.engine.metrics
+        while True:
+            batch = [await self.queue.get()]
+            size = len(batch[0][0])
+            deadline = loop.time() + cfg.max_wait_s
+            while size < cfg.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(self.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+                if size + len(nxt[0]) > cfg.max_batch:
+                    await self._run(loop, batch)        # the next one starts the next batch
+                    batch, size = [nxt], len(nxt[0])
+                    deadline = loop.time() + cfg.max_wait_s
+                    continue
+                batch.append(nxt)
+                size += len(nxt[0])
+            await self._run(loop, batch)
+
+    async def _run(self, loop, batch):
+        m, engine = self.engine.metrics, self.engine
+        now = time.monotonic()
+        for _, _, t in batch:
+            m.queue.observe(now - t)
+        sentences = [s for item in batch for s in item[0]]
+        m.batch.observe(len(sentences))
+        try:
+            emb = await loop.run_in_executor(engine.thread, engine.run_batch, self.name, sentences)
+        except Exception as e:          # noqa: BLE001 - every request of the batch learns why
+            error = ApiError(500, f"the batch failed: {e}", "Backend")
+            for _, done, _ in batch:
+                if not done.done():
+                    done.set_exception(error)
+        else:
+            rows = emb.tolist()
+            i = 0
+            for item, done, _ in batch:
+                if not done.done():          # a client that went away leaves a cancelled future
+                    done.set_result(rows[i:i + len(item)])
+                i += len(item)
+        finally:
+            with engine.lock:
+                engine.queued -= len(sentences)
+                m.queued.set(engine.queued)
+
+
+def build_app(config):
+    """The ASGI application (Starlette) serving ``config``."""
+    from contextlib import asynccontextmanager
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    metrics = _Metrics()
+    engine = _Engine(config, metrics)
+    batchers = {}
+    default = config.models[0].name
+
+    @asynccontextmanager
+    async def lifespan(app):
+        for m in config.models:
+            batchers[m.name] = _Batcher(engine, m.name)
+        print(f"ambert serve: ready ({len(config.models)} model(s), device {config.device})", flush=True)
+        yield
+        for b in batchers.values():
+            b.task.cancel()
+        engine.thread.shutdown(wait=True)
+        print("ambert serve: stopped, every request answered", flush=True)
+
+    async def body(request):
+        try:
+            data = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not JSON: {e}", "Validation") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the body must be a JSON object", "Validation")
+        return data
+
+    def inputs(data, key):
+        if key not in data:
+            raise ApiError(400, f"missing {key!r}: give a string or a list of strings", "Validation")
+        value = data[key]
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list):
+            raise ApiError(400, f"{key!r} must be a string or a list of strings", "Validation")
+        return value
+
+    async def run(request, endpoint, handler):
+        try:
+            response = await handler(request)
+            status = 200
+        except ApiError as e:
+            response = JSONResponse({"error": str(e), "error_type": e.kind}, status_code=e.status, headers=e.headers)
+            status = e.status
+        metrics.requests.labels(endpoint, str(status)).inc()
+        return response
+
+    async def embed(request):
+        async def handle(request):
+            data = await body(request)
+            name = data.get("model", default)
+            sentences = inputs(data, "inputs")
+            engine.check(name, sentences)
+            return JSONResponse(await batchers[name].embed(sentences))
+        return await run(request, "/embed", handle)
+
+    async def openai(request):
+        async def handle(request):
+            data = await body(request)
+            name = data.get("model", default)
+            sentences = inputs(data, "input")
+            engine.check(name, sentences)
+            rows = await batchers[name].embed(sentences)
+            tokens = sum(len(engine.tokenizers[name](s)["input_ids"]) for s in sentences)
+            return JSONResponse({"object": "list", "model": name,
+                                 "data": [{"object": "embedding", "index": i, "embedding": r}
+                                          for i, r in enumerate(rows)],
+                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return await run(request, "/v1/embeddings", handle)
+
+    async def health(request):
+        return JSONResponse({"status": "ok", "models": [m.name for m in config.models], "device": config.device})
+
+    async def prometheus(request):
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app = Starlette(routes=[Route("/embed", embed, methods=["POST"]),
+                            Route("/v1/embeddings", openai, methods=["POST"]),
+                            Route("/health", health), Route("/metrics", prometheus)], lifespan=lifespan)
+    app.state.engine = engine
+    return app
+
+
+def app_from_environment():
+    """The application for a uvicorn worker process (``--workers N``): its config from the environment."""
+    import os
+    return build_app(ServerConfig.from_json(os.environ["AMBERT_SERVE_CONFIG"]))
+
+
+def serve(config, host="127.0.0.1", port=8080, workers=1):
+    """Serve until SIGTERM or Ctrl-C; in-flight requests finish first. (uvicorn then ends the process
+    by the signal it got, as a service manager expects: exit status -15 after SIGTERM.)"""
+    import os
+    import uvicorn
+    if workers > 1:
+        os.environ["AMBERT_SERVE_CONFIG"] = config.to_json()
+        uvicorn.run("ambert.sw.server:app_from_environment", factory=True, host=host, port=port,
+                    workers=workers, log_level="warning", timeout_graceful_shutdown=30)
+    else:
+        uvicorn.run(build_app(config), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
