@@ -273,9 +273,12 @@ def build_app(config):
         return value
 
     async def run(request, endpoint, handler):
+        from starlette.requests import ClientDisconnect
         try:
             response = await handler(request)
             status = 200
+        except ClientDisconnect:            # gone before its body arrived: nobody to answer
+            response, status = Response(status_code=499), 499
         except ApiError as e:
             response = JSONResponse({"error": str(e), "error_type": e.kind}, status_code=e.status, headers=e.headers)
             status = e.status

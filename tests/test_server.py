@@ -182,3 +182,102 @@ def test_bad_serve_options_are_refused_by_name(served, capsys, argv, why):
     models, _ = served
     assert main(["serve", *(a.format(a=models[0].artifact) for a in argv)]) == 2
     assert why in capsys.readouterr().err
+
+
+class _FailingDevice:
+    """A backend whose every matmul fails: the runtime's fallback takes each one (same bits)."""
+    name = "flaky"
+
+    def __init__(self):
+        from ambert.sw.runtime.base import Stats
+        self.stats = Stats()
+
+    def matmul(self, *args):
+        from ambert.sw.runtime import DeviceError
+        raise DeviceError("the device went away (injected)")
+
+    def expect(self, *args):
+        pass
+
+    def run_layer(self, p, x8, x16, mask, matmul=None, next_p=None):
+        from ambert.sw.quant.ref import ref_layer
+        return ref_layer(x8, x16, p, mask, matmul=matmul)
+
+    def close(self):
+        pass
+
+
+def test_a_device_that_fails_mid_batch_falls_back_with_the_same_bits(served):
+    from ambert.sw.runtime.cpu import CpuDevice
+    models, want = served
+    with _client(ServerConfig(models)) as client:
+        client.app.state.engine.devices = [_FailingDevice(), CpuDevice()]
+        with pytest.warns(RuntimeWarning, match="injected"):
+            got = client.post("/embed", json={"inputs": SENTENCES[:3]}).json()
+        assert got == want("tiny", SENTENCES[:3])
+        metrics = client.get("/metrics").text
+        assert "ambert_fallback_ops_total 16.0" in metrics       # 8 matmuls a layer (attention's 2 too) x 2
+
+
+def _start(models, *extra):
+    port = _free_port()
+    args = [str(os.path.join(os.path.dirname(sys.executable), "ambert")), "serve", "--port", str(port),
+            "--device", "cpu", *extra]
+    for m in models:
+        args += ["--model-artifact", f"{m.name}={m.artifact}:{m.model_dir}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            _post(port, "/embed", {"inputs": "the cat"}, timeout=5)
+            return proc, port
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the server did not start: {proc.stdout.read()[-2000:]}")
+            time.sleep(0.2)
+
+
+def _stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    return out
+
+
+def test_a_client_that_disconnects_mid_request_costs_nothing(served):
+    models, want = served
+    proc, port = _start(models)
+    try:
+        body = json.dumps({"inputs": SENTENCES}).encode()
+        for cut in (len(body) // 2, len(body)):             # mid-body, and right after sending it all
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(body) + body[:cut])
+        assert _post(port, "/embed", {"inputs": SENTENCES[:2]}) == want("tiny", SENTENCES[:2])
+    finally:
+        out = _stop(proc)
+    assert "Traceback" not in out, out[-2000:]
+
+
+def test_a_killed_worker_leaves_the_server_answering(served):
+    """Two worker processes; one is killed: the server stays up and every answer it gives is right."""
+    models, want = served
+    proc, port = _start(models, "--workers", "2")
+    try:
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = [int(pid) for pid in children
+                   if "ambert" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+                   or "multiprocessing" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")]
+        assert len(workers) >= 2, children
+        os.kill(workers[0], signal.SIGKILL)
+        answered = 0
+        deadline = time.monotonic() + 60
+        while answered < 10 and time.monotonic() < deadline:
+            try:
+                assert _post(port, "/embed", {"inputs": SENTENCES[:2]}) == want("tiny", SENTENCES[:2])
+                answered += 1
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)                              # a request the dead worker held fails clearly
+        assert answered == 10
+    finally:
+        _stop(proc)
