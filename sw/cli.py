@@ -159,23 +159,23 @@ def cmd_demo(args):
     return 0
 
 
-def _served_model(spec):
+def _served_model(spec, fp32=False):
     """``NAME=ARTIFACT[:MODEL_DIR]`` -> ServedModel."""
     from ambert.sw.server import ServedModel
     name, eq, rest = spec.partition("=")
     if not eq or not name or not rest:
         raise ValueError(f"--model-artifact {spec!r}: write NAME=ARTIFACT or NAME=ARTIFACT:MODEL_FOLDER")
     artifact, _, model_dir = rest.partition(":")
-    return ServedModel(name, artifact, model_dir or None)
+    return ServedModel(name, artifact, model_dir or None, fp32=fp32)
 
 
 def cmd_serve(args):
     from ambert.sw.server import ServedModel, ServerConfig, serve
     if args.model_artifact:
-        models = [_served_model(spec) for spec in args.model_artifact]
+        models = [_served_model(spec, args.baseline_fp32) for spec in args.model_artifact]
     else:
         _load_or_quantize(DEFAULT_ARTIFACT, None)
-        models = [ServedModel("all-MiniLM-L6-v2", str(DEFAULT_ARTIFACT))]
+        models = [ServedModel("all-MiniLM-L6-v2", str(DEFAULT_ARTIFACT), fp32=args.baseline_fp32)]
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"two models share a name: {names}")
@@ -234,12 +234,16 @@ def build_parser():
     s.add_argument("--device", default="cpu", help="sim, board:PORT[@BAUD], gpu, cpu or auto (default: cpu)")
     s.add_argument("--workers", type=int, default=1, help="processes, sharing the mapped weights")
     s.add_argument("--max-batch", type=int, default=32, help="sentences per batch (default: 32)")
-    s.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long a request waits for others to batch with (default: 5)")
+    s.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="with the device free, how long a request waits for others to batch with (default: "
+                        "0; while a batch runs, the next gathers anyway)")
     s.add_argument("--queue-limit", type=int, default=1024,
                    help="sentences queued before new requests get 503 (default: 1024)")
     s.add_argument("--memory-budget", type=int, metavar="BYTES",
                    help="bytes of model weights mapped at once; models past it are evicted least recently used")
+    s.add_argument("--baseline-fp32", action="store_true",
+                   help="serve each model's Hugging Face FP32 original instead (its MODEL_FOLDER; a baseline "
+                        "for benchmarks/serve.py)")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="run the bundled MiniLM on the simulated accelerator, check it, compare with FP32")

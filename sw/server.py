@@ -11,8 +11,9 @@ The API embedding users already call:
   bytes in use, evictions, fallbacks).
 
 Models live in a :class:`ambert.sw.runtime.pool.ModelPool` (their weights mapped from the artifacts,
-under ``--memory-budget``). Each model has a batcher: requests arriving together are run as one batch
-of at most ``max_batch`` sentences, the first waiting at most ``max_wait_s`` for company; the integer
+under ``--memory-budget``). Each model has a batcher: while one of its batches runs, the requests that
+arrive gather into the next (at most ``max_batch`` sentences), which runs as soon as the device is free;
+a request that finds the device free waits at most ``max_wait_s`` (default 0) for company. The integer
 model's bits do not depend on the batch a sentence lands in. One inference thread per process runs the
 batches on the device chain (``--device``, with the runtime's per-operation fallback: the same bits).
 
@@ -36,6 +37,7 @@ class ServedModel:
     name: str
     artifact: str
     model_dir: str = None           # the tokenizer's folder (default: the bundled MiniLM's)
+    fp32: bool = False              # serve the Hugging Face FP32 model of model_dir instead (a baseline)
 
 
 @dataclass
@@ -44,7 +46,7 @@ class ServerConfig:
     device: str = "cpu"
     max_batch: int = 32             # sentences per batch
     max_request: int = 256          # sentences per request
-    max_wait_s: float = 0.005
+    max_wait_s: float = 0.0         # with the device free, how long a batch waits for company
     queue_limit: int = 1024         # sentences waiting, all models together
     memory_budget: int = None       # bytes of mapped weights
     extra: dict = field(default_factory=dict)
@@ -91,11 +93,18 @@ class _Engine:
         self.config, self.metrics = config, metrics
         self.pool = ModelPool(config.memory_budget)
         self.tokenizers, self.devices = {}, None
+        self.fp32 = {}
         for m in config.models:
             size = self.pool.add(m.name, m.artifact)
             self.tokenizers[m.name] = load_tokenizer(m.model_dir)
+            if m.fp32:
+                from ambert.sw.quant.hf import load_bert
+                self.fp32[m.name] = load_bert(m.model_dir).eval()
             print(f"ambert serve: model {m.name!r} from {m.artifact} ({size / 2**20:.1f} MiB of weights)",
                   flush=True)
+        # a Hugging Face fast tokenizer keeps its padding and truncation settings in shared state: the
+        # event loop's checks and the inference thread's batches take turns with it
+        self.tok_lock = threading.Lock()
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="ambert-infer")
         self.queued = 0
         self.lock = threading.Lock()
@@ -111,8 +120,14 @@ class _Engine:
         import torch
         from ambert.sw.quant.hf import encode, mean_pool
         from ambert.sw.runtime import OffloadedBert
+        if name in self.fp32:
+            with self.tok_lock:
+                enc = encode(self.tokenizers[name], sentences, max_length=self.pool_limit(name))
+            with torch.no_grad():
+                return mean_pool(self.fp32[name](**enc).last_hidden_state, enc["attention_mask"])
         qm = self.pool.get(name)
-        enc = encode(self.tokenizers[name], sentences, max_length=qm.config["max_positions"])
+        with self.tok_lock:
+            enc = encode(self.tokenizers[name], sentences, max_length=qm.config["max_positions"])
         module = OffloadedBert(qm, None, self._device_chain())
         with torch.no_grad():
             hidden = module(**enc).last_hidden_state
@@ -135,7 +150,6 @@ class _Engine:
         if len(sentences) > self.config.max_request:
             raise ApiError(413, f"{len(sentences)} inputs in one request; at most {self.config.max_request}",
                            "Validation")
-        tok = self.tokenizers[name]
         limit = self.pool_limit(name)
         for i, s in enumerate(sentences):
             if not isinstance(s, str):
@@ -146,10 +160,14 @@ class _Engine:
                 raise ApiError(400, str(e), "Validation") from None
             if not s.strip():
                 raise ApiError(422, f"input {i} is empty", "Validation")
-            n = len(tok(s)["input_ids"])
+            n = self.count_tokens(name, s)
             if n > limit:
                 raise ApiError(413, f"input {i} is {n} tokens long; model {name!r} takes at most {limit}",
                                "Validation")
+
+    def count_tokens(self, name, sentence):
+        with self.tok_lock:
+            return len(self.tokenizers[name](sentence)["input_ids"])
 
     def pool_limit(self, name):
         from ambert.sw.quant.artifact import read_header
@@ -179,28 +197,40 @@ class _Batcher:
         return await done
 
     async def _loop(self):
+        # Continuous batching: while this model's batch runs, the next one gathers (up to max_batch);
+        # when the device is free it waits at most max_wait_s for company. One batch per model runs at
+        # a time; the inference thread takes the models' batches in turn.
         loop = asyncio.get_running_loop()
-        cfg, m = self.engine.config, self.engine.metrics
+        cfg = self.engine.config
+        running = getter = carry = None
         while True:
-            batch = [await self.queue.get()]
-            size = len(batch[0][0])
+            if carry is None:
+                getter = getter or asyncio.ensure_future(self.queue.get())
+                first, getter = await getter, None
+            else:
+                first, carry = carry, None
+            batch, size = [first], len(first[0])
             deadline = loop.time() + cfg.max_wait_s
             while size < cfg.max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
+                busy = running is not None and not running.done()
+                timeout = None if busy else deadline - loop.time()
+                if timeout is not None and timeout <= 0:
                     break
-                try:
-                    nxt = await asyncio.wait_for(self.queue.get(), timeout)
-                except asyncio.TimeoutError:
+                getter = getter or asyncio.ensure_future(self.queue.get())
+                done, _ = await asyncio.wait({getter, running} if busy else {getter}, timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    nxt, getter = getter.result(), None
+                    if size + len(nxt[0]) > cfg.max_batch:
+                        carry = nxt                     # it starts the next batch
+                        break
+                    batch.append(nxt)
+                    size += len(nxt[0])
+                elif not done:                          # the wait ran out
                     break
-                if size + len(nxt[0]) > cfg.max_batch:
-                    await self._run(loop, batch)        # the next one starts the next batch
-                    batch, size = [nxt], len(nxt[0])
-                    deadline = loop.time() + cfg.max_wait_s
-                    continue
-                batch.append(nxt)
-                size += len(nxt[0])
-            await self._run(loop, batch)
+            if running is not None:
+                await running
+            running = asyncio.ensure_future(self._run(loop, batch))
 
     async def _run(self, loop, batch):
         m, engine = self.engine.metrics, self.engine
@@ -301,7 +331,7 @@ def build_app(config):
             sentences = inputs(data, "input")
             engine.check(name, sentences)
             rows = await batchers[name].embed(sentences)
-            tokens = sum(len(engine.tokenizers[name](s)["input_ids"]) for s in sentences)
+            tokens = sum(engine.count_tokens(name, s) for s in sentences)
             return JSONResponse({"object": "list", "model": name,
                                  "data": [{"object": "embedding", "index": i, "embedding": r}
                                           for i, r in enumerate(rows)],

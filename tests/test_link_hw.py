@@ -76,7 +76,7 @@ def _deframe(wire, gap, hold=0):
                 got.append(Frame(FrameType(ctx.get(dut.ctl_type)), ctx.get(dut.ctl_seq), b""))
             if reading is None and ctx.get(dut.frame_valid):
                 reading = (ctx.get(dut.frame_type), ctx.get(dut.frame_seq), ctx.get(dut.frame_len))
-                words, addr = [], 0
+                words = []
             if reading is not None:
                 n_words = -(-reading[2] // 4)
                 if len(words) < n_words:
