@@ -64,6 +64,28 @@ def _similarity_table(names, sim):
     return "\n".join(lines)
 
 
+def _run_parallel(args, qm, enc):
+    """``ambert run --parallel MODE --ranks N``: the ranks as processes on this machine (sw/parallel.py)."""
+    import torch
+    from ambert.sw.parallel import ParallelError, launch
+    from ambert.sw.quant.hf import mean_pool
+    if args.waves:
+        raise ValueError("--waves takes one device: leave out --parallel")
+    t0 = time.perf_counter()
+    try:
+        x16, ops, cycles = launch(args.parallel, args.artifact, dict(enc), args.ranks, args.device)
+    except ParallelError as e:
+        raise RuntimeError(str(e)) from None
+    dt = time.perf_counter() - t0
+    emb = mean_pool(x16.to(torch.float32) * qm.out_scale, enc["attention_mask"])
+    ran = ", ".join(f"{n}: {k} GEMMs" for n, k in ops.items())
+    print(f"{args.parallel} parallel over {args.ranks} ranks of {args.device} (rank 0 {ran}; {cycles:,} cycles): "
+          f"{len(args.sentences)} sentences, {dt * 1e3:.0f} ms wall with the ranks' start")
+    print("cosine similarity of the integer model's embeddings:")
+    print(_similarity_table(args.sentences, emb @ emb.T))
+    return 0
+
+
 def cmd_run(args):
     import torch
     from ambert.sw.quant.hf import check_text, encode, load_bert, load_tokenizer, mean_pool
@@ -82,6 +104,8 @@ def cmd_run(args):
     if args.waves and args.device != "sim":
         raise ValueError("--waves needs --device sim")
     extra = {"waves": args.waves} if args.waves else {}
+    if args.parallel:
+        return _run_parallel(args, qm, enc)
     mod = OffloadedBert(qm, model_cfg, device_chain(args.device, **extra), progress=True)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -220,6 +244,11 @@ def build_parser():
                    help="sim (the Verilated accelerator), board:PORT[@BAUD] (a dev board or a virtual one, "
                         "docs/link.md), gpu, cpu, or auto (default: the board in $AMBERT_BOARD, else the GPU "
                         "if present, else CPU)")
+    r.add_argument("--parallel", choices=["data", "tensor"],
+                   help="spread the run over --ranks processes on this machine, each with its own --device "
+                        "(torch.distributed, gloo): the batch split (data) or every layer's heads and FFN "
+                        "neurons (tensor); the same bits as one device")
+    r.add_argument("--ranks", type=int, default=2, help="ranks for --parallel (default: 2)")
     r.add_argument("--waves", type=Path, metavar="OUT.vcd|OUT.fst",
                    help="with --device sim: dump every cycle of the accelerator (FST needs liblz4-dev)")
     r.set_defaults(func=cmd_run)

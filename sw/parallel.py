@@ -1,0 +1,261 @@
+"""Data and tensor parallelism of the integer BERT over torch.distributed (gloo), bit-exact.
+
+Each rank owns one device chain (any backend: ``sim``, ``board:…``, ``gpu``, ``cpu``, with the runtime's
+per-operation fallback) and joins a gloo process group; :func:`launch` starts the ranks on this machine
+(``torch.multiprocessing``, a TCP rendezvous on loopback), and a ``torchrun`` launch calls
+:func:`run_rank` in each process with the group already set up by the environment.
+
+* **data**: the batch split into contiguous, nearly equal slices, one per rank; each rank runs the whole
+  model on its slice; the int16 outputs gathered in order.
+* **tensor** (Megatron-style): every layer's attention heads split across ranks (Q, K, V column-parallel
+  by heads; scores, softmax and the context per head, as the contract has them) and its FFN neurons split
+  in contiguous blocks (FFN1 and GELU column-parallel); the attention output projection and FFN2 are
+  row-parallel: each rank's int32 partial sums (its slice of K; the bias on rank 0 only) are summed
+  across ranks with ``all_reduce`` before the requantization. Integer sums are exact in any order, and
+  every partial sum is bounded by the whole sum's bound, so the result is the single-device result,
+  bit for bit. LayerNorm and the residual adds run on every rank on the reduced rows. Heads that do not
+  divide by the ranks are refused (padding heads would change nothing but cost a rank idle work; say so
+  with ``--ranks``).
+
+A rank whose device fails falls back on its next backend (the same bits) and the run completes; a rank
+process that dies ends the run with an error naming it, within the group's timeout. For tests,
+``AMBERT_RANK_FAULT=RANK:LAYER`` kills rank RANK (SIGKILL, as the OOM killer would) as it starts layer
+LAYER.
+"""
+
+import dataclasses
+import os
+from datetime import timedelta
+
+import torch
+
+from ambert.sw.quant.ref import ref_add_layernorm, ref_gelu_requant, ref_heads, ref_requant
+
+__all__ = ["MODES", "shard_layer", "tensor_parallel_layer", "run_rank", "launch", "ParallelError"]
+
+MODES = ("data", "tensor")
+
+
+class ParallelError(RuntimeError):
+    """A parallel run that cannot start or did not finish: the rank and the reason."""
+
+
+def _split(n, parts, rank):
+    """Rank ``rank``'s contiguous slice of ``n`` items split ``parts`` ways (sizes differ by at most 1)."""
+    base, extra = divmod(n, parts)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShard:
+    """One rank's part of a layer: its heads' Q/K/V rows and context constants, its FFN neurons, and the
+    matching input columns of the row-parallel output projection and FFN2 (biases on rank 0 only)."""
+    attn: object            # the LayerParams with this rank's heads (ref_heads takes it)
+    wo: torch.Tensor
+    bo: torch.Tensor
+    w1: torch.Tensor
+    b1: torch.Tensor
+    f1_m0: torch.Tensor
+    f1_shift: torch.Tensor
+    g_m0: torch.Tensor
+    g_shift: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+
+
+def _rows(x, lo, hi):
+    x = torch.as_tensor(x)
+    return x[lo:hi].contiguous() if x.dim() else x
+
+
+def shard_layer(p, rank, world):
+    """Rank ``rank``'s :class:`LayerShard` of ``p`` for ``world`` ranks (ValueError if the heads do not
+    divide)."""
+    if p.heads % world:
+        raise ValueError(f"tensor parallelism splits heads across ranks: {p.heads} heads do not divide by "
+                         f"{world} ranks")
+    d = p.wq.shape[0] // p.heads
+    local = p.heads // world
+    c0, c1 = rank * local * d, (rank + 1) * local * d
+    attn = dataclasses.replace(
+        p, heads=local,
+        wq=p.wq[c0:c1].contiguous(), bq=p.bq[c0:c1].contiguous(), q_m0=_rows(p.q_m0, c0, c1),
+        q_shift=_rows(p.q_shift, c0, c1),
+        wk=p.wk[c0:c1].contiguous(), bk=p.bk[c0:c1].contiguous(), k_m0=_rows(p.k_m0, c0, c1),
+        k_shift=_rows(p.k_shift, c0, c1),
+        wv=p.wv[c0:c1].contiguous(), bv=p.bv[c0:c1].contiguous(), v_m0=_rows(p.v_m0, c0, c1),
+        v_shift=_rows(p.v_shift, c0, c1),
+        ctx_m0=_rows(p.ctx_m0, c0, c1), ctx_shift=_rows(p.ctx_shift, c0, c1))
+    n0, n1 = _split(p.w1.shape[0], world, rank)
+    zeros = torch.zeros_like
+    return LayerShard(
+        attn=attn,
+        wo=p.wo[:, c0:c1].contiguous(), bo=p.bo if rank == 0 else zeros(p.bo),
+        w1=p.w1[n0:n1].contiguous(), b1=p.b1[n0:n1].contiguous(), f1_m0=_rows(p.f1_m0, n0, n1),
+        f1_shift=_rows(p.f1_shift, n0, n1), g_m0=_rows(p.g_m0, n0, n1), g_shift=_rows(p.g_shift, n0, n1),
+        w2=p.w2[:, n0:n1].contiguous(), b2=p.b2 if rank == 0 else zeros(p.b2))
+
+
+def tensor_parallel_layer(x8, x16, p, shard, mask, matmul, all_reduce):
+    """One encoder layer, this rank's share of it; returns the full ``(x8, x16)`` on every rank.
+
+    ``matmul`` is a backend's (``Runner``'s) GEMM; ``all_reduce(int32 tensor)`` sums it across ranks in
+    place."""
+    a = shard.attn
+    q = matmul(x8, a.wq, a.bq, a.q_m0, a.q_shift, 8)
+    k = matmul(x8, a.wk, a.bk, a.k_m0, a.k_shift, 8)
+    v = matmul(x8, a.wv, a.bv, a.v_m0, a.v_shift, 8)
+    ctx = ref_heads(q, k, v, a, mask, matmul=matmul)
+    acc = matmul(ctx, shard.wo, shard.bo, 0, 0, None)                # int32 partial sums (the bypass)
+    all_reduce(acc)
+    attn = ref_requant(acc, p.o_m0, p.o_shift, 16)
+    h8, h16 = ref_add_layernorm(attn, x16, [p.ln1_x8, p.ln1_x16])
+    f1 = matmul(h8, shard.w1, shard.b1, shard.f1_m0, shard.f1_shift, 16)
+    g = ref_gelu_requant(f1, p.gelu, shard.g_m0, shard.g_shift)
+    acc2 = matmul(g, shard.w2, shard.b2, 0, 0, None)
+    all_reduce(acc2)
+    f2 = ref_requant(acc2, p.f2_m0, p.f2_shift, 16)
+    return tuple(ref_add_layernorm(f2, h16, [p.ln2_x8, p.ln2_x16]))
+
+
+def run_rank(mode, qm, enc, device="cpu"):
+    """This rank's part of a ``mode`` run over the default process group; returns the int16 last hidden
+    state [B, T, C] (every rank gets all of it) and this rank's device statistics."""
+    import torch.distributed as dist
+    from ambert.sw.runtime import Runner, device_chain
+    rank, world = dist.get_rank(), dist.get_world_size()
+    runner = Runner(device_chain(device))
+    fault = os.environ.get("AMBERT_RANK_FAULT", "")
+    die_at = int(fault.split(":")[1]) if fault and int(fault.split(":")[0]) == rank else None
+
+    def checkpoint(i):
+        if i == die_at:
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)
+    ids, mask, types = enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")
+    if mode == "data":
+        b0, b1 = _split(ids.shape[0], world, rank)
+        pick = (lambda t: None if t is None else t[b0:b1])
+        if b1 > b0:
+            run_layer = runner.layer_fn(qm.layers)
+
+            def layer_fn(i, *args):
+                checkpoint(i)
+                return run_layer(i, *args)
+            out = qm.forward_int(pick(ids), pick(mask), pick(types), layer_fn=layer_fn)
+        else:
+            out = torch.zeros((0, ids.shape[1], qm.config["hidden"]), dtype=torch.int16)
+        # gather: every slice padded to the largest, then cut back
+        rows = _split(ids.shape[0], world, 0)[1]
+        padded = torch.zeros((rows, *out.shape[1:]), dtype=torch.int32)      # gloo gathers int32
+        padded[:out.shape[0]] = out
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        sizes = [_split(ids.shape[0], world, r) for r in range(world)]
+        full = torch.cat([parts[r][:hi - lo] for r, (lo, hi) in enumerate(sizes)]).to(torch.int16)
+        return full, runner.collect_stats()
+    if mode == "tensor":
+        shards = [shard_layer(p, rank, world) for p in qm.layers]
+        matmul = runner._matmul_from(0)
+
+        def all_reduce(t):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+        def layer_fn(i, x8, x16, m):
+            checkpoint(i)
+            return tensor_parallel_layer(x8, x16, qm.layers[i], shards[i], m, matmul, all_reduce)
+        return qm.forward_int(ids, mask, types, layer_fn=layer_fn), runner.collect_stats()
+    raise ValueError(f"unknown parallel mode {mode!r}: one of {', '.join(MODES)}")
+
+
+def _worker(rank, world, port, mode, artifact_path, enc, device, result_path, timeout_s):
+    import torch.distributed as dist
+    from ambert.sw.quant import artifact
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        qm = artifact.load(artifact_path)
+        out, stats = run_rank(mode, qm, enc, device)
+        if rank == 0:
+            torch.save({"out": out, "ops": dict(stats.ops), "cycles": stats.cycles}, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(mode, artifact_path, enc, ranks, device="cpu", timeout_s=120):
+    """Run ``mode`` over ``ranks`` processes on this machine; return (int16 hidden state, matmuls per
+    backend on rank 0, device cycles of rank 0). Raises :class:`ParallelError` naming a rank that failed
+    or died."""
+    import socket
+    import torch.multiprocessing as mp
+    if mode not in MODES:
+        raise ValueError(f"unknown parallel mode {mode!r}: one of {', '.join(MODES)}")
+    if ranks < 1:
+        raise ValueError(f"--ranks must be at least 1, not {ranks}")
+    if mode == "tensor":
+        from ambert.sw.quant.artifact import read_header
+        heads = read_header(artifact_path)["config"]["heads"]
+        if heads % ranks:
+            raise ValueError(f"tensor parallelism splits heads across ranks: {heads} heads do not divide by "
+                             f"{ranks} ranks")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="ambert-parallel-") as tmp:
+        result_path = os.path.join(tmp, "rank0.pt")
+        try:
+            mp.start_processes(_worker, args=(ranks, port, mode, str(artifact_path), dict(enc), device, result_path,
+                                              timeout_s), nprocs=ranks, join=True, start_method="spawn")
+        except mp.ProcessExitedException as e:
+            raise ParallelError(f"rank {e.error_index} died (exit code {e.exit_code}); the run is void") from None
+        except mp.ProcessRaisedException as e:
+            why = str(e).strip().splitlines()[-1]
+            raise ParallelError(f"rank {e.error_index} failed: {why}") from None
+        result = torch.load(result_path)
+    return result["out"], result["ops"], result["cycles"]
+
+
+def main(argv=None):
+    """``torchrun --nproc-per-node N -m ambert.sw.parallel --mode tensor "a sentence" …``: one rank per
+    process, the group from torchrun's environment (its standard rendezvous, one machine or several);
+    rank 0 prints each sentence's embedding norm check and the similarity table."""
+    import argparse
+    import sys
+    import torch.distributed as dist
+    from ambert.sw.quant import artifact
+    from ambert.sw.quant.hf import encode, load_tokenizer, mean_pool
+    p = argparse.ArgumentParser(prog="torchrun ... -m ambert.sw.parallel", description=main.__doc__.split("\n")[0])
+    p.add_argument("sentences", nargs="+")
+    p.add_argument("--mode", choices=MODES, default="tensor")
+    p.add_argument("--artifact", default="build/all-MiniLM-L6-v2.ambert.safetensors")
+    p.add_argument("--model", help="the model folder the artifact came from (for its tokenizer)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--timeout-s", type=int, default=120)
+    args = p.parse_args(argv)
+    if "RANK" not in os.environ:
+        p.error("start it with torchrun (or use `ambert run --parallel MODE --ranks N`)")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout_s))
+    try:
+        qm = artifact.load(args.artifact)
+        enc = encode(load_tokenizer(args.model), args.sentences, max_length=qm.config["max_positions"])
+        out, stats = run_rank(args.mode, qm, enc, args.device)
+        if dist.get_rank() == 0:
+            emb = mean_pool(out.to(torch.float32) * qm.out_scale, enc["attention_mask"])
+            sim = emb @ emb.T
+            print(f"{args.mode} parallel over {dist.get_world_size()} ranks of {args.device}")
+            for i, s in enumerate(args.sentences):
+                print(" ".join(f"{v:6.3f}" for v in sim[i].tolist()), " ", s[:48])
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"rank {dist.get_rank()}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Data and tensor parallelism (sw/parallel.py) over torch.distributed: every mode `==` the single-device
+integer reference, and a rank that dies fails the run by name, in bounded time."""
+
+import pytest
+import torch
+
+from ambert.sw.parallel import ParallelError, launch, shard_layer
+from ambert.sw.quant import artifact
+from ambert.sw.quant.hf import encode
+from conftest import WORDS
+
+SENTENCES = [" ".join(WORDS[i:i + 3 + i % 5]) for i in range(0, 50, 5)]
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact_path(tiny, tmp_path_factory):
+    return artifact.save(tiny[0], tmp_path_factory.mktemp("parallel") / "tiny.safetensors")
+
+
+@pytest.mark.parametrize("mode", ["data", "tensor"])
+@pytest.mark.parametrize("device", ["cpu", "sim"])
+def test_two_ranks_equal_the_reference(tiny, tiny_artifact_path, mode, device):
+    qm, _, tok = tiny
+    enc = encode(tok, SENTENCES[:5])          # 5 sentences: the data split is uneven (3 + 2)
+    want = qm.forward_int(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    out, ops, _ = launch(mode, tiny_artifact_path, dict(enc), ranks=2, device=device)
+    assert torch.equal(out, want)
+    assert set(ops) == {device}
+
+
+def test_heads_that_do_not_divide_are_refused(tiny):
+    p = tiny[0].layers[0]
+    with pytest.raises(ValueError, match=f"{p.heads} heads do not divide by 3 ranks"):
+        shard_layer(p, 0, 3)
+
+
+def test_a_rank_that_fails_fails_the_run_by_name(tiny, tiny_artifact_path):
+    enc = encode(tiny[2], SENTENCES[:2])
+    with pytest.raises(ParallelError, match="rank [0-2] failed: .*heads do not divide by 3 ranks"):
+        launch("tensor", tiny_artifact_path, dict(enc), ranks=3, timeout_s=30)
+
+
+@pytest.mark.parametrize("mode", ["data", "tensor"])
+def test_a_rank_that_dies_fails_the_run_by_name_in_bounded_time(tiny, tiny_artifact_path, mode, monkeypatch):
+    """Rank 1 killed (SIGKILL) as it starts its second layer: the run ends with a ParallelError naming it
+    well within the group's timeout, not a hang."""
+    import time
+    monkeypatch.setenv("AMBERT_RANK_FAULT", "1:1")
+    enc = encode(tiny[2], SENTENCES[:4])
+    t0 = time.monotonic()
+    with pytest.raises(ParallelError, match=r"rank 1 died \(exit code -9\)"):
+        launch(mode, tiny_artifact_path, dict(enc), ranks=2, timeout_s=60)
+    assert time.monotonic() - t0 < 60
+
+
+def test_the_command_line_runs_in_parallel_and_refuses_what_cannot_split(tiny_artifact_path, tiny_bert_dir, capsys):
+    from ambert.sw.cli import main
+    base = ["run", "--artifact", str(tiny_artifact_path), "--model", tiny_bert_dir, "--device", "cpu"]
+    assert main([*base, "the cat sat", "the dog sat"]) == 0
+    single = capsys.readouterr().out.split("cosine similarity")[1]
+    assert main([*base, "--parallel", "tensor", "--ranks", "2", "the cat sat", "the dog sat"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tensor parallel over 2 ranks of cpu") and out.split("cosine similarity")[1] == single
+    assert main([*base, "--parallel", "tensor", "--ranks", "3", "the cat"]) == 2
+    assert "4 heads do not divide by 3 ranks" in capsys.readouterr().err
