@@ -73,13 +73,15 @@ def _run_parallel(args, qm, enc):
         raise ValueError("--waves takes one device: leave out --parallel")
     t0 = time.perf_counter()
     try:
-        x16, ops, cycles = launch(args.parallel, args.artifact, dict(enc), args.ranks, args.device)
+        x16, ops, cycles = launch(args.parallel, args.artifact, dict(enc), args.ranks, args.device,
+                                  micro_batches=args.micro_batches)
     except ParallelError as e:
         raise RuntimeError(str(e)) from None
     dt = time.perf_counter() - t0
     emb = mean_pool(x16.to(torch.float32) * qm.out_scale, enc["attention_mask"])
     ran = ", ".join(f"{n}: {k} GEMMs" for n, k in ops.items())
-    print(f"{args.parallel} parallel over {args.ranks} ranks of {args.device} (rank 0 {ran}; {cycles:,} cycles): "
+    counted = f"; device cycles per rank {', '.join(f'{c:,}' for c in cycles)}" if any(cycles) else ""
+    print(f"{args.parallel} parallel over {args.ranks} ranks of {args.device} ({ran}{counted}): "
           f"{len(args.sentences)} sentences, {dt * 1e3:.0f} ms wall with the ranks' start")
     print("cosine similarity of the integer model's embeddings:")
     print(_similarity_table(args.sentences, emb @ emb.T))
@@ -244,11 +246,13 @@ def build_parser():
                    help="sim (the Verilated accelerator), board:PORT[@BAUD] (a dev board or a virtual one, "
                         "docs/link.md), gpu, cpu, or auto (default: the board in $AMBERT_BOARD, else the GPU "
                         "if present, else CPU)")
-    r.add_argument("--parallel", choices=["data", "tensor"],
+    r.add_argument("--parallel", choices=["data", "tensor", "pipeline"],
                    help="spread the run over --ranks processes on this machine, each with its own --device "
-                        "(torch.distributed, gloo): the batch split (data) or every layer's heads and FFN "
-                        "neurons (tensor); the same bits as one device")
+                        "(torch.distributed, gloo): the batch split (data), every layer's heads and FFN "
+                        "neurons (tensor), or the layers in stages with micro-batches (pipeline); the same "
+                        "bits as one device")
     r.add_argument("--ranks", type=int, default=2, help="ranks for --parallel (default: 2)")
+    r.add_argument("--micro-batches", type=int, default=4, help="micro-batches for --parallel pipeline")
     r.add_argument("--waves", type=Path, metavar="OUT.vcd|OUT.fst",
                    help="with --device sim: dump every cycle of the accelerator (FST needs liblz4-dev)")
     r.set_defaults(func=cmd_run)

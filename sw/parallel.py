@@ -16,6 +16,9 @@ per-operation fallback) and joins a gloo process group; :func:`launch` starts th
   bit for bit. LayerNorm and the residual adds run on every rank on the reduced rows. Heads that do not
   divide by the ranks are refused (padding heads would change nothing but cost a rank idle work; say so
   with ``--ranks``).
+* **pipeline**: the layers cut into one stage per rank (equal counts, or ``stages`` given), the batch
+  into ``micro_batches``; each micro-batch's hidden states go rank to rank by point-to-point sends while
+  the next micro-batch enters the first stage (GPipe's forward schedule).
 
 A rank whose device fails falls back on its next backend (the same bits) and the run completes; a rank
 process that dies ends the run with an error naming it, within the group's timeout. For tests,
@@ -33,7 +36,7 @@ from ambert.sw.quant.ref import ref_add_layernorm, ref_gelu_requant, ref_heads, 
 
 __all__ = ["MODES", "shard_layer", "tensor_parallel_layer", "run_rank", "launch", "ParallelError"]
 
-MODES = ("data", "tensor")
+MODES = ("data", "tensor", "pipeline")
 
 
 class ParallelError(RuntimeError):
@@ -119,9 +122,10 @@ def tensor_parallel_layer(x8, x16, p, shard, mask, matmul, all_reduce):
     return tuple(ref_add_layernorm(f2, h16, [p.ln2_x8, p.ln2_x16]))
 
 
-def run_rank(mode, qm, enc, device="cpu"):
+def run_rank(mode, qm, enc, device="cpu", micro_batches=4, stages=None):
     """This rank's part of a ``mode`` run over the default process group; returns the int16 last hidden
-    state [B, T, C] (every rank gets all of it) and this rank's device statistics."""
+    state [B, T, C] (data, tensor: every rank has all of it; pipeline: the last rank, None elsewhere) and
+    this rank's device statistics. ``micro_batches`` and ``stages`` (layers per rank) are the pipeline's."""
     import torch.distributed as dist
     from ambert.sw.runtime import Runner, device_chain
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -166,10 +170,60 @@ def run_rank(mode, qm, enc, device="cpu"):
             checkpoint(i)
             return tensor_parallel_layer(x8, x16, qm.layers[i], shards[i], m, matmul, all_reduce)
         return qm.forward_int(ids, mask, types, layer_fn=layer_fn), runner.collect_stats()
+    if mode == "pipeline":
+        return _pipeline_rank(qm, enc, runner, checkpoint, micro_batches, stages), runner.collect_stats()
     raise ValueError(f"unknown parallel mode {mode!r}: one of {', '.join(MODES)}")
 
 
-def _worker(rank, world, port, mode, artifact_path, enc, device, result_path, timeout_s):
+def stage_bounds(layers, world, stages=None):
+    """The layers of each of ``world`` stages: ``stages`` given (layer counts, summing to ``layers``) or
+    split as evenly as layers go (a BERT's layers all cost the same, so equal counts balance)."""
+    if stages is None:
+        return [_split(layers, world, r) for r in range(world)]
+    if len(stages) != world or sum(stages) != layers or min(stages) < 1:
+        raise ValueError(f"stages {list(stages)} must give each of the {world} ranks at least one of the "
+                         f"{layers} layers, all of them")
+    ends = [sum(stages[:r + 1]) for r in range(world)]
+    return [(e - n, e) for e, n in zip(ends, stages)]
+
+
+def _pipeline_rank(qm, enc, runner, checkpoint, micro_batches, stages):
+    """GPipe's forward schedule on point-to-point sends: rank r runs its stage on micro-batch i while rank
+    r + 1 runs micro-batch i - 1. Inference has no backward pass, so GPipe's and 1F1B's forward orders are
+    the same; blocking send/recv (gloo's isend/irecv pairs are where its known hangs are) carry each
+    micro-batch's int8 and int16 hidden states. The last rank returns the output; the others None."""
+    import torch.distributed as dist
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ids, mask, types = enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")
+    lo, hi = stage_bounds(len(qm.layers), world, stages)[rank]
+    run_layer = runner.layer_fn(qm.layers)
+    n = ids.shape[0]
+    m = max(1, min(micro_batches, n))
+    outs = []
+    for i in range(m):
+        b0, b1 = _split(n, m, i)
+        mb_mask = None if mask is None else mask[b0:b1].to(torch.bool)
+        shape = (b1 - b0, ids.shape[1], qm.config["hidden"])
+        if rank == 0:
+            qm.check_inputs(ids[b0:b1], None if mask is None else mask[b0:b1],
+                            None if types is None else types[b0:b1])
+            x8, x16 = qm.embed(ids[b0:b1], None if types is None else types[b0:b1])
+        else:
+            x8, x16 = torch.empty(shape, dtype=torch.int8), torch.empty(shape, dtype=torch.int16)
+            dist.recv(x8, src=rank - 1)
+            dist.recv(x16, src=rank - 1)
+        for layer in range(lo, hi):
+            checkpoint(layer)
+            x8, x16 = run_layer(layer, x8, x16, mb_mask)
+        if rank < world - 1:
+            dist.send(x8.contiguous(), dst=rank + 1)
+            dist.send(x16.contiguous(), dst=rank + 1)
+        else:
+            outs.append(x16)
+    return torch.cat(outs) if outs else None
+
+
+def _worker(rank, world, port, mode, artifact_path, enc, device, result_path, timeout_s, micro_batches, stages):
     import torch.distributed as dist
     from ambert.sw.quant import artifact
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -177,17 +231,16 @@ def _worker(rank, world, port, mode, artifact_path, enc, device, result_path, ti
                             timeout=timedelta(seconds=timeout_s))
     try:
         qm = artifact.load(artifact_path)
-        out, stats = run_rank(mode, qm, enc, device)
-        if rank == 0:
-            torch.save({"out": out, "ops": dict(stats.ops), "cycles": stats.cycles}, result_path)
+        out, stats = run_rank(mode, qm, enc, device, micro_batches, stages)
+        torch.save({"out": out, "ops": dict(stats.ops), "cycles": stats.cycles}, f"{result_path}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def launch(mode, artifact_path, enc, ranks, device="cpu", timeout_s=120):
+def launch(mode, artifact_path, enc, ranks, device="cpu", timeout_s=120, micro_batches=4, stages=None):
     """Run ``mode`` over ``ranks`` processes on this machine; return (int16 hidden state, matmuls per
-    backend on rank 0, device cycles of rank 0). Raises :class:`ParallelError` naming a rank that failed
-    or died."""
+    backend summed over the ranks, each rank's device cycles). Raises :class:`ParallelError` naming a rank
+    that failed or died."""
     import socket
     import torch.multiprocessing as mp
     if mode not in MODES:
@@ -200,6 +253,9 @@ def launch(mode, artifact_path, enc, ranks, device="cpu", timeout_s=120):
         if heads % ranks:
             raise ValueError(f"tensor parallelism splits heads across ranks: {heads} heads do not divide by "
                              f"{ranks} ranks")
+    if mode == "pipeline":
+        from ambert.sw.quant.artifact import read_header
+        stage_bounds(read_header(artifact_path)["config"]["layers"], ranks, stages)     # refuse bad stages now
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -208,14 +264,20 @@ def launch(mode, artifact_path, enc, ranks, device="cpu", timeout_s=120):
         result_path = os.path.join(tmp, "rank0.pt")
         try:
             mp.start_processes(_worker, args=(ranks, port, mode, str(artifact_path), dict(enc), device, result_path,
-                                              timeout_s), nprocs=ranks, join=True, start_method="spawn")
+                                              timeout_s, micro_batches, stages),
+                               nprocs=ranks, join=True, start_method="spawn")
         except mp.ProcessExitedException as e:
             raise ParallelError(f"rank {e.error_index} died (exit code {e.exit_code}); the run is void") from None
         except mp.ProcessRaisedException as e:
             why = str(e).strip().splitlines()[-1]
             raise ParallelError(f"rank {e.error_index} failed: {why}") from None
-        result = torch.load(result_path)
-    return result["out"], result["ops"], result["cycles"]
+        results = [torch.load(f"{result_path}.{r}") for r in range(ranks)]
+    out = next(r["out"] for r in results if r["out"] is not None)
+    ops = {}
+    for r in results:
+        for name, count in r["ops"].items():
+            ops[name] = ops.get(name, 0) + count
+    return out, ops, [r["cycles"] for r in results]
 
 
 def main(argv=None):
@@ -242,7 +304,7 @@ def main(argv=None):
         qm = artifact.load(args.artifact)
         enc = encode(load_tokenizer(args.model), args.sentences, max_length=qm.config["max_positions"])
         out, stats = run_rank(args.mode, qm, enc, args.device)
-        if dist.get_rank() == 0:
+        if out is not None and (args.mode == "pipeline" or dist.get_rank() == 0):
             emb = mean_pool(out.to(torch.float32) * qm.out_scale, enc["attention_mask"])
             sim = emb @ emb.T
             print(f"{args.mode} parallel over {dist.get_world_size()} ranks of {args.device}")

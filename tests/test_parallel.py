@@ -17,7 +17,7 @@ def tiny_artifact_path(tiny, tmp_path_factory):
     return artifact.save(tiny[0], tmp_path_factory.mktemp("parallel") / "tiny.safetensors")
 
 
-@pytest.mark.parametrize("mode", ["data", "tensor"])
+@pytest.mark.parametrize("mode", ["data", "tensor", "pipeline"])
 @pytest.mark.parametrize("device", ["cpu", "sim"])
 def test_two_ranks_equal_the_reference(tiny, tiny_artifact_path, mode, device):
     qm, _, tok = tiny
@@ -36,13 +36,15 @@ def test_heads_that_do_not_divide_are_refused(tiny):
 
 def test_a_rank_that_fails_fails_the_run_by_name(tiny, tiny_artifact_path):
     enc = encode(tiny[2], SENTENCES[:2])
-    with pytest.raises(ParallelError, match="rank [0-2] failed: .*heads do not divide by 3 ranks"):
-        launch("tensor", tiny_artifact_path, dict(enc), ranks=3, timeout_s=30)
+    with pytest.raises(ParallelError, match="rank [01] failed: .*no board on /nowhere"):
+        launch("data", tiny_artifact_path, dict(enc), ranks=2, device="board:/nowhere", timeout_s=30)
+    with pytest.raises(ValueError, match="4 heads do not divide by 3 ranks"):           # refused before starting
+        launch("tensor", tiny_artifact_path, dict(enc), ranks=3)
 
 
-@pytest.mark.parametrize("mode", ["data", "tensor"])
+@pytest.mark.parametrize("mode", ["data", "tensor", "pipeline"])
 def test_a_rank_that_dies_fails_the_run_by_name_in_bounded_time(tiny, tiny_artifact_path, mode, monkeypatch):
-    """Rank 1 killed (SIGKILL) as it starts its second layer: the run ends with a ParallelError naming it
+    """Rank 1 killed (SIGKILL) as it starts its second layer (pipeline: its stage's): the run ends with a ParallelError naming it
     well within the group's timeout, not a hang."""
     import time
     monkeypatch.setenv("AMBERT_RANK_FAULT", "1:1")
@@ -63,3 +65,16 @@ def test_the_command_line_runs_in_parallel_and_refuses_what_cannot_split(tiny_ar
     assert out.startswith("tensor parallel over 2 ranks of cpu") and out.split("cosine similarity")[1] == single
     assert main([*base, "--parallel", "tensor", "--ranks", "3", "the cat"]) == 2
     assert "4 heads do not divide by 3 ranks" in capsys.readouterr().err
+
+
+def test_pipeline_stages_given_or_balanced(tiny, tiny_artifact_path):
+    from ambert.sw.parallel import stage_bounds
+    assert stage_bounds(12, 4) == [(0, 3), (3, 6), (6, 9), (9, 12)] and stage_bounds(6, 4)[0] == (0, 2)
+    assert stage_bounds(6, 2, [4, 2]) == [(0, 4), (4, 6)]
+    with pytest.raises(ValueError, match=r"stages \[1, 2\] must give each of the 2 ranks"):
+        stage_bounds(6, 2, [1, 2])
+    qm, _, tok = tiny
+    enc = encode(tok, SENTENCES[:7])
+    want = qm.forward_int(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    out, _, _ = launch("pipeline", tiny_artifact_path, dict(enc), ranks=2, micro_batches=3, stages=[1, 1])
+    assert torch.equal(out, want)
