@@ -73,8 +73,9 @@ def _run_parallel(args, qm, enc):
         raise ValueError("--waves takes one device: leave out --parallel")
     t0 = time.perf_counter()
     try:
-        x16, ops, cycles = launch(args.parallel, args.artifact, dict(enc), args.ranks, args.device,
-                                  micro_batches=args.micro_batches)
+        result = launch(args.parallel, args.artifact, dict(enc), args.ranks, args.device,
+                        micro_batches=args.micro_batches)
+        x16, ops, cycles = result.out, result.ops, result.cycles
     except ParallelError as e:
         raise RuntimeError(str(e)) from None
     dt = time.perf_counter() - t0

@@ -34,9 +34,23 @@ import torch
 
 from ambert.sw.quant.ref import ref_add_layernorm, ref_gelu_requant, ref_heads, ref_requant
 
-__all__ = ["MODES", "shard_layer", "tensor_parallel_layer", "run_rank", "launch", "ParallelError"]
+__all__ = ["MODES", "shard_layer", "stage_bounds", "tensor_parallel_layer", "run_rank", "launch", "ParallelResult",
+           "ParallelError"]
 
 MODES = ("data", "tensor", "pipeline")
+
+
+_LAST_RUNNER = None          # this process's rank's runner (its pipeline micro-batch cycles)
+
+
+@dataclasses.dataclass
+class ParallelResult:
+    """A run's int16 output, matmuls per backend summed over the ranks, each rank's device cycles, and
+    (pipeline) each rank's device cycles per micro-batch."""
+    out: torch.Tensor
+    ops: dict
+    cycles: list
+    micro_cycles: list = None
 
 
 class ParallelError(RuntimeError):
@@ -128,8 +142,9 @@ def run_rank(mode, qm, enc, device="cpu", micro_batches=4, stages=None):
     this rank's device statistics. ``micro_batches`` and ``stages`` (layers per rank) are the pipeline's."""
     import torch.distributed as dist
     from ambert.sw.runtime import Runner, device_chain
+    global _LAST_RUNNER
     rank, world = dist.get_rank(), dist.get_world_size()
-    runner = Runner(device_chain(device))
+    runner = _LAST_RUNNER = Runner(device_chain(device))
     fault = os.environ.get("AMBERT_RANK_FAULT", "")
     die_at = int(fault.split(":")[1]) if fault and int(fault.split(":")[0]) == rank else None
 
@@ -199,8 +214,9 @@ def _pipeline_rank(qm, enc, runner, checkpoint, micro_batches, stages):
     run_layer = runner.layer_fn(qm.layers)
     n = ids.shape[0]
     m = max(1, min(micro_batches, n))
-    outs = []
+    outs, micro_cycles = [], []
     for i in range(m):
+        before = runner.collect_stats().cycles
         b0, b1 = _split(n, m, i)
         mb_mask = None if mask is None else mask[b0:b1].to(torch.bool)
         shape = (b1 - b0, ids.shape[1], qm.config["hidden"])
@@ -215,11 +231,13 @@ def _pipeline_rank(qm, enc, runner, checkpoint, micro_batches, stages):
         for layer in range(lo, hi):
             checkpoint(layer)
             x8, x16 = run_layer(layer, x8, x16, mb_mask)
+        micro_cycles.append(runner.collect_stats().cycles - before)
         if rank < world - 1:
             dist.send(x8.contiguous(), dst=rank + 1)
             dist.send(x16.contiguous(), dst=rank + 1)
         else:
             outs.append(x16)
+    runner.micro_cycles = micro_cycles
     return torch.cat(outs) if outs else None
 
 
@@ -232,15 +250,15 @@ def _worker(rank, world, port, mode, artifact_path, enc, device, result_path, ti
     try:
         qm = artifact.load(artifact_path)
         out, stats = run_rank(mode, qm, enc, device, micro_batches, stages)
-        torch.save({"out": out, "ops": dict(stats.ops), "cycles": stats.cycles}, f"{result_path}.{rank}")
+        torch.save({"out": out, "ops": dict(stats.ops), "cycles": stats.cycles,
+                    "micro_cycles": getattr(_LAST_RUNNER, "micro_cycles", None)}, f"{result_path}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 def launch(mode, artifact_path, enc, ranks, device="cpu", timeout_s=120, micro_batches=4, stages=None):
-    """Run ``mode`` over ``ranks`` processes on this machine; return (int16 hidden state, matmuls per
-    backend summed over the ranks, each rank's device cycles). Raises :class:`ParallelError` naming a rank
-    that failed or died."""
+    """Run ``mode`` over ``ranks`` processes on this machine; return a :class:`ParallelResult`. Raises
+    :class:`ParallelError` naming a rank that failed or died."""
     import socket
     import torch.multiprocessing as mp
     if mode not in MODES:
@@ -277,7 +295,8 @@ def launch(mode, artifact_path, enc, ranks, device="cpu", timeout_s=120, micro_b
     for r in results:
         for name, count in r["ops"].items():
             ops[name] = ops.get(name, 0) + count
-    return out, ops, [r["cycles"] for r in results]
+    micro = [r["micro_cycles"] for r in results] if mode == "pipeline" else None
+    return ParallelResult(out, ops, [r["cycles"] for r in results], micro)
 
 
 def main(argv=None):

@@ -23,9 +23,11 @@ def test_two_ranks_equal_the_reference(tiny, tiny_artifact_path, mode, device):
     qm, _, tok = tiny
     enc = encode(tok, SENTENCES[:5])          # 5 sentences: the data split is uneven (3 + 2)
     want = qm.forward_int(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-    out, ops, _ = launch(mode, tiny_artifact_path, dict(enc), ranks=2, device=device)
-    assert torch.equal(out, want)
-    assert set(ops) == {device}
+    result = launch(mode, tiny_artifact_path, dict(enc), ranks=2, device=device)
+    assert torch.equal(result.out, want)
+    assert set(result.ops) == {device}
+    if device == "sim":
+        assert all(c > 0 for c in result.cycles)                  # each rank's device counted its cycles
 
 
 def test_heads_that_do_not_divide_are_refused(tiny):
@@ -76,5 +78,5 @@ def test_pipeline_stages_given_or_balanced(tiny, tiny_artifact_path):
     qm, _, tok = tiny
     enc = encode(tok, SENTENCES[:7])
     want = qm.forward_int(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-    out, _, _ = launch("pipeline", tiny_artifact_path, dict(enc), ranks=2, micro_batches=3, stages=[1, 1])
-    assert torch.equal(out, want)
+    result = launch("pipeline", tiny_artifact_path, dict(enc), ranks=2, micro_batches=3, stages=[1, 1])
+    assert torch.equal(result.out, want) and [len(m) for m in result.micro_cycles] == [3, 3]
