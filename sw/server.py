@@ -315,22 +315,22 @@ def build_app(config):
         metrics.requests.labels(endpoint, str(status)).inc()
         return response
 
+    async def embeddings(request, key):
+        """The request's model name, its sentences (under ``key``) and their embeddings."""
+        data = await body(request)
+        name = data.get("model", default)
+        sentences = inputs(data, key)
+        engine.check(name, sentences)
+        return name, sentences, await batchers[name].embed(sentences)
+
     async def embed(request):
         async def handle(request):
-            data = await body(request)
-            name = data.get("model", default)
-            sentences = inputs(data, "inputs")
-            engine.check(name, sentences)
-            return JSONResponse(await batchers[name].embed(sentences))
+            return JSONResponse((await embeddings(request, "inputs"))[2])
         return await run(request, "/embed", handle)
 
     async def openai(request):
         async def handle(request):
-            data = await body(request)
-            name = data.get("model", default)
-            sentences = inputs(data, "input")
-            engine.check(name, sentences)
-            rows = await batchers[name].embed(sentences)
+            name, sentences, rows = await embeddings(request, "input")
             tokens = sum(engine.count_tokens(name, s) for s in sentences)
             return JSONResponse({"object": "list", "model": name,
                                  "data": [{"object": "embedding", "index": i, "embedding": r}

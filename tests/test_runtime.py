@@ -129,14 +129,18 @@ def test_device_faults_mid_run_fall_back_with_the_same_bits(tiny, fault):
 def test_a_single_fault_is_recovered_on_the_device(tiny, fault):
     """One failed program: the device is reset and the GEMM compiled again for the empty pool and run
     there — nothing falls back, nothing is lost, the bits are the reference's."""
+    _all_on_the_device(tiny, SimDevice(SMALL, sim=FaultySim(SMALL, {3: fault, 9: fault})), recovered=2)
+
+
+def _all_on_the_device(tiny, sim, recovered):
+    """A forward on ``sim`` (the CPU behind it): no warning, every GEMM on the device, `==`."""
     qm, model, tok = tiny
     enc = encode(tok, ["the quick brown fox", "jumps over the lazy dog"])
-    sim = SimDevice(SMALL, sim=FaultySim(SMALL, {3: fault, 9: fault}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out, mod = run(qm, model, [sim, CpuDevice()], enc)
     assert torch.equal(out, reference(qm, enc))
-    assert mod.last_stats.ops == {"sim": 6 * qm.config["layers"]} and mod.last_stats.recovered == 2
+    assert mod.last_stats.ops == {"sim": 6 * qm.config["layers"]} and mod.last_stats.recovered == recovered
 
 
 def test_a_truncated_stream_does_not_cost_the_next_gemm(tiny):
@@ -144,15 +148,9 @@ def test_a_truncated_stream_does_not_cost_the_next_gemm(tiny):
     for the rest; the next program finds it out of step, and the reset and retry bring every GEMM of the
     forward back onto the device, `==` the reference."""
     from ambert.proto.isa import Opcode, header
-    qm, model, tok = tiny
-    enc = encode(tok, ["the quick brown fox", "jumps over the lazy dog"])
     sim = SimDevice(SMALL)
     sim.sim.run([header(Opcode.LOAD, 500), 0] + [0x01020304] * 7, expect=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        out, mod = run(qm, model, [sim, CpuDevice()], enc)
-    assert torch.equal(out, reference(qm, enc))
-    assert mod.last_stats.ops == {"sim": 6 * qm.config["layers"]} and mod.last_stats.recovered == 1
+    _all_on_the_device(tiny, sim, recovered=1)
 
 
 class WholeLayerDevice(CpuDevice):
