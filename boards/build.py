@@ -125,11 +125,10 @@ def _packed_utilization(folder, steps, family):
 
 def _yosys_cells(log):
     """The cell counts of Yosys' last ``stat`` in its log."""
-    cells, section = {}, []
+    cells = {}
     for line in Path(log).read_text(errors="replace").splitlines():
         if "Number of cells" in line or re.match(r"^\s+\d+\s+cells$", line):
-            section = []
-            cells = {}
+            cells = {}                  # a later stat replaces an earlier one
         match = re.match(r"^\s+(\d+)\s+(?:[\d.]+\s+)?(\$?[A-Za-z_][\w$]*)\s*$", line)
         if match and match.group(2) not in ("submodules", "$scopeinfo"):
             cells[match.group(2)] = int(match.group(1))
