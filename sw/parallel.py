@@ -40,9 +40,6 @@ __all__ = ["MODES", "shard_layer", "stage_bounds", "tensor_parallel_layer", "run
 MODES = ("data", "tensor", "pipeline")
 
 
-_LAST_RUNNER = None          # this process's rank's runner (its pipeline micro-batch cycles)
-
-
 @dataclasses.dataclass
 class ParallelResult:
     """A run's int16 output, matmuls per backend summed over the ranks, each rank's device cycles, and
@@ -142,9 +139,8 @@ def run_rank(mode, qm, enc, device="cpu", micro_batches=4, stages=None):
     this rank's device statistics. ``micro_batches`` and ``stages`` (layers per rank) are the pipeline's."""
     import torch.distributed as dist
     from ambert.sw.runtime import Runner, device_chain
-    global _LAST_RUNNER
     rank, world = dist.get_rank(), dist.get_world_size()
-    runner = _LAST_RUNNER = Runner(device_chain(device))
+    runner = Runner(device_chain(device))
     fault = os.environ.get("AMBERT_RANK_FAULT", "")
     die_at = int(fault.split(":")[1]) if fault and int(fault.split(":")[0]) == rank else None
 
@@ -186,7 +182,10 @@ def run_rank(mode, qm, enc, device="cpu", micro_batches=4, stages=None):
             return tensor_parallel_layer(x8, x16, qm.layers[i], shards[i], m, matmul, all_reduce)
         return qm.forward_int(ids, mask, types, layer_fn=layer_fn), runner.collect_stats()
     if mode == "pipeline":
-        return _pipeline_rank(qm, enc, runner, checkpoint, micro_batches, stages), runner.collect_stats()
+        out, micro_cycles = _pipeline_rank(qm, enc, runner, checkpoint, micro_batches, stages)
+        stats = runner.collect_stats()
+        stats.micro_cycles = micro_cycles
+        return out, stats
     raise ValueError(f"unknown parallel mode {mode!r}: one of {', '.join(MODES)}")
 
 
@@ -206,7 +205,8 @@ def _pipeline_rank(qm, enc, runner, checkpoint, micro_batches, stages):
     """GPipe's forward schedule on point-to-point sends: rank r runs its stage on micro-batch i while rank
     r + 1 runs micro-batch i - 1. Inference has no backward pass, so GPipe's and 1F1B's forward orders are
     the same; blocking send/recv (gloo's isend/irecv pairs are where its known hangs are) carry each
-    micro-batch's int8 and int16 hidden states. The last rank returns the output; the others None."""
+    micro-batch's int8 and int16 hidden states. Returns (the output on the last rank, None on the others;
+    this rank's device cycles per micro-batch)."""
     import torch.distributed as dist
     rank, world = dist.get_rank(), dist.get_world_size()
     ids, mask, types = enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")
@@ -237,8 +237,7 @@ def _pipeline_rank(qm, enc, runner, checkpoint, micro_batches, stages):
             dist.send(x16.contiguous(), dst=rank + 1)
         else:
             outs.append(x16)
-    runner.micro_cycles = micro_cycles
-    return torch.cat(outs) if outs else None
+    return (torch.cat(outs) if outs else None), micro_cycles
 
 
 def _worker(rank, world, port, mode, artifact_path, enc, device, result_path, timeout_s, micro_batches, stages):
@@ -251,7 +250,7 @@ def _worker(rank, world, port, mode, artifact_path, enc, device, result_path, ti
         qm = artifact.load(artifact_path)
         out, stats = run_rank(mode, qm, enc, device, micro_batches, stages)
         torch.save({"out": out, "ops": dict(stats.ops), "cycles": stats.cycles,
-                    "micro_cycles": getattr(_LAST_RUNNER, "micro_cycles", None)}, f"{result_path}.{rank}")
+                    "micro_cycles": getattr(stats, "micro_cycles", None)}, f"{result_path}.{rank}")
     finally:
         dist.destroy_process_group()
 

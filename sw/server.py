@@ -93,9 +93,11 @@ class _Engine:
         self.config, self.metrics = config, metrics
         self.pool = ModelPool(config.memory_budget)
         self.tokenizers, self.devices = {}, None
-        self.fp32 = {}
+        from ambert.sw.quant.artifact import read_header
+        self.fp32, self.limits = {}, {}         # limits: the tokens each model takes
         for m in config.models:
             size = self.pool.add(m.name, m.artifact)
+            self.limits[m.name] = read_header(m.artifact)["config"]["max_positions"]
             self.tokenizers[m.name] = load_tokenizer(m.model_dir)
             if m.fp32:
                 from ambert.sw.quant.hf import load_bert
@@ -122,7 +124,7 @@ class _Engine:
         from ambert.sw.runtime import OffloadedBert
         if name in self.fp32:
             with self.tok_lock:
-                enc = encode(self.tokenizers[name], sentences, max_length=self.pool_limit(name))
+                enc = encode(self.tokenizers[name], sentences, max_length=self.limits[name])
             with torch.no_grad():
                 return mean_pool(self.fp32[name](**enc).last_hidden_state, enc["attention_mask"])
         qm = self.pool.get(name)
@@ -150,7 +152,7 @@ class _Engine:
         if len(sentences) > self.config.max_request:
             raise ApiError(413, f"{len(sentences)} inputs in one request; at most {self.config.max_request}",
                            "Validation")
-        limit = self.pool_limit(name)
+        limit = self.limits[name]
         for i, s in enumerate(sentences):
             if not isinstance(s, str):
                 raise ApiError(400, f"input {i} is a {type(s).__name__}, not text", "Validation")
@@ -169,11 +171,6 @@ class _Engine:
         with self.tok_lock:
             return len(self.tokenizers[name](sentence)["input_ids"])
 
-    def pool_limit(self, name):
-        from ambert.sw.quant.artifact import read_header
-        if not hasattr(self, "_limits"):
-            self._limits = {m.name: read_header(m.artifact)["config"]["max_positions"] for m in self.config.models}
-        return self._limits[name]
 
 
 class _Batcher:

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from ambert.proto.contract import OUT_RANGE
+
 __all__ = ["requant", "gelu_requant", "softmax", "layernorm"]
 
-_RANGE = {8: (-128, 127, np.int8), 16: (-32768, 32767, np.int16)}
+_DTYPE = {8: np.int8, 16: np.int16}          # the outputs the loops write, in the contract's OUT_RANGE
 
 
 def _threads():
@@ -176,7 +178,7 @@ def requant(acc, m0, shift, bits, bias=None):
     broadcast in a way :func:`_grouped` does not take."""
     n = acc.shape[-1]
     m0_g, sh_g = _grouped(m0, acc.shape), _grouped(shift, acc.shape)
-    if m0_g is None or sh_g is None or bits not in _RANGE:
+    if m0_g is None or sh_g is None or bits not in _DTYPE:
         return None
     (m0_a, m0_period), (sh_a, sh_period) = m0_g, sh_g
     if m0_a.shape[0] > 1 and sh_a.shape[0] > 1 and (m0_a.shape[0], m0_period) != (sh_a.shape[0], sh_period):
@@ -186,7 +188,7 @@ def requant(acc, m0, shift, bits, bias=None):
         groups = max(m0_a.shape[0], sh_a.shape[0])
         m0_a, sh_a = (np.ascontiguousarray(np.broadcast_to(a, (groups, n))) for a in (m0_a, sh_a))
     bias_a = np.zeros(n, np.int64) if bias is None else bias.to(torch.int64).numpy()
-    lo, hi, dtype = _RANGE[bits]
+    (lo, hi), dtype = OUT_RANGE[bits], _DTYPE[bits]
     rows = _rows(acc)
     out = np.empty(rows.shape, dtype=dtype)
     overflow = np.zeros(rows.shape[0], dtype=np.bool_)
@@ -236,8 +238,8 @@ def layernorm(v, outs, norm_bits, extra_bits, limit, residual=None):
     gains = np.ascontiguousarray(torch.stack([o.gain.to(torch.int64).expand(c) for o in outs]).numpy())
     offsets = np.ascontiguousarray(torch.stack([o.offset.to(torch.int64).expand(c) for o in outs]).numpy())
     shifts = np.array([o.shift for o in outs], dtype=np.int64)
-    los = np.array([_RANGE[o.bits][0] for o in outs], dtype=np.int64)
-    his = np.array([_RANGE[o.bits][1] for o in outs], dtype=np.int64)
+    los = np.array([OUT_RANGE[o.bits][0] for o in outs], dtype=np.int64)
+    his = np.array([OUT_RANGE[o.bits][1] for o in outs], dtype=np.int64)
     rows = _rows(v)
     other = np.zeros((0, 0), dtype=rows.dtype) if residual is None else _rows(residual)
     out = np.empty((len(outs), *rows.shape), dtype=np.int16)

@@ -138,9 +138,7 @@ def ref_gemm(a, b, bias=None):
         return acc.to(torch.int32)
     if a.is_cuda:
         acc = _gemm_cuda(a, b)
-    elif b.dim() == 2 and k % 8 == 0 and _cpu_int_mm_exact():
-        # K a multiple of 8 only: the shapes the probe covers (oneDNN's AMX kernel answered K = 1 wrongly,
-        # reading past the operands)
+    elif _cpu_int8_kernel_takes(b, k):
         acc = torch._int_mm(a.reshape(-1, k), b.T).reshape(*a.shape[:-1], b.shape[0])
     elif torch.get_float32_matmul_precision() == "highest":
         acc = _gemm_f32(a, b)
@@ -178,6 +176,13 @@ def _gemm_f32(a, b):
 
 
 _INT_MM_EXACT = None
+
+
+def _cpu_int8_kernel_takes(b, k):
+    """Whether a CPU GEMM against ``b`` of depth ``k`` runs on ``torch._int_mm``: shared weights (2-D),
+    K a multiple of 8 (the shapes the probe covers: oneDNN's AMX kernel answered K = 1 wrongly), and the
+    probe has shown this CPU's kernel exact."""
+    return b.dim() == 2 and k % 8 == 0 and _cpu_int_mm_exact()
 
 
 def _cpu_int_mm_exact():
@@ -278,7 +283,7 @@ def _gemm_exact(a, b):
     path with K within one exact chunk — the float32 product itself, every element an integer float32
     holds exactly (see :func:`_gemm_f32`), for a consumer that converts as it reads."""
     k = a.shape[-1]
-    if (a.is_cuda or k > F32_EXACT_K or (b.dim() == 2 and k % 8 == 0 and _cpu_int_mm_exact())
+    if (a.is_cuda or k > F32_EXACT_K or _cpu_int8_kernel_takes(b, k)
             or torch.get_float32_matmul_precision() != "highest"):
         return ref_gemm(a, b)
     _check_int8("a", a)
