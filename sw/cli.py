@@ -43,6 +43,55 @@ def cmd_quantize(args):
     return 0
 
 
+def _granularity(text):
+    from ambert.sw.quant.prune import GRANULARITIES
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in parts if p not in GRANULARITIES]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of {', '.join(GRANULARITIES)}")
+    return parts
+
+
+def _fraction(text):
+    try:
+        f = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= f < 1:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1): the fraction of encoder MACs to remove")
+    return f
+
+
+def cmd_prune(args):
+    from ambert.sw.quant import artifact as art
+    from ambert.sw.quant.prune import prune_pretrained
+    from ambert.sw.quant.quantize import read_sentences
+    calibration = read_sentences(args.calibration) if args.calibration else None
+    t0 = time.perf_counter()
+    qm, _, _ = prune_pretrained(args.fraction, args.granularity, args.model, calibration, args.seq, args.lanes,
+                                progress=not args.quiet)
+    output = args.output or DEFAULT_ARTIFACT.with_name(
+        DEFAULT_ARTIFACT.name.replace(".ambert", f".pruned{round(args.fraction * 100)}.ambert"))
+    path = art.save(qm, output)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); {time.perf_counter() - t0:.1f} s")
+    print(_pruning_line(qm.config, qm.source))
+    return 0
+
+
+def _pruning_line(cfg, src):
+    from ambert.sw.quant.model import MACS_SEQ, encoder_macs, layer_dims
+    pr = src.get("pruning")
+    if pr is None:
+        return f"  MACs    {encoder_macs(cfg) / 1e6:.1f} M per {MACS_SEQ}-token sequence (dense)"
+    dims = layer_dims(cfg)
+    left = encoder_macs(cfg, pr["macs_seq"])
+    return (f"  pruned  {pr['fraction']:.0%} of encoder MACs asked ({', '.join(pr['granularity'])}): "
+            f"{pr['heads_removed']} heads and {pr['neurons_removed']} FFN neurons removed; "
+            f"{left / 1e6:.1f} M MACs left of {pr['dense_macs'] / 1e6:.1f} M ({left / pr['dense_macs']:.1%}) "
+            f"per {pr['macs_seq']}-token sequence\n"
+            f"          heads per layer {[h for h, _ in dims]}, FFN neurons per layer {[f for _, f in dims]}")
+
+
 def cmd_info(args):
     from ambert.sw.quant import artifact as art
     header = art.read_header(args.artifact)
@@ -53,6 +102,11 @@ def cmd_info(args):
     print(f"  shape   {cfg['layers']} layers, hidden {cfg['hidden']}, {cfg['heads']} heads, FFN "
           f"{cfg['intermediate']}, vocab {cfg['vocab']}, {cfg['max_positions']} positions")
     print(f"  calib   {src.get('calibration_sentences')} sentences, {src.get('quant_config')}")
+    print(_pruning_line(cfg, src))
+    if "distillation" in src:
+        ds = src["distillation"]
+        print(f"  distill {ds['steps']} steps on {ds['sentences']} sentences of {ds['corpus']}, final loss "
+              f"{ds['loss']:.4g}")
     print(f"  tensors {len(header['tensors'])}, constants {len(header['constants'])}")
     return 0
 
@@ -234,6 +288,21 @@ def build_parser():
     q.add_argument("-o", "--output", type=Path, default=DEFAULT_ARTIFACT, help=f"default: {DEFAULT_ARTIFACT}")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
+
+    pr = sub.add_parser("prune", help="remove attention heads and FFN neurons, then quantize what is left")
+    pr.add_argument("--fraction", type=_fraction, required=True,
+                    help="fraction of encoder MACs to remove, in [0, 1)")
+    pr.add_argument("--granularity", type=_granularity, default=("heads", "neurons"),
+                    help="what may be removed: heads, neurons or both (default: heads,neurons)")
+    pr.add_argument("--model", type=Path, help="model folder (default: the bundled all-MiniLM-L6-v2)")
+    pr.add_argument("--calibration", type=Path, help="sentences to score and calibrate on, one per line")
+    pr.add_argument("--seq", type=int, default=128, help="sequence length the MACs are counted at (default: 128)")
+    pr.add_argument("--lanes", type=int, default=16,
+                    help="neurons go in blocks of this many: the array's width (default: 16)")
+    pr.add_argument("-o", "--output", type=Path,
+                    help="default: build/all-MiniLM-L6-v2.prunedNN.ambert.safetensors")
+    pr.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    pr.set_defaults(func=cmd_prune)
 
     i = sub.add_parser("info", help="validate an artifact and describe it")
     i.add_argument("artifact", type=Path)

@@ -129,11 +129,17 @@ def save(qm, path):
 
 
 def _expected_shapes(cfg):
-    c, ffn = cfg["hidden"], cfg["intermediate"]
+    from .model import layer_dims
+    c, d = cfg["hidden"], cfg["hidden"] // cfg["heads"]
     shapes = {"word": (cfg["vocab"], c), "position": (cfg["max_positions"], c),
               "token_type": (cfg["type_vocab"], c)}
-    for i in range(cfg["layers"]):
-        for w, (n, k) in dict(wq=(c, c), wk=(c, c), wv=(c, c), wo=(c, c), w1=(ffn, c), w2=(c, ffn)).items():
+    dims = layer_dims(cfg)
+    if len(dims) != cfg["layers"] or any(not (0 < h <= cfg["heads"] and 0 < f) for h, f in dims):
+        raise ArtifactError(f"the per-layer shapes {dims} do not fit a {cfg['layers']}-layer model of "
+                            f"{cfg['heads']} heads")
+    for i, (heads, ffn) in enumerate(dims):
+        a = heads * d
+        for w, (n, k) in dict(wq=(a, c), wk=(a, c), wv=(a, c), wo=(c, a), w1=(ffn, c), w2=(c, ffn)).items():
             shapes[f"layers.{i}.{w}"] = (n, k)
             shapes[f"layers.{i}.b{w[1]}"] = (n,)
     return shapes
@@ -202,6 +208,10 @@ def load(path, device="cpu"):
         layers = [_build(LayerParams, f"layers.{i}.", tensors, constants) for i in range(cfg["layers"])]
     except KeyError as e:
         raise ArtifactError(f"{path}: constant or tensor {e} is missing") from None
+    from .model import layer_dims
+    for i, (p, (heads, _)) in enumerate(zip(layers, layer_dims(cfg))):
+        if p.heads != heads:
+            raise ArtifactError(f"{path}: layer {i} says {p.heads} heads, the config {heads}")
     qm = QuantizedBert(config=cfg, source=header["source"], word=tensors.pop("word"),
                        position=tensors.pop("position"), token_type=tensors.pop("token_type"),
                        emb_ln_x8=emb_x8, emb_ln_x16=emb_x16, layers=layers, scales=header["scales"])

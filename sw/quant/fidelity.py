@@ -28,8 +28,7 @@ def _layer_scales(qm):
 @torch.no_grad()
 def fp32_trace(model, enc):
     """Run the FP32 model; return (last hidden state, one dict of TENSORS per layer)."""
-    cfg = model.config
-    heads = cfg.num_attention_heads
+    d_head = model.config.hidden_size // model.config.num_attention_heads
     traces = [dict() for _ in model.encoder.layer]
     hooks = []
 
@@ -58,10 +57,10 @@ def fp32_trace(model, enc):
         for h in hooks:
             h.remove()
     for i, tr in enumerate(traces):
-        b, t, c = tr["q"].shape
-        q = tr["q"].reshape(b, t, heads, -1).transpose(1, 2)
-        k = tr["k"].reshape(b, t, heads, -1).transpose(1, 2)
-        tr["score"] = q @ k.transpose(-1, -2) / math.sqrt(c // heads)
+        b, t, _ = tr["q"].shape
+        q = tr["q"].reshape(b, t, -1, d_head).transpose(1, 2)
+        k = tr["k"].reshape(b, t, -1, d_head).transpose(1, 2)
+        tr["score"] = q @ k.transpose(-1, -2) / math.sqrt(d_head)
         tr["probs"] = out.attentions[i]
     return out.last_hidden_state, traces
 

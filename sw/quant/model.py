@@ -7,7 +7,34 @@ import torch
 
 from .ref import LayerNormParams, ref_layer, ref_layernorm
 
-__all__ = ["QuantizedBert", "InputError"]
+__all__ = ["QuantizedBert", "InputError", "layer_dims", "layer_macs", "encoder_macs"]
+
+# The sequence length at which encoder MACs are counted when a length must be chosen (pruning targets,
+# ``ambert info``): the benchmarks' length.
+MACS_SEQ = 128
+
+
+def layer_dims(cfg):
+    """``[(heads, ffn), ...]``, one pair per layer, of an artifact config: a pruned model lists its own
+    (``layer_heads``, ``layer_intermediate``), a dense one has ``heads`` and ``intermediate`` everywhere.
+    The head width is ``hidden // heads`` in both."""
+    n = cfg["layers"]
+    heads = cfg.get("layer_heads", [cfg["heads"]] * n)
+    ffn = cfg.get("layer_intermediate", [cfg["intermediate"]] * n)
+    return list(zip(heads, ffn))
+
+
+def layer_macs(hidden, d_head, heads, ffn, seq):
+    """Multiply-accumulates of one encoder layer on ``seq`` tokens: the Q, K, V and output projections,
+    the scores and the probabilities times values, and both FFN GEMMs."""
+    width = heads * d_head
+    return 4 * seq * hidden * width + 2 * seq * seq * width + 2 * seq * hidden * ffn
+
+
+def encoder_macs(cfg, seq=MACS_SEQ):
+    """Encoder multiply-accumulates of the artifact config ``cfg`` for one sequence of ``seq`` tokens."""
+    d_head = cfg["hidden"] // cfg["heads"]
+    return sum(layer_macs(cfg["hidden"], d_head, h, f, seq) for h, f in layer_dims(cfg))
 
 
 class InputError(ValueError):
@@ -21,7 +48,8 @@ class QuantizedBert:
     Tokenization, the embedding lookup (an integer sum of int16 tables) and pooling run on the host;
     everything from the embedding LayerNorm on is the integer contract.
     """
-    config: dict                    # hidden, heads, layers, intermediate, vocab, max_positions, type_vocab
+    config: dict                    # hidden, heads, layers, intermediate, vocab, max_positions, type_vocab;
+                                    # a pruned model adds layer_heads and layer_intermediate (layer_dims)
     source: dict                    # where it came from: model path/name, weights hash, calibration
     word: torch.Tensor              # int16 [vocab, C]     at emb_scale
     position: torch.Tensor          # int16 [positions, C] at emb_scale

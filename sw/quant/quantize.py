@@ -22,7 +22,8 @@ from .fixedpoint import gelu_params, layernorm_params, multiplier, multipliers, 
 from .model import QuantizedBert
 from .ref import INT16_MAX, INT32_MAX, LayerParams, SOFTMAX_OUT_MAX
 
-__all__ = ["QuantConfig", "calibrate", "quantize", "quantize_pretrained", "read_sentences",
+__all__ = ["QuantConfig", "calibrate", "quantize", "quantize_pretrained", "read_sentences", "tokenize_calibration",
+           "source_of",
            "CALIBRATION_SENTENCES"]
 
 
@@ -73,7 +74,7 @@ def calibrate(model, token_batches, percentile=1.0, progress=True):
     stats = _Stats(percentile)
     hooks = []
     cfg = model.config
-    heads, d_head = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    d_head = cfg.hidden_size // cfg.num_attention_heads      # a pruned layer has fewer heads, not narrower ones
 
     def out_hook(name, per_channel=False, keep=False):
         def hook(_m, _inp, out):
@@ -97,8 +98,8 @@ def calibrate(model, token_batches, percentile=1.0, progress=True):
                 captured[n] = out
                 if n == "value":
                     b, t, _ = captured["query"].shape
-                    q = captured["query"].reshape(b, t, heads, d_head).transpose(1, 2)
-                    k = captured["key"].reshape(b, t, heads, d_head).transpose(1, 2)
+                    q = captured["query"].reshape(b, t, -1, d_head).transpose(1, 2)
+                    k = captured["key"].reshape(b, t, -1, d_head).transpose(1, 2)
                     stats.add(f"score.{i}", q @ k.transpose(-1, -2) / math.sqrt(d_head))
             hooks.append(getattr(att.self, n).register_forward_hook(qkv_hook))
         hooks.append(att.output.dense.register_forward_pre_hook(in_hook(f"ctx.{i}", per_channel=True, keep=True)))
@@ -257,7 +258,7 @@ def quantize(model, stats, qc=QuantConfig(), source=None, progress=True):
         ln2_x8 = layernorm_params(ln2.weight / nxt_smooth, ln2.bias / nxt_smooth, nxt8, 8)
         ln2_x16 = layernorm_params(ln2.weight, ln2.bias, scales["out"] if last else scales[f"r1.{i + 1}"], 16)
         layers.append(LayerParams(
-            heads=heads,
+            heads=att.self.query.out_features // d_head,
             wq=wq, bq=bq, q_m0=q_m0, q_shift=q_sh,
             wk=wk, bk=bk, k_m0=k_m0, k_shift=k_sh,
             wv=wv, bv=bv, v_m0=v_m0, v_shift=v_sh,
@@ -273,6 +274,9 @@ def quantize(model, stats, qc=QuantConfig(), source=None, progress=True):
     config = dict(hidden=c, heads=heads, layers=n_layers, intermediate=cfg.intermediate_size,
                   vocab=cfg.vocab_size, max_positions=cfg.max_position_embeddings,
                   type_vocab=cfg.type_vocab_size, pad_token_id=cfg.pad_token_id)
+    dims = [(p.heads, p.w1.shape[0]) for p in layers]
+    if dims != [(heads, cfg.intermediate_size)] * n_layers:        # pruned: layers differ from the config
+        config.update(layer_heads=[h for h, _ in dims], layer_intermediate=[f for _, f in dims])
     src = dict(source or {})
     src["quant_config"] = json.loads(json.dumps(dataclasses.asdict(qc)))     # as the artifact stores it
     return QuantizedBert(config=config, source=src, word=word, position=position, token_type=token_type,
@@ -309,6 +313,30 @@ def read_sentences(path):
     return sentences
 
 
+def tokenize_calibration(tok, model, sentences=None):
+    """Tokenize calibration ``sentences`` (the bundled set by default) one per batch, no padding; refuses a
+    sentence longer than the model's positions. Returns ``(batches, count)``."""
+    sentences = sentences if sentences is not None else read_sentences(CALIBRATION_SENTENCES)
+    limit = model.config.max_position_embeddings
+    batches = []
+    for s in sentences:
+        enc = tok(s, return_tensors="pt")
+        if enc["input_ids"].shape[1] > limit:
+            raise ValueError(f"calibration sentence is {enc['input_ids'].shape[1]} tokens; the model takes "
+                             f"{limit}: {s[:60]!r}")
+        batches.append(enc)
+    return batches, len(sentences)
+
+
+def source_of(model, model_dir):
+    """The artifact's record of where the FP32 weights came from."""
+    from .hf import bundled_model_dir
+    model_dir = Path(model_dir)
+    bundled = model_dir.resolve() == bundled_model_dir().resolve()
+    name = "sentence-transformers/all-MiniLM-L6-v2 (bundled)" if bundled else model_dir.name
+    return dict(model=str(model_dir), name=name, weights_sha256=weights_digest(model))
+
+
 def quantize_pretrained(model_dir=None, calibration=None, qc=QuantConfig(), progress=True):
     """Load a Hugging Face BERT folder (the bundled MiniLM by default), calibrate, and quantize it.
 
@@ -318,18 +346,7 @@ def quantize_pretrained(model_dir=None, calibration=None, qc=QuantConfig(), prog
     from .hf import bundled_model_dir, load_bert, load_tokenizer
     model_dir = Path(model_dir) if model_dir is not None else bundled_model_dir()
     model, tok = load_bert(model_dir), load_tokenizer(model_dir)
-    sentences = calibration if calibration is not None else read_sentences(CALIBRATION_SENTENCES)
-    limit = model.config.max_position_embeddings
-    batches = []
-    for s in sentences:
-        enc = tok(s, return_tensors="pt")
-        if enc["input_ids"].shape[1] > limit:
-            raise ValueError(f"calibration sentence is {enc['input_ids'].shape[1]} tokens; the model takes "
-                             f"{limit}: {s[:60]!r}")
-        batches.append(enc)
+    batches, n = tokenize_calibration(tok, model, calibration)
     stats = calibrate(model, batches, qc.percentile, progress)
-    bundled = model_dir.resolve() == bundled_model_dir().resolve()
-    name = "sentence-transformers/all-MiniLM-L6-v2 (bundled)" if bundled else model_dir.name
-    source = dict(model=str(model_dir), name=name,
-                  weights_sha256=weights_digest(model), calibration_sentences=len(sentences))
+    source = dict(source_of(model, model_dir), calibration_sentences=n)
     return quantize(model, stats, qc, source, progress), model, tok

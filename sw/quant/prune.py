@@ -1,0 +1,272 @@
+"""Structured pruning of a Hugging Face BERT: attention heads and FFN neurons physically removed.
+
+A pruned unit is gone, not zeroed: its rows of W_Q, W_K, W_V (a head) or of W_1 (a neuron) and its
+columns of W_O or W_2 are cut out, so every GEMM of the layer is smaller, the artifact stores less and
+the device runs fewer tiles. Layers then differ in shape (``layer_dims`` of the artifact config).
+
+**Importance** is what removing a unit costs the sentence embedding (mean-pooled, L2-normalised: what
+users compare). Every head and neuron gets a mask m (1 = kept) on its output; to second order, removing
+unit u raises the squared embedding error by ``½ ‖∂y/∂m_u‖²`` (the Gauss-Newton term: the first-order
+term vanishes, since the loss against the unpruned model's own output is at its minimum), estimated with
+random probes ``E_r[(rᵀ ∂y/∂m_u)²]`` (one backward pass each) and averaged over sentences. Heads and
+neurons are scored in the same unit, so they compete in one ranking. Magnitude scores, or movement and
+first-order (Taylor) scores, need a task loss or fine-tuning, and there is none here.
+
+**Choice.** Units are removed greedily, least score per MAC saved first, until the asked fraction of
+the encoder's MACs (at :data:`MACS_SEQ` tokens) is gone, in a few rounds with the scores measured again
+on what is left (removing a unit changes what the others matter). Neurons go in blocks of ``lanes`` from
+a layer (the array's width: a layer keeps a whole number of n-tiles), its lowest-scored first; every
+layer keeps at least one head and one block of neurons.
+"""
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from .model import MACS_SEQ, layer_macs
+
+__all__ = ["PrunePlan", "GRANULARITIES", "importance", "choose_plan", "apply_plan", "prune", "describe",
+           "prune_pretrained"]
+
+GRANULARITIES = ("heads", "neurons")
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """What a pruned model keeps: per layer, the original indices of its heads and FFN neurons."""
+    heads: tuple          # tuple of sorted tuples of kept head indices, one per layer
+    neurons: tuple        # likewise for FFN neurons
+
+    def to_json(self):
+        return dict(heads=[list(h) for h in self.heads], neurons=[list(n) for n in self.neurons])
+
+    @classmethod
+    def from_json(cls, d):
+        try:
+            return cls(tuple(tuple(int(i) for i in h) for h in d["heads"]),
+                       tuple(tuple(int(i) for i in n) for n in d["neurons"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed pruning plan: {e}") from None
+
+    @classmethod
+    def dense(cls, model):
+        return cls(tuple(tuple(range(h)) for h, _ in _dims(model)),
+                   tuple(tuple(range(f)) for _, f in _dims(model)))
+
+
+def _d_head(model):
+    return model.config.hidden_size // model.config.num_attention_heads
+
+
+def _dims(model):
+    d = _d_head(model)
+    return [(layer.attention.self.query.out_features // d, layer.intermediate.dense.out_features)
+            for layer in model.encoder.layer]
+
+
+def importance(model, batches, probes=4, seed=0, progress=True):
+    """Score every head and FFN neuron of ``model`` on ``batches`` (tokenized sentences, one per batch).
+
+    Returns ``(heads, neurons)``: lists with one float64 tensor per layer ([heads], [ffn]), each unit's
+    estimated increase of the squared error of the sentence embedding when it is removed (see the module
+    docstring), averaged over sentences."""
+    d = _d_head(model)
+    dims = _dims(model)
+    masks = [torch.ones(h, requires_grad=True) for h, _ in dims] + [torch.ones(f, requires_grad=True)
+                                                                     for _, f in dims]
+    sums = [torch.zeros(m.shape, dtype=torch.float64) for m in masks]
+    gen = torch.Generator().manual_seed(seed)
+    hooks = []
+    for i, layer in enumerate(model.encoder.layer):
+        hooks += [layer.attention.output.dense.register_forward_pre_hook(
+                      lambda _m, inp, m=masks[i]: (inp[0] * m.repeat_interleave(d),)),
+                  layer.output.dense.register_forward_pre_hook(
+                      lambda _m, inp, m=masks[len(dims) + i]: (inp[0] * m,))]
+    needs = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        for enc in tqdm(batches, desc="scoring heads and neurons", unit="sent", disable=not progress):
+            hidden = model(**enc).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            y = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+            for k in range(probes):
+                r = torch.randn(y.shape, generator=gen)
+                grads = torch.autograd.grad((y * r).sum(), masks, retain_graph=k < probes - 1)
+                for acc, g in zip(sums, grads):
+                    acc += g.double() ** 2
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, n in zip(model.parameters(), needs):
+            p.requires_grad_(n)
+    if not batches:
+        raise ValueError("importance needs at least one sentence")
+    scale = 1 / (2 * len(batches) * probes)
+    return [s * scale for s in sums[:len(dims)]], [s * scale for s in sums[len(dims):]]
+
+
+def _check(fraction, granularity):
+    if not 0 <= fraction < 1:
+        raise ValueError(f"the fraction of MACs to remove must be in [0, 1), not {fraction}")
+    unknown = sorted(set(granularity) - set(GRANULARITIES))
+    if unknown or not granularity:
+        raise ValueError(f"unknown pruning granularity {', '.join(unknown) or '(none)'}: choose from "
+                         f"{', '.join(GRANULARITIES)}")
+
+
+def choose_plan(model, heads_score, neurons_score, remove_macs, granularity=GRANULARITIES, seq=MACS_SEQ,
+                lanes=16):
+    """The :class:`PrunePlan` (indices into ``model``'s layers) removing at least ``remove_macs`` of its
+    encoder MACs at ``seq`` tokens, least score per MAC first.
+
+    ``granularity`` names what may go (a subset of :data:`GRANULARITIES`). Raises ValueError for an
+    unknown granularity or a target those granularities cannot reach."""
+    granularity = tuple(granularity)
+    _check(0, granularity)
+    c, d = model.config.hidden_size, _d_head(model)
+    dims = _dims(model)
+    head_macs = layer_macs(c, d, 1, 0, seq)
+    neuron_macs = layer_macs(c, d, 0, 1, seq)
+    kept_heads = [set(range(h)) for h, _ in dims]
+    kept_neurons = [set(range(f)) for _, f in dims]
+    order = [torch.argsort(s).tolist() for s in neurons_score]       # lowest score first, per layer
+    heap = []
+    if "heads" in granularity:
+        for i, s in enumerate(heads_score):
+            heap += [(float(s[h]) / head_macs, "head", i, (h,)) for h in range(len(s))]
+    taken = [0] * len(dims)                    # neurons of each layer removed so far, lowest score first
+
+    def push_block(i):
+        left = dims[i][1] - taken[i]
+        size = left % lanes or lanes           # a first odd block leaves a whole number of lanes behind
+        if left - size >= lanes:               # every layer keeps one block at least
+            block = order[i][taken[i]:taken[i] + size]
+            score = float(neurons_score[i][block].sum()) / (neuron_macs * size)
+            heapq.heappush(heap, (score, "neurons", i, tuple(block)))
+
+    heapq.heapify(heap)
+    if "neurons" in granularity:
+        for i in range(len(dims)):
+            push_block(i)
+    removed = 0
+    while removed < remove_macs:
+        if not heap:
+            raise ValueError(f"pruning {' and '.join(granularity)} cannot remove that much: each layer keeps "
+                             f"one head and {lanes} neurons")
+        _, kind, i, units = heapq.heappop(heap)
+        if kind == "head":
+            if len(kept_heads[i]) == 1:
+                continue
+            kept_heads[i].discard(units[0])
+            removed += head_macs
+        else:
+            kept_neurons[i].difference_update(units)
+            removed += neuron_macs * len(units)
+            taken[i] += len(units)
+            push_block(i)
+    return PrunePlan(tuple(tuple(sorted(h)) for h in kept_heads), tuple(tuple(sorted(n)) for n in kept_neurons))
+
+
+def _keep_rows(linear, index, dim):
+    """``linear`` cut down to ``index`` along its output (dim 0) or input (dim 1) features, in place."""
+    w = linear.weight.data.index_select(dim, index).clone()
+    linear.weight = torch.nn.Parameter(w, requires_grad=linear.weight.requires_grad)
+    if dim == 0:
+        linear.bias = torch.nn.Parameter(linear.bias.data.index_select(0, index).clone(),
+                                         requires_grad=linear.bias.requires_grad)
+        linear.out_features = len(index)
+    else:
+        linear.in_features = len(index)
+
+
+@torch.no_grad()
+def apply_plan(model, plan):
+    """Cut ``model`` (a dense Hugging Face BertModel, changed in place) down to ``plan``; returns it.
+
+    The plan's indices are the dense model's; a plan for another shape is refused (ValueError)."""
+    d = _d_head(model)
+    dims = _dims(model)
+    if len(plan.heads) != len(dims) or len(plan.neurons) != len(dims):
+        raise ValueError(f"the pruning plan has {len(plan.heads)} layers, the model {len(dims)}")
+    for i, ((h, f), heads, neurons) in enumerate(zip(dims, plan.heads, plan.neurons)):
+        if not heads or not neurons or max(heads) >= h or max(neurons) >= f or min(heads + neurons) < 0 \
+                or len(set(heads)) != len(heads) or len(set(neurons)) != len(neurons):
+            raise ValueError(f"the pruning plan does not fit layer {i} of the model ({h} heads, {f} neurons)")
+    for layer, heads, neurons in zip(model.encoder.layer, plan.heads, plan.neurons):
+        att = layer.attention
+        cols = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads])
+        for lin in (att.self.query, att.self.key, att.self.value):
+            _keep_rows(lin, cols, 0)
+        _keep_rows(att.output.dense, cols, 1)
+        att.self.num_attention_heads = len(heads)
+        att.self.all_head_size = len(heads) * d
+        idx = torch.tensor(neurons, dtype=torch.long)
+        _keep_rows(layer.intermediate.dense, idx, 0)
+        _keep_rows(layer.output.dense, idx, 1)
+    return model
+
+
+def describe(plan, dense_dims, hidden, d_head, seq=MACS_SEQ):
+    """The artifact's record of a pruning: the plan, what went, and the MACs left (for ``ambert info``)."""
+    dense = sum(layer_macs(hidden, d_head, h, f, seq) for h, f in dense_dims)
+    left = sum(layer_macs(hidden, d_head, len(h), len(n), seq) for h, n in zip(plan.heads, plan.neurons))
+    return dict(plan=plan.to_json(), macs_seq=seq, dense_macs=dense, macs_left=left,
+                heads_removed=sum(h for h, _ in dense_dims) - sum(len(h) for h in plan.heads),
+                neurons_removed=sum(f for _, f in dense_dims) - sum(len(n) for n in plan.neurons),
+                importance="embedding error, second order (Gauss-Newton, random probes)")
+
+
+def prune(model, batches, fraction, granularity=GRANULARITIES, seq=MACS_SEQ, lanes=16, rounds=4,
+          progress=True):
+    """Prune ``model`` (a dense Hugging Face BertModel, cut down in place) by ``fraction`` of its encoder
+    MACs at ``seq`` tokens, scoring on ``batches`` (tokenized sentences, one per batch) in ``rounds``
+    rounds. Returns the :class:`PrunePlan` in the dense model's indices."""
+    granularity = tuple(granularity)
+    _check(fraction, granularity)
+    c, d = model.config.hidden_size, _d_head(model)
+    dense = sum(layer_macs(c, d, h, f, seq) for h, f in _dims(model))
+    kept = PrunePlan.dense(model)
+    with tqdm(total=rounds, desc=f"pruning {fraction:.0%} of the MACs", unit="round",
+              disable=not progress) as bar:
+        for k in range(1, rounds + 1):
+            now = sum(layer_macs(c, d, h, f, seq) for h, f in _dims(model))
+            goal = dense * (1 - fraction * k / rounds)
+            if now > goal:
+                heads, neurons = importance(model, batches, progress=False)
+                try:
+                    step = choose_plan(model, heads, neurons, now - goal, granularity, seq, lanes)
+                except ValueError:
+                    raise ValueError(f"pruning {' and '.join(granularity)} cannot remove {fraction:.1%} of the "
+                                     f"encoder's MACs: each layer keeps one head and {lanes} neurons") from None
+                apply_plan(model, step)
+                kept = PrunePlan(tuple(tuple(old[j] for j in new) for old, new in zip(kept.heads, step.heads)),
+                                 tuple(tuple(old[j] for j in new) for old, new in zip(kept.neurons, step.neurons)))
+            bar.update()
+    return kept
+
+
+def prune_pretrained(fraction, granularity=GRANULARITIES, model_dir=None, calibration=None, seq=MACS_SEQ,
+                     lanes=16, progress=True):
+    """Prune a Hugging Face BERT folder (the bundled MiniLM by default) by ``fraction`` of its encoder MACs,
+    then calibrate and quantize what is left.
+
+    Importance is scored on the calibration sentences (the bundled set by default). Returns
+    ``(QuantizedBert, pruned fp32 model, tokenizer)``; the artifact's ``source["pruning"]`` records the plan.
+    """
+    from .hf import bundled_model_dir, load_bert, load_tokenizer
+    from .quantize import QuantConfig, calibrate, quantize, source_of, tokenize_calibration
+    _check(fraction, tuple(granularity))
+    model_dir = model_dir if model_dir is not None else bundled_model_dir()
+    model, tok = load_bert(model_dir), load_tokenizer(model_dir)
+    source = source_of(model, model_dir)
+    batches, n_sentences = tokenize_calibration(tok, model, calibration)
+    dense_dims = _dims(model)
+    plan = prune(model, batches, fraction, granularity, seq, lanes, progress=progress)
+    qc = QuantConfig()
+    stats = calibrate(model, batches, qc.percentile, progress)
+    source.update(calibration_sentences=n_sentences,
+                  pruning=dict(describe(plan, dense_dims, model.config.hidden_size, _d_head(model), seq),
+                               fraction=fraction, granularity=list(granularity), lanes=lanes))
+    return quantize(model, stats, qc, source, progress), model, tok
