@@ -13,9 +13,10 @@ per-operation fallback) and joins a gloo process group; :func:`launch` starts th
   row-parallel: each rank's int32 partial sums (its slice of K; the bias on rank 0 only) are summed
   across ranks with ``all_reduce`` before the requantization. Integer sums are exact in any order, and
   every partial sum is bounded by the whole sum's bound, so the result is the single-device result,
-  bit for bit. LayerNorm and the residual adds run on every rank on the reduced rows. Heads that do not
-  divide by the ranks are refused (padding heads would change nothing but cost a rank idle work; say so
-  with ``--ranks``).
+  bit for bit. LayerNorm and the residual adds run on every rank on the reduced rows. Heads and
+  neurons that do not divide by the ranks are split into blocks one apart in size (no padding: a padded
+  head would cost its rank work that changes nothing), so pruned layers of any shape split too; the
+  critical path is the rank with the larger block.
 * **pipeline**: the layers cut into one stage per rank (equal counts, or ``stages`` given), the batch
   into ``micro_batches``; each micro-batch's hidden states go rank to rank by point-to-point sends while
   the next micro-batch enters the first stage (GPipe's forward schedule).
@@ -84,16 +85,16 @@ def _rows(x, lo, hi):
 
 
 def shard_layer(p, rank, world):
-    """Rank ``rank``'s :class:`LayerShard` of ``p`` for ``world`` ranks (ValueError if the heads do not
-    divide)."""
-    if p.heads % world:
-        raise ValueError(f"tensor parallelism splits heads across ranks: {p.heads} heads do not divide by "
-                         f"{world} ranks")
+    """Rank ``rank``'s :class:`LayerShard` of ``p`` for ``world`` ranks.
+
+    Heads and FFN neurons are split into contiguous blocks whose sizes differ by at most one, so any
+    layer splits, pruned ones (whose layers differ) included; a rank left without heads (or neurons)
+    contributes zeros to that all-reduce."""
     d = p.wq.shape[0] // p.heads
-    local = p.heads // world
-    c0, c1 = rank * local * d, (rank + 1) * local * d
-    attn = dataclasses.replace(
-        p, heads=local,
+    h0, h1 = _split(p.heads, world, rank)
+    c0, c1 = h0 * d, h1 * d
+    attn = None if h1 == h0 else dataclasses.replace(
+        p, heads=h1 - h0,
         wq=p.wq[c0:c1].contiguous(), bq=p.bq[c0:c1].contiguous(), q_m0=_rows(p.q_m0, c0, c1),
         q_shift=_rows(p.q_shift, c0, c1),
         wk=p.wk[c0:c1].contiguous(), bk=p.bk[c0:c1].contiguous(), k_m0=_rows(p.k_m0, c0, c1),
@@ -111,23 +112,34 @@ def shard_layer(p, rank, world):
         w2=p.w2[:, n0:n1].contiguous(), b2=p.b2 if rank == 0 else zeros(p.b2))
 
 
+def _bias_only(x, bias):
+    """The int32 partial sums of a rank with no share of the GEMM: its bias (zeros off rank 0)."""
+    return bias.to(torch.int32).expand(*x.shape[:-1], bias.shape[0]).contiguous()
+
+
 def tensor_parallel_layer(x8, x16, p, shard, mask, matmul, all_reduce):
     """One encoder layer, this rank's share of it; returns the full ``(x8, x16)`` on every rank.
 
     ``matmul`` is a backend's (``Runner``'s) GEMM; ``all_reduce(int32 tensor)`` sums it across ranks in
     place."""
     a = shard.attn
-    q = matmul(x8, a.wq, a.bq, a.q_m0, a.q_shift, 8)
-    k = matmul(x8, a.wk, a.bk, a.k_m0, a.k_shift, 8)
-    v = matmul(x8, a.wv, a.bv, a.v_m0, a.v_shift, 8)
-    ctx = ref_heads(q, k, v, a, mask, matmul=matmul)
-    acc = matmul(ctx, shard.wo, shard.bo, 0, 0, None)                # int32 partial sums (the bypass)
+    if a is None:
+        acc = _bias_only(x8, shard.bo)
+    else:
+        q = matmul(x8, a.wq, a.bq, a.q_m0, a.q_shift, 8)
+        k = matmul(x8, a.wk, a.bk, a.k_m0, a.k_shift, 8)
+        v = matmul(x8, a.wv, a.bv, a.v_m0, a.v_shift, 8)
+        ctx = ref_heads(q, k, v, a, mask, matmul=matmul)
+        acc = matmul(ctx, shard.wo, shard.bo, 0, 0, None)            # int32 partial sums (the bypass)
     all_reduce(acc)
     attn = ref_requant(acc, p.o_m0, p.o_shift, 16)
     h8, h16 = ref_add_layernorm(attn, x16, [p.ln1_x8, p.ln1_x16])
-    f1 = matmul(h8, shard.w1, shard.b1, shard.f1_m0, shard.f1_shift, 16)
-    g = ref_gelu_requant(f1, p.gelu, shard.g_m0, shard.g_shift)
-    acc2 = matmul(g, shard.w2, shard.b2, 0, 0, None)
+    if shard.w1.shape[0] == 0:
+        acc2 = _bias_only(h8, shard.b2)
+    else:
+        f1 = matmul(h8, shard.w1, shard.b1, shard.f1_m0, shard.f1_shift, 16)
+        g = ref_gelu_requant(f1, p.gelu, shard.g_m0, shard.g_shift)
+        acc2 = matmul(g, shard.w2, shard.b2, 0, 0, None)
     all_reduce(acc2)
     f2 = ref_requant(acc2, p.f2_m0, p.f2_shift, 16)
     return tuple(ref_add_layernorm(f2, h16, [p.ln2_x8, p.ln2_x16]))
@@ -264,12 +276,8 @@ def launch(mode, artifact_path, enc, ranks, device="cpu", timeout_s=120, micro_b
         raise ValueError(f"unknown parallel mode {mode!r}: one of {', '.join(MODES)}")
     if ranks < 1:
         raise ValueError(f"--ranks must be at least 1, not {ranks}")
-    if mode == "tensor":
-        from ambert.sw.quant.artifact import read_header
-        heads = read_header(artifact_path)["config"]["heads"]
-        if heads % ranks:
-            raise ValueError(f"tensor parallelism splits heads across ranks: {heads} heads do not divide by "
-                             f"{ranks} ranks")
+    if micro_batches < 1:
+        raise ValueError(f"--micro-batches must be at least 1, not {micro_batches}")
     if mode == "pipeline":
         from ambert.sw.quant.artifact import read_header
         stage_bounds(read_header(artifact_path)["config"]["layers"], ranks, stages)     # refuse bad stages now

@@ -97,9 +97,21 @@ def tiny_bert_dir(tmp_path_factory):
     return once("tiny_bert_dir", lambda: make_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert"))))
 
 
+CALIB = [" ".join(WORDS[i:i + 7]) for i in range(0, len(WORDS) - 7, 3)]
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_bert_dir):
     """A tiny random BERT quantized on a few sentences: (QuantizedBert, FP32 model, tokenizer)."""
     from ambert.sw.quant.quantize import quantize_pretrained
-    calib = [" ".join(WORDS[i:i + 7]) for i in range(0, len(WORDS) - 7, 3)]
-    return once("tiny", lambda: quantize_pretrained(tiny_bert_dir, calib, progress=False))
+    return once("tiny", lambda: quantize_pretrained(tiny_bert_dir, CALIB, progress=False))
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_bert_dir):
+    """The tiny BERT (4 heads of 8, FFN 64) with 45% of its encoder MACs removed, neurons in blocks of 4
+    (the SMALL accelerator's lanes)."""
+    from ambert.sw.quant.prune import prune_pretrained
+    return once("pruned", lambda: prune_pretrained(0.45, model_dir=tiny_bert_dir, calibration=CALIB, lanes=4,
+                                                   progress=False))
+

@@ -15,19 +15,10 @@ from ambert.sw.quant.quantize import tokenize_calibration
 from ambert.sw.runtime import OffloadedBert, offload
 from ambert.sw.runtime.cpu import CpuDevice
 from ambert.sw.runtime.sim import SimDevice
-from conftest import WORDS, once
+from conftest import CALIB
 from test_runtime import SMALL
 
-CALIB = [" ".join(WORDS[i:i + 7]) for i in range(0, len(WORDS) - 7, 3)]
 SENTENCES = ["the cat sat on the mat", "what is my name", "quick brown fox jumps over the lazy dog"]
-
-
-@pytest.fixture(scope="module")
-def pruned(tiny_bert_dir):
-    """The tiny BERT (4 heads of 8, FFN 64) with 45% of its encoder MACs removed, neurons in blocks of 4
-    (the SMALL accelerator's lanes)."""
-    return once("pruned", lambda: prune_pretrained(0.45, model_dir=tiny_bert_dir, calibration=CALIB, lanes=4,
-                                                   progress=False))
 
 
 def test_pruned_units_are_removed_not_zeroed(pruned, tiny_bert_dir):
