@@ -78,6 +78,33 @@ def cmd_prune(args):
     return 0
 
 
+def cmd_distill(args):
+    from ambert.sw.quant import artifact as art
+    from ambert.sw.quant.distill import DistillConfig, distill_artifact
+    from ambert.sw.quant.quantize import read_sentences
+    artifact = Path(args.artifact)
+    art.read_header(artifact)                           # refuse a bad artifact before loading any model
+    output = args.output or artifact.with_name(artifact.name.replace(".ambert", ".distilled.ambert")
+                                               if ".ambert" in artifact.name else f"distilled-{artifact.name}")
+    checkpoint = args.checkpoint or output.with_name(output.name + ".ckpt")
+    calibration = read_sentences(args.calibration) if args.calibration else None
+    dc = DistillConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    t0 = time.perf_counter()
+    try:
+        qm, _, _ = distill_artifact(artifact, args.model, dc, checkpoint, calibration, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\nambert: interrupted; run the same command again to resume from the last checkpoint "
+              f"({checkpoint}, every {dc.checkpoint_every} steps)", file=sys.stderr)
+        return 130
+    path = art.save(qm, output)
+    ds = qm.source["distillation"]
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); {ds['steps']} steps on {ds['sentences']} "
+          f"sentences, final loss {ds['loss']:.4f}, training cosine {ds['train_cos']:.4f}; "
+          f"{time.perf_counter() - t0:.0f} s")
+    Path(checkpoint).unlink(missing_ok=True)            # done: the artifact holds everything it held
+    return 0
+
+
 def _pruning_line(cfg, src):
     from ambert.sw.quant.model import MACS_SEQ, encoder_macs, layer_dims
     pr = src.get("pruning")
@@ -105,8 +132,8 @@ def cmd_info(args):
     print(_pruning_line(cfg, src))
     if "distillation" in src:
         ds = src["distillation"]
-        print(f"  distill {ds['steps']} steps on {ds['sentences']} sentences of {ds['corpus']}, final loss "
-              f"{ds['loss']:.4g}")
+        print(f"  distill {ds['steps']} steps on {ds['sentences']} sentences of the {ds['corpus']}, final "
+              f"loss {ds['loss']:.4g}, training cosine {ds['train_cos']:.4f}")
     print(f"  tensors {len(header['tensors'])}, constants {len(header['constants'])}")
     return 0
 
@@ -303,6 +330,20 @@ def build_parser():
                     help="default: build/all-MiniLM-L6-v2.prunedNN.ambert.safetensors")
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     pr.set_defaults(func=cmd_prune)
+
+    ds = sub.add_parser("distill", help="train a pruned model on its FP32 teacher's outputs, then quantize it")
+    ds.add_argument("artifact", type=Path, help="the artifact `ambert prune` wrote (or any artifact of the model)")
+    ds.add_argument("--model", type=Path, help="the teacher's folder (default: the bundled all-MiniLM-L6-v2)")
+    ds.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
+    ds.add_argument("--batch", type=int, default=32, help="sentences per step (default: 32)")
+    ds.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--calibration", type=Path, help="calibration sentences for the final quantization")
+    ds.add_argument("--checkpoint", type=Path,
+                    help="resumable state, written every 100 steps (default: OUTPUT.ckpt; removed when done)")
+    ds.add_argument("-o", "--output", type=Path, help="default: the artifact's name with .distilled")
+    ds.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    ds.set_defaults(func=cmd_distill)
 
     i = sub.add_parser("info", help="validate an artifact and describe it")
     i.add_argument("artifact", type=Path)
