@@ -24,7 +24,8 @@ per-operation fallback) and joins a gloo process group; :func:`launch` starts th
 A rank whose device fails falls back on its next backend (the same bits) and the run completes; a rank
 process that dies ends the run with an error naming it, within the group's timeout. For tests,
 ``AMBERT_RANK_FAULT=RANK:LAYER`` kills rank RANK (SIGKILL, as the OOM killer would) as it starts layer
-LAYER.
+LAYER, and ``AMBERT_RANK_FAULT=RANK:LAYER:device`` makes that rank's device fail every operation from
+then on.
 """
 
 import dataclasses
@@ -153,11 +154,15 @@ def run_rank(mode, qm, enc, device="cpu", micro_batches=4, stages=None):
     from ambert.sw.runtime import Runner, device_chain
     rank, world = dist.get_rank(), dist.get_world_size()
     runner = Runner(device_chain(device))
-    fault = os.environ.get("AMBERT_RANK_FAULT", "")
-    die_at = int(fault.split(":")[1]) if fault and int(fault.split(":")[0]) == rank else None
+    fault = os.environ.get("AMBERT_RANK_FAULT", "").split(":")
+    fault_at = int(fault[1]) if len(fault) > 1 and int(fault[0]) == rank else None
 
     def checkpoint(i):
-        if i == die_at:
+        if i != fault_at:
+            return
+        if fault[2:] == ["device"]:
+            _lose_device(runner.devices[0], rank)
+        else:
             import signal
             os.kill(os.getpid(), signal.SIGKILL)
     ids, mask, types = enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")
@@ -199,6 +204,16 @@ def run_rank(mode, qm, enc, device="cpu", micro_batches=4, stages=None):
         stats.micro_cycles = micro_cycles
         return out, stats
     raise ValueError(f"unknown parallel mode {mode!r}: one of {', '.join(MODES)}")
+
+
+def _lose_device(dev, rank):
+    """The test hook's device failure: from now on every operation on ``dev`` fails, as a board pulled
+    out would."""
+    from ambert.sw.runtime import DeviceError
+
+    def lost(*_args, **_kwargs):
+        raise DeviceError(f"{dev.name} on rank {rank} is gone (AMBERT_RANK_FAULT)")
+    dev.matmul = lost
 
 
 def stage_bounds(layers, world, stages=None):

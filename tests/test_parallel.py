@@ -70,6 +70,19 @@ def test_a_rank_that_dies_fails_the_run_by_name_in_bounded_time(tiny, tiny_artif
     assert time.monotonic() - t0 < 60
 
 
+@pytest.mark.parametrize("mode", ["data", "tensor", "pipeline"])
+def test_a_device_lost_on_one_rank_falls_back_and_the_run_completes(tiny, tiny_artifact_path, mode, monkeypatch):
+    """Rank 1's simulated device fails every operation from its second layer on: its work falls back on
+    the CPU behind it, and the gathered result is still `==` the single-device reference."""
+    monkeypatch.setenv("AMBERT_RANK_FAULT", "1:1:device")
+    qm, _, tok = tiny
+    enc = encode(tok, SENTENCES[:4])
+    want = qm.forward_int(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    result = launch(mode, tiny_artifact_path, dict(enc), ranks=2, device="sim", timeout_s=60)
+    assert torch.equal(result.out, want)
+    assert result.ops.get("sim", 0) > 0 and result.ops.get("cpu", 0) > 0
+
+
 def test_the_command_line_runs_in_parallel_and_refuses_what_cannot_split(tiny_artifact_path, tiny_bert_dir, capsys):
     from ambert.sw.cli import main
     base = ["run", "--artifact", str(tiny_artifact_path), "--model", tiny_bert_dir, "--device", "cpu"]

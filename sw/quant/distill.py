@@ -3,8 +3,9 @@
 The student is the teacher cut down to a pruned artifact's plan (``source["pruning"]``; a dense artifact
 gives a dense student, which then only learns the quantization). It learns to reproduce the teacher's
 outputs, as sentence-transformers' model compression does: the loss is ``1 − cos`` of the mean-pooled
-sentence embeddings (what users compare) plus the mean squared error of the last hidden states over
-real tokens, relative to the teacher's mean square (the token-level match keeps the whole output in
+sentence embeddings (what users compare) plus the squared error of every layer's output over real
+tokens, relative to the teacher's mean square (TinyBERT's hidden-state matching: a pruned layer keeps
+its width, so each layer learns to give what the teacher's layer gave, and the whole output stays in
 shape, not only its mean).
 
 **Quantization-aware.** While it learns, the student runs a twin of the integer contract's rounding:
@@ -16,11 +17,13 @@ weights; the artifact is then made by the ordinary quantizer from them, so it is
 computes, as every artifact is. Softmax, GELU and LayerNorm stay in float in the twin (the contract's
 integer forms follow them to within their own rounding).
 
-**Data.** Real English sentences of the Lee background corpus (300 news articles of the Australian
+**Data.** Real English sentences from two text files the ``gensim`` wheel carries as test data (the
+project installs it and reads only these; nothing is downloaded): the first 206 articles of an English
+Wikipedia dump (``enwiki-…-shortened.bz2``; Wikipedia's text is CC BY-SA), their markup stripped by
+gensim's own ``filter_wiki``, and the Lee background corpus (300 news articles of the Australian
 Broadcasting Corporation, gathered by Lee, Pincombe and Welsh, 2005, for a study of document
-similarity), which the ``gensim`` wheel carries as test data under its LGPL-2.1 licence; the project
-installs it and reads that one file, nothing is downloaded. Sentences also in the calibration set or the
-evaluation set (``tests/fixtures/sentences.txt``) are dropped, so the three are disjoint.
+similarity). Sentences also in the calibration set or the evaluation set (``tests/fixtures/
+sentences.txt``) are dropped, so the three are disjoint.
 
 **Runs** on the CPU in minutes at the default recipe (or on the GPU when there is one), with a progress
 bar and a fixed seed; a checkpoint every ``checkpoint_every`` steps lets an interrupted run resume,
@@ -40,7 +43,8 @@ from tqdm import tqdm
 
 __all__ = ["DistillConfig", "CORPUS", "training_sentences", "distill", "distill_artifact", "CheckpointError"]
 
-CORPUS = "Lee background corpus (ABC news, via gensim's test data, LGPL-2.1)"
+CORPUS = ("206 English Wikipedia articles (CC BY-SA) and the Lee background corpus of 300 ABC news articles, "
+          "both from gensim's test data")
 _SPLIT = re.compile(r"(?<=[.!?])\s+(?=[\"'A-Z0-9])|(?<=[.!?][\"'])\s+")
 
 
@@ -61,25 +65,48 @@ class DistillConfig:
     max_tokens: int = 128            # longer training sentences are dropped, not cut
 
 
-def _corpus_file():
+def _test_data():
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the distillation corpus comes with the gensim package (a dependency of ambert: "
                                 "reinstall with `make test` or `pip install gensim==4.4.0`)")
-    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "lee_background.cor"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the gensim install lacks its test data")
-    return path
+    folder = Path(spec.submodule_search_locations[0]) / "test" / "test_data"
+    for name in (_WIKI, _LEE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is missing: the gensim install lacks its test data")
+    return folder
+
+
+_WIKI = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+_LEE = "lee_background.cor"
+_MARKUP = re.compile(r"[|{}\[\]<>=*#_]|https?:|\.(jpg|png|svg)\b", re.IGNORECASE)
+
+
+def _paragraphs():
+    """The corpus's paragraphs: the Wikipedia articles' prose (markup stripped by gensim's own
+    ``filter_wiki``; lists, tables and headings left out), then the news articles."""
+    import bz2
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    folder = _test_data()
+    with bz2.BZ2File(folder / _WIKI) as f:
+        for _title, text, _id in extract_pages(f, filter_namespaces=("0",)):
+            for para in filter_wiki(text).split("\n"):
+                para = para.strip()
+                if len(para) >= 80 and not para.startswith(("*", "|", "!", "{", "=", ":", ";")):
+                    yield para
+    yield from (folder / _LEE).read_text(encoding="utf-8").splitlines()
 
 
 def training_sentences(exclude=()):
-    """The corpus split into sentences (4 to 60 words, each once), without any sentence in ``exclude``."""
+    """The corpus split into sentences (4 to 60 words, no markup left, each once), without any sentence in
+    ``exclude``; in corpus order."""
     excluded = {" ".join(s.split()) for s in exclude}
     seen, out = set(), []
-    for article in _corpus_file().read_text(encoding="utf-8").splitlines():
-        for s in _SPLIT.split(article.strip()):
+    for para in _paragraphs():
+        for s in _SPLIT.split(para.strip()):
             s = " ".join(s.split())
-            if 4 <= len(s.split()) <= 60 and s not in seen and s not in excluded:
+            if (4 <= len(s.split()) <= 60 and s[:1].isupper() and s[-1:] in ".!?\"'" and not _MARKUP.search(s)
+                    and s not in seen and s not in excluded):
                 seen.add(s)
                 out.append(s)
     return out
@@ -149,9 +176,12 @@ def _pool(hidden, mask):
 
 
 def _loss(student, teacher, mask, hidden_weight):
-    cos = (_pool(student, mask) * _pool(teacher, mask)).sum(-1)
-    m = mask.unsqueeze(-1).to(student.dtype)
-    mse = (((student - teacher) ** 2) * m).sum() / ((teacher ** 2) * m).sum().clamp(min=1e-12)
+    """``1 − cos`` of the pooled last hidden states plus ``hidden_weight`` times the mean, over the layers,
+    of each layer's output error relative to the teacher's mean square (real tokens only)."""
+    cos = (_pool(student[-1], mask) * _pool(teacher[-1], mask)).sum(-1)
+    m = mask.unsqueeze(-1).to(student[-1].dtype)
+    mse = sum((((s - t) ** 2) * m).sum() / ((t ** 2) * m).sum().clamp(min=1e-12)
+              for s, t in zip(student[1:], teacher[1:])) / (len(teacher) - 1)
     return (1 - cos).mean() + hidden_weight * mse, float(cos.detach().mean())
 
 
@@ -216,8 +246,8 @@ def distill(teacher, student, tok, sentences, dc=DistillConfig(), checkpoint=Non
                 batch = [sentences[j] for j in order[i * dc.batch:(i + 1) * dc.batch].tolist()]
                 enc = {k: v.to(device) for k, v in tok(batch, padding=True, return_tensors="pt").items()}
                 with torch.no_grad():
-                    want = teacher(**enc).last_hidden_state
-                got = student(**enc).last_hidden_state
+                    want = teacher(**enc, output_hidden_states=True).hidden_states
+                got = student(**enc, output_hidden_states=True).hidden_states
                 loss, cos = _loss(got, want, enc["attention_mask"], dc.hidden_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -273,7 +303,7 @@ def distill_artifact(artifact_path, model_dir=None, dc=DistillConfig(), checkpoi
     stats = calibrate(student, batches, qc.percentile, progress)
     source.update(calibration_sentences=n, distillation=dict(
         run, corpus=CORPUS, sentences=len(sentences), batch=dc.batch, lr=dc.lr, seed=dc.seed,
-        loss_form="1 - cos(mean-pooled) + MSE(last hidden) / teacher mean square",
+        loss_form="1 - cos(mean-pooled) + mean over layers of MSE(hidden) / teacher mean square",
         quantization_aware=True))
     if "pruning" in src:
         source["pruning"] = src["pruning"]

@@ -9,7 +9,8 @@ from scipy.stats import spearmanr
 from .hf import encode, mean_pool
 from .ref import SOFTMAX_OUT_MAX, ref_layer
 
-__all__ = ["Fidelity", "TENSORS", "fp32_trace", "int_trace", "measure", "sqnr_db"]
+__all__ = ["Fidelity", "TENSORS", "fp32_trace", "int_trace", "measure", "sqnr_db", "pairwise_spearman",
+           "embedding_fidelity"]
 
 # Every traced tensor of a layer, in dataflow order, with the scale name its integer copy is at.
 TENSORS = ("q", "k", "v", "score", "probs", "ctx", "attn", "sum1", "h", "f1", "g", "f2", "sum2", "out")
@@ -134,10 +135,32 @@ def measure(model, qm, tokenizer, sentences, batch_size=32, progress=None):
                 err[i][n] += float(((r - a) ** 2).sum())
     ref_emb, int_emb = torch.cat(ref_emb), torch.cat(int_emb)
     cos = (ref_emb * int_emb).sum(dim=-1)
-    iu = torch.triu_indices(len(sentences), len(sentences), offset=1)
-    sim_ref = (ref_emb @ ref_emb.T)[iu[0], iu[1]]
-    sim_int = (int_emb @ int_emb.T)[iu[0], iu[1]]
-    rho = float(spearmanr(sim_ref.numpy(), sim_int.numpy()).statistic) if len(sentences) > 2 else math.nan
+    rho = pairwise_spearman(ref_emb, int_emb)
     sqnr = [{n: (math.inf if err[i][n] == 0 else 10 * math.log10(max(sig[i][n], 1e-30) / err[i][n]))
              for n in TENSORS} for i in range(n_layers)]
     return Fidelity(cosines=cos, spearman=rho, sqnr=sqnr, int_embeddings=int_emb, fp32_embeddings=ref_emb)
+
+
+def pairwise_spearman(ref_emb, emb):
+    """Spearman's rank correlation of the pairwise cosine similarities of two sets of unit embeddings."""
+    n = len(ref_emb)
+    if n < 3:
+        return math.nan
+    iu = torch.triu_indices(n, n, offset=1)
+    return float(spearmanr((ref_emb @ ref_emb.T)[iu[0], iu[1]].numpy(), (emb @ emb.T)[iu[0], iu[1]].numpy()).statistic)
+
+
+@torch.no_grad()
+def embedding_fidelity(teacher, embed, tokenizer, sentences, batch_size=32):
+    """``(cosines, spearman)`` of the sentence embeddings ``embed(enc)`` (a float last hidden state) against
+    the FP32 ``teacher``'s: per-sentence cosine of the mean-pooled embeddings and the pairwise-similarity
+    Spearman. Unlike :func:`measure` it needs no layer-by-layer match, so a pruned student compares with
+    its dense teacher."""
+    ref, got = [], []
+    for i in range(0, len(sentences), batch_size):
+        enc = encode(tokenizer, sentences[i:i + batch_size])
+        ref.append(mean_pool(teacher(**enc).last_hidden_state, enc["attention_mask"]))
+        got.append(mean_pool(embed(enc), enc["attention_mask"]))
+    ref, got = torch.cat(ref), torch.cat(got)
+    return (ref * got).sum(-1), pairwise_spearman(ref, got)
+
