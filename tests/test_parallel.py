@@ -1,5 +1,9 @@
-"""Data and tensor parallelism (sw/parallel.py) over torch.distributed: every mode `==` the single-device
-integer reference, and a rank that dies fails the run by name, in bounded time."""
+"""Data, tensor and pipeline parallelism (sw/parallel.py) over torch.distributed: every mode `==` the
+single-device integer reference (2 ranks of the tiny model on cpu and sim, 3 of a pruned one, 4 of a
+bert-base-shaped one), a device lost on one rank falls back, and a rank that dies fails the run by name,
+in bounded time."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +110,25 @@ def test_pipeline_stages_given_or_balanced(tiny, tiny_artifact_path):
     want = qm.forward_int(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
     result = launch("pipeline", tiny_artifact_path, dict(enc), ranks=2, micro_batches=3, stages=[1, 1])
     assert torch.equal(result.out, want) and [len(m) for m in result.micro_cycles] == [3, 3]
+
+
+@pytest.fixture(scope="module")
+def bert_base_shaped(tmp_path_factory):
+    """A random model of bert-base's layer shape (hidden 768, 12 heads of 64, FFN 3072), four layers, quantized
+    with a one-point search grid (the shapes are what this checks, not the calibration)."""
+    from conftest import make_tiny_bert
+    from ambert.sw.quant.quantize import QuantConfig, quantize_pretrained
+    folder = make_tiny_bert(str(tmp_path_factory.mktemp("bert_base")), hidden=768, heads=12, layers=4, ffn=3072,
+                            positions=64)
+    qm, _, tok = quantize_pretrained(folder, [" ".join(WORDS[i:i + 9]) for i in range(0, 30, 5)],
+                                     QuantConfig(alphas=(0.5,), clips=(1.0,)), progress=False)
+    return qm, tok, artifact.save(qm, Path(folder) / "q.safetensors")
+
+
+@pytest.mark.parametrize("mode", ["data", "tensor", "pipeline"])
+def test_four_ranks_of_a_bert_base_shaped_model_equal_the_reference(bert_base_shaped, mode):
+    qm, tok, path = bert_base_shaped
+    enc = encode(tok, SENTENCES[:5])
+    want = qm.forward_int(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    result = launch(mode, path, dict(enc), ranks=4, micro_batches=3)
+    assert torch.equal(result.out, want) and set(result.ops) == {"cpu"}
