@@ -34,6 +34,7 @@ from datetime import timedelta
 
 import torch
 
+from ambert.sw.compiler.layer import fused_qkv
 from ambert.sw.quant.ref import ref_add_layernorm, ref_gelu_requant, ref_heads, ref_requant
 
 __all__ = ["MODES", "shard_layer", "stage_bounds", "tensor_parallel_layer", "run_rank", "launch", "ParallelResult",
@@ -118,29 +119,49 @@ def _bias_only(x, bias):
     return bias.to(torch.int32).expand(*x.shape[:-1], bias.shape[0]).contiguous()
 
 
-def tensor_parallel_layer(x8, x16, p, shard, mask, matmul, all_reduce):
+def _shard_projections(shard):
+    """The static GEMMs of a layer's shard in the order they run: (w, bias, m0, shift, bits), None for a
+    rank without a share; Q, K and V merged as on one device (``fused_qkv``); the row-parallel ones int32."""
+    return [None if shard.attn is None else (*fused_qkv(shard.attn), 8),
+            None if shard.attn is None else (shard.wo, shard.bo, 0, 0, None),
+            None if shard.w1.shape[0] == 0 else (shard.w1, shard.b1, shard.f1_m0, shard.f1_shift, 16),
+            None if shard.w1.shape[0] == 0 else (shard.w2, shard.b2, 0, 0, None)]
+
+
+def tensor_parallel_layer(x8, x16, p, shard, mask, matmul, all_reduce, expect=None, next_shard=None):
     """One encoder layer, this rank's share of it; returns the full ``(x8, x16)`` on every rank.
 
     ``matmul`` is a backend's (``Runner``'s) GEMM; ``all_reduce(int32 tensor)`` sums it across ranks in
-    place."""
+    place; ``expect``, if given, is told each projection's weights before the one ahead of it runs (the
+    next layer's first: ``next_shard``), as on one device, so a device loads them while it computes."""
+    qkv, proj_o, ffn1, ffn2 = _shard_projections(shard)
+    following = [proj_o, ffn1, ffn2, None if next_shard is None else _shard_projections(next_shard)[0]]
+    rows = x8.shape[0] * x8.shape[1]
+
+    def project(x, i, gemm):
+        upcoming = next((g for g in following[i:] if g is not None), None)
+        if expect is not None and upcoming is not None:
+            expect(*upcoming, rows)
+        return matmul(x, *gemm)
+
     a = shard.attn
     if a is None:
         acc = _bias_only(x8, shard.bo)
     else:
-        q = matmul(x8, a.wq, a.bq, a.q_m0, a.q_shift, 8)
-        k = matmul(x8, a.wk, a.bk, a.k_m0, a.k_shift, 8)
-        v = matmul(x8, a.wv, a.bv, a.v_m0, a.v_shift, 8)
+        out = project(x8, 0, qkv)
+        c = a.wq.shape[0]
+        q, k, v = (out[..., i * c:(i + 1) * c].contiguous() for i in range(3))
         ctx = ref_heads(q, k, v, a, mask, matmul=matmul)
-        acc = matmul(ctx, shard.wo, shard.bo, 0, 0, None)            # int32 partial sums (the bypass)
+        acc = project(ctx, 1, proj_o)                               # int32 partial sums (the bypass)
     all_reduce(acc)
     attn = ref_requant(acc, p.o_m0, p.o_shift, 16)
     h8, h16 = ref_add_layernorm(attn, x16, [p.ln1_x8, p.ln1_x16])
-    if shard.w1.shape[0] == 0:
+    if ffn1 is None:
         acc2 = _bias_only(h8, shard.b2)
     else:
-        f1 = matmul(h8, shard.w1, shard.b1, shard.f1_m0, shard.f1_shift, 16)
+        f1 = project(h8, 2, ffn1)
         g = ref_gelu_requant(f1, p.gelu, shard.g_m0, shard.g_shift)
-        acc2 = matmul(g, shard.w2, shard.b2, 0, 0, None)
+        acc2 = project(g, 3, ffn2)
     all_reduce(acc2)
     f2 = ref_requant(acc2, p.f2_m0, p.f2_shift, 16)
     return tuple(ref_add_layernorm(f2, h16, [p.ln2_x8, p.ln2_x16]))
@@ -194,9 +215,12 @@ def run_rank(mode, qm, enc, device="cpu", micro_batches=4, stages=None):
         def all_reduce(t):
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
+        expect = getattr(runner.devices[0], "expect", None)
+
         def layer_fn(i, x8, x16, m):
             checkpoint(i)
-            return tensor_parallel_layer(x8, x16, qm.layers[i], shards[i], m, matmul, all_reduce)
+            return tensor_parallel_layer(x8, x16, qm.layers[i], shards[i], m, matmul, all_reduce, expect,
+                                         shards[i + 1] if i + 1 < len(shards) else None)
         return qm.forward_int(ids, mask, types, layer_fn=layer_fn), runner.collect_stats()
     if mode == "pipeline":
         out, micro_cycles = _pipeline_rank(qm, enc, runner, checkpoint, micro_batches, stages)
