@@ -36,7 +36,7 @@ def encoder_weight_bytes(qm):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fractions", default="0,0.25,0.4,0.5,0.6", help="fractions of encoder MACs to remove")
-    p.add_argument("--steps", type=int, default=600, help="distillation steps per fraction (default: the recipe's)")
+    p.add_argument("--steps", type=int, default=1000, help="distillation steps per fraction (default: the recipe's)")
     p.add_argument("--sentences", type=Path, default=ROOT / "tests" / "fixtures" / "sentences.txt")
     args = p.parse_args()
 

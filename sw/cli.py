@@ -334,9 +334,9 @@ def build_parser():
     ds = sub.add_parser("distill", help="train a pruned model on its FP32 teacher's outputs, then quantize it")
     ds.add_argument("artifact", type=Path, help="the artifact `ambert prune` wrote (or any artifact of the model)")
     ds.add_argument("--model", type=Path, help="the teacher's folder (default: the bundled all-MiniLM-L6-v2)")
-    ds.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
+    ds.add_argument("--steps", type=int, default=1000, help="training steps (default: 1000)")
     ds.add_argument("--batch", type=int, default=32, help="sentences per step (default: 32)")
-    ds.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
+    ds.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: 3e-4)")
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--calibration", type=Path, help="calibration sentences for the final quantization")
     ds.add_argument("--checkpoint", type=Path,
