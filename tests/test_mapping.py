@@ -40,6 +40,14 @@ def test_a_variant_shares_the_tensors_it_holds_identically(tiny, tmp_path):
     assert v["layers.0.w1"] is not b["layers.0.w1"] and torch.equal(v["layers.0.w1"], changed.w1)
 
 
+def test_a_pruned_model_shares_the_embedding_tables_of_its_base(tiny, pruned, tmp_path):
+    """`ambert prune` keeps the embeddings: the pruned artifact's tables are mapped once with its base's."""
+    base = artifact.load(artifact.save(tiny[0], tmp_path / "base.safetensors"))
+    small = artifact.load(artifact.save(pruned[0], tmp_path / "pruned.safetensors"))
+    assert small.word is base.word and small.position is base.position and small.token_type is base.token_type
+    assert small.layers[0].wq.shape != base.layers[0].wq.shape or small.layers[1].w1.shape != base.layers[1].w1.shape
+
+
 def test_writing_a_loaded_tensor_never_writes_the_file(tiny, tmp_path):
     path = artifact.save(tiny[0], tmp_path / "tiny.safetensors")
     before = path.read_bytes()
