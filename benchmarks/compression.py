@@ -17,7 +17,6 @@ bytes >= 35% fewer, and after distillation mean_cos >= 0.98 and spearman >= 0.97
 
 import argparse
 import datetime
-import platform
 import sys
 import tempfile
 import time

@@ -183,9 +183,10 @@ def _keep_rows(linear, index, dim):
 
 @torch.no_grad()
 def apply_plan(model, plan):
-    """Cut ``model`` (a dense Hugging Face BertModel, changed in place) down to ``plan``; returns it.
+    """Cut ``model`` (a Hugging Face BertModel, changed in place) down to ``plan``; returns it.
 
-    The plan's indices are the dense model's; a plan for another shape is refused (ValueError)."""
+    The plan's indices are ``model``'s own heads and neurons (a dense model's, for the plan an artifact
+    records); a plan that does not fit its layers is refused (ValueError)."""
     d = _d_head(model)
     dims = _dims(model)
     if len(plan.heads) != len(dims) or len(plan.neurons) != len(dims):
