@@ -36,6 +36,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fractions", default="0,0.25,0.4,0.5,0.6", help="fractions of encoder MACs to remove")
     p.add_argument("--steps", type=int, default=1000, help="distillation steps per fraction (default: the recipe's)")
+    p.add_argument("--distill", default="all", help="fractions to distil (default: all of --fractions)")
     p.add_argument("--sentences", type=Path, default=ROOT / "tests" / "fixtures" / "sentences.txt")
     args = p.parse_args()
 
@@ -51,6 +52,7 @@ def main():
     from cpu_speed import cpu_description               # this folder is the script's first import path
 
     fractions = [float(f) for f in args.fractions.split(",")]
+    distilled = fractions if args.distill == "all" else [float(f) for f in args.distill.split(",")]
     sentences = read_sentences(args.sentences)
     teacher, tok = load_bert(), load_tokenizer()
     text = " ".join(sentences[:12])
@@ -80,7 +82,7 @@ def main():
             t_prune = time.perf_counter() - t0
             row = dict(fraction=f, macs=encoder_macs(qm.config), bytes=encoder_weight_bytes(qm), cycles=cycles(qm),
                        pruned=fidelity(qm), t_prune=t_prune)
-            if f > 0:
+            if f > 0 and f in distilled:
                 path = artifact.save(qm, Path(tmp) / f"p{f}.ambert.safetensors")
                 t0 = time.perf_counter()
                 dq, _, _ = distill_artifact(path, dc=DistillConfig(steps=args.steps), progress=True)
@@ -91,7 +93,8 @@ def main():
 
     dense = rows[0] if rows[0]["fraction"] == 0 else None
     print(f"\nmachine: {cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"{datetime.date.today()}; `python benchmarks/compression.py --steps {args.steps}`")
+          f"{datetime.date.today()}; `python benchmarks/compression.py --fractions {args.fractions} --steps "
+          f"{args.steps} --distill {args.distill}`")
     print(f"evaluation: {len(sentences)} sentences of {args.sentences.name}; cycles: one 128-token sequence on "
           f"the simulated 16x16 accelerator (transfers included)\n")
     head = ("| MACs removed | MACs left (M) | encoder weights (MiB) | vs dense | device cycles | speedup "

@@ -102,6 +102,35 @@ def test_prefetched_weights_stay_resident_for_the_next_program(sim):
         assert parse_status(status) == Error(0) and np.array_equal(outs[0], _want(op))
 
 
+def test_a_models_weights_stay_resident_the_coldest_going_first(sim):
+    """Resident weights are not sent again by a later program. With more weights than the pool holds and
+    run in turn, a hot GEMM's (used often) stay, and of the rest those left most recently go first, so a
+    pass over them finds the others still there; every result is still `==` the reference (the device
+    keeps its pool between programs, so each program runs on what earlier ones left)."""
+    import dataclasses
+    rng = np.random.default_rng(7)
+    ops = [dataclasses.replace(_op(rng, 16, 60, 40, Mode.INT8), resident=True) for _ in range(8)]
+    residency = Residency(SHAPE)
+    cold = [len(compile_gemms(SHAPE, [op], Residency(SHAPE)).program.words) for op in ops]
+
+    def run(op):
+        c = compile_gemms(SHAPE, [op], residency)
+        outs, status = c.decode(sim.run(c.program.words, c.program.expect).answers)
+        assert parse_status(status) == Error(0) and np.array_equal(outs[0], _want(op))
+        return len(c.program.words)
+
+    sim.reset()
+    assert run(ops[0]) == cold[0] and residency.chunks
+    assert run(ops[0]) < cold[0] / 2 and run(ops[0]) < cold[0] / 2       # again: only A travels
+    first = [run(op) for op in ops[1:]]                 # 8 x 40 x 60 weights with parameters: > the pool
+    assert residency.planner.live_words <= SHAPE.pool_words
+    assert first == cold[1:]
+    second = [run(op) for op in ops[1:]]
+    assert run(ops[0]) < cold[0] / 2                    # the hot one stayed through both passes
+    assert sum(second) < sum(first)                     # the second pass found some of the first's
+    assert any(w == c for w, c in zip(second, cold[1:]))       # but not all: they do not fit
+
+
 def test_loads_and_stores_interleave_with_matmuls():
     rng = np.random.default_rng(5)
     prog = compile_gemms(SHAPE, [_op(rng, 64, 60, 200, Mode.INT8)]).program

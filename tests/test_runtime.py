@@ -215,3 +215,18 @@ def test_waveform_dump(tiny, tmp_path):
     assert torch.equal(x16, qm.forward_int(enc["input_ids"], enc["attention_mask"]))
     head = out.read_text()[:4000]
     assert "$timescale" in head and "$var" in head and "clk" in head
+
+
+def test_weights_stay_on_the_device_across_calls_and_models(tiny, pruned):
+    """Two models sharing one simulated 16x16 device (whose pool holds both), each asked twice in turn: the
+    repeat of a request sends fewer words over the host link (its weights found resident), and every
+    answer is `==` its reference."""
+    sim = SimDevice()
+    sent = []
+    for qm, model, tok in (tiny, pruned, tiny, pruned):
+        enc = encode(tok, ["the cat sat on the mat", "what is my name"])
+        out, mod = run(qm, model, [sim, CpuDevice()], enc)
+        assert torch.equal(out, reference(qm, enc))
+        assert mod.last_stats.ops == {"sim": 6 * qm.config["layers"]}
+        sent.append(mod.last_stats.host_words)
+    assert sent[2] < sent[0] and sent[3] < sent[1], sent

@@ -101,13 +101,15 @@ def plan_gemm(shape, m, k, n, mode):
 @dataclass
 class GemmOp:
     """One GEMM + requant: int8 ``a`` [M, K], int8 ``w`` [N, K], per-channel (or scalar) ``bias``, ``m0``,
-    ``shift``; ``mode`` picks int8 / int16 output or the int32 bypass."""
+    ``shift``; ``mode`` picks int8 / int16 output or the int32 bypass. ``resident``: the weights are a
+    model's (not a request's keys or values), worth leaving in the pool for later programs."""
     a: np.ndarray
     w: np.ndarray
     bias: object
     m0: object
     shift: object
     mode: Mode
+    resident: bool = False
 
     def __post_init__(self):
         self.a, self.w = np.asarray(self.a, dtype=np.int8), np.asarray(self.w, dtype=np.int8)
@@ -129,11 +131,20 @@ class GemmOp:
 
 @dataclass
 class Residency:
-    """What a device's pool holds across programs: prefetched weight chunks by content digest, and the
-    planner that owns the ranges. Reset it whenever the device is reset."""
+    """What a device's pool holds across programs: weight chunks by content digest — prefetched ones, and
+    a model's weights left where they were used while the pool has room, so a repeated request (of any
+    model sharing the device) does not send them again — and the planner that owns the ranges.
+
+    A program short of room releases the coldest chunk first: the one used least often, and among equals
+    the one left most recently. Use counts keep hot weights (a model asked often) over cold ones; the
+    tie rule keeps a model larger than the pool from flushing it each pass (with weights streamed in a
+    cycle, releasing the least recently used would release each chunk just before its next use, while
+    releasing the most recent keeps the rest of the pool for the next pass). Reset it whenever the
+    device is reset."""
     shape: object
     planner: PoolPlanner = None
-    chunks: dict = field(default_factory=dict)      # digest -> Region
+    chunks: dict = field(default_factory=dict)      # digest -> Region, in the order they were left
+    uses: dict = field(default_factory=dict)        # digest -> programs that used it (kept or not)
 
     def __post_init__(self):
         self.planner = self.planner or PoolPlanner(self.shape)
@@ -142,9 +153,32 @@ class Residency:
         self.planner.reset()
         self.chunks.clear()
 
-    def evict(self, keep=()):
-        """Release resident chunks (all but the digests in ``keep``); True if anything was released."""
-        gone = [d for d in self.chunks if d not in keep]
+    def keep(self, digest, region):
+        """Leave a used weight chunk in the pool (a second copy of a chunk already kept is released)."""
+        old = self.chunks.pop(digest, None)
+        if old is not None and old is not region:
+            self.planner.release(region)
+            region = old
+        self.chunks[digest] = region
+        if len(self.uses) >= 1 << 16 and digest not in self.uses:
+            self.uses = {d: self.uses[d] for d in self.chunks if d in self.uses}    # forget the long gone
+        self.uses[digest] = self.uses.get(digest, 0) + 1
+
+    def evict_coldest(self):
+        """Release the coldest chunk; False if there is none. (A chunk a program is using is not here:
+        it left ``chunks`` when the program found it.)"""
+        coldest = None
+        for d in self.chunks:                   # oldest first: a later equal wins, the most recent
+            if coldest is None or self.uses.get(d, 0) <= self.uses.get(coldest, 0):
+                coldest = d
+        if coldest is None:
+            return False
+        self.planner.release(self.chunks.pop(coldest))
+        return True
+
+    def evict(self):
+        """Release every resident chunk; True if anything was released."""
+        gone = list(self.chunks)
         for d in gone:
             self.planner.release(self.chunks.pop(d))
         return bool(gone)
@@ -210,22 +244,25 @@ def compile_gemms(shape, ops, residency=None, prefetch=None):
     blocks = []             # (op, rows, cols, answer words) of each STORE, in answer order
     pending = None          # (output, block) computed or computing, not yet stored
     stored = []             # regions whose STORE is emitted, released once the next STORE is
-    used_digests = set()
+    digests = {}            # w_key -> the digest of its chunk
 
     def alloc(words, name, forbid=(), avoid=()):
-        """Allocate; when the pool is short, give up on overlap step by step before failing."""
-        for attempt in range(3):
+        """Allocate; when the pool is short, release resident weights (the coldest first), then give up
+        on overlap step by step before failing."""
+        while True:
             try:
-                return pool.alloc(words, name, forbid, avoid if attempt == 0 else ())
+                return pool.alloc(words, name, forbid, avoid)
             except PoolFull:
-                if attempt == 1:
-                    store_pending()
-                    while stored:
-                        pool.release(stored.pop())
-                    residency.evict(keep=used_digests)
-                elif attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+                if not residency.evict_coldest():
+                    break
+        try:
+            return pool.alloc(words, name, forbid, ())
+        except PoolFull:
+            store_pending()
+            while stored:
+                pool.release(stored.pop())
+            residency.evict()
+        return pool.alloc(words, name, forbid, ())
 
     def store_pending():
         nonlocal pending
@@ -241,8 +278,11 @@ def compile_gemms(shape, ops, residency=None, prefetch=None):
         w_words = None
         if step.w_key not in held:
             w_words, digest = op.weight_chunk(shape, step.plan, step.nt0, step.ntc)
-            used_digests.add(digest)
-            region = residency.chunks.pop(digest, None)      # prefetched by an earlier program
+            digests[step.w_key] = digest
+            region = residency.chunks.pop(digest, None)      # left by an earlier program
+            if region is not None and step.a_key in held and held[step.a_key].bank == region.bank:
+                pool.release(region)        # in the bank of this GEMM's A: one MATMUL cannot read both
+                region = None
             if region is not None:
                 held[step.w_key], w_words = region, None
         if step.a_key not in held:
@@ -286,7 +326,11 @@ def compile_gemms(shape, ops, residency=None, prefetch=None):
         if step.a_last:
             pool.release(held.pop(step.a_key))
         if step.w_last:
-            pool.release(held.pop(step.w_key))
+            region = held.pop(step.w_key)
+            if op.resident:
+                residency.keep(digests[step.w_key], region)
+            else:
+                pool.release(region)
         cols = slice(step.nt0 * lanes, min(op.w.shape[0], (step.nt0 + step.ntc) * lanes))
         pending = (out, (step.op, slice(step.r0, step.r0 + step.rc), cols,
                          out.words_used * shape.host_words_per_pool_word))

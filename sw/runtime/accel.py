@@ -1,7 +1,9 @@
 """Devices that run the accelerator's instruction set — the simulated top and the boards: every GEMM +
 requant of a layer is compiled (sw/compiler) into one program and run on the device; softmax, GELU and
 LayerNorm run on the host (sw/compiler/layer.py). The pool persists between programs, so the weights the
-layer schedule announces (``expect``) load while the previous GEMM computes."""
+layer schedule announces (``expect``) load while the previous GEMM computes, and a model's weights stay
+where they were used while the pool has room (``Residency``): a repeated request, of this model or of
+another sharing the device, does not send them over the host link again."""
 
 import numpy as np
 import torch
@@ -89,8 +91,9 @@ class AcceleratorDevice(Device):
         m0_b = torch.as_tensor(m0, dtype=torch.int64).expand(out_shape).reshape(-1, m, n)[:, 0]
         sh_b = torch.as_tensor(shift, dtype=torch.int64).expand(out_shape).reshape(-1, m, n)[:, 0]
         bias_np = np.zeros(n, dtype=np.int64) if bias is None else _as_numpy(bias).astype(np.int64)
-        ops = [GemmOp(_as_numpy(a_b[i]), _as_numpy(w_b[i]), bias_np, _as_numpy(m0_b[i]), _as_numpy(sh_b[i]), mode)
-               for i in range(a_b.shape[0])]
+        resident = w.dim() == 2           # a model's weights; batched ones are a request's keys and values
+        ops = [GemmOp(_as_numpy(a_b[i]), _as_numpy(w_b[i]), bias_np, _as_numpy(m0_b[i]), _as_numpy(sh_b[i]), mode,
+                      resident) for i in range(a_b.shape[0])]
         prefetch, self._expected = self._expected, None
         try:
             compiled = compile_gemms(self.shape, ops, self.residency, prefetch)
