@@ -145,6 +145,7 @@ class Residency:
     planner: PoolPlanner = None
     chunks: dict = field(default_factory=dict)      # digest -> Region, in the order they were left
     uses: dict = field(default_factory=dict)        # digest -> programs that used it (kept or not)
+    prefetched: set = field(default_factory=set)    # digests loaded ahead for the next program
 
     def __post_init__(self):
         self.planner = self.planner or PoolPlanner(self.shape)
@@ -152,6 +153,7 @@ class Residency:
     def reset(self):
         self.planner.reset()
         self.chunks.clear()
+        self.prefetched.clear()
 
     def keep(self, digest, region):
         """Leave a used weight chunk in the pool (a second copy of a chunk already kept is released)."""
@@ -165,22 +167,43 @@ class Residency:
         self.uses[digest] = self.uses.get(digest, 0) + 1
 
     def evict_coldest(self):
-        """Release the coldest chunk; False if there is none. (A chunk a program is using is not here:
-        it left ``chunks`` when the program found it.)"""
+        """Release the coldest chunk, a prefetched one (which the next program is about to use) only when
+        nothing else is left; False if there is none. (A chunk a program is using is not here: it left
+        ``chunks`` when the program found it.)"""
         coldest = None
         for d in self.chunks:                   # oldest first: a later equal wins, the most recent
-            if coldest is None or self.uses.get(d, 0) <= self.uses.get(coldest, 0):
+            if coldest is None or self._heat(d) <= self._heat(coldest):
                 coldest = d
         if coldest is None:
             return False
         self.planner.release(self.chunks.pop(coldest))
         return True
 
+    def has_room(self, region):
+        """Whether ``region`` may stay: kept weights take at most a quarter of the pool, so the programs'
+        own operands keep the banks they need to overlap loads with compute."""
+        kept = sum(r.words for d, r in self.chunks.items() if d not in self.prefetched)
+        return kept + region.words <= self.shape.pool_words // 4
+
+    def _heat(self, digest):
+        return (digest in self.prefetched, self.uses.get(digest, 0))
+
+    def prefetch(self, digest, region):
+        """A chunk loaded for the next program."""
+        self.chunks[digest] = region
+        self.prefetched.add(digest)
+
+    def take(self, digest):
+        """The region of a resident chunk a program is about to use (it leaves ``chunks``), or None."""
+        self.prefetched.discard(digest)
+        return self.chunks.pop(digest, None)
+
     def evict(self):
         """Release every resident chunk; True if anything was released."""
         gone = list(self.chunks)
         for d in gone:
             self.planner.release(self.chunks.pop(d))
+        self.prefetched.clear()
         return bool(gone)
 
 
@@ -279,7 +302,7 @@ def compile_gemms(shape, ops, residency=None, prefetch=None):
         if step.w_key not in held:
             w_words, digest = op.weight_chunk(shape, step.plan, step.nt0, step.ntc)
             digests[step.w_key] = digest
-            region = residency.chunks.pop(digest, None)      # left by an earlier program
+            region = residency.take(digest)                  # left by an earlier program
             if region is not None and step.a_key in held and held[step.a_key].bank == region.bank:
                 pool.release(region)        # in the bank of this GEMM's A: one MATMUL cannot read both
                 region = None
@@ -327,7 +350,7 @@ def compile_gemms(shape, ops, residency=None, prefetch=None):
             pool.release(held.pop(step.a_key))
         if step.w_last:
             region = held.pop(step.w_key)
-            if op.resident:
+            if op.resident and residency.has_room(region):
                 residency.keep(digests[step.w_key], region)
             else:
                 pool.release(region)
@@ -395,7 +418,7 @@ def _prefetch(shape, residency, op, avoid, load, alloc):
     except PoolFull:
         return                  # no room: the next program loads it itself
     load(region.addr, words)
-    residency.chunks[digest] = region
+    residency.prefetch(digest, region)
 
 
 def gemm_program(shape, a, w, bias, m0, shift, mode):
