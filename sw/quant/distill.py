@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .hf import mean_pool
+
 __all__ = ["DistillConfig", "CORPUS", "training_sentences", "distill", "distill_artifact", "CheckpointError"]
 
 CORPUS = ("206 English Wikipedia articles (CC BY-SA) and the Lee background corpus of 300 ABC news articles, "
@@ -170,15 +172,10 @@ def _attach_twin(model):
     return detach, ranges
 
 
-def _pool(hidden, mask):
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
-
-
 def _loss(student, teacher, mask, hidden_weight):
     """``1 − cos`` of the pooled last hidden states plus ``hidden_weight`` times the mean, over the layers,
     of each layer's output error relative to the teacher's mean square (real tokens only)."""
-    cos = (_pool(student[-1], mask) * _pool(teacher[-1], mask)).sum(-1)
+    cos = (mean_pool(student[-1], mask) * mean_pool(teacher[-1], mask)).sum(-1)
     m = mask.unsqueeze(-1).to(student[-1].dtype)
     mse = sum((((s - t) ** 2) * m).sum() / ((t ** 2) * m).sum().clamp(min=1e-12)
               for s, t in zip(student[1:], teacher[1:])) / (len(teacher) - 1)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from .hf import mean_pool
 from .model import MACS_SEQ, layer_macs
 
 __all__ = ["PrunePlan", "GRANULARITIES", "importance", "choose_plan", "apply_plan", "prune", "describe",
@@ -88,9 +89,7 @@ def importance(model, batches, probes=4, seed=0, progress=True):
     model.requires_grad_(False)
     try:
         for enc in tqdm(batches, desc="scoring heads and neurons", unit="sent", disable=not progress):
-            hidden = model(**enc).last_hidden_state
-            m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            y = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+            y = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
             for k in range(probes):
                 r = torch.randn(y.shape, generator=gen)
                 grads = torch.autograd.grad((y * r).sum(), masks, retain_graph=k < probes - 1)
