@@ -9,8 +9,10 @@ users compare). Every head and neuron gets a mask m (1 = kept) on its output; to
 unit u raises the squared embedding error by ``½ ‖∂y/∂m_u‖²`` (the Gauss-Newton term: the first-order
 term vanishes, since the loss against the unpruned model's own output is at its minimum), estimated with
 random probes ``E_r[(rᵀ ∂y/∂m_u)²]`` (one backward pass each) and averaged over sentences. Heads and
-neurons are scored in the same unit, so they compete in one ranking. Magnitude scores, or movement and
-first-order (Taylor) scores, need a task loss or fine-tuning, and there is none here.
+neurons are scored in the same unit, so they compete in one ranking. Weight magnitudes ignore what the
+activations do; movement and first-order (Taylor) scores need a task loss or fine-tuning, and there is
+none here; a unit's output norm against its layer's residual ranks heads far below neurons (at 40% of
+MiniLM's MACs it removes 66 of 72 heads, and cosine to FP32 falls to 0.59, against 0.86 here).
 
 **Choice.** Units are removed greedily, least score per MAC saved first, until the asked fraction of
 the encoder's MACs (at :data:`MACS_SEQ` tokens) is gone, in a few rounds with the scores measured again
