@@ -1,10 +1,11 @@
 # ambert: two commands set everything up on a fresh machine.
 #   make demo   quantize the bundled MiniLM and compare the integer model with FP32
 #   make test   the whole test suite (pytest)
+#   make report [QUICK=1]   measure every efficiency strategy on this machine: build/report/index.html
 #   make bitstream BOARD=ulx3s|icebreaker [SIZE=small|medium|target] [TIME_LIMIT=seconds a tool may run]
 #                  build a board's bitstream and its report
 #   make program   BOARD=ulx3s|icebreaker [SIZE=small|medium|target]   program it (openFPGALoader / iceprog)
-# Both create and fill .venv when it is missing or pyproject.toml changed.
+# Each creates and fills .venv when it is missing or pyproject.toml changed.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -14,13 +15,13 @@ STAMP  := $(VENV)/.installed
 BOARD  ?=
 SIZE   ?= small
 
-.PHONY: all venv demo test bench bitstream program clean distclean
+.PHONY: all venv demo test report bench bitstream program clean distclean
 
 all: test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,report]'
 	touch $@
 
 venv: $(STAMP)
@@ -30,6 +31,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+report: $(STAMP)
+	$(BIN)/python -m ambert.report $(if $(QUICK),--quick)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/fidelity.py

@@ -26,12 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def encoder_weight_bytes(qm):
-    """Bytes of the encoder's int8 weights and int32 biases, as the artifact stores them."""
-    return sum(t.numel() * t.element_size() for p in qm.layers
-               for t in (p.wq, p.wk, p.wv, p.wo, p.w1, p.w2, p.bq, p.bk, p.bv, p.bo, p.b1, p.b2))
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fractions", default="0,0.25,0.4,0.5,0.6", help="fractions of encoder MACs to remove")
@@ -49,7 +43,7 @@ def main():
     from ambert.sw.quant.prune import prune_pretrained
     from ambert.sw.quant.quantize import quantize_pretrained, read_sentences
     from ambert.sw.runtime import offload
-    from cpu_speed import cpu_description               # this folder is the script's first import path
+    from ambert.report.measure import cpu_description, encoder_weight_bytes
 
     fractions = [float(f) for f in args.fractions.split(",")]
     distilled = fractions if args.distill == "all" else [float(f) for f in args.distill.split(",")]

@@ -18,38 +18,12 @@ loading its model as a user does (ambert from its artifact) and running batch 32
 
 import argparse
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-INT8_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 
-
-def cpu_description():
-    """The CPU's model name and which of its features int8 kernels use."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model") and model in ("", platform.machine()):
-                model = value.strip()
-            if key.strip() in ("flags", "Features"):
-                flags |= set(value.split())
-    except OSError:
-        pass
-    have = [f for f in INT8_FEATURES if f in flags]
-    return f"{model}; int8 features: {', '.join(have) or 'none of ' + ', '.join(INT8_FEATURES)}"
-
-
-def _status_kib(field):
-    """A VmRSS / VmHWM line of /proc/self/status. (VmHWM, not getrusage's ru_maxrss: after fork + exec
-    the latter still holds the parent's peak.)"""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status: peak memory needs Linux")
+from ambert.report.measure import best_of_interleaved, cpu_description, status_kib  # noqa: E402
 
 
 def peak_memory(contender, artifact_path, batch):
@@ -70,10 +44,10 @@ def peak_memory(contender, artifact_path, batch):
         if contender == "torch dynamic int8":
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     enc = tok(["a sentence"] * batch, padding="max_length", max_length=128, return_tensors="pt")
-    loaded = _status_kib("VmRSS")
+    loaded = status_kib("VmRSS")
     with torch.no_grad():
         model(**enc)
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     print(f"{peak / 1024:.1f} {(peak - loaded) / 1024:.1f}")
 
 
@@ -89,17 +63,6 @@ def measure_peaks(contenders, artifact_path, batch, flags=()):
         peak, added = run.stdout.split()[-2:]
         out[name] = (float(peak), float(added))
     return out
-
-
-def best_of_interleaved(fns, reps):
-    """Best wall time of each function, the runs interleaved."""
-    best = [float("inf")] * len(fns)
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
-            t = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t)
-    return best
 
 
 def main():

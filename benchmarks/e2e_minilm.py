@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 def main():
     import torch
-    from cpu_speed import best_of_interleaved           # this folder is the script's first import path
+    from ambert.report.measure import best_of_interleaved
     from ambert.sw.quant.quantize import quantize_pretrained, read_sentences
     from ambert.sw.runtime import offload
 

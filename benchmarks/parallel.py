@@ -36,21 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CLOCK_HZ = 100e6
 UART_BYTES_S = 3e6 / 10          # 8N1
 
+from ambert.report import measure  # noqa: E402
+from ambert.report.measure import gpipe_makespan  # noqa: E402
+
 
 def link_cycles(nbytes, bytes_per_s):
-    return nbytes / bytes_per_s * CLOCK_HZ
-
-
-def gpipe_makespan(stage_micro, send_cycles):
-    """Replay GPipe's forward schedule: stage s starts micro-batch i when it has finished i - 1 and stage
-    s - 1 has finished i and sent it."""
-    p, m = len(stage_micro), len(stage_micro[0])
-    done = [[0.0] * m for _ in range(p)]
-    for s in range(p):
-        for i in range(m):
-            ready = max(done[s][i - 1] if i else 0.0, done[s - 1][i] + send_cycles if s else 0.0)
-            done[s][i] = ready + stage_micro[s][i]
-    return done[-1][-1]
+    return measure.link_cycles(nbytes, bytes_per_s, CLOCK_HZ)
 
 
 def main():
