@@ -172,10 +172,21 @@ def _grouped(x, shape):
     return None
 
 
-def requant(acc, m0, shift, bits, bias=None):
+def _into(out, shape, dtype):
+    """``out`` (a contiguous tensor of ``dtype`` holding ``shape``'s elements) as a numpy array of
+    ``shape`` the kernel writes into, or a new array when ``out`` is None."""
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if not out.is_contiguous() or out.numel() != int(np.prod(shape)) or out.numpy().dtype != dtype:
+        raise ValueError(f"out must be a contiguous {np.dtype(dtype).name} tensor of {int(np.prod(shape))} "
+                         f"elements, not {out.dtype} {tuple(out.shape)}")
+    return out.numpy().reshape(shape)
+
+
+def requant(acc, m0, shift, bits, bias=None, out=None):
     """:func:`ref.ref_requant` of ``acc`` (+ int32 ``bias`` [N], summed exactly; OverflowError if the sum
     leaves int32, as :func:`ref.ref_gemm` raises) with checked constants; None where the constants
-    broadcast in a way :func:`_grouped` does not take."""
+    broadcast in a way :func:`_grouped` does not take. ``out``: a tensor to write the result into."""
     n = acc.shape[-1]
     m0_g, sh_g = _grouped(m0, acc.shape), _grouped(shift, acc.shape)
     if m0_g is None or sh_g is None or bits not in _DTYPE:
@@ -190,28 +201,28 @@ def requant(acc, m0, shift, bits, bias=None):
     bias_a = np.zeros(n, np.int64) if bias is None else bias.to(torch.int64).numpy()
     (lo, hi), dtype = OUT_RANGE[bits], _DTYPE[bits]
     rows = _rows(acc)
-    out = np.empty(rows.shape, dtype=dtype)
+    res = _into(out, rows.shape, dtype)
     overflow = np.zeros(rows.shape[0], dtype=np.bool_)
     _threads()
-    _requant(rows, bias_a, m0_a, sh_a, period, lo, hi, out, overflow)
+    _requant(rows, bias_a, m0_a, sh_a, period, lo, hi, res, overflow)
     if overflow.any():
         raise OverflowError("GEMM accumulator overflows int32")
-    return torch.from_numpy(out).reshape(acc.shape)
+    return torch.from_numpy(res).reshape(acc.shape) if out is None else out.view(acc.shape)
 
 
-def gelu_requant(q, gelu, m0, shift):
+def gelu_requant(q, gelu, m0, shift, out=None):
     """``ref_requant(ref_gelu(q, gelu), m0, shift, 8)`` in one pass (per-channel constants only)."""
     n = q.shape[-1]
     m0_c, sh_c = _per_channel(m0, n), _per_channel(shift, n)
     if m0_c is None or sh_c is None:
         return None
-    out = np.empty((q.numel() // max(n, 1), n), dtype=np.int8)
+    res = _into(out, (q.numel() // max(n, 1), n), np.int8)
     _threads()
-    _gelu_requant(_rows(q), gelu.b_int, gelu.c_int, gelu.shift, m0_c, sh_c, -128, 127, out)
-    return torch.from_numpy(out).reshape(q.shape)
+    _gelu_requant(_rows(q), gelu.b_int, gelu.c_int, gelu.shift, m0_c, sh_c, -128, 127, res)
+    return torch.from_numpy(res).reshape(q.shape) if out is None else out.view(q.shape)
 
 
-def softmax(s, p, mask, out_max, factor_bits):
+def softmax(s, p, mask, out_max, factor_bits, out=None):
     """:func:`ref.ref_softmax`'s formula; ``mask`` None or bool broadcastable to ``s``. A key mask per
     batch entry ([B, 1, …, 1, T], as attention passes it) is read in place, not expanded."""
     t = s.shape[-1]
@@ -225,15 +236,17 @@ def softmax(s, p, mask, out_max, factor_bits):
             keep, period = np.ascontiguousarray(mask.reshape(mask.shape[0], t).numpy()), rows.shape[0] // s.shape[0]
         else:
             keep, period = np.ascontiguousarray(mask.expand(s.shape).numpy()).reshape(-1, t), 1
-    out = np.empty(rows.shape, dtype=np.int8)
+    res = _into(out, rows.shape, np.int8)
     _threads()
-    _softmax(rows, keep, max(period, 1), p.m, p.b_int, p.c_int, out_max, factor_bits, out)
-    return torch.from_numpy(out).reshape(s.shape)
+    _softmax(rows, keep, max(period, 1), p.m, p.b_int, p.c_int, out_max, factor_bits, res)
+    return torch.from_numpy(res).reshape(s.shape) if out is None else out.view(s.shape)
 
 
-def layernorm(v, outs, norm_bits, extra_bits, limit, residual=None):
+def layernorm(v, outs, norm_bits, extra_bits, limit, residual=None, out=None, stage=None):
     """:func:`ref.ref_layernorm`'s formula of ``v`` (+ ``residual``, summed exactly) for every entry of
-    ``outs``; OverflowError if any ``|v| >= limit``."""
+    ``outs``; OverflowError if any ``|v| >= limit``. ``out``: one tensor per entry of ``outs`` (of its
+    width: int8 or int16) to write the results into; ``stage``: an int16 tensor of ``len(outs)`` times
+    ``v``'s elements the kernel writes into first."""
     c = v.shape[-1]
     gains = np.ascontiguousarray(torch.stack([o.gain.to(torch.int64).expand(c) for o in outs]).numpy())
     offsets = np.ascontiguousarray(torch.stack([o.offset.to(torch.int64).expand(c) for o in outs]).numpy())
@@ -242,11 +255,15 @@ def layernorm(v, outs, norm_bits, extra_bits, limit, residual=None):
     his = np.array([OUT_RANGE[o.bits][1] for o in outs], dtype=np.int64)
     rows = _rows(v)
     other = np.zeros((0, 0), dtype=rows.dtype) if residual is None else _rows(residual)
-    out = np.empty((len(outs), *rows.shape), dtype=np.int16)
+    staged = _into(stage, (len(outs), *rows.shape), np.int16)
     too_wide = np.zeros(rows.shape[0], dtype=np.bool_)
     _threads()
-    _layernorm(rows, other, gains, offsets, shifts, los, his, norm_bits, extra_bits, limit, out, too_wide)
+    _layernorm(rows, other, gains, offsets, shifts, los, his, norm_bits, extra_bits, limit, staged, too_wide)
     if too_wide.any():
         raise OverflowError("LayerNorm input exceeds the 18-bit residual range")
-    return [torch.from_numpy(out[i] if o.bits == 16 else out[i].astype(np.int8)).reshape(v.shape)
-            for i, o in enumerate(outs)]
+    if out is None:
+        return [torch.from_numpy(staged[i] if o.bits == 16 else staged[i].astype(np.int8)).reshape(v.shape)
+                for i, o in enumerate(outs)]
+    for i, o in enumerate(outs):            # each output already saturated to its width: the casts are exact
+        np.copyto(_into(out[i], rows.shape, np.int16 if o.bits == 16 else np.int8), staged[i], casting="unsafe")
+    return [t.view(v.shape) for t in out]
