@@ -11,11 +11,13 @@ The API embedding users already call:
   bytes in use, evictions, fallbacks).
 
 Models live in a :class:`ambert.sw.runtime.pool.ModelPool` (their weights mapped from the artifacts,
-under ``--memory-budget``). Each model has a batcher: while one of its batches runs, the requests that
-arrive gather into the next (at most ``max_batch`` sentences), which runs as soon as the device is free;
-a request that finds the device free waits at most ``max_wait_s`` (default 0) for company. The integer
-model's bits do not depend on the batch a sentence lands in. One inference thread per process runs the
-batches on the device chain (``--device``, with the runtime's per-operation fallback: the same bits).
+under ``--memory-budget``). Requests queue per model; one inference thread per process runs batches on
+the device chain (``--device``, with the runtime's per-operation fallback: the same bits), each formed
+when the thread is free to take it: the model whose oldest request has waited longest, with up to
+``max_batch`` of its queued sentences. So every request that arrived while a batch ran rides in the
+next batch of its model, and requests are served oldest first whatever their model. A request
+that finds the thread free waits at most ``max_wait_s`` (default 0) for company. The integer model's bits
+do not depend on the batch a sentence lands in.
 
 Errors are JSON ``{"error": "...", "error_type": "..."}``: 400 for a body that is not the API's JSON,
 404 for an unknown model, 413 for an input longer than the model takes or more inputs than a request may
@@ -23,6 +25,7 @@ carry (the limit named), 422 for an empty input, 503 with ``Retry-After`` when t
 """
 
 import asyncio
+import collections
 import json
 import threading
 import time
@@ -173,15 +176,21 @@ class _Engine:
 
 
 
-class _Batcher:
-    """Requests for one model gathered into batches (see the module's docstring)."""
+class _Dispatcher:
+    """Requests of every model, queued per model in arrival order, and the one inference thread that runs
+    their batches (see the module's docstring). A batch is formed when the thread takes it — not when
+    the previous one starts — so every request that arrived meanwhile rides in it: the model whose oldest
+    request has waited longest goes next, with up to ``max_batch`` of its sentences (whole requests, in
+    arrival order; a request larger than that runs alone). A request whose client went away before its
+    batch formed is dropped unrun."""
 
-    def __init__(self, engine, name):
-        self.engine, self.name = engine, name
-        self.queue = asyncio.Queue()
+    def __init__(self, engine):
+        self.engine = engine
+        self.pending = {m.name: collections.deque() for m in engine.config.models}
+        self.wake = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self._loop())
 
-    async def embed(self, sentences):
+    async def embed(self, name, sentences):
         engine, cfg = self.engine, self.engine.config
         with engine.lock:
             if engine.queued + len(sentences) > cfg.queue_limit:
@@ -190,46 +199,55 @@ class _Batcher:
             engine.queued += len(sentences)
             engine.metrics.queued.set(engine.queued)
         done = asyncio.get_running_loop().create_future()
-        await self.queue.put((sentences, done, time.monotonic()))
+        self.pending[name].append((sentences, done, time.monotonic()))
+        self.wake.set()
         return await done
 
+    def _release(self, sentences):
+        with self.engine.lock:
+            self.engine.queued -= len(sentences)
+            self.engine.metrics.queued.set(self.engine.queued)
+
+    def _oldest(self):
+        """The model whose first live request arrived first, or None; drops requests already abandoned."""
+        best = None
+        for name, queue in self.pending.items():
+            while queue and queue[0][1].done():
+                self._release(queue.popleft()[0])
+            if queue and (best is None or queue[0][2] < self.pending[best][0][2]):
+                best = name
+        return best
+
     async def _loop(self):
-        # Continuous batching: while this model's batch runs, the next one gathers (up to max_batch);
-        # when the device is free it waits at most max_wait_s for company. One batch per model runs at
-        # a time; the inference thread takes the models' batches in turn.
         loop = asyncio.get_running_loop()
         cfg = self.engine.config
-        running = getter = carry = None
         while True:
-            if carry is None:
-                getter = getter or asyncio.ensure_future(self.queue.get())
-                first, getter = await getter, None
-            else:
-                first, carry = carry, None
-            batch, size = [first], len(first[0])
-            deadline = loop.time() + cfg.max_wait_s
-            while size < cfg.max_batch:
-                busy = running is not None and not running.done()
-                timeout = None if busy else deadline - loop.time()
-                if timeout is not None and timeout <= 0:
+            name = self._oldest()
+            if name is None:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            queue = self.pending[name]
+            # the thread is free: wait for company at most max_wait_s after the oldest request came
+            deadline = queue[0][2] + cfg.max_wait_s
+            while sum(len(item[0]) for item in queue) < cfg.max_batch and time.monotonic() < deadline:
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), deadline - time.monotonic())
+                except asyncio.TimeoutError:
                     break
-                getter = getter or asyncio.ensure_future(self.queue.get())
-                done, _ = await asyncio.wait({getter, running} if busy else {getter}, timeout=timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    nxt, getter = getter.result(), None
-                    if size + len(nxt[0]) > cfg.max_batch:
-                        carry = nxt                     # it starts the next batch
-                        break
-                    batch.append(nxt)
-                    size += len(nxt[0])
-                elif not done:                          # the wait ran out
-                    break
-            if running is not None:
-                await running
-            running = asyncio.ensure_future(self._run(loop, batch))
+            batch, size = [], 0
+            while queue and (not batch or size + len(queue[0][0]) <= cfg.max_batch):
+                item = queue.popleft()
+                if item[1].done():                  # its client went away
+                    self._release(item[0])
+                    continue
+                batch.append(item)
+                size += len(item[0])
+            if batch:
+                await self._run(loop, name, batch)
 
-    async def _run(self, loop, batch):
+    async def _run(self, loop, name, batch):
         m, engine = self.engine.metrics, self.engine
         now = time.monotonic()
         for _, _, t in batch:
@@ -237,7 +255,7 @@ class _Batcher:
         sentences = [s for item in batch for s in item[0]]
         m.batch.observe(len(sentences))
         try:
-            emb = await loop.run_in_executor(engine.thread, engine.run_batch, self.name, sentences)
+            emb = await loop.run_in_executor(engine.thread, engine.run_batch, name, sentences)
         except Exception as e:          # noqa: BLE001 - every request of the batch learns why
             error = ApiError(500, f"the batch failed: {e}", "Backend")
             for _, done, _ in batch:
@@ -251,9 +269,7 @@ class _Batcher:
                     done.set_result(rows[i:i + len(item)])
                 i += len(item)
         finally:
-            with engine.lock:
-                engine.queued -= len(sentences)
-                m.queued.set(engine.queued)
+            self._release(sentences)
 
 
 def build_app(config):
@@ -266,17 +282,15 @@ def build_app(config):
 
     metrics = _Metrics()
     engine = _Engine(config, metrics)
-    batchers = {}
+    dispatch = []
     default = config.models[0].name
 
     @asynccontextmanager
     async def lifespan(app):
-        for m in config.models:
-            batchers[m.name] = _Batcher(engine, m.name)
+        dispatch.append(_Dispatcher(engine))
         print(f"ambert serve: ready ({len(config.models)} model(s), device {config.device})", flush=True)
         yield
-        for b in batchers.values():
-            b.task.cancel()
+        dispatch[0].task.cancel()
         engine.thread.shutdown(wait=True)
         print("ambert serve: stopped, every request answered", flush=True)
 
@@ -318,7 +332,7 @@ def build_app(config):
         name = data.get("model", default)
         sentences = inputs(data, key)
         engine.check(name, sentences)
-        return name, sentences, await batchers[name].embed(sentences)
+        return name, sentences, await dispatch[0].embed(name, sentences)
 
     async def embed(request):
         async def handle(request):

@@ -85,6 +85,43 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served):
     assert batches < 6                                                    # some ran together
 
 
+def test_a_batch_forms_when_the_thread_takes_it_oldest_request_first(served, monkeypatch):
+    """Requests that arrive while a batch runs all ride in their model's next batch; the model whose
+    request has waited longest goes first."""
+    from ambert.sw import server
+    models, want = served
+    ran, real = [], server._Engine.run_batch
+
+    def recorded(self, name, sentences):
+        ran.append((name, len(sentences)))
+        if len(ran) == 1:
+            time.sleep(0.5)                         # the first batch runs while the others arrive
+        return real(self, name, sentences)
+
+    monkeypatch.setattr(server._Engine, "run_batch", recorded)
+    app = build_app(ServerConfig(models, max_batch=8))
+    import httpx
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                first = asyncio.ensure_future(client.post("/embed", json={"inputs": [SENTENCES[0]]}))
+                await asyncio.sleep(0.2)
+                later = []
+                for k, name in enumerate(["variant", "tiny", "tiny", "variant", "tiny"]):
+                    later.append(asyncio.ensure_future(client.post("/embed", json={"inputs": [SENTENCES[k + 1]],
+                                                                                  "model": name})))
+                    await asyncio.sleep(0.01)
+                return (await first).json(), [(await r).json() for r in later]
+
+    first, later = asyncio.run(main())
+    assert ran == [("tiny", 1), ("variant", 2), ("tiny", 3)]
+    assert first == want("tiny", SENTENCES[:1])
+    assert later == [want(name, [SENTENCES[k + 1]])
+                     for k, name in enumerate(["variant", "tiny", "tiny", "variant", "tiny"])]
+
+
 @pytest.mark.parametrize("body, status, why", [
     (b"{not json", 400, "the body is not JSON"),
     (b"[1, 2]", 400, "must be a JSON object"),
@@ -259,8 +296,11 @@ def test_a_client_that_disconnects_mid_request_costs_nothing(served):
     assert "Traceback" not in out, out[-2000:]
 
 
-def test_a_killed_worker_leaves_the_server_answering(served):
-    """Two worker processes; one is killed: the server stays up and every answer it gives is right."""
+def test_a_worker_killed_mid_batch_leaves_the_server_answering(served):
+    """Two worker processes under load; one is killed while requests are in flight: the requests it held
+    fail clearly (a closed connection), every answer given is right, and the server goes on answering."""
+    import http.client
+    import threading
     models, want = served
     proc, port = _start(models, "--workers", "2")
     try:
@@ -269,15 +309,38 @@ def test_a_killed_worker_leaves_the_server_answering(served):
                    if "ambert" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
                    or "multiprocessing" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")]
         assert len(workers) >= 2, children
+        body = json.dumps({"inputs": SENTENCES}).encode()
+        expected = want("tiny", SENTENCES)
+        outcomes, stop = [], time.monotonic() + 3.0
+
+        def client():
+            while time.monotonic() < stop:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                try:
+                    conn.request("POST", "/embed", body, {"Content-Type": "application/json"})
+                    r = conn.getresponse()
+                    outcomes.append(("answer", r.status, json.loads(r.read())))
+                except (ConnectionError, http.client.HTTPException, OSError) as e:
+                    outcomes.append(("failed", type(e).__name__, None))
+                finally:
+                    conn.close()
+
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
         os.kill(workers[0], signal.SIGKILL)
-        answered = 0
-        deadline = time.monotonic() + 60
+        for t in threads:
+            t.join()
+        answers = [o for o in outcomes if o[0] == "answer"]
+        assert answers and all(status == 200 and got == expected for _, status, got in answers)
+        answered, deadline = 0, time.monotonic() + 60
         while answered < 10 and time.monotonic() < deadline:
             try:
                 assert _post(port, "/embed", {"inputs": SENTENCES[:2]}) == want("tiny", SENTENCES[:2])
                 answered += 1
             except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.2)                              # a request the dead worker held fails clearly
+                time.sleep(0.2)                              # a connection the dead worker held fails clearly
         assert answered == 10
     finally:
         _stop(proc)
