@@ -86,7 +86,8 @@ def main():
         print(f"{label:28} {words:16,} {words / runs[0][1] - 1:9.1%} {cycles:14,}")
 
     ratio = rows["ambert cpu, 2 models", 32][0] / rows["FP32 one at a time", 32][0]
-    per_extra = (weights_pss[4] - weights_pss[1]) / 3 * 2**20 / weight_bytes
+    # PSS is counted in whole KiB per process: a weights' share below that rounds either way
+    per_extra = max(0.0, (weights_pss[4] - weights_pss[1]) / 3 * 2**20 / weight_bytes)
     print(f"serve: throughput_ratio={ratio:.2f} p99_ms={rows['ambert cpu, 2 models', 32][2] * 1e3:.1f} "
           f"pss_per_extra_worker={per_extra:.3f}")
 

@@ -131,7 +131,10 @@ def onnx_int8(ctx):
         quantize_dynamic(str(fp32_path), str(int8_path), **kwargs)
     finally:
         logging.getLogger().setLevel(level)
-    session = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    # its idle threads would otherwise spin after each run, taking the cores from whatever is timed next
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
 
     def run(enc):
         return torch.from_numpy(session.run(None, {n: enc[n].numpy() for n in names})[0])
@@ -353,7 +356,8 @@ def pooling(ctx, sec, step):
             peak, total, weights = tree_memory(server.pid, ctx.artifact)
         pss[workers] = (total, weights)
         w.add(workers, total, weights, peak)
-    per_extra = (pss[s.workers[-1]][1] - pss[s.workers[0]][1]) / (s.workers[-1] - s.workers[0])
+    # PSS is counted in whole KiB per process: a weights' share below that rounds either way
+    per_extra = max(0.0, (pss[s.workers[-1]][1] - pss[s.workers[0]][1]) / (s.workers[-1] - s.workers[0]))
     sec.text.append(f"Each extra worker adds {per_extra:.2f} MiB of weights' PSS (the {_mib(weight_bytes):.1f} "
                     f"MiB of weights are mapped once) and {(pss[s.workers[-1]][0] - pss[s.workers[0]][0]) / (s.workers[-1] - s.workers[0]):.0f} "
                     f"MiB in all (its own interpreter, torch and activations).")
