@@ -35,12 +35,10 @@ def main():
     args = p.parse_args()
 
     import numpy as np
-    import torch
     from ambert.hw.config import AcceleratorConfig
-    from ambert.proto.isa import Counters, DeviceShape, Error, Mode, Program, parse_status
+    from ambert.proto.isa import DeviceShape
+    from ambert.report.sections import run_random_gemm
     from ambert.sim.fastsim import FastSim
-    from ambert.sw.compiler.gemm import gemm_program
-    from ambert.sw.quant.ref import ref_matmul
 
     cfg = AcceleratorConfig(DeviceShape(lanes=args.lanes, banks=4, bank_words=16384, acc_depth=512))
     t0 = time.perf_counter()
@@ -53,26 +51,13 @@ def main():
           f"{'efficiency':>10} {'Mcycles/s':>9}")
     for model, shape in MODELS.items():
         for name, m, k, n, is_large in gemms(**shape):
-            a = rng.integers(-128, 128, (m, k), dtype=np.int8)
-            w = rng.integers(-128, 128, (n, k), dtype=np.int8)
-            bias = rng.integers(-2**20, 2**20, n)
-            m0, shift = rng.integers(1 << 30, 1 << 31, n), np.full(n, 40)
-            prog, decode = gemm_program(cfg.shape, a, w, bias, m0, shift, Mode.INT8)
-            words = Program(cfg.shape).counters().words + prog.words + Program(cfg.shape).counters().words
             t1 = time.perf_counter()
-            nc = Counters.WORDS
-            res = sim.run(words, prog.expect + 2 * nc)
+            busy, total = run_random_gemm(sim, cfg.shape, m, k, n, rng)
             wall = time.perf_counter() - t1
-            busy = Counters.unpack(res.answers[-nc:]).busy - Counters.unpack(res.answers[:nc]).busy
-            out, status = decode(res.answers[nc:-nc])
-            want = ref_matmul(torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(bias.astype(np.int32)),
-                              torch.from_numpy(m0), torch.from_numpy(shift), 8).numpy()
-            if parse_status(status) != Error(0) or not np.array_equal(out, want):
-                raise SystemExit(f"{model} {name}: result differs from the integer reference")
             eff = m * k * n / (cfg.shape.lanes * cfg.shape.lanes * busy)
             (large if is_large else small).append(eff)
-            print(f"{model:10} {name:14} {f'{m}x{k}x{n}':>16} {busy:12d} {res.cycles:13d} {eff:10.2%} "
-                  f"{res.cycles / wall / 1e6:9.2f}")
+            print(f"{model:10} {name:14} {f'{m}x{k}x{n}':>16} {busy:12d} {total:13d} {eff:10.2%} "
+                  f"{total / wall / 1e6:9.2f}")
     print(f"\nall results == ref_gemm + ref_requant. machine: {platform.machine()}, {platform.node()}; "
           f"attention GEMMs: min {min(small):.2%}")
     print(f"array_efficiency: min={min(large):.4f} mean={sum(large) / len(large):.4f}")

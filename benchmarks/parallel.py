@@ -29,7 +29,6 @@ import dataclasses
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,8 +52,7 @@ def main():
     args = ap.parse_args()
     modes = set(args.modes.split(","))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from ambert.sw.parallel import launch
+    from ambert.report.sections import launch_checked
     from ambert.sw.quant import artifact
     from ambert.sw.quant.quantize import quantize_pretrained, read_sentences
 
@@ -87,13 +85,7 @@ def main():
               flush=True)
 
     def run(mode, name, enc, ranks, **kw):
-        t0 = time.perf_counter()
-        result = launch(mode, paths[name], enc, ranks, device="sim", timeout_s=1800, **kw)
-        wall = time.perf_counter() - t0
-        want = models[name].forward_int(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-        if not torch.equal(result.out, want):
-            raise SystemExit(f"{mode} over {ranks} ranks differs from the integer reference")
-        return result, wall
+        return launch_checked(mode, paths[name], models[name], enc, ranks, **kw)
 
     # data parallel: batch 8
     enc = batch(8)

@@ -407,7 +407,6 @@ def parallelism(ctx, sec, step):
     rank; tensor, the slowest rank plus two ring all-reduces a layer of the int32 partial sums at 1 GB/s;
     pipeline, the GPipe schedule replayed from each stage's cycles per micro-batch, against the ideal
     ``p m / (m + p - 1)`` that the bubble allows. Latency at 100 MHz."""
-    from ambert.sw.parallel import launch
     from ambert.sw.quant import artifact
     s = ctx.settings
     qm = ctx.qm
@@ -426,13 +425,7 @@ def parallelism(ctx, sec, step):
     curves = {}
 
     def run(mode, name, enc, ranks, **kw):
-        t0 = time.perf_counter()
-        result = launch(mode, paths[name], enc, ranks, device="sim", timeout_s=1800, **kw)
-        wall = time.perf_counter() - t0
-        want = models[name].forward_int(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-        if not torch.equal(result.out, want):
-            raise RuntimeError(f"{mode} over {ranks} ranks differs from the integer reference")
-        return result, wall
+        return launch_checked(mode, paths[name], models[name], enc, ranks, **kw)
 
     def add(label, ranks, critical, link, base, ideal, wall):
         total = critical + link
@@ -480,6 +473,42 @@ def parallelism(ctx, sec, step):
 
 # ------------------------------------------------------------------------------------------ acceleration
 
+def run_random_gemm(sim, shape, m, k, n, rng):
+    """One M x K x N GEMM of random int8 data (with random bias and requant constants) on a FastSim of
+    ``shape``, its result checked ``==`` ref_matmul: ``(engine-busy cycles, total cycles)`` from the
+    device's own counters read before and after it."""
+    import numpy as np
+    from ambert.proto.isa import Counters, Error, Mode, Program, parse_status
+    from ambert.sw.compiler.gemm import gemm_program
+    from ambert.sw.quant.ref import ref_matmul
+    a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    w = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    bias = rng.integers(-2**20, 2**20, n)
+    m0, shift = rng.integers(1 << 30, 1 << 31, n), np.full(n, 40)
+    prog, decode = gemm_program(shape, a, w, bias, m0, shift, Mode.INT8)
+    nc = Counters.WORDS
+    res = sim.run(Program(shape).counters().words + prog.words + Program(shape).counters().words, prog.expect + 2 * nc)
+    busy = Counters.unpack(res.answers[-nc:]).busy - Counters.unpack(res.answers[:nc]).busy
+    out, status = decode(res.answers[nc:-nc])
+    want = ref_matmul(torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(bias.astype(np.int32)),
+                      torch.from_numpy(m0), torch.from_numpy(shift), 8).numpy()
+    if parse_status(status) != Error(0) or not np.array_equal(out, want):
+        raise RuntimeError(f"a {m}x{k}x{n} GEMM: the device's result differs from the integer reference")
+    return busy, res.cycles
+
+
+def launch_checked(mode, path, model, enc, ranks, **kw):
+    """``ambert.sw.parallel.launch`` on simulated devices, its output checked ``==`` ``model``'s integer
+    reference: ``(ParallelResult, wall seconds)``."""
+    from ambert.sw.parallel import launch
+    t0 = time.perf_counter()
+    result = launch(mode, path, enc, ranks, device="sim", timeout_s=1800, **kw)
+    wall = time.perf_counter() - t0
+    if not torch.equal(result.out, model.forward_int(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])):
+        raise RuntimeError(f"{mode} over {ranks} ranks differs from the integer reference")
+    return result, wall
+
+
 MODEL_SHAPES = {"MiniLM": dict(hidden=384, ffn=1536, heads=12), "bert-base": dict(hidden=768, ffn=3072, heads=12)}
 
 
@@ -497,10 +526,8 @@ def acceleration(ctx, sec, step):
     import numpy as np
     from ambert.boards import BOARD_NAMES, get_board
     from ambert.hw.config import AcceleratorConfig
-    from ambert.proto.isa import Counters, DeviceShape, Error, Mode, Program, parse_status
+    from ambert.proto.isa import DeviceShape
     from ambert.sim.fastsim import FastSim
-    from ambert.sw.compiler.gemm import gemm_program
-    from ambert.sw.quant.ref import ref_matmul
     s = ctx.settings
     step("array efficiency per GEMM")
     cfg = AcceleratorConfig(DeviceShape(lanes=16, banks=4, bank_words=16384, acc_depth=512))
@@ -511,25 +538,12 @@ def acceleration(ctx, sec, step):
         ("efficiency", ".1%"), ("with transfers", ".1%")],
         note="Busy: the cycles the MATMUL engine ran; total: also moving operands over the 32-bit host stream.")
     eff = []
-    nc = Counters.WORDS
     for model in s.gemm_models:
         for name, m, k, n in _gemms(128, **MODEL_SHAPES[model]):
-            a = rng.integers(-128, 128, (m, k), dtype=np.int8)
-            w = rng.integers(-128, 128, (n, k), dtype=np.int8)
-            bias = rng.integers(-2**20, 2**20, n)
-            m0, shift = rng.integers(1 << 30, 1 << 31, n), np.full(n, 40)
-            prog, decode = gemm_program(cfg.shape, a, w, bias, m0, shift, Mode.INT8)
-            res = sim.run(Program(cfg.shape).counters().words + prog.words + Program(cfg.shape).counters().words,
-                          prog.expect + 2 * nc)
-            busy = Counters.unpack(res.answers[-nc:]).busy - Counters.unpack(res.answers[:nc]).busy
-            out, status = decode(res.answers[nc:-nc])
-            want = ref_matmul(torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(bias.astype(np.int32)),
-                              torch.from_numpy(m0), torch.from_numpy(shift), 8).numpy()
-            if parse_status(status) != Error(0) or not np.array_equal(out, want):
-                raise RuntimeError(f"{model} {name}: the device's result differs from the integer reference")
+            busy, total = run_random_gemm(sim, cfg.shape, m, k, n, rng)
             e = m * k * n / (256 * busy)
             eff.append((f"{model} {name}", e))
-            t.add(model, name, f"{m}x{k}x{n}", busy, res.cycles, e, m * k * n / (256 * res.cycles))
+            t.add(model, name, f"{m}x{k}x{n}", busy, total, e, m * k * n / (256 * total))
     sim.close()
 
     b = sec.table("The whole MiniLM on each board configuration's accelerator (simulated)", [
