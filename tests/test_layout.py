@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # each layer may import those before it, never one after
-LAYERS = ["proto", "hw", "sim", "sw", "boards"]
+LAYERS = ["proto", "hw", "sim", "sw", "boards", "report"]
 
 
 def _imports(path, package):
