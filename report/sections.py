@@ -600,6 +600,8 @@ def acceleration(ctx, sec, step):
             fit.add(board_name, size, f"{lanes}x{lanes}", fmax, need, r["status"],
                     *(used(k) for k in names[r["family"]]), r.get("built", "—"))
     fit.note = "Read from build/boards/<board>-<size>/report.json as the last build wrote it (its date in the last column)."
+    if not fit.rows:
+        sec.tables.remove(fit)                  # no board built here: the absent lines above say so
     sec.figures.append((plots.acceleration(ctx.out, eff, latency), "Array efficiency per GEMM; MiniLM latency per board"))
 
     if torch.cuda.is_available():
