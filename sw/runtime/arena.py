@@ -85,12 +85,8 @@ def _specs(b, t, c, cq, heads, ffn):
 class _Views:
     def __init__(self, storage, specs, offsets):
         for name, dtype, shape, _ in specs:
-            n = 1
-            for s in shape:
-                n *= s
-            size = torch.empty((), dtype=dtype).element_size()
             start = offsets[name]
-            setattr(self, name, storage[start:start + n * size].view(dtype).view(shape))
+            setattr(self, name, storage[start:start + _numel(shape) * dtype.itemsize].view(dtype).view(shape))
 
 
 class ActivationArena:
@@ -120,7 +116,7 @@ class ActivationArena:
         if len(self._planned) >= 64:            # a server's batches come in many shapes: forget the old ones
             self._planned.clear()
         specs = _specs(*dims)
-        offsets, total = plan([(n, torch.empty((), dtype=dt).element_size() * _numel(s), st)
+        offsets, total = plan([(n, dt.itemsize * _numel(s), st)
                                for n, dt, s, st in specs])
         self._storage = self._grow(self._storage, total)
         views = _Views(self._storage, specs, offsets)
