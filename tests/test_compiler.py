@@ -8,7 +8,7 @@ import torch
 from ambert.hw.config import AcceleratorConfig
 from ambert.proto.isa import ARG_WORDS, HEADER, MODE_BITS, DeviceShape, Error, Mode, Opcode, parse_status
 from ambert.sim.fastsim import FastSim
-from ambert.sw.compiler.gemm import GemmOp, Residency, compile_gemms, plan_gemm
+from ambert.sw.compiler.gemm import GemmOp, GemmPlan, Residency, compile_gemms, plan_gemm
 from ambert.sw.compiler.layer import run_layer
 from ambert.sw.compiler.pool import PoolFull, PoolPlanner
 from ambert.sw.quant.ref import ref_layer, ref_matmul
@@ -129,6 +129,27 @@ def test_a_models_weights_stay_resident_the_coldest_going_first(sim):
     assert run(ops[0]) < cold[0] / 2                    # the hot one stayed through both passes
     assert sum(second) < sum(first)                     # the second pass found some of the first's
     assert any(w == c for w, c in zip(second, cold[1:]))       # but not all: they do not fit
+
+
+def test_the_loop_order_that_moves_fewer_words_is_chosen_and_both_are_exact(sim, monkeypatch):
+    """Several row chunks against many weight chunks: rows first (A loaded once, the weights once per
+    row chunk) beats weights first (A loaded again for every weight chunk); with two weight chunks that
+    outweigh A, weights first wins. Either order gives the reference's bits."""
+    rng = np.random.default_rng(11)
+    wide, few = _op(rng, 300, 24, 200, Mode.INT16), _op(rng, 200, 8, 100, Mode.INT8)
+    assert plan_gemm(SHAPE, 300, 24, 200, Mode.INT16).rows_first
+    assert not plan_gemm(SHAPE, 200, 8, 100, Mode.INT8).rows_first
+    words = {}
+    for order in (None, False, True):
+        if order is not None:
+            monkeypatch.setattr(GemmPlan, "rows_first", property(lambda plan, order=order: order))
+        for name, op in (("wide", wide), ("few", few)):
+            c = compile_gemms(SHAPE, [op])
+            outs, status = c.decode(sim.run(c.program.words, c.program.expect).answers)
+            assert parse_status(status) == Error(0) and np.array_equal(outs[0], _want(op))
+            words[name, order] = len(c.program.words)
+    assert words["wide", None] == words["wide", True] < words["wide", False]
+    assert words["few", None] == words["few", False] < words["few", True]
 
 
 def test_loads_and_stores_interleave_with_matmuls():

@@ -56,11 +56,31 @@ class GemmPlan:
             sizes.append(1)
         return list(zip(bounds, sizes))
 
+    @property
+    def rows_first(self):
+        """The loop order of the GEMM's MATMULs. Weight chunk by weight chunk (False), each weight chunk
+        loaded once while every row chunk of A passes it (A is loaded once per weight chunk unless it is
+        one chunk, then once); or row chunk by row chunk (True), each row chunk of A loaded once while
+        every weight chunk passes it (the weights are loaded once per row chunk, less what stays resident).
+        The one that moves fewer pool words."""
+        m_chunks = -(-self.m // self.m_chunk)
+        if m_chunks == 1:
+            return False
+        a_words, w_words = self.m * self.k_tiles, self.n_tiles * self.words_per_n_tile
+        return a_words + w_words * m_chunks < w_words + a_words * len(self.n_chunks())
+
     def chunks(self, split_last=False):
-        """Yield (first n-tile, n-tiles, first row, rows) of each MATMUL, N-chunk-major."""
-        for n0, ntc in self.n_chunks(split_last):
-            for m0 in range(0, self.m, self.m_chunk):
-                yield n0, ntc, m0, min(self.m_chunk, self.m - m0)
+        """Yield (first n-tile, n-tiles, first row, rows) of each MATMUL in the order of ``rows_first``;
+        ``split_last`` applies to the last row chunk's weight chunks only."""
+        rows = [(m0, min(self.m_chunk, self.m - m0)) for m0 in range(0, self.m, self.m_chunk)]
+        if self.rows_first:
+            for i, (m0, rc) in enumerate(rows):
+                for n0, ntc in self.n_chunks(split_last and i == len(rows) - 1):
+                    yield n0, ntc, m0, rc
+        else:
+            for n0, ntc in self.n_chunks(split_last):
+                for m0, rc in rows:
+                    yield n0, ntc, m0, rc
 
 
 def column_words(shape, k):
@@ -226,12 +246,21 @@ def _steps(shape, ops, plans):
     for j, (op, plan) in enumerate(zip(ops, plans)):
         chunks = list(plan.chunks(split_last=j == len(ops) - 1))
         one_m = plan.m_chunk >= plan.m
+
+        # an operand is held while consecutive steps use it: A for a whole row chunk when rows come
+        # first (or there is one), weights for a whole weight chunk when they do not
+        def a_key(nt0, r0):
+            return ("A", j, r0) if one_m or plan.rows_first else ("A", j, r0, nt0)
+
+        def w_key(nt0, r0):
+            return ("W", j, nt0, r0) if plan.rows_first else ("W", j, nt0)
+
         for i, (nt0, ntc, r0, rc) in enumerate(chunks):
             nxt = chunks[i + 1] if i + 1 < len(chunks) else None
-            # one M-chunk: A stays for the whole GEMM; several: each step loads its own
-            steps.append(_Step(j, plan, nt0, ntc, r0, rc, a_key=("A", j, r0) if one_m else ("A", j, r0, nt0),
-                               w_key=("W", j, nt0), a_last=nxt is None or not one_m,
-                               w_last=nxt is None or nxt[0] != nt0))
+            a, w = a_key(nt0, r0), w_key(nt0, r0)
+            steps.append(_Step(j, plan, nt0, ntc, r0, rc, a_key=a, w_key=w,
+                               a_last=nxt is None or a_key(nxt[0], nxt[2]) != a,
+                               w_last=nxt is None or w_key(nxt[0], nxt[2]) != w))
     return steps
 
 
