@@ -12,6 +12,9 @@ this file (numba's ``cache=True``), so later processes load it at once. Threads:
 intra-op count, so ``torch.set_num_threads`` governs both.
 """
 
+import math
+import threading
+
 import numba
 import numpy as np
 import torch
@@ -19,37 +22,40 @@ from numba import njit, prange
 
 from ambert.proto.contract import OUT_RANGE
 
+from .ref import remembered
+
 __all__ = ["requant", "gelu_requant", "softmax", "layernorm"]
 
 _DTYPE = {8: np.int8, 16: np.int16}          # the outputs the loops write, in the contract's OUT_RANGE
+_TORCH = {np.int8: torch.int8, np.int16: torch.int16}
+
+
+_THREADS = threading.local()        # the count last given to numba in this thread (numba's is per thread)
 
 
 def _threads():
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-
-
-@njit(cache=True, inline="always")
-def _rshift_round(x, s):
-    return (x + (np.int64(1) << (s - 1))) >> s if s > 0 else x
-
-
-@njit(cache=True, inline="always")
-def _clamp(x, lo, hi):
-    return lo if x < lo else hi if x > hi else x
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if getattr(_THREADS, "n", None) != n:
+        numba.set_num_threads(n)
+        _THREADS.n = n
 
 
 @njit(parallel=True, cache=True)
 def _requant(acc, bias, m0, shift, period, lo, hi, out, overflow):
-    # acc: int32 [R, N]; bias: int64 [N]; m0, shift: int64 [G, N], row i taking group (i // period) % G
+    # acc: int32 [R, N]; bias: int64 [N]; m0, shift: int64 [G, N], row i taking group (i // period) % G.
+    # ref.rshift_round's rounding term: (1 << s) >> 1 is 2**(s-1) for s > 0 and 0 for s = 0, with no
+    # branch; and no store but the output's in the inner loop, so it vectorises.
     r, n = acc.shape
     groups = m0.shape[0]
     for i in prange(r):
         g = (i // period) % groups
+        low, high = np.int64(0), np.int64(0)
         for j in range(n):
             x = np.int64(acc[i, j]) + bias[j]
-            if x < -2147483648 or x > 2147483647:
-                overflow[i] = True
-            out[i, j] = _clamp(_rshift_round(x * m0[g, j], shift[g, j]), lo, hi)
+            low, high = min(low, x), max(high, x)
+            s = shift[g, j]
+            out[i, j] = min(max((x * m0[g, j] + ((np.int64(1) << s) >> 1)) >> s, lo), hi)
+        overflow[i] = low < -2147483648 or high > 2147483647
 
 
 @njit(parallel=True, cache=True)
@@ -64,7 +70,19 @@ def _gelu_requant(q, b_int, c_int, gshift, m0, shift, lo, hi, out):
             minus_e = poly if x < 0 else -poly
             t = (minus_e - c_int) >> gshift
             g = np.int64(np.int32(t * x))                   # ref_gelu returns int32
-            out[i, j] = _clamp(_rshift_round(g * m0[j], shift[j]), lo, hi)
+            sh = shift[j]
+            out[i, j] = min(max((g * m0[j] + ((np.int64(1) << sh) >> 1)) >> sh, lo), hi)
+
+
+@njit(cache=True, inline="always")
+def _exp(score, keep, top, m, b_int, c_int):
+    # ref_softmax's integer exponential of score - top (0 for a masked key)
+    d = (np.int64(score) if keep else np.int64(-32768)) - top
+    z = (-d) >> m
+    base = d + (z << m) + b_int
+    poly = base * base + c_int
+    x = (poly >> min(z, 30)) if z <= 30 else np.int64(0)
+    return x if keep else np.int64(0)
 
 
 @njit(parallel=True, cache=True)
@@ -81,14 +99,7 @@ def _softmax(s, keep, period, m, b_int, c_int, out_max, factor_bits, out):
         e = np.empty(t, np.int64)
         total = np.int64(0)
         for j in range(t):
-            v = np.int64(s[i, j]) if kp[j] else np.int64(-32768)
-            d = v - top
-            z = (-d) >> m
-            base = d + (z << m) + b_int
-            poly = base * base + c_int
-            x = (poly >> min(z, 30)) if z <= 30 else np.int64(0)
-            if not kp[j]:
-                x = 0
+            x = _exp(s[i, j], kp[j], top, m, b_int, c_int)
             e[j] = x
             total += x
         factor = (np.int64(out_max) << factor_bits) // max(total, np.int64(1))
@@ -108,9 +119,10 @@ def _isqrt(n):
 
 
 @njit(parallel=True, cache=True)
-def _layernorm(a, b, gains, offsets, shifts, los, his, norm_bits, extra_bits, limit, out, too_wide):
+def _layernorm(a, b, gains, offsets, shifts, los, his, norm_bits, extra_bits, limit, out16, out8, slot, too_wide):
     # v = a + b (int32 sums of [R, C] arrays; ``b`` may be empty [0, 0]: v = a); gains/offsets: int64
-    # [K, C]; out: int16 [K, R, C] (each output saturated to its range, which int16 holds);
+    # [K, C]; output o goes to out16[slot[o]] (int16 [K16, R, C]) if slot[o] >= 0, else to
+    # out8[-1 - slot[o]] (int8 [K8, R, C]), saturated to its range;
     # too_wide[i]: row i holds a value with |v| >= limit (nothing else of it is computed)
     r, c = a.shape
     k = gains.shape[0]
@@ -139,9 +151,31 @@ def _layernorm(a, b, gains, offsets, shifts, los, his, norm_bits, extra_bits, li
             s = shifts[o]
             half = (np.int64(1) << (s - 1)) if s > 0 else np.int64(0)
             lo, hi = los[o], his[o]
-            for j in range(c):
-                x = (v[j] * inv * gains[o, j] + offsets[o, j] + half) >> s
-                out[o, i, j] = lo if x < lo else hi if x > hi else x
+            q = slot[o]
+            if q >= 0:
+                for j in range(c):
+                    out16[q, i, j] = min(max((v[j] * inv * gains[o, j] + offsets[o, j] + half) >> s, lo), hi)
+            else:
+                for j in range(c):
+                    out8[-1 - q, i, j] = min(max((v[j] * inv * gains[o, j] + offsets[o, j] + half) >> s, lo), hi)
+
+
+def _layernorm_constants(outs, c):
+    """(gains [K, C], offsets [K, C], shifts, lows, highs) of the LayerNorm outputs ``outs``, as int64,
+    and each one's slot: its index among the int16 outputs, or -1 - its index among the int8 ones."""
+    slot, wide, narrow = [], 0, 0
+    for o in outs:
+        if o.bits == 16:
+            slot.append(wide)
+            wide += 1
+        else:
+            slot.append(-1 - narrow)
+            narrow += 1
+    return (np.ascontiguousarray(torch.stack([o.gain.to(torch.int64).expand(c) for o in outs]).numpy()),
+            np.ascontiguousarray(torch.stack([o.offset.to(torch.int64).expand(c) for o in outs]).numpy()),
+            np.array([o.shift for o in outs], dtype=np.int64),
+            np.array([OUT_RANGE[o.bits][0] for o in outs], dtype=np.int64),
+            np.array([OUT_RANGE[o.bits][1] for o in outs], dtype=np.int64), np.array(slot, dtype=np.int64))
 
 
 def _rows(t):
@@ -177,7 +211,7 @@ def _into(out, shape, dtype):
     ``shape`` the kernel writes into, or a new array when ``out`` is None."""
     if out is None:
         return np.empty(shape, dtype=dtype)
-    if not out.is_contiguous() or out.numel() != int(np.prod(shape)) or out.numpy().dtype != dtype:
+    if not out.is_contiguous() or out.numel() != math.prod(shape) or out.dtype != _TORCH[dtype]:
         raise ValueError(f"out must be a contiguous {np.dtype(dtype).name} tensor of {int(np.prod(shape))} "
                          f"elements, not {out.dtype} {tuple(out.shape)}")
     return out.numpy().reshape(shape)
@@ -187,18 +221,15 @@ def requant(acc, m0, shift, bits, bias=None, out=None):
     """:func:`ref.ref_requant` of ``acc`` (+ int32 ``bias`` [N], summed exactly; OverflowError if the sum
     leaves int32, as :func:`ref.ref_gemm` raises) with checked constants; None where the constants
     broadcast in a way :func:`_grouped` does not take. ``out``: a tensor to write the result into."""
-    n = acc.shape[-1]
-    m0_g, sh_g = _grouped(m0, acc.shape), _grouped(shift, acc.shape)
-    if m0_g is None or sh_g is None or bits not in _DTYPE:
+    if bits not in _DTYPE:
         return None
-    (m0_a, m0_period), (sh_a, sh_period) = m0_g, sh_g
-    if m0_a.shape[0] > 1 and sh_a.shape[0] > 1 and (m0_a.shape[0], m0_period) != (sh_a.shape[0], sh_period):
+    shape = tuple(acc.shape)
+    key = (shape[-1], shape[-3:-1] if len(shape) >= 3 else None)
+    prepared = remembered((m0, shift) if bias is None else (m0, shift, bias), key,
+                     lambda: _requant_constants(m0, shift, bias, shape))
+    if prepared is None:
         return None
-    period = max(m0_period, sh_period)
-    if m0_a.shape[0] != sh_a.shape[0]:
-        groups = max(m0_a.shape[0], sh_a.shape[0])
-        m0_a, sh_a = (np.ascontiguousarray(np.broadcast_to(a, (groups, n))) for a in (m0_a, sh_a))
-    bias_a = np.zeros(n, np.int64) if bias is None else bias.to(torch.int64).numpy()
+    m0_a, sh_a, period, bias_a = prepared
     (lo, hi), dtype = OUT_RANGE[bits], _DTYPE[bits]
     rows = _rows(acc)
     res = _into(out, rows.shape, dtype)
@@ -210,10 +241,26 @@ def requant(acc, m0, shift, bits, bias=None, out=None):
     return torch.from_numpy(res).reshape(acc.shape) if out is None else out.view(acc.shape)
 
 
+def _requant_constants(m0, shift, bias, shape):
+    """(m0 [G, N], shift [G, N], period, bias [N]) as :func:`_requant` takes them, or None."""
+    n = shape[-1]
+    m0_g, sh_g = _grouped(m0, shape), _grouped(shift, shape)
+    if m0_g is None or sh_g is None:
+        return None
+    (m0_a, m0_period), (sh_a, sh_period) = m0_g, sh_g
+    if m0_a.shape[0] > 1 and sh_a.shape[0] > 1 and (m0_a.shape[0], m0_period) != (sh_a.shape[0], sh_period):
+        return None
+    if m0_a.shape[0] != sh_a.shape[0]:
+        groups = max(m0_a.shape[0], sh_a.shape[0])
+        m0_a, sh_a = (np.ascontiguousarray(np.broadcast_to(a, (groups, n))) for a in (m0_a, sh_a))
+    bias_a = np.zeros(n, np.int64) if bias is None else bias.to(torch.int64).numpy()
+    return m0_a, sh_a, max(m0_period, sh_period), bias_a
+
+
 def gelu_requant(q, gelu, m0, shift, out=None):
     """``ref_requant(ref_gelu(q, gelu), m0, shift, 8)`` in one pass (per-channel constants only)."""
     n = q.shape[-1]
-    m0_c, sh_c = _per_channel(m0, n), _per_channel(shift, n)
+    m0_c, sh_c = remembered((m0, shift), n, lambda: (_per_channel(m0, n), _per_channel(shift, n)))
     if m0_c is None or sh_c is None:
         return None
     res = _into(out, (q.numel() // max(n, 1), n), np.int8)
@@ -242,28 +289,36 @@ def softmax(s, p, mask, out_max, factor_bits, out=None):
     return torch.from_numpy(res).reshape(s.shape) if out is None else out.view(s.shape)
 
 
-def layernorm(v, outs, norm_bits, extra_bits, limit, residual=None, out=None, stage=None):
+def layernorm(v, outs, norm_bits, extra_bits, limit, residual=None, out=None):
     """:func:`ref.ref_layernorm`'s formula of ``v`` (+ ``residual``, summed exactly) for every entry of
     ``outs``; OverflowError if any ``|v| >= limit``. ``out``: one tensor per entry of ``outs`` (of its
-    width: int8 or int16) to write the results into; ``stage``: an int16 tensor of ``len(outs)`` times
-    ``v``'s elements the kernel writes into first."""
+    width: int8 or int16) to write the results into."""
     c = v.shape[-1]
-    gains = np.ascontiguousarray(torch.stack([o.gain.to(torch.int64).expand(c) for o in outs]).numpy())
-    offsets = np.ascontiguousarray(torch.stack([o.offset.to(torch.int64).expand(c) for o in outs]).numpy())
-    shifts = np.array([o.shift for o in outs], dtype=np.int64)
-    los = np.array([OUT_RANGE[o.bits][0] for o in outs], dtype=np.int64)
-    his = np.array([OUT_RANGE[o.bits][1] for o in outs], dtype=np.int64)
+    key = (c, tuple((o.shift, o.bits) for o in outs))
+    gains, offsets, shifts, los, his, slot = remembered([t for o in outs for t in (o.gain, o.offset)], key,
+                                                        lambda: _layernorm_constants(outs, c))
     rows = _rows(v)
     other = np.zeros((0, 0), dtype=rows.dtype) if residual is None else _rows(residual)
-    staged = _into(stage, (len(outs), *rows.shape), np.int16)
+    wide = [o.bits == 16 for o in outs]
+    if out is None:
+        out16 = np.empty((sum(wide), *rows.shape), dtype=np.int16)
+        out8 = np.empty((len(outs) - sum(wide), *rows.shape), dtype=np.int8)
+    else:
+        # each output a [1, R, C] view of the tensor it goes to (a second output of one width: staged)
+        if sum(wide) > 1 or len(outs) - sum(wide) > 1:
+            res = layernorm(v, outs, norm_bits, extra_bits, limit, residual)
+            for t, r in zip(out, res):
+                t.view(r.shape).copy_(r)
+            return [t.view(v.shape) for t in out]
+        views = [_into(t, rows.shape, np.int16 if w else np.int8).reshape(1, *rows.shape) for t, w in zip(out, wide)]
+        out16 = next((x for x, w in zip(views, wide) if w), np.empty((0, 0, 0), dtype=np.int16))
+        out8 = next((x for x, w in zip(views, wide) if not w), np.empty((0, 0, 0), dtype=np.int8))
     too_wide = np.zeros(rows.shape[0], dtype=np.bool_)
     _threads()
-    _layernorm(rows, other, gains, offsets, shifts, los, his, norm_bits, extra_bits, limit, staged, too_wide)
+    _layernorm(rows, other, gains, offsets, shifts, los, his, norm_bits, extra_bits, limit, out16, out8, slot,
+               too_wide)
     if too_wide.any():
         raise OverflowError("LayerNorm input exceeds the 18-bit residual range")
-    if out is None:
-        return [torch.from_numpy(staged[i] if o.bits == 16 else staged[i].astype(np.int8)).reshape(v.shape)
-                for i, o in enumerate(outs)]
-    for i, o in enumerate(outs):            # each output already saturated to its width: the casts are exact
-        np.copyto(_into(out[i], rows.shape, np.int16 if o.bits == 16 else np.int8), staged[i], casting="unsafe")
-    return [t.view(v.shape) for t in out]
+    if out is not None:
+        return [t.view(v.shape) for t in out]
+    return [torch.from_numpy(out16[q] if q >= 0 else out8[-1 - q]).reshape(v.shape) for q in slot]

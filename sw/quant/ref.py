@@ -220,24 +220,55 @@ def _gemm_cuda(a, b):
     return _gemm_f64(a, b).to(torch.int32)
 
 
-_CHECKED = {}        # id of a constant tensor -> (a weak reference to it, its version, its checked int64 form)
+_REMEMBERED = {}
+
+
+def remembered(tensors, extra, build):
+    """``build()`` for values derived from ``tensors`` (a model's constants: the same objects call after
+    call) and the hashable ``extra``, remembered while every one of them lives unchanged (its version
+    counter still the same): a model's constants are checked and prepared once, not at every call.
+    Anything not a tensor among ``tensors`` (a new object each call): built every time."""
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return build()
+    key = (tuple(id(t) for t in tensors), extra)
+    hit = _REMEMBERED.get(key)
+    if hit is not None and all(r() is t and v == t._version for r, v, t in zip(hit[0], hit[1], tensors)):
+        return hit[2]
+    value = build()
+    if len(_REMEMBERED) >= 1 << 14:
+        _REMEMBERED.clear()
+    gone = (lambda _, key=key, memo=_REMEMBERED: memo.pop(key, None))
+    _REMEMBERED[key] = ([weakref.ref(t, gone) for t in tensors], [t._version for t in tensors], value)
+    return value
+
+
+_INTS = {}          # (int, lo, hi, device) -> its checked int64 tensor (treated as read-only, as every constant)
 
 
 def _checked(x, lo, hi, device, what):
-    """``x`` (an int or an integer tensor) as int64 on ``device``, every element in [lo, hi]. A tensor's
-    check is remembered until the tensor changes (its version counter moves): a model's constants are
-    checked once, not at every call."""
-    if isinstance(x, torch.Tensor):
-        hit = _CHECKED.get(id(x))
-        if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2].device == torch.device(device):
-            return hit[2]
-    t = torch.as_tensor(x, dtype=torch.int64, device=device)
-    if bool(((t < lo) | (t > hi)).any()):
-        raise ValueError(what)
-    if isinstance(x, torch.Tensor):
-        key = id(x)
-        _CHECKED[key] = (weakref.ref(x, lambda _, key=key, cache=_CHECKED: cache.pop(key, None)), x._version, t)
-    return t
+    """``x`` (an int or an integer tensor) as int64 on ``device``, every element in [lo, hi]; remembered
+    (a tensor's until it changes, an int's for good), so a model's constants are checked once."""
+    def check():
+        t = torch.as_tensor(x, dtype=torch.int64, device=device)
+        if bool(((t < lo) | (t > hi)).any()):
+            raise ValueError(what)
+        return t
+    if isinstance(x, int):
+        key = (x, lo, hi, str(device))
+        t = _INTS.get(key)
+        if t is None:
+            if len(_INTS) >= 1 << 12:
+                _INTS.clear()
+            t = _INTS[key] = check()
+        return t
+    return remembered((x,), (lo, hi, str(device)), check) if isinstance(x, torch.Tensor) else check()
+
+
+def per_head(t, heads, d):
+    """A per-channel constant [heads * d] as [heads, 1, d] (one row per head, broadcast over tokens): the
+    same view object while ``t`` is unchanged, so what is derived from it is remembered too."""
+    return remembered((t,), ("per_head", heads, d), lambda: t.view(heads, 1, d)) if isinstance(t, torch.Tensor) \
+        else t
 
 
 def _requant_constants(m0, shift, device):
@@ -540,8 +571,8 @@ def ref_heads(q, k, v, p, mask=None, trace=None, matmul=ref_matmul):
     probs = ref_softmax(scores, p.softmax, None if mask is None else mask[:, None, None, :])
     b, h, t, d = vh.shape
     # the context's per-channel constants, per head: channel h*d + j of the merged context
-    ctx = matmul(probs, vh.transpose(-1, -2).contiguous(), None, p.ctx_m0.view(h, 1, d),
-                 p.ctx_shift.view(h, 1, d), 8)
+    ctx = matmul(probs, vh.transpose(-1, -2).contiguous(), None, per_head(p.ctx_m0, h, d),
+                 per_head(p.ctx_shift, h, d), 8)
     ctx = ctx.transpose(1, 2).reshape(b, t, h * d)
     if trace is not None:
         trace.update(q=q, k=k, v=v, score=scores, probs=probs, ctx=ctx)

@@ -49,8 +49,9 @@ def plan(specs):
     return offsets, max((o + sz for o, sz, _ in placed), default=0)
 
 
-def _specs(b, t, c, cq, heads, ffn):
-    """The tensors of one layer: ``(name, dtype, shape, steps)``."""
+def _specs(b, t, c, cq, heads, ffn, int8_gemms):
+    """The tensors of one layer: ``(name, dtype, shape, steps)``; the float32 GEMM scratch only where
+    the GEMMs do not all run on the int8 kernel (``int8_gemms``)."""
     r, d = b * t, cq // heads
     k_max = max(c, cq, ffn)
     n_max = max(3 * cq, c, ffn)
@@ -68,18 +69,18 @@ def _specs(b, t, c, cq, heads, ffn):
         ("ctx_heads", torch.int8, (b, heads, t, d), frozenset({CTX_Q, MERGE})),
         ("ctx", torch.int8, (r, cq), frozenset({MERGE, PROJ_O})),
         ("attn", torch.int16, (r, c), frozenset({PROJ_O, LN1})),
-        ("ln_stage", torch.int16, (2, r, c), frozenset({LN1, LN2})),
         ("h8", torch.int8, (r, c), frozenset({LN1, FFN1})),
         ("h16", torch.int16, (r, c), frozenset(range(LN1, LN2 + 1))),
         ("f1", torch.int16, (r, ffn), frozenset({FFN1, GELU})),
         ("g", torch.int8, (r, ffn), frozenset({GELU, FFN2})),
         ("f2", torch.int16, (r, c), frozenset({FFN2, LN2})),
         # the GEMMs' scratch, at the largest of the four
+        ("gemm_acc", torch.int32, (r * n_max,), GEMM_STEPS),
+    ] + ([] if int8_gemms else [
         ("gemm_a", torch.float32, (r * k_max,), GEMM_STEPS),
         ("gemm_w", torch.float32, (n_max * k_max,), GEMM_STEPS),
         ("gemm_prod", torch.float32, (r * n_max,), GEMM_STEPS),
-        ("gemm_acc", torch.int32, (r * n_max,), GEMM_STEPS),
-    ]
+    ])
 
 
 class _Views:
@@ -137,7 +138,9 @@ class ActivationArena:
         kernels = ref._fused(x8)
         b, t, c = x8.shape
         heads, cq, ffn = p.heads, p.wq.shape[0], p.w1.shape[0]
-        v = self._views(b, t, c, cq, heads, ffn)
+        # every GEMM of the layer on the int8 kernel (its depths c, cq, ffn; the probe's verdict)
+        int8_gemms = all(ref._cpu_int8_kernel_takes(p.wo, k) for k in (c, cq, ffn))
+        v = self._views(b, t, c, cq, heads, ffn, int8_gemms)
         r, d = b * t, cq // heads
         x8r = x8.reshape(r, c)
 
@@ -153,12 +156,12 @@ class ActivationArena:
         v.probs_f32.copy_(v.probs)
         v.v_f32.copy_(qkv[:, :, 2].transpose(1, 2))
         torch.matmul(v.probs_f32, v.v_f32, out=v.ctx_f32)                     # K = T: exact in float32
-        self._requant(v.ctx_f32, None, p.ctx_m0.view(heads, 1, d), p.ctx_shift.view(heads, 1, d), 8, v.ctx_heads)
+        self._requant(v.ctx_f32, None, ref.per_head(p.ctx_m0, heads, d), ref.per_head(p.ctx_shift, heads, d), 8,
+                      v.ctx_heads)
         v.ctx.view(b, t, heads, d).copy_(v.ctx_heads.transpose(1, 2))
 
         self._matmul(v, v.ctx, p.wo, p.bo, p.o_m0, p.o_shift, 16, v.attn)
-        kernels.layernorm(v.attn, [p.ln1_x8, p.ln1_x16], *LN, residual=x16.reshape(r, c), out=[v.h8, v.h16],
-                          stage=v.ln_stage)
+        kernels.layernorm(v.attn, [p.ln1_x8, p.ln1_x16], *LN, residual=x16.reshape(r, c), out=[v.h8, v.h16])
         self._matmul(v, v.h8, p.w1, p.b1, p.f1_m0, p.f1_shift, 16, v.f1)
         if kernels.gelu_requant(v.f1, p.gelu, *ref._requant_constants(p.g_m0, p.g_shift, "cpu"), out=v.g) is None:
             v.g.copy_(ref.ref_gelu_requant(v.f1, p.gelu, p.g_m0, p.g_shift))
@@ -167,7 +170,7 @@ class ActivationArena:
             out8, out16 = torch.empty((r, c), dtype=torch.int8), torch.empty((r, c), dtype=torch.int16)
         else:
             out8, out16 = self._outputs(x8, (r, c))
-        kernels.layernorm(v.f2, [p.ln2_x8, p.ln2_x16], *LN, residual=v.h16, out=[out8, out16], stage=v.ln_stage)
+        kernels.layernorm(v.f2, [p.ln2_x8, p.ln2_x16], *LN, residual=v.h16, out=[out8, out16])
         return out8.view(b, t, c), out16.view(b, t, c)
 
     @staticmethod
