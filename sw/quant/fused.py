@@ -24,7 +24,8 @@ from ambert.proto.contract import OUT_RANGE
 
 from .ref import remembered
 
-__all__ = ["requant", "gelu_requant", "softmax", "layernorm"]
+__all__ = ["requant", "gelu_requant", "softmax", "layernorm", "requant_constants", "requant_rows", "gelu_constants", "gelu_rows",
+           "layernorm_constants", "layernorm_rows"]
 
 _DTYPE = {8: np.int8, 16: np.int16}          # the outputs the loops write, in the contract's OUT_RANGE
 _TORCH = {np.int8: torch.int8, np.int16: torch.int16}
@@ -160,7 +161,7 @@ def _layernorm(a, b, gains, offsets, shifts, los, his, norm_bits, extra_bits, li
                     out8[-1 - q, i, j] = min(max((v[j] * inv * gains[o, j] + offsets[o, j] + half) >> s, lo), hi)
 
 
-def _layernorm_constants(outs, c):
+def layernorm_constants(outs, c):
     """(gains [K, C], offsets [K, C], shifts, lows, highs) of the LayerNorm outputs ``outs``, as int64,
     and each one's slot: its index among the int16 outputs, or -1 - its index among the int8 ones."""
     slot, wide, narrow = [], 0, 0
@@ -226,23 +227,32 @@ def requant(acc, m0, shift, bits, bias=None, out=None):
     shape = tuple(acc.shape)
     key = (shape[-1], shape[-3:-1] if len(shape) >= 3 else None)
     prepared = remembered((m0, shift) if bias is None else (m0, shift, bias), key,
-                     lambda: _requant_constants(m0, shift, bias, shape))
+                          lambda: requant_constants(m0, shift, bias, shape))
     if prepared is None:
         return None
-    m0_a, sh_a, period, bias_a = prepared
-    (lo, hi), dtype = OUT_RANGE[bits], _DTYPE[bits]
     rows = _rows(acc)
-    res = _into(out, rows.shape, dtype)
+    res = _into(out, rows.shape, _DTYPE[bits])
+    requant_rows(rows, prepared, bits, res)
+    return torch.from_numpy(res).reshape(acc.shape) if out is None else out.view(acc.shape)
+
+
+def requant_rows(rows, constants, bits, res):
+    """:func:`requant` on prepared operands: ``rows`` a [R, N] int32 array (or float32 holding integers),
+    ``constants`` from :func:`requant_constants` for its shape, ``res`` the [R, N] array of the output
+    width (8 or 16 bits) to write."""
+    m0_a, sh_a, period, bias_a = constants
+    lo, hi = OUT_RANGE[bits]
     overflow = np.zeros(rows.shape[0], dtype=np.bool_)
     _threads()
     _requant(rows, bias_a, m0_a, sh_a, period, lo, hi, res, overflow)
     if overflow.any():
         raise OverflowError("GEMM accumulator overflows int32")
-    return torch.from_numpy(res).reshape(acc.shape) if out is None else out.view(acc.shape)
 
 
-def _requant_constants(m0, shift, bias, shape):
-    """(m0 [G, N], shift [G, N], period, bias [N]) as :func:`_requant` takes them, or None."""
+def requant_constants(m0, shift, bias, shape):
+    """(m0 [G, N], shift [G, N], period, bias [N]) as :func:`_requant` takes them for an accumulator of
+    ``shape`` (checked int64 ``m0``, ``shift``; int32 ``bias`` [N] or None), or None where the constants
+    broadcast in a way :func:`_grouped` does not take."""
     n = shape[-1]
     m0_g, sh_g = _grouped(m0, shape), _grouped(shift, shape)
     if m0_g is None or sh_g is None:
@@ -260,13 +270,26 @@ def _requant_constants(m0, shift, bias, shape):
 def gelu_requant(q, gelu, m0, shift, out=None):
     """``ref_requant(ref_gelu(q, gelu), m0, shift, 8)`` in one pass (per-channel constants only)."""
     n = q.shape[-1]
-    m0_c, sh_c = remembered((m0, shift), n, lambda: (_per_channel(m0, n), _per_channel(shift, n)))
-    if m0_c is None or sh_c is None:
+    constants = remembered((m0, shift), n, lambda: gelu_constants(m0, shift, n))
+    if constants is None:
         return None
     res = _into(out, (q.numel() // max(n, 1), n), np.int8)
-    _threads()
-    _gelu_requant(_rows(q), gelu.b_int, gelu.c_int, gelu.shift, m0_c, sh_c, -128, 127, res)
+    gelu_rows(_rows(q), gelu, *constants, res)
     return torch.from_numpy(res).reshape(q.shape) if out is None else out.view(q.shape)
+
+
+def gelu_constants(m0, shift, n):
+    """(m0 [N], shift [N]) as :func:`gelu_rows` takes them (checked int64 constants, per channel), or
+    None where they vary along another axis."""
+    m0_c, sh_c = _per_channel(m0, n), _per_channel(shift, n)
+    return None if m0_c is None or sh_c is None else (m0_c, sh_c)
+
+
+def gelu_rows(rows, gelu, m0, shift, res):
+    """:func:`gelu_requant` on prepared operands: ``rows`` [R, N] int16, per-channel int64 ``m0`` and
+    ``shift`` [N], ``res`` the [R, N] int8 array to write."""
+    _threads()
+    _gelu_requant(rows, gelu.b_int, gelu.c_int, gelu.shift, m0, shift, -128, 127, res)
 
 
 def softmax(s, p, mask, out_max, factor_bits, out=None):
@@ -295,8 +318,8 @@ def layernorm(v, outs, norm_bits, extra_bits, limit, residual=None, out=None):
     width: int8 or int16) to write the results into."""
     c = v.shape[-1]
     key = (c, tuple((o.shift, o.bits) for o in outs))
-    gains, offsets, shifts, los, his, slot = remembered([t for o in outs for t in (o.gain, o.offset)], key,
-                                                        lambda: _layernorm_constants(outs, c))
+    constants = remembered([t for o in outs for t in (o.gain, o.offset)], key,
+                           lambda: layernorm_constants(outs, c))
     rows = _rows(v)
     other = np.zeros((0, 0), dtype=rows.dtype) if residual is None else _rows(residual)
     wide = [o.bits == 16 for o in outs]
@@ -313,12 +336,20 @@ def layernorm(v, outs, norm_bits, extra_bits, limit, residual=None, out=None):
         views = [_into(t, rows.shape, np.int16 if w else np.int8).reshape(1, *rows.shape) for t, w in zip(out, wide)]
         out16 = next((x for x, w in zip(views, wide) if w), np.empty((0, 0, 0), dtype=np.int16))
         out8 = next((x for x, w in zip(views, wide) if not w), np.empty((0, 0, 0), dtype=np.int8))
+    layernorm_rows(rows, other, constants, norm_bits, extra_bits, limit, out16, out8)
+    if out is not None:
+        return [t.view(v.shape) for t in out]
+    return [torch.from_numpy(out16[q] if q >= 0 else out8[-1 - q]).reshape(v.shape) for q in constants[-1]]
+
+
+def layernorm_rows(rows, other, constants, norm_bits, extra_bits, limit, out16, out8):
+    """:func:`layernorm` on prepared operands: ``rows`` and ``other`` [R, C] int arrays (``other`` [0, 0]:
+    no residual), ``constants`` from :func:`layernorm_constants`, ``out16`` [K16, R, C] int16 and ``out8``
+    [K8, R, C] int8 arrays the outputs go to (each by its slot)."""
+    gains, offsets, shifts, los, his, slot = constants
     too_wide = np.zeros(rows.shape[0], dtype=np.bool_)
     _threads()
     _layernorm(rows, other, gains, offsets, shifts, los, his, norm_bits, extra_bits, limit, out16, out8, slot,
                too_wide)
     if too_wide.any():
         raise OverflowError("LayerNorm input exceeds the 18-bit residual range")
-    if out is not None:
-        return [t.view(v.shape) for t in out]
-    return [torch.from_numpy(out16[q] if q >= 0 else out8[-1 - q]).reshape(v.shape) for q in slot]

@@ -16,13 +16,17 @@ probe shows this CPU's kernel exact, else float32 over K-chunks of at most ``F32
 """
 
 import threading
+import weakref
+from dataclasses import dataclass
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from ambert.sw.compiler.layer import fused_qkv
 from ambert.sw.quant import ref
 
-__all__ = ["ALIGN", "plan", "ActivationArena"]
+__all__ = ["ALIGN", "plan", "ActivationArena", "LayerConstants", "layer_constants"]
 
 ALIGN = 64              # bytes: every tensor starts on a cache line
 
@@ -84,10 +88,16 @@ def _specs(b, t, c, cq, heads, ffn, int8_gemms):
 
 
 class _Views:
+    """Each tensor of a layer as a view of the storage, and (``np``) the same memory as numpy arrays, 2-D
+    [rows, channels] where the fused kernels read and write rows."""
+
     def __init__(self, storage, specs, offsets):
+        self.np = SimpleNamespace()
         for name, dtype, shape, _ in specs:
             start = offsets[name]
-            setattr(self, name, storage[start:start + _numel(shape) * dtype.itemsize].view(dtype).view(shape))
+            t = storage[start:start + _numel(shape) * dtype.itemsize].view(dtype).view(shape)
+            setattr(self, name, t)
+            setattr(self.np, name, t.numpy())
 
 
 class ActivationArena:
@@ -134,65 +144,59 @@ class ActivationArena:
 
     def run_layer(self, p, x8, x16, mask, last=False):
         """``ref_layer(x8, x16, p, mask)`` with every activation in the arena; ``last``: return new
-        tensors rather than arena views."""
+        tensors rather than arena views. Only for a layer :meth:`takes`."""
         kernels = ref._fused(x8)
         b, t, c = x8.shape
         heads, cq, ffn = p.heads, p.wq.shape[0], p.w1.shape[0]
-        # every GEMM of the layer on the int8 kernel (its depths c, cq, ffn; the probe's verdict)
-        int8_gemms = all(ref._cpu_int8_kernel_takes(p.wo, k) for k in (c, cq, ffn))
-        v = self._views(b, t, c, cq, heads, ffn, int8_gemms)
         r, d = b * t, cq // heads
+        k = layer_constants(p, t)
+        # every GEMM of the layer on the int8 kernel (its depths c, cq, ffn; the probe's verdict)
+        int8_gemms = all(ref._cpu_int8_kernel_takes(p.wo, depth) for depth in (c, cq, ffn))
+        v = self._views(b, t, c, cq, heads, ffn, int8_gemms)
+        n = v.np
         x8r = x8.reshape(r, c)
 
-        w, bias, m0, shift = fused_qkv(p)
-        self._matmul(v, x8r, w, bias, m0, shift, 8, v.qkv)
+        self._gemm(v, x8r, k.qkv, 8, n.qkv)
         qkv = v.qkv.view(b, t, 3, heads, d)
         v.q_f32.copy_(qkv[:, :, 0].transpose(1, 2))
         v.k_f32.copy_(qkv[:, :, 1].transpose(1, 2))
         torch.matmul(v.q_f32, v.k_f32.transpose(-1, -2), out=v.scores_f32)     # K = d: exact in float32
-        self._requant(v.scores_f32, None, p.score_m0, p.score_shift, 16, v.scores)
+        kernels.requant_rows(n.scores_f32.reshape(-1, t), k.scores, 16, n.scores.reshape(-1, t))
         kernels.softmax(v.scores, p.softmax, None if mask is None else mask[:, None, None, :], ref.SOFTMAX_OUT_MAX,
                         ref.SOFTMAX_FACTOR_BITS, out=v.probs)
         v.probs_f32.copy_(v.probs)
         v.v_f32.copy_(qkv[:, :, 2].transpose(1, 2))
         torch.matmul(v.probs_f32, v.v_f32, out=v.ctx_f32)                     # K = T: exact in float32
-        self._requant(v.ctx_f32, None, ref.per_head(p.ctx_m0, heads, d), ref.per_head(p.ctx_shift, heads, d), 8,
-                      v.ctx_heads)
+        kernels.requant_rows(n.ctx_f32.reshape(-1, d), k.ctx, 8, n.ctx_heads.reshape(-1, d))
         v.ctx.view(b, t, heads, d).copy_(v.ctx_heads.transpose(1, 2))
 
-        self._matmul(v, v.ctx, p.wo, p.bo, p.o_m0, p.o_shift, 16, v.attn)
-        kernels.layernorm(v.attn, [p.ln1_x8, p.ln1_x16], *LN, residual=x16.reshape(r, c), out=[v.h8, v.h16])
-        self._matmul(v, v.h8, p.w1, p.b1, p.f1_m0, p.f1_shift, 16, v.f1)
-        if kernels.gelu_requant(v.f1, p.gelu, *ref._requant_constants(p.g_m0, p.g_shift, "cpu"), out=v.g) is None:
-            v.g.copy_(ref.ref_gelu_requant(v.f1, p.gelu, p.g_m0, p.g_shift))
-        self._matmul(v, v.g, p.w2, p.b2, p.f2_m0, p.f2_shift, 16, v.f2)
+        self._gemm(v, v.ctx, k.o, 16, n.attn)
+        residual = np.ascontiguousarray(x16.reshape(r, c).numpy())
+        kernels.layernorm_rows(n.attn, residual, k.ln1, *LN, n.h16[None], n.h8[None])
+        self._gemm(v, v.h8, k.f1, 16, n.f1)
+        kernels.gelu_rows(n.f1, p.gelu, *k.gelu, n.g)
+        self._gemm(v, v.g, k.f2, 16, n.f2)
         if last:
             out8, out16 = torch.empty((r, c), dtype=torch.int8), torch.empty((r, c), dtype=torch.int16)
         else:
             out8, out16 = self._outputs(x8, (r, c))
-        kernels.layernorm(v.f2, [p.ln2_x8, p.ln2_x16], *LN, residual=v.h16, out=[out8, out16])
+        kernels.layernorm_rows(n.f2, n.h16, k.ln2, *LN, out16.numpy()[None], out8.numpy()[None])
         return out8.view(b, t, c), out16.view(b, t, c)
 
     @staticmethod
     def takes(x8, p):
         """Whether :meth:`run_layer` takes this layer: the fused CPU kernels present, float32 GEMMs at full
-        precision, and widths the contract's LayerNorm takes."""
+        precision, widths the contract's LayerNorm takes, and constants the fused kernels take."""
         return (ref._fused(x8) is not None and torch.get_float32_matmul_precision() == "highest"
-                and x8.shape[-1] <= 1024 and x8.numel() > 0 and p.wq.shape[0] % p.heads == 0)
+                and x8.shape[-1] <= 1024 and x8.numel() > 0 and p.wq.shape[0] % p.heads == 0
+                and layer_constants(p, x8.shape[1]) is not None)
 
-    @staticmethod
-    def _requant(acc, bias, m0, shift, bits, out):
-        m0, shift = ref._requant_constants(m0, shift, "cpu")
-        if ref._fused(out).requant(acc, m0, shift, bits, bias, out=out) is None:
-            raise ValueError("the arena's requantization constants broadcast in a way the fused kernel does not take")
-
-    def _matmul(self, v, a, w, bias, m0, shift, bits, out):
-        """``ref_matmul(a, w, bias, m0, shift, bits)`` of int8 ``a`` [R, K] into ``out`` [R, N]."""
+    def _gemm(self, v, a, gemm, bits, out):
+        """``ref_matmul`` of int8 ``a`` [R, K] against the prepared ``gemm`` (its weights and requant
+        constants) into the array ``out`` [R, N]."""
+        w, constants = gemm
         r, k = a.shape
         n = w.shape[0]
-        if k >= 1 << 16 or (bias is not None and (bias.dtype != torch.int32 or bias.shape != (n,))):
-            out.copy_(ref.ref_matmul(a, w, bias, m0, shift, bits))
-            return
         if ref._cpu_int8_kernel_takes(w, k):
             acc = v.gemm_acc[:r * n].view(r, n)
             torch._int_mm(a, w.T, out=acc)
@@ -213,9 +217,75 @@ class ActivationArena:
                         acc.add_(prod.to(torch.int32))
                     else:
                         acc.copy_(prod)
-        m0c, shiftc = ref._requant_constants(m0, shift, "cpu")
-        if ref._fused(acc).requant(acc, m0c, shiftc, bits, bias, out=out) is None:
-            out.copy_(ref.ref_matmul(a, w, bias, m0, shift, bits))
+        ref._fused(acc).requant_rows(acc.numpy(), constants, bits, out)
+
+
+@dataclass(frozen=True)
+class LayerConstants:
+    """A layer's constants as the fused kernels take them, for one sequence length (the context's
+    per-head requantization repeats every T rows): each GEMM's weights and requant constants (Q, K and
+    V merged), the scores' and the context's requant constants, GELU's and both LayerNorms'."""
+    qkv: tuple
+    o: tuple
+    f1: tuple
+    f2: tuple
+    scores: tuple
+    ctx: tuple
+    gelu: tuple
+    ln1: tuple
+    ln2: tuple
+
+
+_CONSTANTS = {}         # id of a LayerParams -> (a weak reference to it, {sequence length: LayerConstants or None})
+
+
+def layer_constants(p, t):
+    """:class:`LayerConstants` of layer ``p`` at sequence length ``t``, prepared once (a layer's constants
+    are not changed in place); None where the fused kernels do not take them (then :func:`ref_layer`
+    runs the layer)."""
+    hit = _CONSTANTS.get(id(p))
+    if hit is None or hit[0]() is not p:
+        hit = _CONSTANTS[id(p)] = (weakref.ref(p, lambda _, key=id(p), cache=_CONSTANTS: cache.pop(key, None)), {})
+    if t not in hit[1]:
+        if len(hit[1]) >= 64:
+            hit[1].clear()
+        hit[1][t] = _prepare(p, t)
+    return hit[1][t]
+
+
+def _prepare(p, t):
+    kernels = ref._fused(p.wq)
+    if kernels is None:
+        return None
+    heads, cq = p.heads, p.wq.shape[0]
+    d = cq // heads
+
+    def requant(m0, shift, bias, shape):
+        m0, shift = ref._requant_constants(m0, shift, "cpu")
+        return kernels.requant_constants(m0, shift, bias, shape)
+
+    def gemm(w, bias, m0, shift):
+        n = w.shape[0]
+        if w.shape[1] >= 1 << 16 or (bias is not None and (bias.dtype != torch.int32 or bias.shape != (n,))):
+            return None
+        constants = requant(m0, shift, bias, (1, n))
+        return None if constants is None else (w, constants)
+
+    c, ffn = p.wo.shape[0], p.w1.shape[0]
+
+    def layernorm(outs):            # the arena writes an int8 and an int16 output
+        return kernels.layernorm_constants(outs, c) if [o.bits for o in outs] == [8, 16] else None
+
+    w, bias, m0, shift = fused_qkv(p)
+    g_m0, g_shift = ref._requant_constants(p.g_m0, p.g_shift, "cpu")
+    parts = dict(qkv=gemm(w, bias, m0, shift), o=gemm(p.wo, p.bo, p.o_m0, p.o_shift),
+                 f1=gemm(p.w1, p.b1, p.f1_m0, p.f1_shift), f2=gemm(p.w2, p.b2, p.f2_m0, p.f2_shift),
+                 scores=requant(p.score_m0, p.score_shift, None, (1, heads, t, t)),
+                 ctx=requant(ref.per_head(p.ctx_m0, heads, d), ref.per_head(p.ctx_shift, heads, d), None,
+                             (1, heads, t, d)),
+                 gelu=kernels.gelu_constants(g_m0, g_shift, ffn),
+                 ln1=layernorm([p.ln1_x8, p.ln1_x16]), ln2=layernorm([p.ln2_x8, p.ln2_x16]))
+    return None if any(x is None for x in parts.values()) else LayerConstants(**parts)
 
 
 def _numel(shape):
