@@ -133,6 +133,61 @@ def test_softmax_at_the_extremes(m):
     assert equal(*both(ref_softmax, s, p, mask[0]))
 
 
+@pytest.mark.parametrize("scale", [1e-3, 0.05, 2.0])
+def test_requant_and_gelu_in_one_pass_at_the_extremes(scale):
+    """FFN1's epilogue fused with the GELU (the arena's) `==` requant to int16, then gelu_requant: int32
+    accumulators and biases at both ends, saturating the int16 step, and a sum that leaves int32."""
+    from ambert.sw.quant import fused
+    p, _ = fixedpoint.gelu_params(scale)
+    g = torch.Generator().manual_seed(2)
+    acc = torch.randint(INT32_MIN, INT32_MAX, (64, 96), dtype=torch.int32, generator=g)
+    acc[0], acc[1], acc[2, ::2] = INT32_MAX, INT32_MIN, 0
+    bias = torch.randint(-(1 << 20), 1 << 20, (96,), dtype=torch.int32, generator=g)
+    bias[0] = 0                                         # column 0 keeps acc's extremes exactly
+    m0 = torch.randint(0, 1 << 31, (96,), generator=g)
+    shift = torch.randint(0, 63, (96,), generator=g)
+    shift[:4] = torch.tensor([0, 1, 31, 62])
+    g_m0, g_shift = torch.randint(1 << 30, 1 << 31, (96,), generator=g), torch.randint(20, 63, (96,), generator=g)
+    acc[3:] = acc[3:].clamp(INT32_MIN + (1 << 20), INT32_MAX - (1 << 20))     # the rest: sums within int32
+    acc[0, 1:] = acc[1, 1:] = 0
+    with torch_formulas():
+        want = ref_gelu_requant(ref_requant(acc.to(torch.int64).add(bias).to(torch.int32), m0, shift, 16), p,
+                                g_m0, g_shift)
+    constants = fused.requant_constants(m0, shift, bias, (1, 96))
+    out = torch.empty((64, 96), dtype=torch.int8)
+    fused.requant_gelu_rows(acc.numpy(), constants, p, fused.gelu_constants(g_m0, g_shift, 96), out.numpy())
+    assert equal(out, want)
+    acc[5, 7] = INT32_MAX                               # + a positive bias: past int32, as ref_gemm refuses
+    bias[7] = 1
+    with pytest.raises(OverflowError):
+        fused.requant_gelu_rows(acc.numpy(), fused.requant_constants(m0, shift, bias, (1, 96)), p,
+                                fused.gelu_constants(g_m0, g_shift, 96), out.numpy())
+
+
+@pytest.mark.parametrize("m", [1, 6, 12])
+def test_scores_requant_and_softmax_in_one_pass_at_the_extremes(m):
+    """The attention scores' requantization fused with the softmax (the arena's, writing the float32
+    probabilities over the scores) `==` requant to int16, then softmax: scores saturating both ends of
+    int16, near-equal ones, a batch entry with every key masked."""
+    from ambert.sw.quant import fused
+    p = fixedpoint.softmax_params(m)
+    g = torch.Generator().manual_seed(m)
+    acc = torch.randint(-(1 << 24), 1 << 24, (2, 3, 17, 33), generator=g).to(torch.float32)
+    acc[0, 0, 0], acc[0, 0, 1] = -(1 << 24), 1 << 24
+    acc[0, 0, 3] = torch.randint(-3, 1, (33,), generator=g).to(torch.float32)
+    mask = torch.rand((2, 33), generator=g) < 0.7
+    mask[1] = False
+    for m0, shift in ((1 << 30, 31), (1, 0), ((1 << 31) - 1, 40)):
+        with torch_formulas():
+            want = ref_softmax(ref_requant(acc.to(torch.int32), m0, shift, 16), p, mask[:, None, None, :])
+        constants = fused.requant_constants(*(torch.tensor(x) for x in (m0, shift)), None, tuple(acc.shape))
+        rows = acc.clone().reshape(-1, 33).numpy()
+        keep, period = fused.softmax_keep(tuple(acc.shape), mask[:, None, None, :], rows.shape[0])
+        fused.scores_softmax_rows(rows, constants, p, keep, period, ref.SOFTMAX_OUT_MAX, ref.SOFTMAX_FACTOR_BITS,
+                                  rows)
+        assert equal(torch.from_numpy(rows).reshape(acc.shape).to(torch.int8), want)
+
+
 def _ln_params(c, seed, bits):
     g = torch.Generator().manual_seed(seed)
     gamma = torch.rand(c, generator=g, dtype=torch.float64) * 4 - 1

@@ -25,7 +25,8 @@ from ambert.proto.contract import OUT_RANGE
 from .ref import remembered
 
 __all__ = ["requant", "gelu_requant", "softmax", "layernorm", "requant_constants", "requant_rows", "gelu_constants", "gelu_rows",
-           "layernorm_constants", "layernorm_rows"]
+           "layernorm_constants", "layernorm_rows", "requant_gelu_rows", "scores_softmax_rows",
+           "softmax_keep"]
 
 _DTYPE = {8: np.int8, 16: np.int16}          # the outputs the loops write, in the contract's OUT_RANGE
 _TORCH = {np.int8: torch.int8, np.int16: torch.int16}
@@ -59,20 +60,41 @@ def _requant(acc, bias, m0, shift, period, lo, hi, out, overflow):
         overflow[i] = low < -2147483648 or high > 2147483647
 
 
+@njit(cache=True, inline="always")
+def _gelu_int8(x, b_int, c_int, gshift, m0, sh):
+    # ref_requant(ref_gelu(x), m0, sh, 8) of one int16 value x (as int64)
+    base = min(abs(x), -b_int) + b_int
+    poly = base * base + c_int
+    minus_e = poly if x < 0 else -poly
+    t = (minus_e - c_int) >> gshift
+    g = np.int64(np.int32(t * x))                   # ref_gelu returns int32
+    return min(max((g * m0 + ((np.int64(1) << sh) >> 1)) >> sh, -128), 127)
+
+
 @njit(parallel=True, cache=True)
-def _gelu_requant(q, b_int, c_int, gshift, m0, shift, lo, hi, out):
-    # ref_gelu then ref_requant; q: int16 [R, N]
+def _gelu_requant(q, b_int, c_int, gshift, m0, shift, out):
+    # ref_gelu then ref_requant to int8; q: int16 [R, N]
     r, n = q.shape
     for i in prange(r):
         for j in range(n):
-            x = np.int64(q[i, j])
-            base = min(abs(x), -b_int) + b_int
-            poly = base * base + c_int
-            minus_e = poly if x < 0 else -poly
-            t = (minus_e - c_int) >> gshift
-            g = np.int64(np.int32(t * x))                   # ref_gelu returns int32
-            sh = shift[j]
-            out[i, j] = min(max((g * m0[j] + ((np.int64(1) << sh) >> 1)) >> sh, lo), hi)
+            out[i, j] = _gelu_int8(np.int64(q[i, j]), b_int, c_int, gshift, m0[j], shift[j])
+
+
+@njit(parallel=True, cache=True)
+def _requant_gelu(acc, bias, m0, shift, b_int, c_int, gshift, g_m0, g_shift, out, overflow):
+    # the FFN's first GEMM's epilogue and its GELU in one pass: acc (+ bias) requantized to int16 as
+    # _requant does (row i per-channel constants m0[j], shift[j]), then _gelu_requant's formula; the
+    # int16 value never leaves the register
+    r, n = acc.shape
+    for i in prange(r):
+        low, high = np.int64(0), np.int64(0)
+        for j in range(n):
+            x = np.int64(acc[i, j]) + bias[j]
+            low, high = min(low, x), max(high, x)
+            s = shift[j]
+            f = min(max((x * m0[j] + ((np.int64(1) << s) >> 1)) >> s, -32768), 32767)
+            out[i, j] = _gelu_int8(f, b_int, c_int, gshift, g_m0[j], g_shift[j])
+        overflow[i] = low < -2147483648 or high > 2147483647
 
 
 @njit(cache=True, inline="always")
@@ -101,6 +123,34 @@ def _softmax(s, keep, period, m, b_int, c_int, out_max, factor_bits, out):
         total = np.int64(0)
         for j in range(t):
             x = _exp(s[i, j], kp[j], top, m, b_int, c_int)
+            e[j] = x
+            total += x
+        factor = (np.int64(out_max) << factor_bits) // max(total, np.int64(1))
+        half = np.int64(1) << (factor_bits - 1)
+        for j in range(t):
+            out[i, j] = (e[j] * factor + half) >> factor_bits
+
+
+@njit(parallel=True, cache=True)
+def _scores_softmax(acc, m0, shift, keep, period, m, b_int, c_int, out_max, factor_bits, out):
+    # ref_softmax(ref_requant(acc, m0, shift, 16)) row by row: acc [R, T] (int32, or float32 holding
+    # integers: Q.K^T, no bias, |acc| < 2**31 by construction); m0, shift int64 [T]; keep as _softmax;
+    # out [R, T] (int8, or float32 for the P.V product). Each row is read whole before it is written,
+    # so ``out`` may be ``acc`` itself.
+    r, t = acc.shape
+    groups = keep.shape[0]
+    for i in prange(r):
+        kp = keep[(i // period) % groups]
+        e = np.empty(t, np.int64)
+        top = np.int64(-32768)
+        for j in range(t):
+            s = shift[j]
+            q = min(max((np.int64(acc[i, j]) * m0[j] + ((np.int64(1) << s) >> 1)) >> s, -32768), 32767)
+            e[j] = q
+            top = max(top, q if kp[j] else np.int64(-32768))
+        total = np.int64(0)
+        for j in range(t):
+            x = _exp(e[j], kp[j], top, m, b_int, c_int)
             e[j] = x
             total += x
         factor = (np.int64(out_max) << factor_bits) // max(total, np.int64(1))
@@ -289,23 +339,51 @@ def gelu_rows(rows, gelu, m0, shift, res):
     """:func:`gelu_requant` on prepared operands: ``rows`` [R, N] int16, per-channel int64 ``m0`` and
     ``shift`` [N], ``res`` the [R, N] int8 array to write."""
     _threads()
-    _gelu_requant(rows, gelu.b_int, gelu.c_int, gelu.shift, m0, shift, -128, 127, res)
+    _gelu_requant(rows, gelu.b_int, gelu.c_int, gelu.shift, m0, shift, res)
+
+
+def requant_gelu_rows(rows, constants, gelu, gelu_constants, res):
+    """``gelu_requant(requant(rows, …, 16), …)`` in one pass: ``rows`` [R, N] int32 accumulators,
+    ``constants`` from :func:`requant_constants` (one group: per-channel), ``gelu_constants`` from
+    :func:`gelu_constants`, ``res`` the [R, N] int8 array to write."""
+    m0_a, sh_a, _, bias_a = constants
+    overflow = np.zeros(rows.shape[0], dtype=np.bool_)
+    _threads()
+    _requant_gelu(rows, bias_a, m0_a[0], sh_a[0], gelu.b_int, gelu.c_int, gelu.shift, *gelu_constants, res,
+                  overflow)
+    if overflow.any():
+        raise OverflowError("GEMM accumulator overflows int32")
+
+
+def scores_softmax_rows(rows, constants, p, keep, period, out_max, factor_bits, res):
+    """``softmax(requant(rows, …, 16), …)`` in one pass: ``rows`` [R, T] attention scores (int32, or
+    float32 holding integers; no bias), ``constants`` from :func:`requant_constants` (one group),
+    ``keep``/``period`` the key mask as :func:`softmax_keep` gives it, ``res`` [R, T] (int8 or float32;
+    it may be ``rows``)."""
+    m0_a, sh_a, _, _ = constants
+    _threads()
+    _scores_softmax(rows, m0_a[0], sh_a[0], keep, period, p.m, p.b_int, p.c_int, out_max, factor_bits, res)
+
+
+def softmax_keep(s_shape, mask, rows):
+    """The key mask of a softmax over scores of ``s_shape`` (``rows`` of them) as the kernels read it:
+    (keep: bool [G, T], period): row i attends to keep[(i // period) % G]. A key mask per batch entry
+    ([B, 1, …, 1, T], as attention passes it) is read in place, not expanded."""
+    t = s_shape[-1]
+    if mask is None:
+        return np.ones((1, t), dtype=np.bool_), rows or 1
+    mask = mask.to(torch.bool)
+    if (mask.dim() == len(s_shape) and mask.shape[-1] == t and mask.shape[0] == s_shape[0]
+            and all(d == 1 for d in mask.shape[1:-1])):
+        return np.ascontiguousarray(mask.reshape(mask.shape[0], t).numpy()), max(rows // s_shape[0], 1)
+    return np.ascontiguousarray(mask.expand(s_shape).numpy()).reshape(-1, t), 1
 
 
 def softmax(s, p, mask, out_max, factor_bits, out=None):
     """:func:`ref.ref_softmax`'s formula; ``mask`` None or bool broadcastable to ``s``. A key mask per
     batch entry ([B, 1, …, 1, T], as attention passes it) is read in place, not expanded."""
-    t = s.shape[-1]
     rows = _rows(s)
-    if mask is None:
-        keep, period = np.ones((1, t), dtype=np.bool_), rows.shape[0] or 1
-    else:
-        mask = mask.to(torch.bool)
-        if (mask.dim() == s.dim() and mask.shape[-1] == t and mask.shape[0] == s.shape[0]
-                and all(d == 1 for d in mask.shape[1:-1])):
-            keep, period = np.ascontiguousarray(mask.reshape(mask.shape[0], t).numpy()), rows.shape[0] // s.shape[0]
-        else:
-            keep, period = np.ascontiguousarray(mask.expand(s.shape).numpy()).reshape(-1, t), 1
+    keep, period = softmax_keep(tuple(s.shape), mask, rows.shape[0])
     res = _into(out, rows.shape, np.int8)
     _threads()
     _softmax(rows, keep, max(period, 1), p.m, p.b_int, p.c_int, out_max, factor_bits, res)

@@ -9,10 +9,13 @@ when a larger batch, sequence or layer arrives, so a server that has seen its la
 activation memory again. The layer outputs alternate between two further buffers (a layer's input is the
 previous layer's output); the last layer's come back as new tensors, since the caller keeps them.
 
-The arithmetic is the contract's, through the same kernels as :func:`ambert.sw.quant.ref.ref_layer`'s
-fused CPU path (:mod:`ambert.sw.quant.fused`) and the same exact GEMM paths (``torch._int_mm`` where the
-probe shows this CPU's kernel exact, else float32 over K-chunks of at most ``F32_EXACT_K``): the bits are
-``ref_layer``'s. A GEMM outside the shapes planned here runs through ``ref_matmul`` and is copied in.
+The arithmetic is the contract's, through the fused CPU kernels of :func:`ambert.sw.quant.ref.ref_layer`
+(:mod:`ambert.sw.quant.fused`) on constants prepared once per layer (:func:`layer_constants`), and the
+same exact GEMM paths (``torch._int_mm`` where the probe shows this CPU's kernel exact, else float32 over
+K-chunks of at most ``F32_EXACT_K``): the bits are ``ref_layer``'s. Two steps are fused further, each
+intermediate kept in registers at the width the contract gives it: the scores' requantization with the
+softmax (the probabilities written over the scores, as the float32 P.V reads them), and FFN1's
+requantization with the GELU. A layer whose constants the kernels do not take runs through ``ref_layer``.
 """
 
 import threading
@@ -31,7 +34,7 @@ __all__ = ["ALIGN", "plan", "ActivationArena", "LayerConstants", "layer_constant
 ALIGN = 64              # bytes: every tensor starts on a cache line
 
 # the steps of one layer, in order; a tensor lives over the steps that write or read it
-QKV, QKV_F32, SCORES, SCORES_Q, SOFTMAX, PV_F32, PV, CTX_Q, MERGE, PROJ_O, LN1, FFN1, GELU, FFN2, LN2 = range(15)
+QKV, QKV_F32, SCORES, SOFTMAX, PV_F32, PV, CTX_Q, MERGE, PROJ_O, LN1, FFN1, FFN2, LN2 = range(13)
 GEMM_STEPS = frozenset({QKV, PROJ_O, FFN1, FFN2})
 LN = (ref.LN_NORM_BITS, ref.LN_STD_EXTRA_BITS, 1 << 17)     # the fused LayerNorm's constants, as ref passes them
 
@@ -64,10 +67,8 @@ def _specs(b, t, c, cq, heads, ffn, int8_gemms):
         ("qkv", torch.int8, (r, 3 * cq), frozenset(range(QKV, PV_F32 + 1))),
         ("q_f32", torch.float32, (b, heads, t, d), frozenset({QKV_F32, SCORES})),
         ("k_f32", torch.float32, (b, heads, t, d), frozenset({QKV_F32, SCORES})),
-        ("scores_f32", torch.float32, att, frozenset({SCORES, SCORES_Q})),
-        ("scores", torch.int16, att, frozenset({SCORES_Q, SOFTMAX})),
-        ("probs", torch.int8, att, frozenset({SOFTMAX, PV_F32})),
-        ("probs_f32", torch.float32, att, frozenset({PV_F32, PV})),
+        # the scores, then (the softmax writes each row over itself) the probabilities P.V reads
+        ("scores_f32", torch.float32, att, frozenset(range(SCORES, PV + 1))),
         ("v_f32", torch.float32, (b, heads, t, d), frozenset({PV_F32, PV})),
         ("ctx_f32", torch.float32, (b, heads, t, d), frozenset({PV, CTX_Q})),
         ("ctx_heads", torch.int8, (b, heads, t, d), frozenset({CTX_Q, MERGE})),
@@ -75,8 +76,7 @@ def _specs(b, t, c, cq, heads, ffn, int8_gemms):
         ("attn", torch.int16, (r, c), frozenset({PROJ_O, LN1})),
         ("h8", torch.int8, (r, c), frozenset({LN1, FFN1})),
         ("h16", torch.int16, (r, c), frozenset(range(LN1, LN2 + 1))),
-        ("f1", torch.int16, (r, ffn), frozenset({FFN1, GELU})),
-        ("g", torch.int8, (r, ffn), frozenset({GELU, FFN2})),
+        ("g", torch.int8, (r, ffn), frozenset({FFN1, FFN2})),
         ("f2", torch.int16, (r, c), frozenset({FFN2, LN2})),
         # the GEMMs' scratch, at the largest of the four
         ("gemm_acc", torch.int32, (r * n_max,), GEMM_STEPS),
@@ -156,26 +156,28 @@ class ActivationArena:
         n = v.np
         x8r = x8.reshape(r, c)
 
-        self._gemm(v, x8r, k.qkv, 8, n.qkv)
+        kernels.requant_rows(self._gemm(v, x8r, k.qkv[0]), k.qkv[1], 8, n.qkv)
         qkv = v.qkv.view(b, t, 3, heads, d)
         v.q_f32.copy_(qkv[:, :, 0].transpose(1, 2))
         v.k_f32.copy_(qkv[:, :, 1].transpose(1, 2))
         torch.matmul(v.q_f32, v.k_f32.transpose(-1, -2), out=v.scores_f32)     # K = d: exact in float32
-        kernels.requant_rows(n.scores_f32.reshape(-1, t), k.scores, 16, n.scores.reshape(-1, t))
-        kernels.softmax(v.scores, p.softmax, None if mask is None else mask[:, None, None, :], ref.SOFTMAX_OUT_MAX,
-                        ref.SOFTMAX_FACTOR_BITS, out=v.probs)
-        v.probs_f32.copy_(v.probs)
+        # the scores' requantization and the softmax in one pass, the probabilities over the scores
+        scores = n.scores_f32.reshape(-1, t)
+        keep, period = kernels.softmax_keep((b, heads, t, t), None if mask is None else mask[:, None, None, :],
+                                            scores.shape[0])
+        kernels.scores_softmax_rows(scores, k.scores, p.softmax, keep, period, ref.SOFTMAX_OUT_MAX,
+                                    ref.SOFTMAX_FACTOR_BITS, scores)
         v.v_f32.copy_(qkv[:, :, 2].transpose(1, 2))
-        torch.matmul(v.probs_f32, v.v_f32, out=v.ctx_f32)                     # K = T: exact in float32
+        torch.matmul(v.scores_f32, v.v_f32, out=v.ctx_f32)                    # K = T: exact in float32
         kernels.requant_rows(n.ctx_f32.reshape(-1, d), k.ctx, 8, n.ctx_heads.reshape(-1, d))
         v.ctx.view(b, t, heads, d).copy_(v.ctx_heads.transpose(1, 2))
 
-        self._gemm(v, v.ctx, k.o, 16, n.attn)
+        kernels.requant_rows(self._gemm(v, v.ctx, k.o[0]), k.o[1], 16, n.attn)
         residual = np.ascontiguousarray(x16.reshape(r, c).numpy())
         kernels.layernorm_rows(n.attn, residual, k.ln1, *LN, n.h16[None], n.h8[None])
-        self._gemm(v, v.h8, k.f1, 16, n.f1)
-        kernels.gelu_rows(n.f1, p.gelu, *k.gelu, n.g)
-        self._gemm(v, v.g, k.f2, 16, n.f2)
+        # FFN1's requantization and GELU in one pass: its int16 output never reaches memory
+        kernels.requant_gelu_rows(self._gemm(v, v.h8, k.f1[0]), k.f1[1], p.gelu, k.gelu, n.g)
+        kernels.requant_rows(self._gemm(v, v.g, k.f2[0]), k.f2[1], 16, n.f2)
         if last:
             out8, out16 = torch.empty((r, c), dtype=torch.int8), torch.empty((r, c), dtype=torch.int16)
         else:
@@ -191,33 +193,32 @@ class ActivationArena:
                 and x8.shape[-1] <= 1024 and x8.numel() > 0 and p.wq.shape[0] % p.heads == 0
                 and layer_constants(p, x8.shape[1]) is not None)
 
-    def _gemm(self, v, a, gemm, bits, out):
-        """``ref_matmul`` of int8 ``a`` [R, K] against the prepared ``gemm`` (its weights and requant
-        constants) into the array ``out`` [R, N]."""
-        w, constants = gemm
+    def _gemm(self, v, a, w):
+        """The accumulator of int8 ``a`` [R, K] times ``w``ᵀ, as a numpy [R, N] array in the arena: int32
+        from the int8 kernel, or float32 holding the exact integers (summed in int32 past
+        ``F32_EXACT_K``)."""
         r, k = a.shape
         n = w.shape[0]
         if ref._cpu_int8_kernel_takes(w, k):
             acc = v.gemm_acc[:r * n].view(r, n)
             torch._int_mm(a, w.T, out=acc)
-        else:
-            a32 = v.gemm_a[:r * k].view(r, k)
-            w32 = v.gemm_w[:n * k].view(n, k)
-            a32.copy_(a)
-            w32.copy_(w)
-            prod = v.gemm_prod[:r * n].view(r, n)
-            if k <= ref.F32_EXACT_K:
-                torch.matmul(a32, w32.T, out=prod)          # every element an integer float32 holds exactly
-                acc = prod
-            else:                                           # exact chunks, summed in int32 (see ref._gemm_f32)
-                acc = v.gemm_acc[:r * n].view(r, n)
-                for k0 in range(0, k, ref.F32_EXACT_K):
-                    torch.matmul(a32[:, k0:k0 + ref.F32_EXACT_K], w32[:, k0:k0 + ref.F32_EXACT_K].T, out=prod)
-                    if k0:
-                        acc.add_(prod.to(torch.int32))
-                    else:
-                        acc.copy_(prod)
-        ref._fused(acc).requant_rows(acc.numpy(), constants, bits, out)
+            return acc.numpy()
+        a32 = v.gemm_a[:r * k].view(r, k)
+        w32 = v.gemm_w[:n * k].view(n, k)
+        a32.copy_(a)
+        w32.copy_(w)
+        prod = v.gemm_prod[:r * n].view(r, n)
+        if k <= ref.F32_EXACT_K:
+            torch.matmul(a32, w32.T, out=prod)          # every element an integer float32 holds exactly
+            return prod.numpy()
+        acc = v.gemm_acc[:r * n].view(r, n)             # exact chunks, summed in int32 (see ref._gemm_f32)
+        for k0 in range(0, k, ref.F32_EXACT_K):
+            torch.matmul(a32[:, k0:k0 + ref.F32_EXACT_K], w32[:, k0:k0 + ref.F32_EXACT_K].T, out=prod)
+            if k0:
+                acc.add_(prod.to(torch.int32))
+            else:
+                acc.copy_(prod)
+        return acc.numpy()
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,9 @@ def _prepare(p, t):
         constants = requant(m0, shift, bias, (1, n))
         return None if constants is None else (w, constants)
 
+    def one_group(constants):       # the fused epilogues take per-channel constants only
+        return constants if constants is not None and constants[0].shape[0] == 1 else None
+
     c, ffn = p.wo.shape[0], p.w1.shape[0]
 
     def layernorm(outs):            # the arena writes an int8 and an int16 output
@@ -280,11 +284,13 @@ def _prepare(p, t):
     g_m0, g_shift = ref._requant_constants(p.g_m0, p.g_shift, "cpu")
     parts = dict(qkv=gemm(w, bias, m0, shift), o=gemm(p.wo, p.bo, p.o_m0, p.o_shift),
                  f1=gemm(p.w1, p.b1, p.f1_m0, p.f1_shift), f2=gemm(p.w2, p.b2, p.f2_m0, p.f2_shift),
-                 scores=requant(p.score_m0, p.score_shift, None, (1, heads, t, t)),
+                 scores=one_group(requant(p.score_m0, p.score_shift, None, (1, heads, t, t))),
                  ctx=requant(ref.per_head(p.ctx_m0, heads, d), ref.per_head(p.ctx_shift, heads, d), None,
                              (1, heads, t, d)),
                  gelu=kernels.gelu_constants(g_m0, g_shift, ffn),
                  ln1=layernorm([p.ln1_x8, p.ln1_x16]), ln2=layernorm([p.ln2_x8, p.ln2_x16]))
+    if parts["f1"] is not None and one_group(parts["f1"][1]) is None:
+        return None
     return None if any(x is None for x in parts.values()) else LayerConstants(**parts)
 
 
