@@ -83,3 +83,26 @@ def test_loading_adds_no_second_copy(minilm, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     added = int(run.stdout.split()[-1]) * 1024
     assert added <= 1.1 * tensor_bytes, (added, tensor_bytes)
+
+
+def test_a_model_gone_leaves_no_mapping_behind(tiny, tmp_path):
+    """Once a model is dropped, its file is unmapped: what the CPU paths remember of its constants (the
+    checked requant constants, the fused kernels' prepared arrays, the arena's per-layer constants) holds
+    none of its tensors."""
+    import gc
+    from ambert.sw.runtime.cpu import CpuDevice
+    path = artifact.save(tiny[0], tmp_path / "gone.safetensors")
+
+    def mapped():
+        with open("/proc/self/maps") as f:
+            return sum(str(path) in line for line in f)
+
+    qm = artifact.load(path)
+    ids, mask = torch.tensor([[2, 5, 7, 3], [2, 6, 3, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    dev = CpuDevice()
+    arena = qm.forward_int(ids, mask, layer_fn=lambda i, x8, x16, m: dev.run_layer(qm.layers[i], x8, x16, m))
+    assert torch.equal(arena, qm.forward_int(ids, mask))                 # the arena and the reference, both run
+    assert mapped()
+    del qm
+    gc.collect()
+    assert mapped() == 0

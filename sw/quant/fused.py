@@ -234,11 +234,13 @@ def _rows(t):
 
 
 def _per_channel(x, n):
-    """``x`` (an int or an int tensor of 0 or 1 dims) as int64 [n]; None if it varies along other axes."""
+    """``x`` (an int or an int tensor of 0 or 1 dims) as a new int64 array [n] (sharing no memory with
+    ``x``: it is remembered while ``x`` lives, see :func:`ref.remembered`); None if it varies along other
+    axes."""
     x = torch.as_tensor(x, dtype=torch.int64)
     if x.dim() > 1 and any(d != 1 for d in x.shape[:-1]):
         return None
-    return np.ascontiguousarray(x.reshape(-1).expand(n).numpy()) if x.numel() in (1, n) else None
+    return np.array(x.reshape(-1).expand(n).numpy()) if x.numel() in (1, n) else None
 
 
 def _grouped(x, shape):
@@ -253,7 +255,7 @@ def _grouped(x, shape):
         return None if flat is None else (flat.reshape(1, n), 1)
     if (x.dim() == 3 and len(shape) >= 3 and x.shape[0] == shape[-3] and x.shape[1] == 1
             and x.shape[2] in (1, n)):
-        return np.ascontiguousarray(x.expand(x.shape[0], 1, n).reshape(-1, n).numpy()), shape[-2]
+        return np.array(x.expand(x.shape[0], 1, n).reshape(-1, n).numpy()), shape[-2]
     return None
 
 
@@ -313,7 +315,7 @@ def requant_constants(m0, shift, bias, shape):
     if m0_a.shape[0] != sh_a.shape[0]:
         groups = max(m0_a.shape[0], sh_a.shape[0])
         m0_a, sh_a = (np.ascontiguousarray(np.broadcast_to(a, (groups, n))) for a in (m0_a, sh_a))
-    bias_a = np.zeros(n, np.int64) if bias is None else bias.to(torch.int64).numpy()
+    bias_a = np.zeros(n, np.int64) if bias is None else np.array(bias.numpy(), dtype=np.int64)
     return m0_a, sh_a, max(m0_period, sh_period), bias_a
 
 

@@ -224,25 +224,37 @@ _REMEMBERED = {}
 
 
 def remembered(tensors, extra, build):
-    """``build()`` for values derived from ``tensors`` (a model's constants: the same objects call after
-    call) and the hashable ``extra``, remembered while every one of them lives unchanged (its version
-    counter still the same): a model's constants are checked and prepared once, not at every call.
-    Anything not a tensor among ``tensors`` (a new object each call): built every time."""
+    """``build()`` for values derived from ``tensors`` (a model's constants: the same tensors, or views
+    of them, call after call) and the hashable ``extra``, remembered while every one of them lives
+    unchanged (its version counter still the same): a model's constants are checked and prepared once,
+    not at every call. A view is known by its base and its place in it. The entry holds the tensors
+    weakly, so a value must not hold them (or their memory) either — except the value being one of the
+    tensors itself; otherwise it would keep a model's mapped file alive after the model is gone.
+    Anything not a tensor among ``tensors``: built every time."""
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         return build()
-    key = (tuple(id(t) for t in tensors), extra)
+    bases = [t if t._base is None else t._base for t in tensors]
+    key = (tuple((id(b), t.storage_offset(), tuple(t.shape), t.stride()) for b, t in zip(bases, tensors)), extra)
     hit = _REMEMBERED.get(key)
-    if hit is not None and all(r() is t and v == t._version for r, v, t in zip(hit[0], hit[1], tensors)):
-        return hit[2]
+    if hit is not None and all(r() is b and v == b._version for r, v, b in zip(hit[0], hit[1], bases)):
+        value = hit[2]
+        return tensors[value.index] if isinstance(value, _Itself) else value
     value = build()
     if len(_REMEMBERED) >= 1 << 14:
         _REMEMBERED.clear()
     gone = (lambda _, key=key, memo=_REMEMBERED: memo.pop(key, None))
-    _REMEMBERED[key] = ([weakref.ref(t, gone) for t in tensors], [t._version for t in tensors], value)
+    stored = next((_Itself(i) for i, t in enumerate(tensors) if value is t), value)
+    _REMEMBERED[key] = ([weakref.ref(b, gone) for b in bases], [b._version for b in bases], stored)
     return value
 
 
-_INTS = {}          # (int, lo, hi, device) -> its checked int64 tensor (treated as read-only, as every constant)
+@dataclass(frozen=True)
+class _Itself:
+    """A remembered value that is one of its own tensors (its index), held as that, not as the tensor."""
+    index: int
+
+
+_INTS = {}              # (int, lo, hi, device) -> its checked int64 tensor (read-only, as every constant)
 
 
 def _checked(x, lo, hi, device, what):
@@ -265,10 +277,8 @@ def _checked(x, lo, hi, device, what):
 
 
 def per_head(t, heads, d):
-    """A per-channel constant [heads * d] as [heads, 1, d] (one row per head, broadcast over tokens): the
-    same view object while ``t`` is unchanged, so what is derived from it is remembered too."""
-    return remembered((t,), ("per_head", heads, d), lambda: t.view(heads, 1, d)) if isinstance(t, torch.Tensor) \
-        else t
+    """A per-channel constant [heads * d] as [heads, 1, d]: one row per head, broadcast over tokens."""
+    return t.view(heads, 1, d) if isinstance(t, torch.Tensor) else t
 
 
 def _requant_constants(m0, shift, device):
