@@ -99,10 +99,10 @@ def test_a_model_gone_leaves_no_mapping_behind(tiny, tmp_path):
 
     qm = artifact.load(path)
     ids, mask = torch.tensor([[2, 5, 7, 3], [2, 6, 3, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
-    dev = CpuDevice()
-    arena = qm.forward_int(ids, mask, layer_fn=lambda i, x8, x16, m: dev.run_layer(qm.layers[i], x8, x16, m))
+    dev, layers = CpuDevice(), qm.layers
+    arena = qm.forward_int(ids, mask, layer_fn=lambda i, x8, x16, m: dev.run_layer(layers[i], x8, x16, m))
     assert torch.equal(arena, qm.forward_int(ids, mask))                 # the arena and the reference, both run
     assert mapped()
-    del qm
+    del qm, layers
     gc.collect()
     assert mapped() == 0
