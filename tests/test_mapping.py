@@ -99,10 +99,13 @@ def test_a_model_gone_leaves_no_mapping_behind(tiny, tmp_path):
 
     qm = artifact.load(path)
     ids, mask = torch.tensor([[2, 5, 7, 3], [2, 6, 3, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
-    dev, layers = CpuDevice(), qm.layers
-    arena = qm.forward_int(ids, mask, layer_fn=lambda i, x8, x16, m: dev.run_layer(layers[i], x8, x16, m))
+    dev = CpuDevice()
+
+    def layer_fn(i, x8, x16, m, layers=qm.layers):
+        return dev.run_layer(layers[i], x8, x16, m)
+    arena = qm.forward_int(ids, mask, layer_fn=layer_fn)
     assert torch.equal(arena, qm.forward_int(ids, mask))                 # the arena and the reference, both run
     assert mapped()
-    del qm, layers
+    del qm, layer_fn
     gc.collect()
     assert mapped() == 0
