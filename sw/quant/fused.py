@@ -108,6 +108,21 @@ def _exp(score, keep, top, m, b_int, c_int):
     return x if keep else np.int64(0)
 
 
+@njit(cache=True, inline="always")
+def _softmax_row(e, kp, top, m, b_int, c_int, out_max, factor_bits, out):
+    # one row of ref_softmax: e holds its int16 scores (as int64; replaced by their exponentials), kp its
+    # key mask, top their maximum over the kept keys; out the row to write
+    total = np.int64(0)
+    for j in range(e.shape[0]):
+        x = _exp(e[j], kp[j], top, m, b_int, c_int)
+        e[j] = x
+        total += x
+    factor = (np.int64(out_max) << factor_bits) // max(total, np.int64(1))
+    half = np.int64(1) << (factor_bits - 1)
+    for j in range(e.shape[0]):
+        out[j] = (e[j] * factor + half) >> factor_bits
+
+
 @njit(parallel=True, cache=True)
 def _softmax(s, keep, period, m, b_int, c_int, out_max, factor_bits, out):
     # s: int16 [R, T]; keep: bool [G, T] (True = attend), row i taking keep[(i // period) % G]
@@ -115,20 +130,13 @@ def _softmax(s, keep, period, m, b_int, c_int, out_max, factor_bits, out):
     groups = keep.shape[0]
     for i in prange(r):
         kp = keep[(i // period) % groups]
+        e = np.empty(t, np.int64)
         top = np.int64(-32768)
         for j in range(t):
-            v = np.int64(s[i, j]) if kp[j] else np.int64(-32768)
-            top = max(top, v)
-        e = np.empty(t, np.int64)
-        total = np.int64(0)
-        for j in range(t):
-            x = _exp(s[i, j], kp[j], top, m, b_int, c_int)
-            e[j] = x
-            total += x
-        factor = (np.int64(out_max) << factor_bits) // max(total, np.int64(1))
-        half = np.int64(1) << (factor_bits - 1)
-        for j in range(t):
-            out[i, j] = (e[j] * factor + half) >> factor_bits
+            v = np.int64(s[i, j])
+            e[j] = v
+            top = max(top, v if kp[j] else np.int64(-32768))
+        _softmax_row(e, kp, top, m, b_int, c_int, out_max, factor_bits, out[i])
 
 
 @njit(parallel=True, cache=True)
@@ -148,15 +156,7 @@ def _scores_softmax(acc, m0, shift, keep, period, m, b_int, c_int, out_max, fact
             q = min(max((np.int64(acc[i, j]) * m0[j] + ((np.int64(1) << s) >> 1)) >> s, -32768), 32767)
             e[j] = q
             top = max(top, q if kp[j] else np.int64(-32768))
-        total = np.int64(0)
-        for j in range(t):
-            x = _exp(e[j], kp[j], top, m, b_int, c_int)
-            e[j] = x
-            total += x
-        factor = (np.int64(out_max) << factor_bits) // max(total, np.int64(1))
-        half = np.int64(1) << (factor_bits - 1)
-        for j in range(t):
-            out[i, j] = (e[j] * factor + half) >> factor_bits
+        _softmax_row(e, kp, top, m, b_int, c_int, out_max, factor_bits, out[i])
 
 
 @njit(cache=True, inline="always")
