@@ -24,9 +24,9 @@ from ambert.proto.contract import OUT_RANGE
 
 from .ref import remembered
 
-__all__ = ["requant", "gelu_requant", "softmax", "layernorm", "requant_constants", "requant_rows", "gelu_constants", "gelu_rows",
-           "layernorm_constants", "layernorm_rows", "requant_gelu_rows", "scores_softmax_rows",
-           "softmax_keep"]
+__all__ = ["requant", "gelu_requant", "softmax", "layernorm", "requant_constants", "requant_rows",
+           "gelu_constants", "gelu_rows", "layernorm_constants", "layernorm_rows", "requant_gelu_rows",
+           "scores_softmax_rows", "softmax_keep"]
 
 _DTYPE = {8: np.int8, 16: np.int16}          # the outputs the loops write, in the contract's OUT_RANGE
 _TORCH = {np.int8: torch.int8, np.int16: torch.int16}
