@@ -245,15 +245,15 @@ def _steps(shape, ops, plans):
     steps = []
     for j, (op, plan) in enumerate(zip(ops, plans)):
         chunks = list(plan.chunks(split_last=j == len(ops) - 1))
-        one_m = plan.m_chunk >= plan.m
+        one_m, rows_first = plan.m_chunk >= plan.m, plan.rows_first
 
         # an operand is held while consecutive steps use it: A for a whole row chunk when rows come
         # first (or there is one), weights for a whole weight chunk when they do not
         def a_key(nt0, r0):
-            return ("A", j, r0) if one_m or plan.rows_first else ("A", j, r0, nt0)
+            return ("A", j, r0) if one_m or rows_first else ("A", j, r0, nt0)
 
         def w_key(nt0, r0):
-            return ("W", j, nt0, r0) if plan.rows_first else ("W", j, nt0)
+            return ("W", j, nt0, r0) if rows_first else ("W", j, nt0)
 
         for i, (nt0, ntc, r0, rc) in enumerate(chunks):
             nxt = chunks[i + 1] if i + 1 < len(chunks) else None
