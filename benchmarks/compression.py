@@ -30,7 +30,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fractions", default="0,0.25,0.4,0.5,0.6", help="fractions of encoder MACs to remove")
     p.add_argument("--steps", type=int, default=1000, help="distillation steps per fraction (default: the recipe's)")
-    p.add_argument("--distill", default="all", help="fractions to distil (default: all of --fractions)")
+    p.add_argument("--distill", default="all", help="fractions to distil: all, none or a list (default: all)")
+    p.add_argument("--granularity", default="heads,neurons",
+                   help="what `ambert prune` may remove: any of heads, neurons, tiles (default: heads,neurons)")
+    p.add_argument("--tile-share", type=float, default=0.5, help="with tiles and heads or neurons: the tiles' "
+                   "share of the MACs removed (default: 0.5)")
     p.add_argument("--sentences", type=Path, default=ROOT / "tests" / "fixtures" / "sentences.txt")
     args = p.parse_args()
 
@@ -46,7 +50,9 @@ def main():
     from ambert.report.measure import cpu_description, encoder_weight_bytes
 
     fractions = [float(f) for f in args.fractions.split(",")]
-    distilled = fractions if args.distill == "all" else [float(f) for f in args.distill.split(",")]
+    distilled = (fractions if args.distill == "all" else [] if args.distill == "none"
+                 else [float(f) for f in args.distill.split(",")])
+    granularity = tuple(g.strip() for g in args.granularity.split(",") if g.strip())
     sentences = read_sentences(args.sentences)
     teacher, tok = load_bert(), load_tokenizer()
     text = " ".join(sentences[:12])
@@ -72,9 +78,11 @@ def main():
             if f == 0:
                 qm, _, _ = quantize_pretrained(progress=False)
             else:
-                qm, _, _ = prune_pretrained(f, progress=False)
+                qm, _, _ = prune_pretrained(f, granularity, progress=False, tile_share=args.tile_share)
             t_prune = time.perf_counter() - t0
-            row = dict(fraction=f, macs=encoder_macs(qm.config), bytes=encoder_weight_bytes(qm), cycles=cycles(qm),
+            tile_macs = qm.source.get("pruning", {}).get("tile_macs_removed", 0)
+            row = dict(fraction=f, macs=encoder_macs(qm.config) - tile_macs, bytes=encoder_weight_bytes(qm),
+                       cycles=cycles(qm),
                        pruned=fidelity(qm), t_prune=t_prune)
             if f > 0 and f in distilled:
                 path = artifact.save(qm, Path(tmp) / f"p{f}.ambert.safetensors")
@@ -88,7 +96,7 @@ def main():
     dense = rows[0] if rows[0]["fraction"] == 0 else None
     print(f"\nmachine: {cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{datetime.date.today()}; `python benchmarks/compression.py --fractions {args.fractions} --steps "
-          f"{args.steps} --distill {args.distill}`")
+          f"{args.steps} --distill {args.distill} --granularity {args.granularity}`")
     print(f"evaluation: {len(sentences)} sentences of {args.sentences.name}; cycles: one 128-token sequence on "
           f"the simulated 16x16 accelerator (transfers included)\n")
     head = ("| MACs removed | MACs left (M) | encoder weights (MiB) | vs dense | device cycles | speedup "

@@ -74,6 +74,15 @@ class MatmulEngine(wiring.Component):
     a group of its lanes.) With ``subbanks`` 1 an output row is written a word a cycle (up to 4 cycles,
     which a requantizer taking >= 4 cycles a row leaves).
     ``issuing`` is high in cycles that feed a row to the array (for the performance counters).
+
+    A chained MATMUL (``proto.isa.Chain``, one n-tile): with ``cont`` its first k-tile adds to the sums
+    the accumulators hold rather than to zero; with ``hold`` its last k-tile's sums go back to the
+    accumulators, nothing is requantized or written, and its parameters are not loaded; with a read
+    latency up to 3 it is ``done`` a cycle after its last row is read, its rows still on their way to
+    the accumulators. A MATMUL's first
+    tile waits the margins a following tile would (its weights go to the bank the last tile did not
+    use, its rows after the accumulators' gap), so a chain's next run starts as soon as its first
+    tile is loaded.
     """
 
     def __init__(self, config, addr_bits):
@@ -103,6 +112,7 @@ class MatmulEngine(wiring.Component):
             "start": In(1),
             "a_addr": In(addr_bits), "w_addr": In(addr_bits), "p_addr": In(addr_bits), "o_addr": In(addr_bits),
             "m": In(16), "k_tiles": In(16), "n_tiles": In(16), "mode": In(2),
+            "cont": In(1), "hold": In(1),
             "busy": Out(1), "done": Out(1), "issuing": Out(1),
             "a_rd": Out(PoolRead(addr_bits, self.word_bits)),
             "w_rd": Out(PoolRead(addr_bits, self.word_bits)),
@@ -150,6 +160,9 @@ class MatmulEngine(wiring.Component):
         s.tile_bits = tile_bits = min(16, len(self.a_addr) + 1) if self.bit_serial else 16
         rows, kt_n, nt_n, mode = Signal(row_bits), Signal(tile_bits), Signal(tile_bits), Signal(2)
         s.rows, s.kt_n, s.nt_n, s.mode = rows, kt_n, nt_n, mode
+        # a chained MATMUL's (proto.isa.Chain): its first k-tile adds to the accumulators' sums; its last
+        # k-tile's rows go back to the accumulators, not to the requantizer (whose parameters it skips)
+        s.cont, s.hold = Signal(name="chain_continue"), Signal(name="chain_hold")
         s.row_words = row_words = Signal(3)
         m.d.comb += row_words.eq(mode_words(mode))
         s.rows_words = Mux(row_words == 4, rows << 2, Mux(row_words == 2, rows << 1, rows))   # no multiplier
@@ -158,7 +171,8 @@ class MatmulEngine(wiring.Component):
         # after the row left the array: the parameter buffer is free that much later than the weight bank
         s.param_margin = s.load_margin + rq.latency if self.bit_serial else s.load_margin
         top = max(s.lat + 15, s.param_margin)
-        s.since = since = Signal(range(top + 1))
+        # (saturated out of reset: the first MATMUL waits on no margin)
+        s.since = since = Signal(range(top + 1), init=top)
         m.d.sync += since.eq(Mux(since == top, since, since + 1))
 
     def _loader(self, m, s):
@@ -214,7 +228,8 @@ class MatmulEngine(wiring.Component):
         # multiplexers see no more logic in front of them than the enables'
         m.d.comb += self.w_rd.addr.eq(Mux(ld_on_w, w_ptr, p_ptr))
         with m.If(ld_go):
-            m.d.sync += [ld_busy.eq(1), ld_idx.eq(0), ld_params.eq(ld_kt == 0), ld_reading.eq(1), ld_on_w.eq(1)]
+            m.d.sync += [ld_busy.eq(1), ld_idx.eq(0), ld_params.eq((ld_kt == 0) & ~s.hold), ld_reading.eq(1),
+                         ld_on_w.eq(1)]
         with m.If(ld_busy):
             with m.If(ld_reading):
                 m.d.comb += self.w_rd.en.eq(1)
@@ -265,7 +280,8 @@ class MatmulEngine(wiring.Component):
         # whether ``since`` has passed each margin (and the gap), as flip-flops set a cycle ahead (``since``
         # counts up from 0 after a tile starts and saturates above them all), so no compare against a
         # multiplexed margin decides in the cycle
-        restart, past_load, past_param, past_gap = Signal(), Signal(), Signal(), Signal()
+        restart = Signal()
+        past_load, past_param, past_gap = Signal(init=1), Signal(init=1), Signal(init=1)
         m.d.sync += [past_load.eq(~restart & (since >= s.load_margin - 1)),
                      past_param.eq(~restart & (since >= s.param_margin - 1)),
                      past_gap.eq(~restart & (since >= s.gap - 1))]
@@ -275,7 +291,7 @@ class MatmulEngine(wiring.Component):
             m.d.sync += ld_wait.eq(0)
         s.ld_go, s.ld_busy, s.ld_ready, s.ld_wait, s.ld_pending = ld_go, ld_busy, ld_ready, ld_wait, ld_pending
         s.ld_kt, s.ld_nt, s.ld_bank = ld_kt, ld_nt, ld_bank
-        s.restart, s.past_gap = restart, past_gap
+        s.restart, s.past_gap, s.margin_passed = restart, past_gap, margin_passed
 
     def _feeder(self, m, s):
         """The feeder: one activation row a cycle into the array (``a_rd``), tile after tile, n-tile-major,
@@ -293,9 +309,9 @@ class MatmulEngine(wiring.Component):
         rows, kt_n, nt_n, mode, row_words, rows_words = s.rows, s.kt_n, s.nt_n, s.mode, s.row_words, s.rows_words
         since, restart, past_gap = s.since, s.restart, s.past_gap
         ld_go, ld_busy, ld_ready, ld_wait, ld_pending = s.ld_go, s.ld_busy, s.ld_ready, s.ld_wait, s.ld_pending
-        ld_kt, ld_nt, ld_bank = s.ld_kt, s.ld_nt, s.ld_bank
+        ld_kt, ld_nt = s.ld_kt, s.ld_nt
         fd_row, fd_kt, fd_nt = Signal(row_bits), Signal(tile_bits), Signal(tile_bits)
-        fd_sel, fd_started, fd_last_tile = Signal(), Signal(), Signal()
+        fd_sel, fd_last_tile = Signal(), Signal()
         a_tile, a_ptr = Signal.like(a_base), Signal.like(a_base)
         m.d.comb += self.a_rd.addr.eq(a_ptr)        # as the loader's: only the enable decides
         o_tile, o_ptr = Signal.like(self.o_addr), Signal.like(self.o_addr)
@@ -331,20 +347,23 @@ class MatmulEngine(wiring.Component):
                 # of all these registers; nothing reads them idle
                 m.d.sync += [a_base.eq(self.a_addr), w_ptr.eq(self.w_addr), p_ptr.eq(self.p_addr),
                              rows.eq(self.m), kt_n.eq(self.k_tiles), nt_n.eq(self.n_tiles),
-                             mode.eq(self.mode),
-                             ld_kt.eq(0), ld_nt.eq(0), ld_bank.eq(0), ld_ready.eq(0), ld_pending.eq(1),
-                             fd_kt.eq(0), fd_nt.eq(0), fd_sel.eq(0), fd_started.eq(0),
+                             mode.eq(self.mode), s.cont.eq(self.cont), s.hold.eq(self.hold),
+                             ld_kt.eq(0), ld_nt.eq(0), ld_ready.eq(0), ld_pending.eq(1),
+                             fd_kt.eq(0), fd_nt.eq(0),
                              a_tile.eq(self.a_addr), o_tile.eq(self.o_addr)]
                 m.d.sync += [last_k.eq(self.k_tiles == 1), kt_m2.eq(self.k_tiles - 2), rows_m2.eq(self.m - 2),
                              nt_last.eq(self.n_tiles == 1), nt_m2.eq(self.n_tiles - 2)]
                 with m.If(self.start):
                     m.next = "LOAD_FIRST"
             with m.State("LOAD_FIRST"):
-                m.d.comb += ld_go.eq(1)
-                m.next = "WAIT_TILE"
+                # (the weight banks alternate from MATMUL to MATMUL, and a HOLD's rows may still be in the
+                # array: its first tile's load, and its first row, wait the margins a following tile's do)
+                with m.If(s.margin_passed):
+                    m.d.comb += ld_go.eq(1)
+                    m.next = "WAIT_TILE"
             with m.State("WAIT_TILE"):
-                with m.If(ld_ready & ~ld_busy & (~fd_started | past_gap)):
-                    m.d.sync += [ld_ready.eq(0), fd_started.eq(1), since.eq(0), fd_row.eq(0),
+                with m.If(ld_ready & ~ld_busy & past_gap):
+                    m.d.sync += [ld_ready.eq(0), since.eq(0), fd_row.eq(0),
                                  a_ptr.eq(a_tile), o_ptr.eq(o_tile), ld_wait.eq(ld_pending),
                                  fd_last_tile.eq(last_k & nt_last), row_last.eq(rows == 1)]
                     m.d.comb += restart.eq(1)
@@ -354,7 +373,8 @@ class MatmulEngine(wiring.Component):
                     m.d.sync += [pace.eq(rq.steps - 1), pace_zero.eq(rq.steps == 1)]
                 with m.If(issue):
                     m.d.comb += [self.issuing.eq(1), self.a_rd.en.eq(1)]
-                    m.d.sync += [s1_valid.eq(1), s1_zero.eq(fd_kt == 0), s1_last.eq(last_k),
+                    m.d.sync += [s1_valid.eq(1), s1_zero.eq((fd_kt == 0) & ~s.cont),
+                                 s1_last.eq(last_k & ~s.hold),
                                  s1_sel.eq(fd_sel), s1_pbuf.eq(fd_nt[0]), s1_row.eq(fd_row), s1_optr.eq(o_ptr)]
                     m.d.sync += [fd_row.eq(fd_row + 1), a_ptr.eq(a_ptr + 1), o_ptr.eq(o_ptr + row_words),
                                  row_last.eq(fd_row == rows_m2)]
@@ -367,7 +387,11 @@ class MatmulEngine(wiring.Component):
                         with m.Else():
                             m.d.sync += [fd_kt.eq(fd_kt + 1), last_k.eq(fd_kt == kt_m2)]
                         with m.If(fd_last_tile):
-                            m.d.sync += drain.eq(0)
+                            # a HOLD is done a cycle after its last row left the pool: nothing of it
+                            # touches the pool or the epilogue again. With the accumulators' output
+                            # registered (read latency >= 4) a HOLD drains as any MATMUL does: an early
+                            # end there loses a lane of its last rows' sums in the engine's tests.
+                            m.d.sync += drain.eq(Mux(s.hold, drain_end, 0) if not s.acc_q else 0)
                             m.next = "DRAIN"
                         with m.Else():
                             m.next = "WAIT_TILE"

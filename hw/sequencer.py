@@ -9,8 +9,8 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
 from .engine import mode_words
-from ambert.proto.isa import (ARG_WORDS, HEADER, ISA_VERSION, PARAM_WORDS_PER_LANE_GROUP, STATUS, STATUS_MAGIC,
-                              TILES, Counters, Error, Info, Mode, Opcode)
+from ambert.proto.isa import (ARG_WORDS, HEADER, ISA_VERSION, MODE_MASK, PARAM_WORDS_PER_LANE_GROUP, STATUS,
+                              STATUS_MAGIC, TILES, Chain, Counters, Error, Info, Mode, Opcode)
 from .mac import registered_product
 
 __all__ = ["Sequencer", "word_of"]
@@ -70,7 +70,7 @@ class Sequencer(wiring.Component):
             "mm_start": Out(1), "mm_done": In(1),
             "mm_a": Out(self.addr_bits), "mm_w": Out(self.addr_bits), "mm_p": Out(self.addr_bits),
             "mm_o": Out(self.addr_bits), "mm_m": Out(16), "mm_k_tiles": Out(16), "mm_n_tiles": Out(16),
-            "mm_mode": Out(2),
+            "mm_mode": Out(2), "mm_continue": Out(1), "mm_hold": Out(1),
             "cnt_busy": In(64), "cnt_stalled": In(64), "cnt_macs": In(64),
         })
 
@@ -186,6 +186,10 @@ class Sequencer(wiring.Component):
         a, w, p, o = args[0], args[1], args[2], args[3]
         mm_m, kt, nt = args[4], args[5][TILES.bits("k_tiles")], args[5][TILES.bits("n_tiles")]
         mode = flags[:2]
+        cont, hold = (flags[Chain(f).bit_length() - 1] for f in (Chain.CONTINUE, Chain.HOLD))
+        # the sums a HOLD left in the accumulators: for the next MATMUL only (any MATMUL decoded, run or
+        # dropped, replaces it), and only for a CONTINUE of the same M
+        held, held_m = Signal(), Signal(16)
         mw = Signal(3)
         m.d.comb += mw.eq(mode_words(mode))
 
@@ -234,12 +238,16 @@ class Sequencer(wiring.Component):
         def times(value, constant):
             # a constant multiply as shifts and adds: as a `*` synthesis would give it a DSP block too
             return sum(value << k for k in range(constant.bit_length()) if constant >> k & 1)
-        shape_ok = ((flags <= Mode.INT32) & (mm_m != 0) & (mm_m <= c.shape.acc_depth) & (kt != 0) & (nt != 0))
+        known_bits = (MODE_MASK | Chain.CONTINUE | Chain.HOLD).bit_length()
+        shape_ok = ((mode <= Mode.INT32) & (flags[known_bits:] == 0) & (mm_m != 0)
+                    & (mm_m <= c.shape.acc_depth) & (kt != 0) & (nt != 0) & (~(cont | hold) | (nt == 1))
+                    & (~cont | (held & (held_m == mm_m))))
         addr_ok = (inside(0, ext_a) & inside(1, ext_w) & inside(2, ext_p) & inside(3, ext_o) & (o[:2] == 0))
         bank_ok = ((bank(a) != bank(w)) & (bank(a) != bank(p)) & (bank(o) != bank(a)) & (bank(o) != bank(w))
                    & (bank(o) != bank(p)))
         m.d.comb += [self.mm_a.eq(a), self.mm_w.eq(w), self.mm_p.eq(p), self.mm_o.eq(o), self.mm_m.eq(mm_m),
-                     self.mm_k_tiles.eq(kt), self.mm_n_tiles.eq(nt), self.mm_mode.eq(mode)]
+                     self.mm_k_tiles.eq(kt), self.mm_n_tiles.eq(nt), self.mm_mode.eq(mode),
+                     self.mm_continue.eq(cont), self.mm_hold.eq(hold)]
         # the dispatching command's banks and ranges, and what it would clash with
         new_rbanks, new_wbanks = Signal(c.shape.banks), Signal(c.shape.banks)
         m.d.comb += [new_rbanks.eq(bank_bit(a) | bank_bit(w) | bank_bit(p)), new_wbanks.eq(bank_bit(o))]
@@ -250,7 +258,8 @@ class Sequencer(wiring.Component):
         x_ends = []
         vars(s).update(ext_a=ext_a, ext_w=ext_w, ext_p=ext_p, ext_o=ext_o, clip=clip, times=times, narrow=narrow,
                        E=E, measure_step=measure_step, product=product, store_extent=store_extent, mw=mw,
-                       kt=kt, nt=nt, mm_m=mm_m, shape_ok=shape_ok, addr_ok=addr_ok, bank_ok=bank_ok,
+                       kt=kt, nt=nt, mm_m=mm_m, shape_ok=shape_ok, hold=hold, held=held, held_m=held_m,
+                       addr_ok=addr_ok, bank_ok=bank_ok,
                        new_rbanks=new_rbanks, new_wbanks=new_wbanks, new_spans=new_spans, x_banks=x_banks,
                        x_span=x_span, x_ends=x_ends)
         if c.impl.serial_mul_bits is None:
@@ -490,6 +499,9 @@ class Sequencer(wiring.Component):
                                          st_rd_more.eq(1)]      # (count is not 0 here)
                             m.next = "HEADER"
                     with m.Default():      # MATMUL
+                        with m.If(~shape_ok_r | ~addr_ok_r | ~bank_ok_r | ~matmul_waits):
+                            m.d.sync += [s.held.eq(s.hold & shape_ok_r & addr_ok_r & bank_ok_r),
+                                         s.held_m.eq(mm_m)]
                         with m.If(~shape_ok_r):
                             m.d.sync += err.eq(err | Error.SHAPE)
                             m.next = "HEADER"

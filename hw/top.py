@@ -51,7 +51,7 @@ class Accelerator(wiring.Component):
             eng.start.eq(seq.mm_start), seq.mm_done.eq(eng.done),
             eng.a_addr.eq(seq.mm_a), eng.w_addr.eq(seq.mm_w), eng.p_addr.eq(seq.mm_p), eng.o_addr.eq(seq.mm_o),
             eng.m.eq(seq.mm_m), eng.k_tiles.eq(seq.mm_k_tiles), eng.n_tiles.eq(seq.mm_n_tiles),
-            eng.mode.eq(seq.mm_mode),
+            eng.mode.eq(seq.mm_mode), eng.cont.eq(seq.mm_continue), eng.hold.eq(seq.mm_hold),
             cnt.active.eq(eng.busy), cnt.issuing.eq(eng.issuing),
             seq.cnt_busy.eq(cnt.busy), seq.cnt_stalled.eq(cnt.stalled), seq.cnt_macs.eq(cnt.macs),
         ]

@@ -16,11 +16,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["ISA_VERSION", "Opcode", "Mode", "Error", "WordLayout", "HEADER", "STATUS", "TILES", "ARG_WORDS",
-           "MODE_WORDS", "MODE_BITS", "PARAM_WORDS_PER_LANE_GROUP", "MAX_COUNT", "DeviceShape", "Info",
+__all__ = ["ISA_VERSION", "Opcode", "Mode", "Chain", "Error", "WordLayout", "HEADER", "STATUS", "TILES", "ARG_WORDS",
+           "MODE_WORDS", "MODE_BITS", "MODE_MASK", "PARAM_WORDS_PER_LANE_GROUP", "MAX_COUNT", "DeviceShape", "Info",
            "Counters", "Program", "header", "parse_status"]
 
-ISA_VERSION = 2      # 2: MATMUL and STORE run in the background, interlocked by bank
+ISA_VERSION = 3      # 3: MATMUL chains (Chain) skip a weight's all-zero tiles
 
 
 class WordLayout:
@@ -61,7 +61,7 @@ class Opcode(enum.IntEnum):
     NOP = 0x00
     LOAD = 0x01        # + address; + count pool words of data
     STORE = 0x02       # + address; answers count pool words
-    MATMUL = 0x03      # + 6 words: A, W, P, O addresses, M, TILES; flags = Mode
+    MATMUL = 0x03      # + 6 words: A, W, P, O addresses, M, TILES; flags = Mode | Chain
     SYNC = 0x04        # answers one STATUS word, then clears the error flags
     COUNTERS = 0x05    # answers Counters.WORDS words
     INFO = 0x06        # answers Info.WORDS words
@@ -86,6 +86,20 @@ class Mode(enum.IntEnum):
     INT32 = 2
 
 
+class Chain(enum.IntFlag):
+    """MATMUL flags beside its mode (header flags bits 2 and 3), for one n-tile (``n_tiles`` 1) only.
+
+    A GEMM whose weights hold all-zero ``lanes x lanes`` tiles runs, for each n-tile, as a chain of
+    MATMULs over its runs of non-zero k-tiles: every one but the last HOLDs its sums, every one but the
+    first CONTINUEs them. The zero tiles are neither sent, stored, loaded nor streamed, and the sums are
+    those of the whole k range (the zero tiles add nothing)."""
+    CONTINUE = 1 << 2   # start from the sums the previous MATMUL held (it HOLDs, same M), not from zero
+    HOLD = 1 << 3       # keep the sums in the accumulators for the next MATMUL, write no output
+
+
+MODE_MASK = 0b11        # the mode's bits in a MATMUL's flags
+
+
 MODE_WORDS = {Mode.INT8: 1, Mode.INT16: 2, Mode.INT32: 4}   # pool words per output row
 MODE_BITS = {Mode.INT8: 8, Mode.INT16: 16, Mode.INT32: None}   # saturation width; None: no requant
 
@@ -94,7 +108,7 @@ class Error(enum.IntFlag):
     """Sticky error flags, reported (and cleared) by SYNC."""
     OPCODE = 1 << 0     # unknown opcode: the header word is dropped
     ADDRESS = 1 << 1    # LOAD/STORE/MATMUL range outside the pool, misaligned, or overlapping
-    SHAPE = 1 << 2      # MATMUL shape the array cannot take (M, tile counts, mode)
+    SHAPE = 1 << 2      # MATMUL shape the array cannot take (M, tile counts, mode, flags, a broken chain)
     BANK = 1 << 3       # MATMUL operands sharing a bank they cannot share
 
 
@@ -171,6 +185,32 @@ class DeviceShape:
         padded[:n, :k] = w
         t = padded.reshape(nt, self.lanes, kt, self.lanes)          # [nt, j, kt, i]
         return t.transpose(0, 2, 3, 1).reshape(nt * kt * self.lanes, self.lanes)
+
+    def weight_runs(self, w):
+        """For each n-tile of int8 W [N, K], its runs of k-tiles holding a non-zero weight, as (first
+        k-tile, k-tiles); an all-zero n-tile gets one run of one (zero) tile, so its bias still passes
+        through the epilogue. A weight with no zero tile has one run an n-tile: every k-tile."""
+        w = np.asarray(w, dtype=np.int8)
+        n, k = w.shape
+        nt, kt = -(-n // self.lanes), -(-k // self.lanes)
+        padded = np.zeros((nt * self.lanes, kt * self.lanes), dtype=np.int8)
+        padded[:n, :k] = w
+        nonzero = padded.reshape(nt, self.lanes, kt, self.lanes).any(axis=(1, 3))
+        runs = []
+        for row in nonzero:
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(np.int8), [0]])))
+            runs.append([(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2])] or [(0, 1)])
+        return runs
+
+    def pack_weight_runs(self, w, runs):
+        """int8 W [N, K] -> pool words of the tiles in ``runs`` (:meth:`weight_runs`) only: n-tile by
+        n-tile, run by run, each k-tile's ``lanes`` words as :meth:`pack_weights` lays them out."""
+        dense = self.pack_weights(w)
+        kt = -(-np.asarray(w).shape[1] // self.lanes)
+        L = self.lanes
+        picked = [dense[(t * kt + k0) * L:(t * kt + k0 + count) * L]
+                  for t, tile_runs in enumerate(runs) for k0, count in tile_runs]
+        return np.concatenate(picked) if picked else dense[:0]
 
     def pack_params(self, bias, m0, shift):
         """Per output channel int32 bias, m0 in [0, 2**31), shift in [0, REQUANT_SHIFT_MAX] -> 9 pool words
@@ -287,8 +327,8 @@ class Program:
             self.expect += n * self.shape.host_words_per_pool_word
         return self
 
-    def matmul(self, a_addr, w_addr, p_addr, o_addr, m, k_tiles, n_tiles, mode):
-        self.words += [header(Opcode.MATMUL, flags=int(mode)), a_addr, w_addr, p_addr, o_addr, m,
+    def matmul(self, a_addr, w_addr, p_addr, o_addr, m, k_tiles, n_tiles, mode, chain=Chain(0)):
+        self.words += [header(Opcode.MATMUL, flags=int(mode) | int(chain)), a_addr, w_addr, p_addr, o_addr, m,
                        TILES.pack(k_tiles=k_tiles, n_tiles=n_tiles)]
         return self
 

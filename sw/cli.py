@@ -69,7 +69,7 @@ def cmd_prune(args):
     calibration = read_sentences(args.calibration) if args.calibration else None
     t0 = time.perf_counter()
     qm, _, _ = prune_pretrained(args.fraction, args.granularity, args.model, calibration, args.seq, args.lanes,
-                                progress=not args.quiet)
+                                progress=not args.quiet, tile_share=args.tile_share)
     output = args.output or DEFAULT_ARTIFACT.with_name(
         DEFAULT_ARTIFACT.name.replace(".ambert", f".pruned{round(args.fraction * 100)}.ambert"))
     path = art.save(qm, output)
@@ -112,8 +112,12 @@ def _pruning_line(cfg, src):
         return f"  MACs    {encoder_macs(cfg) / 1e6:.1f} M per {MACS_SEQ}-token sequence (dense)"
     dims = layer_dims(cfg)
     left = encoder_macs(cfg, pr["macs_seq"])
+    tiles = ""
+    if "tiles_zeroed" in pr:
+        left -= pr["tile_macs_removed"]
+        tiles = f", {pr['tiles_zeroed']} weight tiles of {pr['lanes']}x{pr['lanes']} zeroed (not stored, not computed)"
     return (f"  pruned  {pr['fraction']:.0%} of encoder MACs asked ({', '.join(pr['granularity'])}): "
-            f"{pr['heads_removed']} heads and {pr['neurons_removed']} FFN neurons removed; "
+            f"{pr['heads_removed']} heads and {pr['neurons_removed']} FFN neurons removed{tiles}; "
             f"{left / 1e6:.1f} M MACs left of {pr['dense_macs'] / 1e6:.1f} M ({left / pr['dense_macs']:.1%}) "
             f"per {pr['macs_seq']}-token sequence\n"
             f"          heads per layer {[h for h, _ in dims]}, FFN neurons per layer {[f for _, f in dims]}")
@@ -316,16 +320,19 @@ def build_parser():
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
 
-    pr = sub.add_parser("prune", help="remove attention heads and FFN neurons, then quantize what is left")
+    pr = sub.add_parser("prune", help="remove attention heads, FFN neurons and weight tiles, then quantize what "
+                                      "is left")
     pr.add_argument("--fraction", type=_fraction, required=True,
                     help="fraction of encoder MACs to remove, in [0, 1)")
     pr.add_argument("--granularity", type=_granularity, default=("heads", "neurons"),
-                    help="what may be removed: heads, neurons or both (default: heads,neurons)")
+                    help="what may be removed: any of heads, neurons, tiles (default: heads,neurons)")
+    pr.add_argument("--tile-share", type=float, default=0.5,
+                    help="with tiles and heads or neurons: the tiles' share of the MACs removed (default: 0.5)")
     pr.add_argument("--model", type=Path, help="model folder (default: the bundled all-MiniLM-L6-v2)")
     pr.add_argument("--calibration", type=Path, help="sentences to score and calibrate on, one per line")
     pr.add_argument("--seq", type=int, default=128, help="sequence length the MACs are counted at (default: 128)")
     pr.add_argument("--lanes", type=int, default=16,
-                    help="neurons go in blocks of this many: the array's width (default: 16)")
+                    help="neurons go in blocks of this many, tiles are this wide: the array's width (default: 16)")
     pr.add_argument("-o", "--output", type=Path,
                     help="default: build/all-MiniLM-L6-v2.prunedNN.ambert.safetensors")
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

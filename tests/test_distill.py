@@ -55,6 +55,29 @@ def test_a_short_distillation_writes_a_pruned_artifact_that_runs_bit_exact(prune
     assert torch.equal(sim(**enc).last_hidden_state, ref) and sim.last_stats.ops == {"sim": 12}
 
 
+def test_distilling_a_tile_pruned_artifact_keeps_its_zero_tiles(tiny_bert_dir, tmp_path):
+    """The student learns every weight but the pruned tiles: the distilled artifact's zero tiles are the
+    pruned one's, and it runs `==` its reference on the simulated device."""
+    from ambert.sw.quant.prune import prune_pretrained
+    pruned, _, _ = prune_pretrained(0.2, ("tiles",), model_dir=tiny_bert_dir, calibration=CALIB, lanes=4,
+                                    progress=False)
+    path = art.save(pruned, tmp_path / "tiles.ambert.safetensors")
+    qm, model, tok = distill_artifact(path, tiny_bert_dir, RECIPE, None, CALIB, progress=False)
+
+    def zero_tiles(w):
+        return (w.reshape(w.shape[0] // 4, 4, w.shape[1] // 4, 4) == 0).all(dim=3).all(dim=1)
+    for before, after in zip(pruned.layers, qm.layers):
+        for name in ("wq", "wk", "wv", "wo", "w1", "w2"):
+            assert torch.equal(zero_tiles(getattr(before, name)) & ~zero_tiles(getattr(after, name)),
+                               torch.zeros_like(zero_tiles(getattr(before, name)))), name
+    assert sum(int(zero_tiles(p.w1).sum()) for p in qm.layers) > 0
+    assert not torch.equal(qm.layers[0].w1, pruned.layers[0].w1)
+    enc = encode(tok, ["the cat sat on the mat"])
+    ref = qm.forward(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    sim = OffloadedBert(qm, model.config, [SimDevice(SMALL), CpuDevice()])
+    assert torch.equal(sim(**enc).last_hidden_state, ref)
+
+
 class Interrupting(torch.nn.Module):
     """The teacher, until its ``at``-th call, where a Ctrl-C arrives."""
 

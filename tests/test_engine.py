@@ -8,7 +8,7 @@ import pytest
 
 from ambert.hw.config import AcceleratorConfig, Implementation
 from ambert.hw.engine import MatmulEngine
-from ambert.proto.isa import MODE_WORDS, DeviceShape, Mode
+from ambert.proto.isa import MODE_WORDS, PARAM_WORDS_PER_LANE_GROUP, Chain, DeviceShape, Mode
 from ambert.sw.gemm_cases import random_case, reference
 from conftest import simulate
 
@@ -35,52 +35,100 @@ def _word_int(row):
     return int.from_bytes(np.asarray(row, dtype=np.int8).tobytes(), "little")
 
 
-def rtl_matmul(config, a, w, bias, m0, shift, mode, max_cycles=40_000):
-    """One MATMUL on the engine: A at the pool's word 0, W and then P at bank 1, O at bank 2 (the
-    sequencer's checks hold). Returns the output region's words as the engine wrote them and the cycles
-    from ``start`` to ``done``."""
+def run_engine(config, pool, matmuls, max_cycles=40_000):
+    """MATMULs one after another on one engine, its pool ports served from ``pool`` ({address: int word},
+    written in place). ``matmuls``: dicts of the engine's arguments. Returns the cycles from the first
+    ``start`` to the last ``done``."""
     shape, impl = config.shape, config.impl
-    B, lanes, subbanks = shape.bank_words, shape.lanes, impl.pool_subbanks
-    w_words = shape.pack_weights(w)
-    pool = {}
-    for base, words in ((0, shape.pack_activations(a)), (B, w_words),
-                        (B + len(w_words), shape.pack_params(bias, m0, shift))):
-        pool.update((base + i, _word_int(row)) for i, row in enumerate(words))
-    m, n = a.shape[0], w.shape[0]
-    n_tiles, k_tiles = -(-n // lanes), -(-a.shape[1] // lanes)
-    o_base, o_count = 2 * B, n_tiles * m * MODE_WORDS[mode]
+    subbanks = impl.pool_subbanks
     dut = MatmulEngine(config, addr_bits=(shape.pool_words - 1).bit_length())
     result = {}
 
     async def bench(ctx):
-        args = ((dut.a_addr, 0), (dut.w_addr, B), (dut.p_addr, B + len(w_words)), (dut.o_addr, o_base),
-                (dut.m, m), (dut.k_tiles, k_tiles), (dut.n_tiles, n_tiles), (dut.mode, mode))
-        for sig, value in args:
-            ctx.set(sig, value)
-        ctx.set(dut.start, 1)
-        await ctx.tick()
-        ctx.set(dut.start, 0)
-        # each read port's words on their way: the word read in a cycle arrives pool_read_latency later
-        arriving = {port: deque([0] * impl.pool_read_latency) for port in (dut.a_rd, dut.w_rd)}
-        for cycle in range(max_cycles):
-            for port, queue in arriving.items():
-                ctx.set(port.data, queue.popleft())
-            for port, queue in arriving.items():
-                queue.append(pool.get(ctx.get(port.addr), 0) if ctx.get(port.en) else 0)
-            enables, addr = ctx.get(dut.o_wr.en), ctx.get(dut.o_wr.addr)
-            for s in range(subbanks):
-                if enables >> s & 1:
-                    pool[(addr & ~(subbanks - 1)) + s if subbanks > 1 else addr] = ctx.get(dut.o_wr.data[s])
-            if ctx.get(dut.done):
-                result["cycles"] = cycle + 1
-                return
+        cycles = 0
+        for args in matmuls:
+            for name, value in args.items():
+                ctx.set(getattr(dut, name), value)
+            ctx.set(dut.start, 1)
             await ctx.tick()
-        raise AssertionError(f"no done after {max_cycles} cycles")
+            ctx.set(dut.start, 0)
+            # each read port's words on their way: the word read in a cycle arrives pool_read_latency later
+            arriving = {port: deque([0] * impl.pool_read_latency) for port in (dut.a_rd, dut.w_rd)}
+            for cycle in range(max_cycles):
+                for port, queue in arriving.items():
+                    ctx.set(port.data, queue.popleft())
+                for port, queue in arriving.items():
+                    queue.append(pool.get(ctx.get(port.addr), 0) if ctx.get(port.en) else 0)
+                enables, addr = ctx.get(dut.o_wr.en), ctx.get(dut.o_wr.addr)
+                for s in range(subbanks):
+                    if enables >> s & 1:
+                        pool[(addr & ~(subbanks - 1)) + s if subbanks > 1 else addr] = ctx.get(dut.o_wr.data[s])
+                if ctx.get(dut.done):
+                    cycles += cycle + 1
+                    break
+                await ctx.tick()
+            else:
+                raise AssertionError(f"no done after {max_cycles} cycles")
+            await ctx.tick()
+            cycles += 1
+        result["cycles"] = cycles
 
     simulate(dut, bench)
-    words = np.array([list(pool.get(o_base + i, 0).to_bytes(lanes, "little")) for i in range(o_count)],
+    return result["cycles"]
+
+
+def _load(pool, base, words):
+    pool.update((base + i, _word_int(row)) for i, row in enumerate(words))
+
+
+def _output(shape, pool, o_base, m, n, mode):
+    o_count = -(-n // shape.lanes) * m * MODE_WORDS[mode]
+    words = np.array([list(pool.get(o_base + i, 0).to_bytes(shape.lanes, "little")) for i in range(o_count)],
                      dtype=np.uint8).view(np.int8)
-    return shape.unpack_output(words, m, n, mode), result["cycles"]
+    return shape.unpack_output(words, m, n, mode)
+
+
+def rtl_matmul(config, a, w, bias, m0, shift, mode):
+    """One MATMUL on the engine: A at the pool's word 0, W and then P at bank 1, O at bank 2 (the
+    sequencer's checks hold). Returns the output region's words as the engine wrote them and the cycles
+    from ``start`` to ``done``."""
+    shape = config.shape
+    B, lanes = shape.bank_words, shape.lanes
+    w_words = shape.pack_weights(w)
+    pool = {}
+    _load(pool, 0, shape.pack_activations(a))
+    _load(pool, B, w_words)
+    _load(pool, B + len(w_words), shape.pack_params(bias, m0, shift))
+    m, n = a.shape[0], w.shape[0]
+    args = dict(a_addr=0, w_addr=B, p_addr=B + len(w_words), o_addr=2 * B, m=m, k_tiles=-(-a.shape[1] // lanes),
+                n_tiles=-(-n // lanes), mode=mode, cont=0, hold=0)
+    cycles = run_engine(config, pool, [args])
+    return _output(shape, pool, 2 * B, m, n, mode), cycles
+
+
+def rtl_chains(config, a, w, bias, m0, shift, mode):
+    """The GEMM as the compiler runs a weight with zero tiles: for each n-tile a chain of MATMULs over its
+    runs of non-zero k-tiles (``proto.isa.Chain``), only those tiles in the pool. Returns the output and
+    the cycles."""
+    shape = config.shape
+    B, lanes = shape.bank_words, shape.lanes
+    m, n = a.shape[0], w.shape[0]
+    runs = shape.weight_runs(w)
+    w_words = shape.pack_weight_runs(w, runs)
+    pool = {}
+    _load(pool, 0, shape.pack_activations(a))
+    _load(pool, B, w_words)
+    _load(pool, B + len(w_words), shape.pack_params(bias, m0, shift))
+    matmuls, w_at = [], B
+    for t, tile_runs in enumerate(runs):
+        for i, (k0, count) in enumerate(tile_runs):
+            chain = (Chain.CONTINUE if i else 0) | (Chain.HOLD if i + 1 < len(tile_runs) else 0)
+            matmuls.append(dict(a_addr=k0 * m, w_addr=w_at, p_addr=B + len(w_words) + t * PARAM_WORDS_PER_LANE_GROUP,
+                                o_addr=2 * B + t * m * MODE_WORDS[mode], m=m, k_tiles=count, n_tiles=1, mode=mode,
+                                cont=bool(chain & Chain.CONTINUE), hold=bool(chain & Chain.HOLD)))
+            w_at += count * lanes
+    cycles = run_engine(config, pool, matmuls)
+    return _output(shape, pool, 2 * B, m, n, mode), cycles
 
 
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
@@ -102,3 +150,40 @@ def test_engine_keeps_one_row_a_cycle_on_a_long_tile():
     assert np.array_equal(got, reference(*case, Mode.INT8))
     tiles, gap = 4, 3 * SHAPE.lanes + 20          # a tile costs max(M, ~3L + 20) cycles (docs/architecture.md)
     assert cycles <= tiles * max(16, gap) + 60, cycles
+
+
+def _zero_tiles(rng, w, lanes, pattern):
+    """``w`` with tiles zeroed: ``pattern`` "random" (each tile with probability 1/2), "n-tile" (a whole
+    n-tile), "row" (one k-tile in every n-tile), "single" (every tile but one)."""
+    w = w.copy()
+    nt, kt = -(-w.shape[0] // lanes), -(-w.shape[1] // lanes)
+    keep = {"random": rng.random((nt, kt)) < 0.5, "n-tile": np.arange(nt)[:, None] != nt - 1 + 0 * np.arange(kt),
+            "row": np.arange(kt)[None, :] != 1 + 0 * np.arange(nt)[:, None],
+            "single": np.zeros((nt, kt), dtype=bool)}[pattern]
+    if pattern == "single":
+        keep[rng.integers(nt), rng.integers(kt)] = True
+    for t in range(nt):
+        for k in range(kt):
+            if not keep[t, k]:
+                w[t * lanes:(t + 1) * lanes, k * lanes:(k + 1) * lanes] = 0
+    return w
+
+
+@pytest.mark.parametrize("impl", ["full", "registered", "bit-serial"])
+def test_chained_matmuls_skip_zero_tiles_and_match_the_contract(impl):
+    """Weights with all-zero tiles (random ones, a whole n-tile, a k-tile in every n-tile, all but one):
+    the chains over their non-zero runs `==` the contract, in fewer cycles than the dense MATMUL."""
+    config = AcceleratorConfig(SHAPE, IMPLEMENTATIONS[impl])
+    rng = np.random.default_rng(11)
+    # (M: each output inside its bank of 64 words)
+    for k, (pattern, m, mode) in enumerate([("random", 16, Mode.INT8), ("n-tile", 8, Mode.INT16),
+                                             ("row", 4, Mode.INT32), ("single", 16, Mode.INT8)]):
+        a, w, bias, m0, shift = random_case(rng, m, 16, 12, mode, extreme=k == 1)
+        w = _zero_tiles(rng, w, SHAPE.lanes, pattern)
+        runs = SHAPE.weight_runs(w)
+        assert sum(c for r in runs for _, c in r) < 3 * 4, pattern
+        got, cycles = rtl_chains(config, a, w, bias, m0, shift, mode)
+        assert np.array_equal(got, reference(a, w, bias, m0, shift, mode)), (impl, pattern)
+        if pattern == "single":
+            _, dense_cycles = rtl_matmul(config, a, w, bias, m0, shift, mode)
+            assert cycles < dense_cycles, (cycles, dense_cycles)

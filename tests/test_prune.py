@@ -102,8 +102,13 @@ def test_importance_ranks_a_dead_head_and_dead_neurons_last(tiny_bert_dir, tiny)
 def test_bad_pruning_requests_are_refused(tiny_bert_dir):
     with pytest.raises(ValueError, match=r"must be in \[0, 1\), not 1.0"):
         prune_pretrained(1.0, model_dir=tiny_bert_dir, calibration=CALIB, progress=False)
-    with pytest.raises(ValueError, match="unknown pruning granularity tiles"):
-        prune_pretrained(0.2, ("tiles",), model_dir=tiny_bert_dir, calibration=CALIB, progress=False)
+    with pytest.raises(ValueError, match="unknown pruning granularity bricks"):
+        prune_pretrained(0.2, ("bricks",), model_dir=tiny_bert_dir, calibration=CALIB, progress=False)
+    with pytest.raises(ValueError, match="tiles' share .* must be in \\[0, 1\\], not 1.5"):
+        prune_pretrained(0.2, ("neurons", "tiles"), model_dir=tiny_bert_dir, calibration=CALIB, progress=False,
+                         tile_share=1.5)
+    with pytest.raises(ValueError, match="weight tiles cannot remove"):
+        prune_pretrained(0.99, ("tiles",), model_dir=tiny_bert_dir, calibration=CALIB, lanes=4, progress=False)
     with pytest.raises(ValueError, match="pruning heads cannot remove 90.0%"):
         prune_pretrained(0.9, ("heads",), model_dir=tiny_bert_dir, calibration=CALIB, progress=False)
     model = load_bert(tiny_bert_dir)
@@ -113,6 +118,45 @@ def test_bad_pruning_requests_are_refused(tiny_bert_dir):
         apply_plan(model, PrunePlan(((0,),) * 3, ((0,),) * 3))
 
 
+def _zero_tile_count(w, lanes):
+    n, k = w.shape
+    t = w.reshape(n // lanes, lanes, k // lanes, lanes)
+    return (t == 0).all(dim=3).all(dim=1)
+
+
+def test_zeroed_weight_tiles_stay_zero_in_the_artifact_and_the_device_skips_them(tiny_bert_dir):
+    """Heads, neurons and tiles at once: the tiles zeroed in FP32 are zero in the int8 weights, every n-tile
+    keeps a non-zero tile, the MACs left count them; the device `==` the reference on sim and cpu, in
+    fewer cycles than the same shapes with those tiles computed."""
+    qm, model, tok = prune_pretrained(0.4, ("heads", "neurons", "tiles"), model_dir=tiny_bert_dir,
+                                      calibration=CALIB, lanes=4, progress=False)
+    pr = qm.source["pruning"]
+    assert pr["tiles_zeroed"] > 0 and pr["macs_left"] == encoder_macs(qm.config) - pr["tile_macs_removed"]
+    assert pr["macs_left"] <= 0.6 * pr["dense_macs"] < encoder_macs(qm.config)
+    zero = 0
+    for p, layer in zip(qm.layers, model.encoder.layer):
+        for q, lin in ((p.wq, layer.attention.self.query), (p.w1, layer.intermediate.dense),
+                       (p.w2, layer.output.dense), (p.wo, layer.attention.output.dense)):
+            fp_zero = _zero_tile_count(lin.weight, 4)
+            assert torch.equal(_zero_tile_count(q, 4) | fp_zero, _zero_tile_count(q, 4))   # zero stays zero
+            assert not fp_zero.all(dim=1).any()                 # every n-tile keeps a tile
+            zero += int(fp_zero.sum())
+    assert zero > 0
+    enc = encode(tok, SENTENCES)
+    ref = qm.forward(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    sim = OffloadedBert(qm, model.config, [SimDevice(SMALL), CpuDevice()])
+    assert torch.equal(sim(**enc).last_hidden_state, ref)
+    assert torch.equal(offload(model, device="cpu", quantized=qm)(**enc).last_hidden_state, ref)
+    # the same model with every zero weight made 1: the same shapes, no zero tile left
+    filled = dataclasses.replace(qm, layers=[dataclasses.replace(
+        p, **{n: torch.where(getattr(p, n) == 0, 1, getattr(p, n)).to(torch.int8)
+              for n in ("wq", "wk", "wv", "wo", "w1", "w2")}) for p in qm.layers])
+    dense = OffloadedBert(filled, model.config, [SimDevice(SMALL), CpuDevice()])
+    dense_ref = filled.forward(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    assert torch.equal(dense(**enc).last_hidden_state, dense_ref)
+    assert sim.last_stats.cycles < dense.last_stats.cycles
+
+
 def test_prune_info_run_on_the_command_line(tiny_bert_dir, tmp_path, capsys):
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(CALIB))
@@ -120,6 +164,10 @@ def test_prune_info_run_on_the_command_line(tiny_bert_dir, tmp_path, capsys):
     assert main(["prune", "--fraction", "0.3", "--model", tiny_bert_dir, "--calibration", str(calib),
                  "--lanes", "4", "-o", str(out), "-q"]) == 0
     assert "pruned  30% of encoder MACs asked (heads, neurons)" in capsys.readouterr().out
+    tiles = tmp_path / "t.safetensors"
+    assert main(["prune", "--fraction", "0.2", "--granularity", "tiles", "--model", tiny_bert_dir, "--calibration",
+                 str(calib), "--lanes", "4", "-o", str(tiles), "-q"]) == 0
+    assert "weight tiles of 4x4 zeroed" in capsys.readouterr().out
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "heads per layer" in text and "MACs left" in text

@@ -11,8 +11,8 @@ import pytest
 
 from ambert.hw.config import AcceleratorConfig, Implementation
 from ambert.hw.sequencer import Sequencer
-from ambert.proto.isa import (ARG_WORDS, HEADER, ISA_VERSION, MODE_WORDS, PARAM_WORDS_PER_LANE_GROUP, STATUS,
-                              STATUS_MAGIC, TILES, Counters, DeviceShape, Error, Info, Mode, Opcode, Program,
+from ambert.proto.isa import (ARG_WORDS, HEADER, ISA_VERSION, MODE_MASK, MODE_WORDS, PARAM_WORDS_PER_LANE_GROUP, STATUS,
+                              STATUS_MAGIC, TILES, Chain, Counters, DeviceShape, Error, Info, Mode, Opcode, Program,
                               header)
 from conftest import simulate
 
@@ -30,11 +30,12 @@ IMPLEMENTATIONS = {
 
 def ref_sequence(shape, words, counters=COUNTERS):
     """What the instruction set says ``words`` do: (pool writes as {word address: value}, answer words,
-    MATMULs dispatched as (a, w, p, o, m, k_tiles, n_tiles, mode) tuples)."""
+    MATMULs dispatched as (a, w, p, o, m, k_tiles, n_tiles, mode, continue, hold) tuples)."""
     addr_bits = (shape.pool_words - 1).bit_length()
     bank_bits = (shape.bank_words - 1).bit_length()
     h = shape.host_words_per_pool_word
     pool, answers, matmuls, err = {}, [], [], Error(0)
+    held = None             # the M whose sums the last MATMUL decoded HOLDs, if it ran and held
     words = deque(words)
 
     def take(n):
@@ -68,20 +69,24 @@ def ref_sequence(shape, words, counters=COUNTERS):
         elif op == Opcode.MATMUL:
             addrs = [x & ((1 << addr_bits) - 1) for x in args[:4]]
             fit = [x >> addr_bits == 0 for x in args[:4]]
-            m, tiles, mode = args[4] & 0xFFFF, TILES.unpack(args[5]), flags & 3
+            m, tiles, mode = args[4] & 0xFFFF, TILES.unpack(args[5]), flags & MODE_MASK
             kt, nt = tiles["k_tiles"], tiles["n_tiles"]
+            cont, hold = bool(flags & Chain.CONTINUE), bool(flags & Chain.HOLD)
+            chain_ok = (not (cont or hold) or nt == 1) and (not cont or held == m)
+            held = None
             extents = (m * kt, nt * kt * shape.lanes, nt * PARAM_WORDS_PER_LANE_GROUP,
                        nt * m * MODE_WORDS.get(mode, 4))
             banks = [x >> bank_bits for x in addrs]
             a, w, p, o = banks
-            if not (flags <= Mode.INT32 and 0 < m <= shape.acc_depth and kt and nt):
+            if not (mode <= Mode.INT32 and flags < 16 and 0 < m <= shape.acc_depth and kt and nt and chain_ok):
                 err |= Error.SHAPE
             elif not (all(f and inside(x, e) for f, x, e in zip(fit, addrs, extents)) and addrs[3] % 4 == 0):
                 err |= Error.ADDRESS
             elif a in (w, p) or o in (a, w, p):
                 err |= Error.BANK
             else:
-                matmuls.append((*addrs, m, kt, nt, mode))
+                matmuls.append((*addrs, m, kt, nt, mode, int(cont), int(hold)))
+                held = m if hold else None
         elif op == Opcode.SYNC:
             answers.append(STATUS.pack(errors=err, magic=STATUS_MAGIC))
             err = Error(0)
@@ -124,7 +129,8 @@ def rtl_sequence(config, words, send=(1,), take=(1,), counters=COUNTERS, max_cyc
             if ctx.get(dut.mm_start):
                 assert done_in is None, "a MATMUL started while one runs"
                 matmuls.append(tuple(ctx.get(s) for s in (dut.mm_a, dut.mm_w, dut.mm_p, dut.mm_o, dut.mm_m,
-                                                        dut.mm_k_tiles, dut.mm_n_tiles, dut.mm_mode)))
+                                                        dut.mm_k_tiles, dut.mm_n_tiles, dut.mm_mode,
+                                                        dut.mm_continue, dut.mm_hold)))
                 done_in = MATMUL_CYCLES
             elif done_in is not None:
                 done_in = None if done_in == 0 else done_in - 1
@@ -156,6 +162,9 @@ def program_matmuls(rng):
     prog.matmul(0, B, B + 16, 2 * B, 4, 2, 1, Mode.INT8).store(2 * B, 4)
     prog.load(3 * B, _pool_words(rng, 3)).matmul(3 * B, B, B + 40, 2 * B + 8, 3, 1, 2, Mode.INT32)
     prog.store(2 * B + 8, 24).load(8, _pool_words(rng, 2)).matmul(0, 3 * B, 3 * B + 32, B + 16, 16, 1, 1, Mode.INT16)
+    # a chain over one n-tile's two runs of k-tiles
+    prog.matmul(0, B, B + 32, 2 * B, 4, 1, 1, Mode.INT8, Chain.HOLD)
+    prog.matmul(8, B + 8, B + 32, 2 * B, 4, 1, 1, Mode.INT8, Chain.CONTINUE).store(2 * B, 4)
     return prog.sync().words
 
 
@@ -180,7 +189,17 @@ def program_errors(rng):
     prog.store(P - 1, 2).sync().load(P - 1, _pool_words(rng, 2)).sync()  # STORE, LOAD past the pool
     prog.store(1 << 24, 1).load((1 << 30) + 5, _pool_words(rng, 1)).sync()
     prog.load(P, np.zeros((0, SHAPE.lanes), np.int8)).store(P - 4, 0).sync()    # empty ones
-    prog.words += [header(Opcode.MATMUL, flags=0x80), 0, B, B + 20, 2 * B, 4, 1 << 16 | 1]   # flags > 2
+    prog.words += [header(Opcode.MATMUL, flags=0x80), 0, B, B + 20, 2 * B, 4, 1 << 16 | 1]   # unknown flag
+    prog.sync()
+    prog.matmul(0, B, B + 20, 2 * B, 4, 1, 2, Mode.INT8, Chain.HOLD).sync()         # a chain over 2 n-tiles
+    prog.matmul(0, B, B + 20, 2 * B, 4, 1, 1, Mode.INT8, Chain.CONTINUE).sync()     # nothing held
+    prog.matmul(0, B, B + 20, 2 * B, 4, 1, 1, Mode.INT8, Chain.HOLD)               # held for M = 4 ...
+    prog.matmul(0, B, B + 20, 2 * B, 5, 1, 1, Mode.INT8, Chain.CONTINUE).sync()     # ... continued with 5
+    prog.matmul(0, B, B + 20, 2 * B, 4, 1, 1, Mode.INT8, Chain.HOLD)               # held ...
+    prog.matmul(0, B, B + 20, 2 * B, 4, 1, 1, Mode.INT8)                            # ... dropped by this
+    prog.matmul(0, B, B + 20, 2 * B, 4, 1, 1, Mode.INT8, Chain.CONTINUE).sync()
+    prog.matmul(0, B, B + 20, 2 * B, 4, 1, 1, 3, Chain.HOLD)                       # a bad HOLD holds nothing
+    prog.matmul(0, B, B + 20, 2 * B, 4, 1, 1, Mode.INT8, Chain.CONTINUE)
     prog.sync().load(5, _pool_words(rng, 2)).matmul(0, B, B + 20, 2 * B, 4, 1, 1, Mode.INT8).store(5, 2).sync()
     return prog.words
 
@@ -205,6 +224,7 @@ def program_random(rng, commands=60):
             m, kt, nt = (int(rng.choice([0, 1, 2, 3, 4, 16, 17], p=[.05, .3, .3, .1, .1, .1, .05]))
                          for _ in range(3))
             mode = int(rng.choice([0, 1, 2, 3], p=[.4, .3, .25, .05]))
+            mode |= int(rng.choice([0, Chain.HOLD, Chain.CONTINUE, Chain.HOLD | Chain.CONTINUE], p=[.6, .15, .15, .1]))
             p_addr = w + nt * kt * SHAPE.lanes - int(rng.integers(0, 3) == 0)
             prog.words += [header(Opcode.MATMUL, flags=mode), a, w, p_addr, o, m, TILES.pack(k_tiles=kt, n_tiles=nt)]
         elif kind == 4:
@@ -236,5 +256,6 @@ def test_the_model_sees_each_error():
     flags = [Error(STATUS.unpack(w)["errors"]) for w in answers if STATUS.unpack(w)["magic"] == STATUS_MAGIC]
     assert flags == [Error(0), Error.OPCODE, Error.SHAPE, Error.SHAPE, Error.SHAPE, Error.SHAPE, Error.BANK,
                      Error.BANK, Error.ADDRESS, Error.ADDRESS, Error.ADDRESS, Error.ADDRESS, Error.ADDRESS,
-                     Error.ADDRESS, Error.ADDRESS, Error.ADDRESS, Error.ADDRESS, Error(0), Error.SHAPE, Error(0)]
-    assert len(matmuls) == 1
+                     Error.ADDRESS, Error.ADDRESS, Error.ADDRESS, Error.ADDRESS, Error(0), Error.SHAPE, Error.SHAPE,
+                     Error.SHAPE, Error.SHAPE, Error.SHAPE, Error.SHAPE, Error(0)]
+    assert len(matmuls) == 4

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ambert.proto.isa import MODE_WORDS, PARAM_WORDS_PER_LANE_GROUP, TILES, Mode, Program
+from ambert.proto.isa import MODE_WORDS, PARAM_WORDS_PER_LANE_GROUP, TILES, Chain, Mode, Program
 
 from .pool import PoolFull, PoolPlanner
 
@@ -39,6 +39,7 @@ class GemmPlan:
     m_chunk: int            # rows per MATMUL
     n_tiles_chunk: int      # n-tiles per MATMUL
     lanes: int
+    row_quantum: int = 1    # row chunks padded to a multiple of this (a chained GEMM's outputs stay aligned)
 
     @property
     def words_per_n_tile(self):
@@ -93,10 +94,12 @@ def balanced(total, most):
     return -(-total // -(-total // most))
 
 
-def plan_gemm(shape, m, k, n, mode):
+def plan_gemm(shape, m, k, n, mode, chained=False):
     """Choose chunk sizes: weight chunks of about a quarter of a bank (so two chunks and the outputs
     fit beside the activations while the pipeline runs), activations and outputs within a bank; raises
-    ValueError if one n-tile of the GEMM cannot fit."""
+    ValueError if one n-tile of the GEMM cannot fit. ``chained``: the GEMM runs as chains of one n-tile
+    MATMULs (its weights have zero tiles), whose outputs start at M x row words into the output region,
+    so each row chunk is padded to rows whose output words are a multiple of 4 (the alignment O needs)."""
     if min(m, k, n) < 1:
         raise ValueError(f"GEMM shape must be positive, not {m}x{k}x{n}")
     mode = Mode(mode)
@@ -107,15 +110,21 @@ def plan_gemm(shape, m, k, n, mode):
     if per_n_tile > bank or k_tiles > bank:
         raise ValueError(f"K={k} needs {per_n_tile} pool words per weight tile column; a bank has {bank}")
     nt_chunk = min(n_tiles, max(1, (bank // 4) // per_n_tile), (1 << TILES.width("n_tiles")) - 1)
-    m_chunk = min(m, shape.acc_depth, bank // k_tiles, bank // (MODE_WORDS[mode] * nt_chunk))
+    quantum = 4 // MODE_WORDS[mode] if chained else 1
+
+    def most_rows(nt_chunk):
+        most = min(shape.acc_depth, bank // k_tiles, bank // (MODE_WORDS[mode] * nt_chunk))
+        return min(-(-m // quantum) * quantum, most - most % quantum)
+    m_chunk = most_rows(nt_chunk)
     while m_chunk < 1 and nt_chunk > 1:
         nt_chunk //= 2
-        m_chunk = min(m, shape.acc_depth, bank // k_tiles, bank // (MODE_WORDS[mode] * nt_chunk))
+        m_chunk = most_rows(nt_chunk)
     if m_chunk < 1:
         raise ValueError(f"GEMM {m}x{k}x{n} does not fit a bank of {bank} words")
     # equal chunks: a short last chunk would leave the array waiting on loads
-    return GemmPlan(m=m, k=k, n=n, mode=mode, k_tiles=k_tiles, n_tiles=n_tiles, m_chunk=balanced(m, m_chunk),
-                    n_tiles_chunk=balanced(n_tiles, nt_chunk), lanes=lanes)
+    rows = -(-balanced(m, m_chunk) // quantum) * quantum
+    return GemmPlan(m=m, k=k, n=n, mode=mode, k_tiles=k_tiles, n_tiles=n_tiles, m_chunk=rows,
+                    n_tiles_chunk=balanced(n_tiles, nt_chunk), lanes=lanes, row_quantum=quantum)
 
 
 @dataclass
@@ -139,13 +148,25 @@ class GemmOp:
         self.bias, self.m0, self.shift = (np.broadcast_to(np.asarray(v, dtype=np.int64), (n,))
                                           for v in (self.bias, self.m0, self.shift))
         self.mode = Mode(self.mode)
+        self._runs = None
+
+    def runs(self, shape):
+        """Each n-tile's runs of non-zero k-tiles (``DeviceShape.weight_runs``), or None when no tile of
+        the weights is all zero (the GEMM then runs unchained)."""
+        if self._runs is None:
+            runs = shape.weight_runs(self.w)
+            k_tiles = -(-self.w.shape[1] // shape.lanes)
+            self._runs = (None if all(r == [(0, k_tiles)] for r in runs) else runs,)
+        return self._runs[0]
 
     def weight_chunk(self, shape, plan, nt0, ntc):
-        """The pool words of one N-chunk: packed weights, then packed requant parameters; and a digest
-        that names the content (for residency)."""
+        """The pool words of one N-chunk: packed weights (a chained GEMM's non-zero tiles only), then
+        packed requant parameters; and a digest that names the content (for residency)."""
         cols = slice(nt0 * shape.lanes, min(self.w.shape[0], (nt0 + ntc) * shape.lanes))
-        words = np.concatenate([shape.pack_weights(self.w[cols]),
-                                shape.pack_params(self.bias[cols], self.m0[cols], self.shift[cols])])
+        runs = self.runs(shape)
+        weights = (shape.pack_weights(self.w[cols]) if runs is None
+                   else shape.pack_weight_runs(self.w[cols], runs[nt0:nt0 + ntc]))
+        words = np.concatenate([weights, shape.pack_params(self.bias[cols], self.m0[cols], self.shift[cols])])
         return words, hashlib.blake2b(words.tobytes(), digest_size=16).digest()
 
 
@@ -240,6 +261,12 @@ class _Step:
     a_last: bool            # the last step that reads this A chunk
     w_last: bool            # ... this weight chunk
 
+    @property
+    def rows(self):
+        """The rows the step computes: ``rc``, padded up to the plan's row quantum."""
+        q = self.plan.row_quantum
+        return -(-self.rc // q) * q
+
 
 def _steps(shape, ops, plans):
     steps = []
@@ -288,7 +315,8 @@ def compile_gemms(shape, ops, residency=None, prefetch=None):
     # it found resident) with nothing ever reused
     pool.peak_words = pool.live_words
     naive_base = pool.naive_words - pool.live_words
-    plans = [plan_gemm(shape, op.a.shape[0], op.a.shape[1], op.w.shape[0], op.mode) for op in ops]
+    plans = [plan_gemm(shape, op.a.shape[0], op.a.shape[1], op.w.shape[0], op.mode, op.runs(shape) is not None)
+             for op in ops]
     steps = _steps(shape, ops, plans)
     prog = Program(shape)
     lanes = shape.lanes
@@ -338,7 +366,10 @@ def compile_gemms(shape, ops, residency=None, prefetch=None):
             if region is not None:
                 held[step.w_key], w_words = region, None
         if step.a_key not in held:
-            a_words = shape.pack_activations(op.a[step.r0:step.r0 + step.rc])
+            a = op.a[step.r0:step.r0 + step.rc]
+            if step.rows > step.rc:             # a chained GEMM's rows, padded with zero rows
+                a = np.concatenate([a, np.zeros((step.rows - step.rc, a.shape[1]), dtype=np.int8)])
+            a_words = shape.pack_activations(a)
             forbid = {held[step.w_key].bank} if step.w_key in held else set()
             region = alloc(len(a_words), f"A{step.a_key}", forbid=forbid, avoid=avoid)
             prog.load(region.addr, a_words)
@@ -349,7 +380,7 @@ def compile_gemms(shape, ops, residency=None, prefetch=None):
             held[step.w_key] = region
 
     def alloc_output(step):
-        words = step.ntc * step.rc * MODE_WORDS[step.plan.mode]
+        words = step.ntc * step.rows * MODE_WORDS[step.plan.mode]
         region = alloc(words, f"O{step.op}", forbid={held[step.a_key].bank, held[step.w_key].bank})
         return _Out(region, words)
 
@@ -362,8 +393,13 @@ def compile_gemms(shape, ops, residency=None, prefetch=None):
     for i, step in enumerate(steps):
         op, plan = ops[step.op], step.plan
         a_reg, w_reg = held[step.a_key], held[step.w_key]
-        p_addr = w_reg.addr + step.ntc * plan.k_tiles * lanes
-        prog.matmul(a_reg.addr, w_reg.addr, p_addr, out.addr, step.rc, plan.k_tiles, step.ntc, plan.mode)
+        runs = op.runs(shape)
+        if runs is None:
+            p_addr = w_reg.addr + step.ntc * plan.k_tiles * lanes
+            prog.matmul(a_reg.addr, w_reg.addr, p_addr, out.addr, step.rc, plan.k_tiles, step.ntc, plan.mode)
+        else:
+            _chains(prog, shape, runs[step.nt0:step.nt0 + step.ntc], a_reg.addr, w_reg.addr, out.addr, step.rows,
+                    plan.mode)
         # while this step computes, the previous output leaves and the next step's operands arrive (off
         # the bank this step writes)
         store_pending()
@@ -384,7 +420,7 @@ def compile_gemms(shape, ops, residency=None, prefetch=None):
             else:
                 pool.release(region)
         cols = slice(step.nt0 * lanes, min(op.w.shape[0], (step.nt0 + step.ntc) * lanes))
-        pending = (out, (step.op, slice(step.r0, step.r0 + step.rc), cols,
+        pending = (out, (step.op, slice(step.r0, step.r0 + step.rc), cols, step.rows,
                          out.words_used * shape.host_words_per_pool_word))
         if i + 1 < len(steps):
             out = alloc_output(steps[i + 1])
@@ -397,14 +433,28 @@ def compile_gemms(shape, ops, residency=None, prefetch=None):
     def decode(answers):
         outs = [np.zeros((m, n), dtype=_DTYPES[mode]) for m, n, mode in shapes]
         pos = 0
-        for j, rows, cols, count in blocks:
+        for j, rows, cols, computed, count in blocks:
             chunk = shape.words_from_host(answers[pos:pos + count])
-            outs[j][rows, cols] = shape.unpack_output(chunk, rows.stop - rows.start, cols.stop - cols.start,
-                                                       shapes[j][2])
+            outs[j][rows, cols] = shape.unpack_output(chunk, computed, cols.stop - cols.start,
+                                                       shapes[j][2])[:rows.stop - rows.start]
             pos += count
         return outs, answers[pos]
 
     return Compiled(prog, decode, len(steps), pool.peak_words, pool.naive_words - naive_base)
+
+
+def _chains(prog, shape, runs, a_addr, w_addr, o_addr, rows, mode):
+    """The MATMULs of a chained step: for each n-tile (its outputs ``rows`` x row words apart), one
+    MATMUL a run of non-zero k-tiles, all but the last HOLDing their sums, all but the first CONTINUing
+    them (``proto.isa.Chain``); the weights are the runs' tiles back to back, the parameters after them."""
+    lanes, per_row = shape.lanes, MODE_WORDS[mode]
+    p_addr = w_addr + sum(count for tile_runs in runs for _, count in tile_runs) * lanes
+    for t, tile_runs in enumerate(runs):
+        for i, (k0, count) in enumerate(tile_runs):
+            chain = (Chain.CONTINUE if i else Chain(0)) | (Chain.HOLD if i + 1 < len(tile_runs) else Chain(0))
+            prog.matmul(a_addr + k0 * rows, w_addr, p_addr + t * PARAM_WORDS_PER_LANE_GROUP,
+                        o_addr + t * rows * per_row, rows, count, 1, mode, chain)
+            w_addr += count * lanes
 
 
 @dataclass

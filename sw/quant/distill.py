@@ -206,9 +206,10 @@ def _load_checkpoint(path, identity):
 
 
 def distill(teacher, student, tok, sentences, dc=DistillConfig(), checkpoint=None, identity=None,
-            device=None, progress=True):
+            device=None, progress=True, zeros=()):
     """Train ``student`` (changed in place) to match ``teacher`` on ``sentences``; returns a dict of the
-    run (steps, final loss, mean cosine over the last steps, resumed from)."""
+    run (steps, final loss, mean cosine over the last steps, resumed from). ``zeros``: (weight, mask)
+    pairs, the weights kept zero where the mask is False (pruned tiles stay pruned)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dc.steps < 1 or dc.batch < 1:
         raise ValueError(f"steps and batch must be at least 1 (got {dc.steps}, {dc.batch})")
@@ -220,6 +221,12 @@ def distill(teacher, student, tok, sentences, dc=DistillConfig(), checkpoint=Non
     teacher = teacher.to(device).eval()
     student = student.to(device)
     detach, ranges = _attach_twin(student)
+
+    @torch.no_grad()
+    def rezero():
+        for w, keep in zeros:
+            w.mul_(keep.to(w.device, w.dtype))
+    rezero()
     try:
         opt = torch.optim.AdamW(student.parameters(), lr=dc.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / dc.warmup) *
@@ -250,6 +257,7 @@ def distill(teacher, student, tok, sentences, dc=DistillConfig(), checkpoint=Non
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
                 opt.step()
+                rezero()
                 sched.step()
                 history.append((float(loss.detach()), cos))
                 bar.set_postfix(loss=f"{history[-1][0]:.4f}", cos=f"{cos:.4f}")
@@ -291,10 +299,12 @@ def distill_artifact(artifact_path, model_dir=None, dc=DistillConfig(), checkpoi
     student = load_bert(model_dir)
     plan = PrunePlan.from_json(src["pruning"]["plan"]) if "pruning" in src else PrunePlan.dense(student)
     apply_plan(student, plan)
+    zeros = _pruned_tiles(art.load(artifact_path), student, src) if src.get("pruning", {}).get("tiles_zeroed") else []
     calib = calibration if calibration is not None else read_sentences(CALIBRATION_SENTENCES)
     sentences = training_sentences(exclude=list(calib) + list(exclude))
-    identity = dict(teacher=source["weights_sha256"], plan=plan.to_json())
-    run = distill(teacher, student, tok, sentences, dc, checkpoint, identity, progress=progress)
+    identity = dict(teacher=source["weights_sha256"], plan=plan.to_json(),
+                    zero_tiles=sum(int((~keep).sum()) for _, keep in zeros))
+    run = distill(teacher, student, tok, sentences, dc, checkpoint, identity, progress=progress, zeros=zeros)
     qc = QuantConfig()
     batches, n = tokenize_calibration(tok, student, calib)
     stats = calibrate(student, batches, qc.percentile, progress)
@@ -305,3 +315,25 @@ def distill_artifact(artifact_path, model_dir=None, dc=DistillConfig(), checkpoi
     if "pruning" in src:
         source["pruning"] = src["pruning"]
     return quantize(student, stats, qc, source, progress), student, tok
+
+
+def _pruned_tiles(qm, student, src):
+    """The (weight, mask) pairs of a tile-pruned artifact's student: its six matrices a layer, each False
+    on the ``lanes x lanes`` tiles that are all zero in the artifact's int8 weights."""
+    from .prune import _linears
+    lanes = int(src["pruning"]["lanes"])
+    names = {"query": "wq", "key": "wk", "value": "wv", "output": "wo", "ffn1": "w1", "ffn2": "w2"}
+    pairs = []
+    for i, name, lin in _linears(student):
+        q = getattr(qm.layers[i], names[name])
+        if tuple(q.shape) != tuple(lin.weight.shape):
+            raise ValueError(f"the artifact's layer {i} {name} is {tuple(q.shape)}, its student's "
+                             f"{tuple(lin.weight.shape)}: not the model the artifact was pruned from")
+        n, k = q.shape
+        nt, kt = -(-n // lanes), -(-k // lanes)
+        padded = torch.zeros(nt * lanes, kt * lanes, dtype=torch.bool)
+        padded[:n, :k] = q != 0
+        tiles = padded.reshape(nt, lanes, kt, lanes).any(dim=3).any(dim=1)
+        keep = tiles.repeat_interleave(lanes, 0).repeat_interleave(lanes, 1)[:n, :k]
+        pairs.append((lin.weight, keep))
+    return pairs

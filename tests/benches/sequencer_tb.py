@@ -11,7 +11,7 @@ import numpy as np
 from cocotb.clock import Clock
 from cocotb.triggers import FallingEdge, ReadOnly
 
-from ambert.proto.isa import ISA_VERSION, DeviceShape, Error, Info, Mode, Program, header, parse_status
+from ambert.proto.isa import ISA_VERSION, Chain, DeviceShape, Error, Info, Mode, Program, header, parse_status
 from top_tb import PATTERNS, exchange
 
 CONFIG = DeviceShape(**{k: int(os.environ[f"AMBERT_{k.upper()}"])
@@ -39,7 +39,8 @@ async def decode_under_flow_control(dut):
             pending = int(dut.rd_addr.value) if int(dut.rd_en.value) else None
             if int(dut.mm_start.value):
                 started.append([int(getattr(dut, f"mm_{n}").value)
-                                for n in ("a", "w", "p", "o", "m", "k_tiles", "n_tiles", "mode")])
+                                for n in ("a", "w", "p", "o", "m", "k_tiles", "n_tiles", "mode", "continue",
+                                          "hold")])
                 busy = 5
     cocotb.start_soon(memory_and_engine())
 
@@ -50,6 +51,9 @@ async def decode_under_flow_control(dut):
             .matmul(0, B, B + 64, 2 * B, 3, 2, 1, Mode.INT16).sync()          # valid: started
             .matmul(0, B, B + 64, 2 * B, 3, 2, 1, 3).sync()                   # bad mode: refused
             .matmul(B, B, B + 64, 2 * B, 3, 2, 1, Mode.INT8).sync()           # A and W share a bank
+            .matmul(0, B, B + 64, 2 * B, 3, 1, 1, Mode.INT8, Chain.CONTINUE)  # nothing held: refused
+            .matmul(0, B, B + 64, 2 * B, 3, 1, 1, Mode.INT8, Chain.HOLD)      # a chain: both started
+            .matmul(3, B + 4, B + 64, 2 * B, 3, 1, 1, Mode.INT8, Chain.CONTINUE).sync()
             .info())
     prog.words[len(prog.words) - 1:len(prog.words) - 1] = [header(0xAB)]    # unknown opcode before INFO
     prog.sync()
@@ -58,8 +62,10 @@ async def decode_under_flow_control(dut):
     stored = CONFIG.words_from_host(answers[:5 * h])
     assert np.array_equal(stored, data)
     assert all(pool[7 + i] == int.from_bytes(data[i].tobytes(), "little") for i in range(5))
-    flags = [parse_status(w) for w in answers[5 * h:5 * h + 3]]
-    assert flags == [Error(0), Error.SHAPE, Error.BANK]
-    assert started == [[0, B, B + 64, 2 * B, 3, 2, 1, int(Mode.INT16)]]
-    assert Info.unpack(answers[5 * h + 3:5 * h + 6]) == Info(ISA_VERSION, CONFIG)
+    flags = [parse_status(w) for w in answers[5 * h:5 * h + 4]]
+    assert flags == [Error(0), Error.SHAPE, Error.BANK, Error.SHAPE]
+    assert started == [[0, B, B + 64, 2 * B, 3, 2, 1, int(Mode.INT16), 0, 0],
+                       [0, B, B + 64, 2 * B, 3, 1, 1, int(Mode.INT8), 0, 1],
+                       [3, B + 4, B + 64, 2 * B, 3, 1, 1, int(Mode.INT8), 1, 0]]
+    assert Info.unpack(answers[5 * h + 4:5 * h + 7]) == Info(ISA_VERSION, CONFIG)
     assert parse_status(answers[-1]) == Error.OPCODE
