@@ -120,9 +120,10 @@ def gpipe_makespan(stage_micro, send_cycles):
 
 
 def encoder_weight_bytes(qm):
-    """Bytes of the encoder's int8 weights and int32 biases, as the artifact stores them."""
-    return sum(t.numel() * t.element_size() for p in qm.layers
-               for t in (p.wq, p.wk, p.wv, p.wo, p.w1, p.w2, p.bq, p.bk, p.bv, p.bo, p.b1, p.b2))
+    """Bytes of the encoder's int8 weights and int32 biases, as the artifact stores them (a tile-pruned
+    model's weights by their non-zero tiles and tile masks)."""
+    from ambert.sw.quant.artifact import stored_weights
+    return sum(t.numel() * t.element_size() for t in stored_weights(qm).values())
 
 
 def percentile(sorted_values, q):

@@ -218,3 +218,45 @@ def test_fuzz_truncations_and_byte_flips_are_refused(saved):
             artifact.load(saved)
     saved.write_bytes(data)
     artifact.load(saved)
+
+
+def _tile_pruned(qm):
+    """``qm`` with a third of every weight matrix's 4x4 tiles zeroed, recorded as a tile pruning."""
+    layers = []
+    for p in qm.layers:
+        zeroed = {}
+        for name in ("wq", "wk", "wv", "wo", "w1", "w2"):
+            w = getattr(p, name).clone()
+            for t in range(0, w.shape[0], 4):
+                for j in range(0, w.shape[1], 4):
+                    if (t + j) % 3 == 0:
+                        w[t:t + 4, j:j + 4] = 0
+            zeroed[name] = w
+        layers.append(dataclasses.replace(p, **zeroed))
+    return dataclasses.replace(qm, layers=layers, source=dict(qm.source, pruning=dict(tiles_zeroed=1, lanes=4)))
+
+
+def test_a_tile_pruned_model_stores_only_its_non_zero_tiles(tiny, tmp_path):
+    qm = _tile_pruned(tiny[0])
+    sparse, dense = artifact.save(qm, tmp_path / "s.safetensors"), artifact.save(tiny[0], tmp_path / "d.safetensors")
+    stored = load_file(str(sparse))
+    assert "layers.0.w1" not in stored and stored["layers.0.w1.mask"].dtype == torch.uint8
+    assert sparse.stat().st_size < dense.stat().st_size
+    _assert_same(artifact.load(sparse), qm)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t.update({"layers.0.w1.mask": t["layers.0.w1.mask"][:-1].clone()}), "tile mask of layers.0.w1 is"),
+    (lambda t: t.update({"layers.0.w1.tiles": t["layers.0.w1.tiles"][1:].clone()}), "stores tiles of shape"),
+    (lambda t: t.pop("layers.0.w1.mask"), "tiles or mask is missing"),
+])
+def test_a_tile_mask_that_does_not_match_its_tensor_is_refused(tiny, tmp_path, damage, message):
+    path = artifact.save(_tile_pruned(tiny[0]), tmp_path / "sparse.safetensors")
+
+    def edit_h(h):
+        h["tensors"] = {k: v for k, v in h["tensors"].items() if k in stored}
+    stored = load_file(str(path))
+    damage(stored)
+    _rewrite(path, edit_header=edit_h, edit_tensors=lambda t: (t.clear(), t.update(stored)), sign=True)
+    with pytest.raises(ArtifactError, match=message):
+        artifact.load(path)

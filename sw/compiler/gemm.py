@@ -353,7 +353,7 @@ def compile_gemms(shape, ops, residency=None, prefetch=None):
             stored.append(out.region)
             pending = None
 
-    def load_inputs(step, avoid):
+    def load_inputs(step, avoid, load):
         op = ops[step.op]
         w_words = None
         if step.w_key not in held:
@@ -372,11 +372,11 @@ def compile_gemms(shape, ops, residency=None, prefetch=None):
             a_words = shape.pack_activations(a)
             forbid = {held[step.w_key].bank} if step.w_key in held else set()
             region = alloc(len(a_words), f"A{step.a_key}", forbid=forbid, avoid=avoid)
-            prog.load(region.addr, a_words)
+            load(region.addr, a_words)
             held[step.a_key] = region
         if w_words is not None:
             region = alloc(len(w_words), f"W{step.w_key}", forbid={held[step.a_key].bank}, avoid=avoid)
-            prog.load(region.addr, w_words)
+            load(region.addr, w_words)
             held[step.w_key] = region
 
     def alloc_output(step):
@@ -388,7 +388,7 @@ def compile_gemms(shape, ops, residency=None, prefetch=None):
         prog.sync()
         return Compiled(prog, lambda answers: ([], answers[0]), 0, pool.peak_words, pool.naive_words - naive_base)
     prefetch_at = _prefetch_step(shape, ops, steps, prefetch)
-    load_inputs(steps[0], avoid=())
+    load_inputs(steps[0], avoid=(), load=prog.load)
     out = alloc_output(steps[0])
     for i, step in enumerate(steps):
         op, plan = ops[step.op], step.plan
@@ -396,18 +396,24 @@ def compile_gemms(shape, ops, residency=None, prefetch=None):
         runs = op.runs(shape)
         if runs is None:
             p_addr = w_reg.addr + step.ntc * plan.k_tiles * lanes
-            prog.matmul(a_reg.addr, w_reg.addr, p_addr, out.addr, step.rc, plan.k_tiles, step.ntc, plan.mode)
+            chain = [((a_reg.addr, w_reg.addr, p_addr, out.addr, step.rc, plan.k_tiles, step.ntc, plan.mode), 1)]
         else:
-            _chains(prog, shape, runs[step.nt0:step.nt0 + step.ntc], a_reg.addr, w_reg.addr, out.addr, step.rows,
-                    plan.mode)
+            chain = _chains(shape, runs[step.nt0:step.nt0 + step.ntc], a_reg.addr, w_reg.addr, out.addr,
+                            step.rows, plan.mode)
+        prog.matmul(*chain[0][0])
         # while this step computes, the previous output leaves and the next step's operands arrive (off
-        # the bank this step writes)
+        # the bank this step writes); a chain's MATMULs run one after another, so its loads go in
+        # between them, each share as long as the MATMUL before it, or only its first would overlap them
         store_pending()
+        loads = []
+        load = prog.load if len(chain) == 1 else lambda addr, words: loads.append((addr, words))
         if i + 1 < len(steps):
-            load_inputs(steps[i + 1], avoid={out.region.bank})
+            load_inputs(steps[i + 1], avoid={out.region.bank}, load=load)
         if prefetch is not None and i == prefetch_at:
-            _prefetch(shape, residency, prefetch, avoid={out.region.bank}, load=prog.load, alloc=alloc)
+            _prefetch(shape, residency, prefetch, avoid={out.region.bank}, load=load, alloc=alloc)
             prefetch = None
+        if len(chain) > 1:
+            _interleave(prog, chain, loads)
         # the store unit reads a range until the next STORE may start: reuse it only after that
         while len(stored) > 1:
             pool.release(stored.pop(0))
@@ -443,18 +449,43 @@ def compile_gemms(shape, ops, residency=None, prefetch=None):
     return Compiled(prog, decode, len(steps), pool.peak_words, pool.naive_words - naive_base)
 
 
-def _chains(prog, shape, runs, a_addr, w_addr, o_addr, rows, mode):
-    """The MATMULs of a chained step: for each n-tile (its outputs ``rows`` x row words apart), one
-    MATMUL a run of non-zero k-tiles, all but the last HOLDing their sums, all but the first CONTINUing
-    them (``proto.isa.Chain``); the weights are the runs' tiles back to back, the parameters after them."""
+def _chains(shape, runs, a_addr, w_addr, o_addr, rows, mode):
+    """The MATMULs of a chained step, as (arguments of ``Program.matmul``, k-tiles): for each n-tile (its
+    outputs ``rows`` x row words apart), one MATMUL a run of non-zero k-tiles, all but the last HOLDing
+    their sums, all but the first CONTINUing them (``proto.isa.Chain``); the weights are the runs'
+    tiles back to back, the parameters after them."""
     lanes, per_row = shape.lanes, MODE_WORDS[mode]
     p_addr = w_addr + sum(count for tile_runs in runs for _, count in tile_runs) * lanes
+    out = []
     for t, tile_runs in enumerate(runs):
         for i, (k0, count) in enumerate(tile_runs):
             chain = (Chain.CONTINUE if i else Chain(0)) | (Chain.HOLD if i + 1 < len(tile_runs) else Chain(0))
-            prog.matmul(a_addr + k0 * rows, w_addr, p_addr + t * PARAM_WORDS_PER_LANE_GROUP,
-                        o_addr + t * rows * per_row, rows, count, 1, mode, chain)
+            out.append(((a_addr + k0 * rows, w_addr, p_addr + t * PARAM_WORDS_PER_LANE_GROUP,
+                         o_addr + t * rows * per_row, rows, count, 1, mode, chain), count))
             w_addr += count * lanes
+    return out
+
+
+def _interleave(prog, chain, loads):
+    """The chain's MATMULs after its first, each preceded by the share of ``loads`` ((address, pool words)
+    pairs, split anywhere) that the MATMUL before it overlaps: in proportion to its k-tiles."""
+    pieces = [(addr, np.asarray(words)) for addr, words in loads]
+    total, done = sum(len(w) for _, w in pieces), 0
+    tiles = [count for _, count in chain]
+    for j, (args, _) in enumerate(chain[1:]):
+        goal = total * sum(tiles[:j + 1]) // sum(tiles)
+        while done < goal and pieces:
+            addr, words = pieces[0]
+            take = min(len(words), goal - done)
+            prog.load(addr, words[:take])
+            pieces[0] = (addr + take, words[take:])
+            if take == len(words):
+                pieces.pop(0)
+            done += take
+        prog.matmul(*args)
+    for addr, words in pieces:
+        if len(words):
+            prog.load(addr, words)
 
 
 @dataclass

@@ -15,6 +15,12 @@ dtype and shape against the config, and refuses the file with an :class:`Artifac
 problem. Files of an older format version are refused with a request to quantize again, never read by old
 rules. The tensors of a loaded model are mapped from the file, not copied (:mod:`.mapping`): processes
 serving one artifact share its pages, and a tensor two artifacts hold identically is mapped once.
+
+A model pruned by weight tiles (``source["pruning"]["tiles_zeroed"]``) stores each weight matrix that
+has all-zero ``lanes x lanes`` tiles as ``<name>.tiles`` (its non-zero tiles, [count, lanes, lanes],
+n-tile-major, the matrix's edge tiles zero-padded) and ``<name>.mask`` (uint8 [n-tiles, k-tiles], 1 where
+a tile is stored), listed in the header's ``tile_sparse``; loading rebuilds the matrix (a copy, not
+mapped) after checking that the mask fits the matrix, the tiles fit the mask, and the padding is zero.
 """
 
 import dataclasses
@@ -29,7 +35,7 @@ import torch
 from .model import QuantizedBert
 from .ref import LayerParams
 
-__all__ = ["FORMAT", "VERSION", "ArtifactError", "save", "load"]
+__all__ = ["FORMAT", "VERSION", "ArtifactError", "save", "load", "stored_weights"]
 
 FORMAT = "ambert-quantized-bert"
 VERSION = 2
@@ -103,13 +109,71 @@ def _split(qm):
     return tensors, constants
 
 
+_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2")
+
+
+def _tile_sparse(tensors, lanes):
+    """Replace each weight matrix with zero tiles by its stored tiles and mask (see the module docstring);
+    return the names replaced."""
+    names = []
+    for name in [n for n in tensors if n.startswith("layers.") and n.rsplit(".", 1)[1] in _WEIGHTS]:
+        w = tensors[name]
+        n, k = w.shape
+        nt, kt = -(-n // lanes), -(-k // lanes)
+        padded = torch.zeros(nt * lanes, kt * lanes, dtype=w.dtype)
+        padded[:n, :k] = w
+        tiles = padded.reshape(nt, lanes, kt, lanes).permute(0, 2, 1, 3)      # [nt, kt, lanes, lanes]
+        mask = tiles.ne(0).flatten(2).any(dim=2)
+        if bool(mask.all()):
+            continue
+        del tensors[name]
+        tensors[f"{name}.tiles"] = tiles[mask].contiguous()
+        tensors[f"{name}.mask"] = mask.to(torch.uint8).contiguous()
+        names.append(name)
+    return names
+
+
+def _dense_from_tiles(path, name, tensors, shape, lanes):
+    tiles, mask = tensors.pop(f"{name}.tiles", None), tensors.pop(f"{name}.mask", None)
+    if tiles is None or mask is None:
+        raise ArtifactError(f"{path}: {name} is stored by tiles but its tiles or mask is missing")
+    n, k = shape
+    nt, kt = -(-n // lanes), -(-k // lanes)
+    if tuple(mask.shape) != (nt, kt) or mask.dtype != torch.uint8 or bool((mask > 1).any()):
+        raise ArtifactError(f"{path}: the tile mask of {name} is {tuple(mask.shape)} {mask.dtype}, not the 0/1 "
+                            f"uint8 ({nt}, {kt}) a {n}x{k} matrix of {lanes}x{lanes} tiles has")
+    keep = mask.bool()
+    if tuple(tiles.shape) != (int(keep.sum()), lanes, lanes) or tiles.dtype != torch.int8:
+        raise ArtifactError(f"{path}: {name} stores tiles of shape {tuple(tiles.shape)} {tiles.dtype}; its mask "
+                            f"asks for ({int(keep.sum())}, {lanes}, {lanes}) int8")
+    full = torch.zeros(nt, kt, lanes, lanes, dtype=torch.int8)
+    full[keep] = tiles
+    padded = full.permute(0, 2, 1, 3).reshape(nt * lanes, kt * lanes)
+    if bool(padded[n:].any()) or bool(padded[:, k:].any()):
+        raise ArtifactError(f"{path}: the tiles of {name} hold non-zero weights outside its {n}x{k} matrix")
+    return padded[:n, :k].contiguous()
+
+
+def stored_weights(qm):
+    """The encoder's weight and bias tensors as :func:`save` stores them, by name."""
+    tensors = {k: v for k, v in _split(qm)[0].items()
+               if k.startswith("layers.") and k.rsplit(".", 1)[1] in _WEIGHTS + ("bq", "bk", "bv", "bo", "b1", "b2")}
+    pruning = qm.source.get("pruning") or {}
+    if pruning.get("tiles_zeroed"):
+        _tile_sparse(tensors, int(pruning["lanes"]))
+    return tensors
+
+
 def save(qm, path):
     """Write ``qm`` to ``path`` atomically; return the path."""
     from safetensors.torch import save_file
     path = Path(path)
     tensors, constants = _split(qm)
+    pruning = qm.source.get("pruning") or {}
+    sparse = (dict(lanes=int(pruning["lanes"]), weights=_tile_sparse(tensors, int(pruning["lanes"])))
+              if pruning.get("tiles_zeroed") else None)
     header = dict(format=FORMAT, version=VERSION, config=qm.config, source=qm.source, scales=qm.scales,
-                  constants=constants,
+                  constants=constants, **({"tile_sparse": sparse} if sparse else {}),
                   tensors={k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -195,7 +259,19 @@ def load(path, device="cpu"):
         raise ArtifactError(f"{path}: tensors do not match the header (missing {sorted(missing)[:5]}, "
                             f"unexpected {sorted(extra)[:5]})")
     cfg = header["config"]
-    for name, shape in _expected_shapes(cfg).items():
+    expected = _expected_shapes(cfg)
+    sparse = header.get("tile_sparse")
+    if sparse is not None:
+        try:
+            lanes, names = int(sparse["lanes"]), list(sparse["weights"])
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"{path}: its tile_sparse record is malformed") from None
+        if lanes < 1 or any(n not in expected or n.rsplit(".", 1)[1] not in _WEIGHTS for n in names):
+            raise ArtifactError(f"{path}: its tile_sparse record names {lanes}-lane tiles of {names[:3]}, not "
+                                f"weight matrices of this model")
+        for name in names:
+            tensors[name] = _dense_from_tiles(path, name, tensors, expected[name], lanes)
+    for name, shape in expected.items():
         if name not in tensors:
             raise ArtifactError(f"{path}: tensor {name} is missing for a {cfg['layers']}-layer model")
         if tuple(tensors[name].shape) != shape:
