@@ -77,9 +77,9 @@ class MatmulEngine(wiring.Component):
 
     A chained MATMUL (``proto.isa.Chain``, one n-tile): with ``cont`` its first k-tile adds to the sums
     the accumulators hold rather than to zero; with ``hold`` its last k-tile's sums go back to the
-    accumulators, nothing is requantized or written, and its parameters are not loaded; with a read
-    latency up to 3 it is ``done`` a cycle after its last row is read, its rows still on their way to
-    the accumulators. A MATMUL's first
+    accumulators, nothing is requantized or written, and its parameters are not loaded; it is ``done`` a
+    cycle after its last row is read, that row's word and the rows before it still on their way through
+    the pool's read pipeline, the array and the accumulators. A MATMUL's first
     tile waits the margins a following tile would (its weights go to the bank the last tile did not
     use, its rows after the accumulators' gap), so a chain's next run starts as soon as its first
     tile is loaded.
@@ -387,11 +387,9 @@ class MatmulEngine(wiring.Component):
                         with m.Else():
                             m.d.sync += [fd_kt.eq(fd_kt + 1), last_k.eq(fd_kt == kt_m2)]
                         with m.If(fd_last_tile):
-                            # a HOLD is done a cycle after its last row left the pool: nothing of it
-                            # touches the pool or the epilogue again. With the accumulators' output
-                            # registered (read latency >= 4) a HOLD drains as any MATMUL does: an early
-                            # end there loses a lane of its last rows' sums in the engine's tests.
-                            m.d.sync += drain.eq(Mux(s.hold, drain_end, 0) if not s.acc_q else 0)
+                            # a HOLD is done a cycle after its last row was read from the pool: nothing
+                            # of it touches the pool or the epilogue again
+                            m.d.sync += drain.eq(Mux(s.hold, drain_end, 0))
                             m.next = "DRAIN"
                         with m.Else():
                             m.next = "WAIT_TILE"
