@@ -82,6 +82,18 @@ def _dims(model):
             for layer in model.encoder.layer]
 
 
+def _probed(model, batches, inputs, probes, seed, desc, progress):
+    """For each sentence of ``batches`` and each of ``probes`` random directions r (seeded), the gradients
+    of rᵀy, y the sentence embedding, with respect to ``inputs``: what the Gauss-Newton estimate averages
+    (see the module docstring)."""
+    gen = torch.Generator().manual_seed(seed)
+    for enc in tqdm(batches, desc=desc, unit="sent", disable=not progress):
+        y = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+        for k in range(probes):
+            r = torch.randn(y.shape, generator=gen)
+            yield torch.autograd.grad((y * r).sum(), inputs, retain_graph=k < probes - 1)
+
+
 def importance(model, batches, probes=4, seed=0, progress=True):
     """Score every head and FFN neuron of ``model`` on ``batches`` (tokenized sentences, one per batch).
 
@@ -93,7 +105,6 @@ def importance(model, batches, probes=4, seed=0, progress=True):
     masks = [torch.ones(h, requires_grad=True) for h, _ in dims] + [torch.ones(f, requires_grad=True)
                                                                      for _, f in dims]
     sums = [torch.zeros(m.shape, dtype=torch.float64) for m in masks]
-    gen = torch.Generator().manual_seed(seed)
     hooks = []
     for i, layer in enumerate(model.encoder.layer):
         hooks += [layer.attention.output.dense.register_forward_pre_hook(
@@ -103,13 +114,9 @@ def importance(model, batches, probes=4, seed=0, progress=True):
     needs = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     try:
-        for enc in tqdm(batches, desc="scoring heads and neurons", unit="sent", disable=not progress):
-            y = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
-            for k in range(probes):
-                r = torch.randn(y.shape, generator=gen)
-                grads = torch.autograd.grad((y * r).sum(), masks, retain_graph=k < probes - 1)
-                for acc, g in zip(sums, grads):
-                    acc += g.double() ** 2
+        for grads in _probed(model, batches, masks, probes, seed, "scoring heads and neurons", progress):
+            for acc, g in zip(sums, grads):
+                acc += g.double() ** 2
     finally:
         for h in hooks:
             h.remove()
@@ -249,22 +256,17 @@ def tile_scores(model, batches, lanes=16, probes=4, seed=0, progress=True):
     weights = [lin.weight for _, _, lin in linears]
     shapes = [(-(-w.shape[0] // lanes), -(-w.shape[1] // lanes)) for w in weights]
     sums = [torch.zeros(s, dtype=torch.float64) for s in shapes]
-    gen = torch.Generator().manual_seed(seed)
     needs = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     for w in weights:
         w.requires_grad_(True)
     try:
-        for enc in tqdm(batches, desc="scoring weight tiles", unit="sent", disable=not progress):
-            y = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
-            for k in range(probes):
-                r = torch.randn(y.shape, generator=gen)
-                grads = torch.autograd.grad((y * r).sum(), weights, retain_graph=k < probes - 1)
-                for acc, w, g, (nt, kt) in zip(sums, weights, grads, shapes):
-                    # d(r.y)/d(mask of a tile) = sum over the tile of W * dW
-                    wg = torch.zeros(nt * lanes, kt * lanes, dtype=torch.float64)
-                    wg[:w.shape[0], :w.shape[1]] = (w.detach() * g).double()
-                    acc += wg.reshape(nt, lanes, kt, lanes).sum(dim=(1, 3)) ** 2
+        for grads in _probed(model, batches, weights, probes, seed, "scoring weight tiles", progress):
+            for acc, w, g, (nt, kt) in zip(sums, weights, grads, shapes):
+                # d(r.y)/d(mask of a tile) = sum over the tile of W * dW
+                wg = torch.zeros(nt * lanes, kt * lanes, dtype=torch.float64)
+                wg[:w.shape[0], :w.shape[1]] = (w.detach() * g).double()
+                acc += wg.reshape(nt, lanes, kt, lanes).sum(dim=(1, 3)) ** 2
     finally:
         for p, n in zip(model.parameters(), needs):
             p.requires_grad_(n)
