@@ -77,7 +77,7 @@ async def gemm_under_flow_control(dut, send, take):
         bias = rng.integers(-5000, 5000, n)
         m0 = rng.integers(1 << 30, 1 << 31, n)
         shift = rng.integers(28, 40, n)
-        for zero_tiles in (False, True):
+        for zero_tiles in (False, True) if send == take else (False,):
             if zero_tiles:          # every other k-tile of every n-tile zero: a chain of MATMULs an n-tile
                 w = w.copy()
                 for k0 in range(0, k, 2 * CONFIG.lanes):
