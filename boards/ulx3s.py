@@ -43,7 +43,7 @@ BOARD = Board(
             DeviceShape(lanes=12, banks=4, bank_words=2048, acc_depth=512),
             Implementation(requant_lanes=2, pool_subbanks=1, pool_read_latency=5, weight_write_latency=2,
                            product_latency=2, hop_latency=2)),
-             clock_hz=100e6, seed=3, dsp_layout=True),
+             clock_hz=100e6, seed=4, dsp_layout=True),
     ),
     programmer=("openFPGALoader", "--board", "ulx3s"),
 )

@@ -116,7 +116,7 @@ def test_a_size_may_name_its_placement_seed():
     board = Board(name="x", platform=object, family="ecp5", clock_hz=60e6, baud=3_000_000,
                   sizes=(Size("small", config), Size("target", config, seed=2)))
     assert board.seed("target") == 2 and board.seed("small") == 1
-    assert get_board("ulx3s").seed("target") == 3
+    assert get_board("ulx3s").seed("target") == 4
     with pytest.raises(ValueError, match="seed must be a positive integer, not 0"):
         Size("huge", config, seed=0)
     with pytest.raises(ValueError, match="sizes named twice"):
