@@ -79,10 +79,9 @@ class MatmulEngine(wiring.Component):
     the accumulators hold rather than to zero; with ``hold`` its last k-tile's sums go back to the
     accumulators, nothing is requantized or written, and its parameters are not loaded; it is ``done`` a
     cycle after its last row is read, that row's word and the rows before it still on their way through
-    the pool's read pipeline, the array and the accumulators. A MATMUL's first
-    tile waits the margins a following tile would (its weights go to the bank the last tile did not
-    use, its rows after the accumulators' gap), so a chain's next run starts as soon as its first
-    tile is loaded.
+    the pool's read pipeline, the array and the accumulators. A MATMUL's first tile waits the margins a
+    following tile would (its weights go to the bank the last tile did not use, its rows after the
+    accumulators' gap), so a chain's next run starts as soon as its first tile is loaded.
     """
 
     def __init__(self, config, addr_bits):
