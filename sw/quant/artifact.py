@@ -35,7 +35,7 @@ import torch
 from .model import QuantizedBert
 from .ref import LayerParams
 
-__all__ = ["FORMAT", "VERSION", "ArtifactError", "save", "load", "stored_weights"]
+__all__ = ["FORMAT", "VERSION", "ArtifactError", "save", "load", "stored_weights", "tiles_of"]
 
 FORMAT = "ambert-quantized-bert"
 VERSION = 2
@@ -112,18 +112,23 @@ def _split(qm):
 _WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2")
 
 
+def tiles_of(w, lanes):
+    """A matrix [N, K] as its ``lanes x lanes`` tiles, [n-tiles, k-tiles, lanes, lanes], the edge tiles
+    zero-padded; and which of them hold a non-zero value, [n-tiles, k-tiles]."""
+    n, k = w.shape
+    nt, kt = -(-n // lanes), -(-k // lanes)
+    padded = torch.zeros(nt * lanes, kt * lanes, dtype=w.dtype)
+    padded[:n, :k] = w
+    tiles = padded.reshape(nt, lanes, kt, lanes).permute(0, 2, 1, 3)
+    return tiles, tiles.ne(0).flatten(2).any(dim=2)
+
+
 def _tile_sparse(tensors, lanes):
     """Replace each weight matrix with zero tiles by its stored tiles and mask (see the module docstring);
     return the names replaced."""
     names = []
     for name in [n for n in tensors if n.startswith("layers.") and n.rsplit(".", 1)[1] in _WEIGHTS]:
-        w = tensors[name]
-        n, k = w.shape
-        nt, kt = -(-n // lanes), -(-k // lanes)
-        padded = torch.zeros(nt * lanes, kt * lanes, dtype=w.dtype)
-        padded[:n, :k] = w
-        tiles = padded.reshape(nt, lanes, kt, lanes).permute(0, 2, 1, 3)      # [nt, kt, lanes, lanes]
-        mask = tiles.ne(0).flatten(2).any(dim=2)
+        tiles, mask = tiles_of(tensors[name], lanes)
         if bool(mask.all()):
             continue
         del tensors[name]

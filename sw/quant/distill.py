@@ -320,6 +320,7 @@ def distill_artifact(artifact_path, model_dir=None, dc=DistillConfig(), checkpoi
 def _pruned_tiles(qm, student, src):
     """The (weight, mask) pairs of a tile-pruned artifact's student: its six matrices a layer, each False
     on the ``lanes x lanes`` tiles that are all zero in the artifact's int8 weights."""
+    from .artifact import tiles_of
     from .prune import _linears
     lanes = int(src["pruning"]["lanes"])
     names = {"query": "wq", "key": "wk", "value": "wv", "output": "wo", "ffn1": "w1", "ffn2": "w2"}
@@ -330,10 +331,6 @@ def _pruned_tiles(qm, student, src):
             raise ValueError(f"the artifact's layer {i} {name} is {tuple(q.shape)}, its student's "
                              f"{tuple(lin.weight.shape)}: not the model the artifact was pruned from")
         n, k = q.shape
-        nt, kt = -(-n // lanes), -(-k // lanes)
-        padded = torch.zeros(nt * lanes, kt * lanes, dtype=torch.bool)
-        padded[:n, :k] = q != 0
-        tiles = padded.reshape(nt, lanes, kt, lanes).any(dim=3).any(dim=1)
-        keep = tiles.repeat_interleave(lanes, 0).repeat_interleave(lanes, 1)[:n, :k]
+        keep = tiles_of(q, lanes)[1].repeat_interleave(lanes, 0).repeat_interleave(lanes, 1)[:n, :k]
         pairs.append((lin.weight, keep))
     return pairs
