@@ -28,9 +28,10 @@ from ambert.report.measure import best_of_interleaved, cpu_description, status_k
 
 def peak_memory(contender, artifact_path, batch):
     """In this (fresh) process: load ``contender`` as a user would, run ``batch`` sentences of 128 tokens
-    once; print the peak resident set size in MiB and how much of it the forward added."""
+    once; print the peak resident set size in MiB and how much of it the forward added. Each contender
+    imports only what it runs (ambert's runtime does not import ``BertModel`` and what that pulls in)."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer, BertModel
+    from transformers import AutoConfig, AutoTokenizer
     from ambert.sw.quant.hf import bundled_model_dir
     folder = bundled_model_dir()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -40,6 +41,7 @@ def peak_memory(contender, artifact_path, batch):
         from ambert.sw.runtime.cpu import CpuDevice
         model = OffloadedBert(artifact.load(artifact_path), AutoConfig.from_pretrained(folder), [CpuDevice()])
     else:
+        from transformers import BertModel
         model = BertModel.from_pretrained(folder).eval()
         if contender == "torch dynamic int8":
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)

@@ -1,6 +1,6 @@
 """The CPU backend's activation arena (sw/runtime/arena.py): its liveness plan never overlaps two tensors
-that are alive together, every layer it runs is `==` ref_layer (every GEMM path, pruned layers of
-different shapes, padded batches), and after its largest call it allocates no activation memory again."""
+that are alive together, every layer it runs is `==` ref_layer (every GEMM path in row chunks, pruned layers
+of different shapes, padded batches), and after its largest call it allocates no activation memory again."""
 
 import threading
 
@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from ambert.sw.quant import ref
+from ambert.sw.runtime import arena
 from ambert.sw.runtime.arena import ALIGN, ActivationArena, plan
 from ambert.sw.runtime.cpu import CpuDevice
 from conftest import fuzz_examples
@@ -49,6 +50,10 @@ def test_minilm_in_the_arena_is_the_reference(minilm, eval_sentences, int8_kerne
         # FFN2's K = 1536 then runs as two exact float32 chunks summed in int32
     qm, _, tok = minilm
     enc = _batch(tok, eval_sentences[:5])                    # padded: the key mask matters
+    # GEMMs in chunks of 32 rows: several chunks and a shorter last one
+    monkeypatch.setattr(arena, "GEMM_CHUNK_BYTES", 32 * 4 * qm.layers[0].w1.shape[0])
+    r = enc["input_ids"].numel()
+    assert arena.gemm_rows(r, qm.layers[0].w1.shape[0]) == 32 and r > 2 * 32 and r % 32
     assert torch.equal(_run(qm, enc, CpuDevice()), qm.forward_int(enc["input_ids"], enc["attention_mask"],
                                                                   enc["token_type_ids"]))
 

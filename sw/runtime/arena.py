@@ -2,7 +2,8 @@
 
 Every tensor a layer makes — the merged Q/K/V projection, the float32 copies the exact GEMM path reads,
 scores, probabilities, the context, the residual sums and LayerNorm outputs, the FFN's activations, and
-the GEMMs' float32 and int32 scratch — is a view into one buffer, placed by liveness: the layer's
+the GEMMs' float32 and int32 scratch (a GEMM runs in row chunks, each requantized as it is made, so its
+scratch is one chunk's and stays in cache) — is a view into one buffer, placed by liveness: the layer's
 dataflow is a fixed sequence of steps, each tensor lives over a set of them, and two tensors share
 bytes only when their sets do not meet (:func:`plan`). Layers and calls reuse the buffer; it grows only
 when a larger batch, sequence or layer arrives, so a server that has seen its largest batch allocates no
@@ -56,12 +57,23 @@ def plan(specs):
     return offsets, max((o + sz for o, sz, _ in placed), default=0)
 
 
+GEMM_CHUNK_BYTES = 1 << 21      # a GEMM runs in row chunks whose accumulator fits this: it stays in cache
+
+
+def gemm_rows(r, n_max):
+    """The rows of one GEMM chunk: as many as keep a [rows, n_max] accumulator within
+    :data:`GEMM_CHUNK_BYTES`, a multiple of 16, at least 16 and at most ``r``."""
+    return max(1, min(r, max(16, GEMM_CHUNK_BYTES // (4 * n_max) // 16 * 16)))
+
+
 def _specs(b, t, c, cq, heads, ffn, int8_gemms):
     """The tensors of one layer: ``(name, dtype, shape, steps)``; the float32 GEMM scratch only where
-    the GEMMs do not all run on the int8 kernel (``int8_gemms``)."""
+    the GEMMs do not all run on the int8 kernel (``int8_gemms``). The GEMMs' scratch holds one row chunk
+    (:func:`gemm_rows`), not the whole product."""
     r, d = b * t, cq // heads
     k_max = max(c, cq, ffn)
     n_max = max(3 * cq, c, ffn)
+    rows = gemm_rows(r, n_max)
     att = (b, heads, t, t)
     return [
         ("qkv", torch.int8, (r, 3 * cq), frozenset(range(QKV, PV_F32 + 1))),
@@ -78,12 +90,12 @@ def _specs(b, t, c, cq, heads, ffn, int8_gemms):
         ("h16", torch.int16, (r, c), frozenset(range(LN1, LN2 + 1))),
         ("g", torch.int8, (r, ffn), frozenset({FFN1, FFN2})),
         ("f2", torch.int16, (r, c), frozenset({FFN2, LN2})),
-        # the GEMMs' scratch, at the largest of the four
-        ("gemm_acc", torch.int32, (r * n_max,), GEMM_STEPS),
+        # the GEMMs' scratch, one row chunk at the largest of the four
+        ("gemm_acc", torch.int32, (rows * n_max,), GEMM_STEPS),
     ] + ([] if int8_gemms else [
-        ("gemm_a", torch.float32, (r * k_max,), GEMM_STEPS),
+        ("gemm_a", torch.float32, (rows * k_max,), GEMM_STEPS),
         ("gemm_w", torch.float32, (n_max * k_max,), GEMM_STEPS),
-        ("gemm_prod", torch.float32, (r * n_max,), GEMM_STEPS),
+        ("gemm_prod", torch.float32, (rows * n_max,), GEMM_STEPS),
     ])
 
 
@@ -156,7 +168,11 @@ class ActivationArena:
         n = v.np
         x8r = x8.reshape(r, c)
 
-        kernels.requant_rows(self._gemm(v, x8r, k.qkv[0]), k.qkv[1], 8, n.qkv)
+        rows = gemm_rows(r, max(3 * cq, c, ffn))            # as _specs sized the GEMM scratch
+
+        def requant(constants, bits, out):
+            return lambda acc, lo, hi: kernels.requant_rows(acc, constants, bits, out[lo:hi])
+        self._gemm(v, x8r, k.qkv[0], rows, requant(k.qkv[1], 8, n.qkv))
         qkv = v.qkv.view(b, t, 3, heads, d)
         v.q_f32.copy_(qkv[:, :, 0].transpose(1, 2))
         v.k_f32.copy_(qkv[:, :, 1].transpose(1, 2))
@@ -172,12 +188,13 @@ class ActivationArena:
         kernels.requant_rows(n.ctx_f32.reshape(-1, d), k.ctx, 8, n.ctx_heads.reshape(-1, d))
         v.ctx.view(b, t, heads, d).copy_(v.ctx_heads.transpose(1, 2))
 
-        kernels.requant_rows(self._gemm(v, v.ctx, k.o[0]), k.o[1], 16, n.attn)
+        self._gemm(v, v.ctx, k.o[0], rows, requant(k.o[1], 16, n.attn))
         residual = np.ascontiguousarray(x16.reshape(r, c).numpy())
         kernels.layernorm_rows(n.attn, residual, k.ln1, *LN, n.h16[None], n.h8[None])
         # FFN1's requantization and GELU in one pass: its int16 output never reaches memory
-        kernels.requant_gelu_rows(self._gemm(v, v.h8, k.f1[0]), k.f1[1], p.gelu, k.gelu, n.g)
-        kernels.requant_rows(self._gemm(v, v.g, k.f2[0]), k.f2[1], 16, n.f2)
+        self._gemm(v, v.h8, k.f1[0], rows,
+                   lambda acc, lo, hi: kernels.requant_gelu_rows(acc, k.f1[1], p.gelu, k.gelu, n.g[lo:hi]))
+        self._gemm(v, v.g, k.f2[0], rows, requant(k.f2[1], 16, n.f2))
         if last:
             out8, out16 = torch.empty((r, c), dtype=torch.int8), torch.empty((r, c), dtype=torch.int16)
         else:
@@ -193,32 +210,40 @@ class ActivationArena:
                 and x8.shape[-1] <= 1024 and x8.numel() > 0 and p.wq.shape[0] % p.heads == 0
                 and layer_constants(p, x8.shape[1]) is not None)
 
-    def _gemm(self, v, a, w):
-        """The accumulator of int8 ``a`` [R, K] times ``w``ᵀ, as a numpy [R, N] array in the arena: int32
-        from the int8 kernel, or float32 holding the exact integers (summed in int32 past
-        ``F32_EXACT_K``)."""
+    @staticmethod
+    def _gemm(v, a, w, rows, epilogue):
+        """Int8 ``a`` [R, K] times ``w``ᵀ in chunks of ``rows`` rows: ``epilogue(acc, lo, hi)`` gets
+        each chunk's accumulator, rows ``lo:hi``, as a numpy array in the arena: int32 from the int8 kernel,
+        or float32 holding the exact integers (summed in int32 past ``F32_EXACT_K``)."""
         r, k = a.shape
         n = w.shape[0]
         if ref._cpu_int8_kernel_takes(w, k):
-            acc = v.gemm_acc[:r * n].view(r, n)
-            torch._int_mm(a, w.T, out=acc)
-            return acc.numpy()
-        a32 = v.gemm_a[:r * k].view(r, k)
+            wt = w.T
+            for lo in range(0, r, rows):
+                hi = min(lo + rows, r)
+                acc = v.gemm_acc[:(hi - lo) * n].view(hi - lo, n)
+                torch._int_mm(a[lo:hi], wt, out=acc)
+                epilogue(acc.numpy(), lo, hi)
+            return
         w32 = v.gemm_w[:n * k].view(n, k)
-        a32.copy_(a)
         w32.copy_(w)
-        prod = v.gemm_prod[:r * n].view(r, n)
-        if k <= ref.F32_EXACT_K:
-            torch.matmul(a32, w32.T, out=prod)          # every element an integer float32 holds exactly
-            return prod.numpy()
-        acc = v.gemm_acc[:r * n].view(r, n)             # exact chunks, summed in int32 (see ref._gemm_f32)
-        for k0 in range(0, k, ref.F32_EXACT_K):
-            torch.matmul(a32[:, k0:k0 + ref.F32_EXACT_K], w32[:, k0:k0 + ref.F32_EXACT_K].T, out=prod)
-            if k0:
-                acc.add_(prod.to(torch.int32))
-            else:
-                acc.copy_(prod)
-        return acc.numpy()
+        for lo in range(0, r, rows):
+            hi = min(lo + rows, r)
+            a32 = v.gemm_a[:(hi - lo) * k].view(hi - lo, k)
+            a32.copy_(a[lo:hi])
+            prod = v.gemm_prod[:(hi - lo) * n].view(hi - lo, n)
+            if k <= ref.F32_EXACT_K:
+                torch.matmul(a32, w32.T, out=prod)          # every element an integer float32 holds exactly
+                epilogue(prod.numpy(), lo, hi)
+                continue
+            acc = v.gemm_acc[:(hi - lo) * n].view(hi - lo, n)   # exact chunks, summed in int32 (ref._gemm_f32)
+            for k0 in range(0, k, ref.F32_EXACT_K):
+                torch.matmul(a32[:, k0:k0 + ref.F32_EXACT_K], w32[:, k0:k0 + ref.F32_EXACT_K].T, out=prod)
+                if k0:
+                    acc.add_(prod.to(torch.int32))
+                else:
+                    acc.copy_(prod)
+            epilogue(acc.numpy(), lo, hi)
 
 
 @dataclass(frozen=True)
