@@ -205,6 +205,20 @@ def _load_checkpoint(path, identity):
     return state
 
 
+def _batches(lengths, batch, seed, bucket=64):
+    """One epoch's batches of sentence indices, a function of ``seed`` alone (a resumed run draws the same):
+    the sentences shuffled, then sorted by length within runs of ``bucket`` batches so a batch pads little,
+    then the batches shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    span = batch * bucket
+    out = []
+    for lo in range(0, len(order) - len(order) % batch, span):
+        run = sorted(order[lo:min(lo + span, len(order) - len(order) % batch)], key=lengths.__getitem__)
+        out += [run[j:j + batch] for j in range(0, len(run), batch)]
+    return [out[j] for j in torch.randperm(len(out), generator=g).tolist()]
+
+
 def distill(teacher, student, tok, sentences, dc=DistillConfig(), checkpoint=None, identity=None,
             device=None, progress=True, zeros=()):
     """Train ``student`` (changed in place) to match ``teacher`` on ``sentences``; returns a dict of the
@@ -214,7 +228,8 @@ def distill(teacher, student, tok, sentences, dc=DistillConfig(), checkpoint=Non
     if dc.steps < 1 or dc.batch < 1:
         raise ValueError(f"steps and batch must be at least 1 (got {dc.steps}, {dc.batch})")
     limit = min(dc.max_tokens, teacher.config.max_position_embeddings)
-    sentences = [s for s in sentences if len(tok(s)["input_ids"]) <= limit]
+    kept = [(s, n) for s, n in zip(sentences, map(len, tok(list(sentences))["input_ids"])) if n <= limit]
+    sentences, lengths = [s for s, _ in kept], [n for _, n in kept]
     if len(sentences) < dc.batch:
         raise ValueError(f"{len(sentences)} training sentences are fewer than one batch of {dc.batch}")
     identity = dict(identity or {}, sentences=len(sentences), batch=dc.batch, seed=dc.seed)
@@ -241,13 +256,15 @@ def distill(teacher, student, tok, sentences, dc=DistillConfig(), checkpoint=Non
                 rng.max = m.to(device)
             start = resumed = state["step"]
         per_epoch = len(sentences) // dc.batch
+        epoch_batches = {}
         history = []
         student.eval()             # no dropout: the student copies a deterministic teacher
         with tqdm(total=dc.steps, initial=start, desc="distilling", unit="step", disable=not progress) as bar:
             for step in range(start, dc.steps):
                 epoch, i = divmod(step, per_epoch)
-                order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(dc.seed + epoch))
-                batch = [sentences[j] for j in order[i * dc.batch:(i + 1) * dc.batch].tolist()]
+                if epoch not in epoch_batches:
+                    epoch_batches = {epoch: _batches(lengths, dc.batch, dc.seed + epoch)}
+                batch = [sentences[j] for j in epoch_batches[epoch][i]]
                 enc = {k: v.to(device) for k, v in tok(batch, padding=True, return_tensors="pt").items()}
                 with torch.no_grad():
                     want = teacher(**enc, output_hidden_states=True).hidden_states
