@@ -50,10 +50,12 @@ def test_minilm_in_the_arena_is_the_reference(minilm, eval_sentences, int8_kerne
         # FFN2's K = 1536 then runs as two exact float32 chunks summed in int32
     qm, _, tok = minilm
     enc = _batch(tok, eval_sentences[:5])                    # padded: the key mask matters
-    # GEMMs in chunks of 32 rows: several chunks and a shorter last one
+    # float32 GEMMs in chunks of 32 rows: several chunks and a shorter last one
     monkeypatch.setattr(arena, "GEMM_CHUNK_BYTES", 32 * 4 * qm.layers[0].w1.shape[0])
+    monkeypatch.setattr(arena._LOCAL, "arena", ActivationArena(), raising=False)   # no plan at another chunk size
     r = enc["input_ids"].numel()
-    assert arena.gemm_rows(r, qm.layers[0].w1.shape[0]) == 32 and r > 2 * 32 and r % 32
+    assert arena.gemm_rows(r, qm.layers[0].w1.shape[0], int8_kernel) == (r if int8_kernel else 32)
+    assert r > 2 * 32 and r % 32
     assert torch.equal(_run(qm, enc, CpuDevice()), qm.forward_int(enc["input_ids"], enc["attention_mask"],
                                                                   enc["token_type_ids"]))
 

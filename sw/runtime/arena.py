@@ -2,8 +2,8 @@
 
 Every tensor a layer makes — the merged Q/K/V projection, the float32 copies the exact GEMM path reads,
 scores, probabilities, the context, the residual sums and LayerNorm outputs, the FFN's activations, and
-the GEMMs' float32 and int32 scratch (a GEMM runs in row chunks, each requantized as it is made, so its
-scratch is one chunk's and stays in cache) — is a view into one buffer, placed by liveness: the layer's
+the GEMMs' float32 and int32 scratch (a float32 GEMM runs in row chunks, each requantized as it is made,
+so its scratch is one chunk's) — is a view into one buffer, placed by liveness: the layer's
 dataflow is a fixed sequence of steps, each tensor lives over a set of them, and two tensors share
 bytes only when their sets do not meet (:func:`plan`). Layers and calls reuse the buffer; it grows only
 when a larger batch, sequence or layer arrives, so a server that has seen its largest batch allocates no
@@ -57,12 +57,16 @@ def plan(specs):
     return offsets, max((o + sz for o, sz, _ in placed), default=0)
 
 
-GEMM_CHUNK_BYTES = 1 << 21      # a GEMM runs in row chunks whose accumulator fits this: it stays in cache
+GEMM_CHUNK_BYTES = 1 << 22      # a float32 GEMM runs in row chunks whose product fits this
 
 
-def gemm_rows(r, n_max):
-    """The rows of one GEMM chunk: as many as keep a [rows, n_max] accumulator within
-    :data:`GEMM_CHUNK_BYTES`, a multiple of 16, at least 16 and at most ``r``."""
+def gemm_rows(r, n_max, int8_gemms):
+    """The rows of one GEMM chunk: on the int8 kernel all ``r`` (its int32 output is all the scratch, and
+    one call is fastest); on the float32 path as many as keep a [rows, n_max] product within
+    :data:`GEMM_CHUNK_BYTES` (its int8 operand's float32 copy, product and int32 sum are then a chunk's,
+    not three times the whole product), a multiple of 16, at least 16 and at most ``r``."""
+    if int8_gemms:
+        return max(r, 1)
     return max(1, min(r, max(16, GEMM_CHUNK_BYTES // (4 * n_max) // 16 * 16)))
 
 
@@ -73,7 +77,7 @@ def _specs(b, t, c, cq, heads, ffn, int8_gemms):
     r, d = b * t, cq // heads
     k_max = max(c, cq, ffn)
     n_max = max(3 * cq, c, ffn)
-    rows = gemm_rows(r, n_max)
+    rows = gemm_rows(r, n_max, int8_gemms)
     att = (b, heads, t, t)
     return [
         ("qkv", torch.int8, (r, 3 * cq), frozenset(range(QKV, PV_F32 + 1))),
@@ -168,7 +172,7 @@ class ActivationArena:
         n = v.np
         x8r = x8.reshape(r, c)
 
-        rows = gemm_rows(r, max(3 * cq, c, ffn))            # as _specs sized the GEMM scratch
+        rows = v.gemm_acc.numel() // max(3 * cq, c, ffn)    # the chunk _specs sized the GEMM scratch for
 
         def requant(constants, bits, out):
             return lambda acc, lo, hi: kernels.requant_rows(acc, constants, bits, out[lo:hi])
