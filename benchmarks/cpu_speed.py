@@ -10,7 +10,13 @@ sentences. Last line:
     cpu_speed: b1_ratio=<ambert/fp32> b32_ratio=<ambert/fp32> dyn_b32_ratio=<dynamic int8/fp32>
         peak_ratio=<ambert/fp32 peak RSS at batch 32>
 
-    python benchmarks/cpu_speed.py [--reps N]
+    python benchmarks/cpu_speed.py [--reps N] [--isa avx2] [--no-int8-kernel]
+
+``--isa avx2`` runs every contender as on a CPU with AVX2 and no AVX-512, VNNI or AMX (torch's kernels,
+oneDNN, MKL and numba's code generation each held to AVX2 by its own switch, set before any of them
+loads): torch's int8 kernel is then the AVX2 one, which ambert's probe finds inexact, so ambert's GEMMs
+take the float32 path as on such a machine. ``--no-int8-kernel`` keeps the CPU's full instruction set
+and only withholds the int8 kernel from ambert.
 
 Peak memory: each contender in a fresh process (a forked one would share this one's pages and threads),
 loading its model as a user does (ambert from its artifact) and running batch 32 once.
@@ -22,6 +28,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# each library's switch that holds its kernels to AVX2 (read when the library loads)
+AVX2_ONLY = dict(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2",
+                 NUMBA_CPU_NAME="haswell")
 
 from ambert.report.measure import best_of_interleaved, cpu_description, status_kib  # noqa: E402
 
@@ -73,17 +82,23 @@ def main():
     p.add_argument("--no-int8-kernel", action="store_true",
                    help="run ambert's GEMMs as on a CPU whose int8 kernel is not exact (no VNNI): float32 "
                         "over exact K-chunks")
+    p.add_argument("--isa", choices=["native", "avx2"], default="native",
+                   help="avx2: every contender held to AVX2, as on a CPU without AVX-512, VNNI or AMX")
     p.add_argument("--peak", help=argparse.SUPPRESS)           # the child process of measure_peaks
     p.add_argument("--artifact", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
+        os.environ.update(AVX2_ONLY)                # before torch loads: start again with the switches set
+        os.execv(sys.executable, [sys.executable, __file__, *sys.argv[1:]])
     if args.no_int8_kernel:
         from ambert.sw.quant import ref
         ref._INT_MM_EXACT = False               # the probe's answer on a CPU without an exact int8 kernel
     if args.peak:
         return peak_memory(args.peak, args.artifact, args.batch)
     import torch
+    from ambert.sw.quant import ref
     from ambert.sw.quant.hf import encode, mean_pool
     from ambert.sw.quant.quantize import quantize_pretrained, read_sentences
     from ambert.sw.runtime import offload
@@ -97,6 +112,9 @@ def main():
 
     print(f"machine: {cpu_description()}; {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} intra-op threads"
+          + (f"; held to AVX2 (torch's kernels: {torch.backends.cpu.get_cpu_capability()}, ambert's int8 "
+             f"kernel probe: {'exact' if ref._cpu_int_mm_exact() else 'inexact, float32 GEMMs'})"
+             if args.isa == "avx2" else "")
           + ("; ambert's GEMMs without the int8 kernel (--no-int8-kernel)" if args.no_int8_kernel else ""))
     results = {}
     with torch.no_grad():
