@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fractions", default="0,0.25,0.4,0.5,0.6", help="fractions of encoder MACs to remove")
-    p.add_argument("--steps", type=int, default=1000, help="distillation steps per fraction (default: the recipe's)")
+    p.add_argument("--steps", type=int, help="distillation steps per fraction (default: the recipe's)")
     p.add_argument("--distill", default="all", help="fractions to distil: all, none or a list (default: all)")
     p.add_argument("--granularity", default="heads,neurons",
                    help="what `ambert prune` may remove: any of heads, neurons, tiles (default: heads,neurons)")
@@ -87,7 +87,8 @@ def main():
             if f > 0 and f in distilled:
                 path = artifact.save(qm, Path(tmp) / f"p{f}.ambert.safetensors")
                 t0 = time.perf_counter()
-                dq, _, _ = distill_artifact(path, dc=DistillConfig(steps=args.steps), progress=True)
+                dc = DistillConfig() if args.steps is None else DistillConfig(steps=args.steps)
+                dq, _, _ = distill_artifact(path, dc=dc, progress=True)
                 row["t_distill"] = time.perf_counter() - t0
                 row["distilled"] = fidelity(dq)
             rows.append(row)
@@ -95,8 +96,9 @@ def main():
 
     dense = rows[0] if rows[0]["fraction"] == 0 else None
     print(f"\nmachine: {cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"{datetime.date.today()}; `python benchmarks/compression.py --fractions {args.fractions} --steps "
-          f"{args.steps} --distill {args.distill} --granularity {args.granularity}`")
+          f"{datetime.date.today()}; `python benchmarks/compression.py --fractions {args.fractions}"
+          f"{'' if args.steps is None else f' --steps {args.steps}'} --distill {args.distill} "
+          f"--granularity {args.granularity}`")
     print(f"evaluation: {len(sentences)} sentences of {args.sentences.name}; cycles: one 128-token sequence on "
           f"the simulated 16x16 accelerator (transfers included)\n")
     head = ("| MACs removed | MACs left (M) | encoder weights (MiB) | vs dense | device cycles | speedup "

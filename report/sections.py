@@ -256,7 +256,8 @@ def compression(ctx, sec, step):
         ("distill min", ".1f")],
         note=f"Cycles: one {s.seq}-token sequence on the simulated 16x16 accelerator, transfers included, output "
              f"== the integer reference. Distillation: {s.distill_steps} steps of {s.distill_batch} sentences "
-             f"(the default recipe, `ambert distill`, runs 1000). Fidelity on {len(ctx.sentences)} sentences.")
+             f"(the default recipe, `ambert distill`, runs {DistillConfig().steps}). "
+             f"Fidelity on {len(ctx.sentences)} sentences.")
     for r in rows:
         d = r.get("distilled", (None, None, None))
         t.add(1 - r["macs"] / dense["macs"], r["macs"] / 1e6, _mib(r["bytes"]), 1 - r["bytes"] / dense["bytes"],

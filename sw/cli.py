@@ -88,7 +88,8 @@ def cmd_distill(args):
                                                if ".ambert" in artifact.name else f"distilled-{artifact.name}")
     checkpoint = args.checkpoint or output.with_name(output.name + ".ckpt")
     calibration = read_sentences(args.calibration) if args.calibration else None
-    dc = DistillConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    dc = DistillConfig(**{k: v for k, v in dict(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+                          .items() if v is not None})          # unset: the recipe's
     t0 = time.perf_counter()
     try:
         qm, _, _ = distill_artifact(artifact, args.model, dc, checkpoint, calibration, progress=not args.quiet)
@@ -341,10 +342,11 @@ def build_parser():
     ds = sub.add_parser("distill", help="train a pruned model on its FP32 teacher's outputs, then quantize it")
     ds.add_argument("artifact", type=Path, help="the artifact `ambert prune` wrote (or any artifact of the model)")
     ds.add_argument("--model", type=Path, help="the teacher's folder (default: the bundled all-MiniLM-L6-v2)")
-    ds.add_argument("--steps", type=int, default=1000, help="training steps (default: 1000)")
-    ds.add_argument("--batch", type=int, default=32, help="sentences per step (default: 32)")
-    ds.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: 3e-4)")
-    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--steps", type=int, help="training steps (default: the recipe's, `ambert.sw.quant.distill."
+                    "DistillConfig`)")
+    ds.add_argument("--batch", type=int, help="sentences per step (default: the recipe's)")
+    ds.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    ds.add_argument("--seed", type=int, help="the order of the training sentences (default: the recipe's)")
     ds.add_argument("--calibration", type=Path, help="calibration sentences for the final quantization")
     ds.add_argument("--checkpoint", type=Path,
                     help="resumable state, written every 100 steps (default: OUTPUT.ckpt; removed when done)")
