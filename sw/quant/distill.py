@@ -211,10 +211,10 @@ def _batches(lengths, batch, seed, bucket=64):
     then the batches shuffled."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(lengths), generator=g).tolist()
-    span = batch * bucket
+    order = order[:len(order) - len(order) % batch]             # whole batches only
     out = []
-    for lo in range(0, len(order) - len(order) % batch, span):
-        run = sorted(order[lo:min(lo + span, len(order) - len(order) % batch)], key=lengths.__getitem__)
+    for lo in range(0, len(order), batch * bucket):
+        run = sorted(order[lo:lo + batch * bucket], key=lengths.__getitem__)
         out += [run[j:j + batch] for j in range(0, len(run), batch)]
     return [out[j] for j in torch.randperm(len(out), generator=g).tolist()]
 
