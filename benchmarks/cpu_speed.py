@@ -94,7 +94,7 @@ def main():
         os.execv(sys.executable, [sys.executable, __file__, *sys.argv[1:]])
     if args.no_int8_kernel:
         from ambert.sw.quant import ref
-        ref._INT_MM_EXACT = False               # the probe's answer on a CPU without an exact int8 kernel
+        ref._INT_MM_OK = False               # the probe's answer on a CPU without an exact int8 kernel
     if args.peak:
         return peak_memory(args.peak, args.artifact, args.batch)
     import torch
@@ -113,7 +113,7 @@ def main():
     print(f"machine: {cpu_description()}; {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} intra-op threads"
           + (f"; held to AVX2 (torch's kernels: {torch.backends.cpu.get_cpu_capability()}, ambert's int8 "
-             f"kernel probe: {'exact' if ref._cpu_int_mm_exact() else 'inexact, float32 GEMMs'})"
+             f"kernel probe: {'int8 GEMMs' if ref._cpu_int_mm_ok() else 'inexact or slower, float32 GEMMs'})"
              if args.isa == "avx2" else "")
           + ("; ambert's GEMMs without the int8 kernel (--no-int8-kernel)" if args.no_int8_kernel else ""))
     results = {}

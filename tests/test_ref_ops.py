@@ -202,7 +202,7 @@ def test_gemm_takes_the_float32_path_without_an_exact_int8_kernel(monkeypatch):
     b = torch.randint(-128, 128, (9, 2100), dtype=torch.int8, generator=g)
     bias = torch.randint(-2**20, 2**20, (9,), dtype=torch.int32, generator=g)
     want = (ref._gemm_f64(a, b) + bias.to(torch.int64)).to(torch.int32)
-    monkeypatch.setattr(ref, "_INT_MM_EXACT", False)
+    monkeypatch.setattr(ref, "_INT_MM_OK", False)
     called = []
     monkeypatch.setattr(ref, "_gemm_f32", lambda *x: called.append("f32") or ref_gemm_f32(*x))
     assert torch.equal(ref.ref_gemm(a, b, bias), want) and called == ["f32"]
@@ -212,6 +212,16 @@ def test_gemm_takes_the_float32_path_without_an_exact_int8_kernel(monkeypatch):
         assert torch.equal(ref.ref_gemm(a, b, bias), want) and called == ["f32"]
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_the_int8_kernel_is_taken_only_where_exact_and_faster(monkeypatch):
+    """The probe's rule: an exact kernel slower than the float32 path (AMD Zen 3's) is not taken."""
+    import ambert.sw.quant.ref as ref
+    for exact, int8_s, f32_s, want in ((True, 1.0, 2.0, True), (True, 2.0, 1.0, False), (False, 1.0, 2.0, False)):
+        monkeypatch.setattr(ref, "_INT_MM_OK", None)
+        monkeypatch.setattr(ref, "cpu_int_mm_exact", lambda exact=exact: exact)
+        monkeypatch.setattr(ref, "_best_time", lambda gemm, *_: int8_s if gemm is torch._int_mm else f32_s)
+        assert ref._cpu_int_mm_ok() is want
 
 
 def test_gemm_matches_torch_int_mm_on_cpu():

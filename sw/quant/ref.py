@@ -115,9 +115,10 @@ def ref_gemm(a, b, bias=None):
 
     On CUDA the product runs on the int8 tensor cores (``torch._int_mm``). On the CPU, shared weights (a
     2-D ``b``) with K a multiple of 8 go through ``torch._int_mm`` too when a one-time probe shows this
-    CPU's int8 kernel exact (kernels without VNNI may saturate int16 pair sums); everything else runs in float32 over K-chunks
-    of at most :data:`F32_EXACT_K` (:func:`_gemm_f32`), whose every partial sum is an integer float32
-    holds exactly, the chunks summed in int32. All paths give the same bits.
+    CPU's int8 kernel exact (kernels without VNNI may saturate int16 pair sums) and faster than float32;
+    everything else runs in float32 over K-chunks of at most :data:`F32_EXACT_K` (:func:`_gemm_f32`), whose
+    every partial sum is an integer float32 holds exactly, the chunks summed in int32. All paths give the
+    same bits.
     """
     _check_int8("a", a)
     _check_int8("b", b)
@@ -175,31 +176,55 @@ def _gemm_f32(a, b):
     return acc
 
 
-_INT_MM_EXACT = None
+_INT_MM_OK = None
 
 
 def _cpu_int8_kernel_takes(b, k):
     """Whether a CPU GEMM against ``b`` of depth ``k`` runs on ``torch._int_mm``: shared weights (2-D),
     K a multiple of 8 (the shapes the probe covers: oneDNN's AMX kernel answered K = 1 wrongly), and the
-    probe has shown this CPU's kernel exact."""
-    return b.dim() == 2 and k % 8 == 0 and _cpu_int_mm_exact()
+    probe has shown this CPU's kernel exact and faster than the float32 path."""
+    return b.dim() == 2 and k % 8 == 0 and _cpu_int_mm_ok()
 
 
-def _cpu_int_mm_exact():
-    """Whether torch._int_mm on this CPU is exact at the extremes (probed once)."""
-    global _INT_MM_EXACT
-    if _INT_MM_EXACT is None:
-        try:
-            ok = True
-            for va, vb in ((127, 127), (-128, -128), (127, -128), (-128, 127)):
-                a = torch.full((8, 64), va, dtype=torch.int8)
-                b = torch.full((8, 64), vb, dtype=torch.int8)
-                b[:, ::3] = -vb - 1 if vb < 0 else -vb        # mixed signs in adjacent pairs as well
-                ok &= torch.equal(torch._int_mm(a, b.T).to(torch.int64), _gemm_f64(a, b))
-            _INT_MM_EXACT = bool(ok)
-        except RuntimeError:                                 # no CPU kernel in this torch build
-            _INT_MM_EXACT = False
-    return _INT_MM_EXACT
+def _cpu_int_mm_ok():
+    """Whether torch._int_mm on this CPU is exact at the extremes and faster than :func:`_gemm_f32` on a
+    projection of MiniLM's shape (probed once). Both give the same bits; a CPU without an int8 dot-product
+    instruction may have an exact kernel that is tens of times slower (AMD Zen 3: 33 ms against 1 ms)."""
+    global _INT_MM_OK
+    if _INT_MM_OK is None:
+        _INT_MM_OK = cpu_int_mm_exact() and _best_time(torch._int_mm, 128, 384) < _best_time(_gemm_f32, 128, 384)
+    return _INT_MM_OK
+
+
+def cpu_int_mm_exact():
+    """Whether torch._int_mm on this CPU is exact at the extremes (False where this torch has no CPU kernel)."""
+    try:
+        ok = True
+        for va, vb in ((127, 127), (-128, -128), (127, -128), (-128, 127)):
+            a = torch.full((8, 64), va, dtype=torch.int8)
+            b = torch.full((8, 64), vb, dtype=torch.int8)
+            b[:, ::3] = -vb - 1 if vb < 0 else -vb        # mixed signs in adjacent pairs as well
+            ok &= torch.equal(torch._int_mm(a, b.T).to(torch.int64), _gemm_f64(a, b))
+        return bool(ok)
+    except RuntimeError:
+        return False
+
+
+def _best_time(gemm, m, k, reps=3):
+    """The best of ``reps`` timings of ``gemm(a, b.T-layout)`` on int8 operands of ``m x k`` and ``k x k``,
+    after one untimed call."""
+    import time
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (k, k), generator=g, dtype=torch.int8)
+    args = (a, b.T) if gemm is torch._int_mm else (a, b)
+    gemm(*args)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        gemm(*args)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _gemm_cuda(a, b):

@@ -12,8 +12,8 @@ previous layer's output); the last layer's come back as new tensors, since the c
 
 The arithmetic is the contract's, through the fused CPU kernels of :func:`ambert.sw.quant.ref.ref_layer`
 (:mod:`ambert.sw.quant.fused`) on constants prepared once per layer (:func:`layer_constants`), and the
-same exact GEMM paths (``torch._int_mm`` where the probe shows this CPU's kernel exact, else float32 over
-K-chunks of at most ``F32_EXACT_K``): the bits are ``ref_layer``'s. Two steps are fused further, each
+same exact GEMM paths (``torch._int_mm`` where the probe shows this CPU's kernel exact and fast, else
+float32 over K-chunks of at most ``F32_EXACT_K``): the bits are ``ref_layer``'s. Two steps are fused further, each
 intermediate kept in registers at the width the contract gives it: the scores' requantization with the
 softmax (the probabilities written over the scores, as the float32 P.V reads them), and FFN1's
 requantization with the GELU. A layer whose constants the kernels do not take runs through ``ref_layer``.
