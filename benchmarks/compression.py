@@ -35,6 +35,8 @@ def main():
                    help="what `ambert prune` may remove: any of heads, neurons, tiles (default: heads,neurons)")
     p.add_argument("--tile-share", type=float, default=0.5, help="with tiles and heads or neurons: the tiles' "
                    "share of the MACs removed (default: 0.5)")
+    p.add_argument("--layer-floor", type=float, help="each layer keeps at least this times the share of MACs the "
+                   "model keeps (default: `ambert prune`'s)")
     p.add_argument("--sentences", type=Path, default=ROOT / "tests" / "fixtures" / "sentences.txt")
     args = p.parse_args()
 
@@ -44,7 +46,7 @@ def main():
     from ambert.sw.quant.fidelity import embedding_fidelity
     from ambert.sw.quant.hf import load_bert, load_tokenizer
     from ambert.sw.quant.model import encoder_macs
-    from ambert.sw.quant.prune import prune_pretrained
+    from ambert.sw.quant.prune import LAYER_FLOOR, prune_pretrained
     from ambert.sw.quant.quantize import quantize_pretrained, read_sentences
     from ambert.sw.runtime import offload
     from ambert.report.measure import cpu_description, encoder_weight_bytes
@@ -53,6 +55,7 @@ def main():
     distilled = (fractions if args.distill == "all" else [] if args.distill == "none"
                  else [float(f) for f in args.distill.split(",")])
     granularity = tuple(g.strip() for g in args.granularity.split(",") if g.strip())
+    floor = LAYER_FLOOR if args.layer_floor is None else args.layer_floor
     sentences = read_sentences(args.sentences)
     teacher, tok = load_bert(), load_tokenizer()
     text = " ".join(sentences[:12])
@@ -78,7 +81,8 @@ def main():
             if f == 0:
                 qm, _, _ = quantize_pretrained(progress=False)
             else:
-                qm, _, _ = prune_pretrained(f, granularity, progress=False, tile_share=args.tile_share)
+                qm, _, _ = prune_pretrained(f, granularity, progress=False, tile_share=args.tile_share,
+                                            floor=floor)
             t_prune = time.perf_counter() - t0
             tile_macs = qm.source.get("pruning", {}).get("tile_macs_removed", 0)
             row = dict(fraction=f, macs=encoder_macs(qm.config) - tile_macs, bytes=encoder_weight_bytes(qm),
@@ -98,7 +102,7 @@ def main():
     print(f"\nmachine: {cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{datetime.date.today()}; `python benchmarks/compression.py --fractions {args.fractions}"
           f"{'' if args.steps is None else f' --steps {args.steps}'} --distill {args.distill} "
-          f"--granularity {args.granularity}`")
+          f"--granularity {args.granularity} --layer-floor {floor:g}`")
     print(f"evaluation: {len(sentences)} sentences of {args.sentences.name}; cycles: one 128-token sequence on "
           f"the simulated 16x16 accelerator (transfers included)\n")
     head = ("| MACs removed | MACs left (M) | encoder weights (MiB) | vs dense | device cycles | speedup "

@@ -274,8 +274,9 @@ def compression(ctx, sec, step):
         out = {"prune_speedup": (dense["cycles"] / pick["cycles"], ".2fx",
                                  f"pruned {pick['fraction']:.0%}: fewer device cycles"),
                "prune_cos": (pick["distilled"][0], ".4f", f"pruned {pick['fraction']:.0%} and distilled: mean cosine")}
-    sec.absent.append("weight-tile pruning and the accelerator's zero-tile skip: not built yet (heads and "
-                      "neurons are)")
+    sec.absent.append("weight-tile pruning (`ambert prune --granularity tiles`, zero tiles skipped by the "
+                      "accelerator): this sweep removes heads and neurons; `benchmarks/compression.py "
+                      "--granularity tiles` sweeps tiles")
     return out
 
 

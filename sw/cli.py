@@ -69,7 +69,8 @@ def cmd_prune(args):
     calibration = read_sentences(args.calibration) if args.calibration else None
     t0 = time.perf_counter()
     qm, _, _ = prune_pretrained(args.fraction, args.granularity, args.model, calibration, args.seq, args.lanes,
-                                progress=not args.quiet, tile_share=args.tile_share)
+                                progress=not args.quiet, tile_share=args.tile_share,
+                                **({} if args.layer_floor is None else dict(floor=args.layer_floor)))
     output = args.output or DEFAULT_ARTIFACT.with_name(
         DEFAULT_ARTIFACT.name.replace(".ambert", f".pruned{round(args.fraction * 100)}.ambert"))
     path = art.save(qm, output)
@@ -117,7 +118,9 @@ def _pruning_line(cfg, src):
     if "tiles_zeroed" in pr:
         left -= pr["tile_macs_removed"]
         tiles = f", {pr['tiles_zeroed']} weight tiles of {pr['lanes']}x{pr['lanes']} zeroed (not stored, not computed)"
-    return (f"  pruned  {pr['fraction']:.0%} of encoder MACs asked ({', '.join(pr['granularity'])}): "
+    floor = (f", each layer keeping {pr['layer_min_share']:.0%} of its MACs at least" if pr.get("layer_min_share")
+             else "")
+    return (f"  pruned  {pr['fraction']:.0%} of encoder MACs asked ({', '.join(pr['granularity'])}{floor}): "
             f"{pr['heads_removed']} heads and {pr['neurons_removed']} FFN neurons removed{tiles}; "
             f"{left / 1e6:.1f} M MACs left of {pr['dense_macs'] / 1e6:.1f} M ({left / pr['dense_macs']:.1%}) "
             f"per {pr['macs_seq']}-token sequence\n"
@@ -329,6 +332,9 @@ def build_parser():
                     help="what may be removed: any of heads, neurons, tiles (default: heads,neurons)")
     pr.add_argument("--tile-share", type=float, default=0.5,
                     help="with tiles and heads or neurons: the tiles' share of the MACs removed (default: 0.5)")
+    pr.add_argument("--layer-floor", type=float,
+                    help="each layer keeps at least this times the share of MACs the model keeps, in [0, 1) "
+                         "(default: `ambert.sw.quant.prune.LAYER_FLOOR`, 0.75)")
     pr.add_argument("--model", type=Path, help="model folder (default: the bundled all-MiniLM-L6-v2)")
     pr.add_argument("--calibration", type=Path, help="sentences to score and calibrate on, one per line")
     pr.add_argument("--seq", type=int, default=128, help="sequence length the MACs are counted at (default: 128)")

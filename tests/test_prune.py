@@ -97,6 +97,14 @@ def test_importance_ranks_a_dead_head_and_dead_neurons_last(tiny_bert_dir, tiny)
     assert plan.heads[1] == (0, 1, 3) and plan.heads[0] == (0, 1, 2, 3)
     plan = choose_plan(model, heads, neurons, layer_macs(c, d, 0, 4, 128), granularity=("neurons",), lanes=4)
     assert set(range(64)) - set(plan.neurons[0]) == {3, 9, 17, 40} and plan.neurons[1] == tuple(range(64))
+    # a layer at its floor gives nothing: the dead head stays, the least important head of layer 0 goes
+    whole = layer_macs(c, d, 4, 64, 128)
+    plan = choose_plan(model, heads, neurons, layer_macs(c, d, 1, 0, 128), granularity=("heads",),
+                       floors=[0, whole - 1])
+    assert plan.heads[1] == (0, 1, 2, 3) and len(plan.heads[0]) == 3
+    assert set(range(4)) - set(plan.heads[0]) == {int(heads[0].argmin())}
+    with pytest.raises(ValueError, match="its floor of MACs"):
+        choose_plan(model, heads, neurons, whole // 2, floors=[0.9 * whole] * 2)
 
 
 def test_bad_pruning_requests_are_refused(tiny_bert_dir):
@@ -111,6 +119,8 @@ def test_bad_pruning_requests_are_refused(tiny_bert_dir):
         prune_pretrained(0.99, ("tiles",), model_dir=tiny_bert_dir, calibration=CALIB, lanes=4, progress=False)
     with pytest.raises(ValueError, match="pruning heads cannot remove 90.0%"):
         prune_pretrained(0.9, ("heads",), model_dir=tiny_bert_dir, calibration=CALIB, progress=False)
+    with pytest.raises(ValueError, match=r"layer floor .* must be in \[0, 1\), not 1.0"):
+        prune_pretrained(0.4, model_dir=tiny_bert_dir, calibration=CALIB, progress=False, floor=1.0)
     model = load_bert(tiny_bert_dir)
     with pytest.raises(ValueError, match="does not fit layer 1"):
         apply_plan(model, PrunePlan(((0, 1), (0, 7)), (tuple(range(8)), tuple(range(8)))))
@@ -162,8 +172,12 @@ def test_prune_info_run_on_the_command_line(tiny_bert_dir, tmp_path, capsys):
     calib.write_text("\n".join(CALIB))
     out = tmp_path / "p.safetensors"
     assert main(["prune", "--fraction", "0.3", "--model", tiny_bert_dir, "--calibration", str(calib),
-                 "--lanes", "4", "-o", str(out), "-q"]) == 0
-    assert "pruned  30% of encoder MACs asked (heads, neurons)" in capsys.readouterr().out
+                 "--lanes", "4", "--layer-floor", "0.5", "-o", str(out), "-q"]) == 0
+    assert ("pruned  30% of encoder MACs asked (heads, neurons, each layer keeping 35% of its MACs at least)"
+            in capsys.readouterr().out)
+    assert main(["prune", "--fraction", "0.3", "--layer-floor", "1.5", "--model", tiny_bert_dir, "--calibration",
+                 str(calib), "-o", str(out), "-q"]) == 2
+    assert "must be in [0, 1), not 1.5" in capsys.readouterr().err
     tiles = tmp_path / "t.safetensors"
     assert main(["prune", "--fraction", "0.2", "--granularity", "tiles", "--model", tiny_bert_dir, "--calibration",
                  str(calib), "--lanes", "4", "-o", str(tiles), "-q"]) == 0
