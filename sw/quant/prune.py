@@ -23,10 +23,10 @@ layer keeps at least one head, one block of neurons and, of its own MACs, ``floo
 whole model keeps (:data:`LAYER_FLOOR` by default: at 40% removed, 45% of each layer's MACs). The scores
 say what a unit costs the model as it is, not what distillation can win back: at 40% of MiniLM's MACs
 the ranking alone leaves layers 1 and 2 with 2 of 12 heads and a third of their FFN, about as faithful
-before distillation as a floored plan, and that student distils worse (quantized
-student's mean cosine to FP32 after 300 steps of the default recipe: 0.950 with no floor; each layer
-keeping 45, 50 or 55% of its MACs, 0.956, 0.956, 0.953; keeping 45% with the units scored on 256
-sentences of the distillation corpus instead of the 48 calibration ones, 0.948).
+before distillation as a floored plan, and that student distils worse (quantized student's mean cosine
+to FP32 after 300 steps of the default recipe: 0.950 with no floor; each layer keeping 45, 50 or 55% of
+its MACs, 0.956, 0.956, 0.953; keeping 45% with the units scored on 256 sentences of the distillation
+corpus instead of the 48 calibration ones, 0.948).
 
 **Tiles** (``lanes x lanes`` blocks of a layer's six weight matrices, all zero): the compiler neither
 sends nor stores them and the device neither loads nor streams them (MATMUL chains, ``proto.isa.Chain``).
@@ -332,8 +332,9 @@ def prune(model, batches, fraction, granularity=GRANULARITIES, seq=MACS_SEQ, lan
           progress=True, floor=0.0):
     """Prune ``model`` (a dense Hugging Face BertModel, cut down in place) by ``fraction`` of its encoder
     MACs at ``seq`` tokens, scoring on ``batches`` (tokenized sentences, one per batch) in ``rounds``
-    rounds; every layer keeps at least ``floor * (1 - fraction)`` of its own MACs. Returns the :class:`PrunePlan` in the
-    dense model's indices. (Heads and neurons only: the tiles of ``granularity`` are :func:`zero_tiles`'.)"""
+    rounds; every layer keeps at least ``floor * (1 - fraction)`` of its own MACs. Returns the
+    :class:`PrunePlan` in the dense model's indices. (Heads and neurons only: the tiles of ``granularity``
+    are :func:`zero_tiles`'.)"""
     granularity = tuple(g for g in granularity if g in STRUCTURAL)
     _check(fraction, granularity)
     _check_floor(floor)
