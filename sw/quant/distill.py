@@ -29,6 +29,15 @@ sentences.txt``) are dropped, so the three are disjoint.
 bar and a fixed seed; a checkpoint every ``checkpoint_every`` steps lets an interrupted run resume,
 losing at most the steps since the last one. A checkpoint records the teacher's weight digest and the
 plan, and is refused for another model.
+
+**What sets the fidelity** is the number of steps and the text, not the form of the loss. On MiniLM with
+40% of its MACs pruned (quantized student's mean cosine to FP32 on ``tests/fixtures/sentences.txt``),
+300 / 1,000 / 2,000 steps of this recipe give 0.956 / 0.966 / 0.969, while its cosine on the training
+batches reaches 0.979 at 1,000 steps: the student fits Wikipedia and news prose better than the short
+everyday sentences it is judged on. At 300 steps, fading the pruned units out of the dense student over
+the first third instead of cutting them at once (0.955), adding the KL divergence of the kept heads'
+attention maps to the teacher's (0.956), and training without the quantization twin (0.956) each land
+within 0.001 of the recipe.
 """
 
 import importlib.util
